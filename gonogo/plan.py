@@ -1,0 +1,184 @@
+"""A plan: ordered stages with gates, an assumptions register and a device-hour budget.
+
+Loading a plan validates all of it before anything runs: every stage's kind and settings, every
+gate and assumption against the metrics the stage kinds declare, duplicate names. A problem is
+one line naming the file (and line, where it can be found) and the reason; exit code 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import Field
+
+from gonogo.config import PLANS_DIR, Strict, load_toml, resolve_preset, validate
+from gonogo.errors import UserError
+from gonogo.gates import Assumption, ExpressionError, Gate, parse_condition, parse_gate
+from gonogo.stages import get_kind
+from gonogo.stages.base import StageKind, StageSettings
+
+DEFAULT_PLAN = "laptop"
+RUNNER_KEYS = {"name", "kind", "gates", "continue_on_fail", "description"}
+# metrics the runner itself measures for the whole plan (usable in [assumptions])
+PLAN_METRICS = {"device_hours", "wall_seconds"}
+# metrics the runner adds to every stage's metrics
+STAGE_RUNNER_METRICS = {"stage_wall_seconds", "stage_device_hours"}
+
+
+class PlanHeader(Strict):
+    name: str = "plan"
+    description: str = ""
+    budget_device_hours: Optional[float] = Field(default=None, gt=0)
+
+
+@dataclass
+class Stage:
+    name: str
+    kind: StageKind
+    settings: StageSettings
+    gates: list[Gate]
+    continue_on_fail: bool
+    description: str
+    raw: dict[str, Any]
+
+    @property
+    def metrics(self) -> set[str]:
+        return set(self.kind.metrics(self.settings)) | STAGE_RUNNER_METRICS
+
+
+@dataclass
+class Plan:
+    header: PlanHeader
+    stages: list[Stage]
+    assumptions: list[Assumption]
+    path: Path
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.header.name
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+    def assumption_source(self, assumption: Assumption) -> Optional[str]:
+        """The stage whose metric an assumption reads (the last one producing it), or None for plan metrics."""
+        if assumption.stage is not None:
+            return assumption.stage
+        for stage in reversed(self.stages):
+            if assumption.metric in stage.metrics:
+                return stage.name
+        return None
+
+
+def _line_of(text: str, needle: str) -> str:
+    """``:LINE`` of the first line containing ``needle`` (for error messages), or ''."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if needle and needle in line:
+            return f":{number}"
+    return ""
+
+
+def resolve_plan_path(plan: Optional[str]) -> Path:
+    return resolve_preset(plan or DEFAULT_PLAN, directory=PLANS_DIR, what="plan")
+
+
+def load_plan(path: Path) -> Plan:
+    path = Path(path)
+    data = load_toml(path)
+    text = path.read_text(encoding="utf-8")
+    source = str(path)
+
+    unknown_tables = set(data) - {"plan", "stage", "assumptions"}
+    if unknown_tables:
+        bad = sorted(unknown_tables)[0]
+        raise UserError(f"{source}{_line_of(text, bad)}: unknown table {bad!r}; a plan has [plan], [[stage]] and [assumptions]")
+    header = validate(PlanHeader, data.get("plan", {}), f"{source} [plan]")
+    raw_stages = data.get("stage", [])
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise UserError(f"{source}: a plan needs at least one [[stage]] table")
+
+    stages: list[Stage] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(raw_stages, start=1):
+        where = f"{source} stage #{index}"
+        name = raw.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise UserError(f"{where}: missing 'name' (a short word, e.g. name = \"pretrain\")")
+        if not all(c.isalnum() or c in "-_" for c in name):
+            raise UserError(f"{where}: name {name!r} may only have letters, digits, '-' and '_'")
+        where = f"{source}{_line_of(text, repr(name)[1:-1])} stage {name!r}"
+        if name in seen:
+            raise UserError(f"{where}: duplicate stage name {name!r}; every stage needs its own name")
+        seen.add(name)
+        kind_name = raw.get("kind")
+        if not isinstance(kind_name, str):
+            raise UserError(f"{where}: missing 'kind'")
+        try:
+            kind = get_kind(kind_name)
+        except UserError as error:
+            raise UserError(f"{where}: {error}") from None
+        settings_data = {k: v for k, v in raw.items() if k not in RUNNER_KEYS}
+        settings = validate(kind.settings, settings_data, where)
+        gates_raw = raw.get("gates", [])
+        if not isinstance(gates_raw, list):
+            raise UserError(f"{where}: 'gates' must be a list of strings like [\"val_loss <= 2.2\"]")
+        continue_on_fail = raw.get("continue_on_fail", False)
+        if not isinstance(continue_on_fail, bool):
+            raise UserError(f"{where}: 'continue_on_fail' must be true or false, got {continue_on_fail!r}")
+        stage = Stage(name, kind, settings, [], continue_on_fail, str(raw.get("description", "")), raw)
+        produced = stage.metrics
+        for gate_text in gates_raw:
+            line = _line_of(text, str(gate_text))
+            try:
+                gate = parse_gate(gate_text)
+            except ExpressionError as error:
+                raise UserError(f"{source}{line} stage {name!r}: {error}") from None
+            if gate.metric not in produced:
+                raise UserError(
+                    f"{source}{line} stage {name!r}: gate {gate.text!r} uses unknown metric {gate.metric!r}; "
+                    f"kind {kind.name!r} produces: {', '.join(sorted(produced))}")
+            stage.gates.append(gate)
+        stages.append(stage)
+
+    assumptions = _load_assumptions(data.get("assumptions", {}), stages, source, text)
+    return Plan(header, stages, assumptions, path, data)
+
+
+def _load_assumptions(raw: Any, stages: list[Stage], source: str, text: str) -> list[Assumption]:
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: [assumptions] must be a table of metric = \"op value\"")
+    names = {stage.name: stage for stage in stages}
+    result = []
+    for key, value in raw.items():
+        line = _line_of(text, key)
+        hypothesis = value.get("hypothesis") if isinstance(value, dict) else value
+        note = str(value.get("source", "")) if isinstance(value, dict) else ""
+        if isinstance(value, dict):
+            extra = set(value) - {"hypothesis", "source"}
+            if extra or hypothesis is None:
+                raise UserError(f"{source}{line}: assumption {key!r} takes hypothesis = \"op value\" and an optional source")
+        try:
+            condition = parse_condition(hypothesis)
+        except ExpressionError as error:
+            raise UserError(f"{source}{line}: assumption {key!r}: {error}") from None
+        stage_name, dot, metric = key.partition(".")
+        if dot and stage_name in names:
+            if metric not in names[stage_name].metrics:
+                raise UserError(
+                    f"{source}{line}: assumption {key!r}: stage {stage_name!r} does not produce {metric!r}; "
+                    f"it produces: {', '.join(sorted(names[stage_name].metrics))}")
+            result.append(Assumption(key, metric, stage_name, condition, f"{key} {condition}", note))
+            continue
+        if key not in PLAN_METRICS and not any(key in stage.metrics for stage in stages):
+            everything = sorted(set().union(PLAN_METRICS, *(s.metrics for s in stages)))
+            raise UserError(
+                f"{source}{line}: assumption {key!r} names a metric no stage of this plan produces; "
+                f"known metrics: {', '.join(everything)}")
+        result.append(Assumption(key, key, None, condition, f"{key} {condition}", note))
+    return result

@@ -1,0 +1,97 @@
+"""The verdict and summary.json, computed from the run directory alone."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from gonogo.gates import format_value
+from gonogo.plan import Plan
+from gonogo.rundir import RunDir
+
+PASSED, FAILED, ERROR, INTERRUPTED, SKIPPED, NOT_RUN = (
+    "passed", "failed", "error", "interrupted", "skipped", "not run")
+
+
+def _environment(run_dir: RunDir) -> dict[str, Any]:
+    path = run_dir.root / "environment.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def summarize(plan: Plan, run_dir: RunDir) -> dict[str, Any]:
+    state = run_dir.read_state()
+    records = state.get("stages", {})
+    stages, gates, reasons, notes = [], [], [], []
+    for stage in plan.stages:
+        record = records.get(stage.name, {"status": NOT_RUN, "reason": "not started"})
+        status = record.get("status", NOT_RUN)
+        metrics = run_dir.stage_metrics(stage.name) if status not in (SKIPPED, NOT_RUN) else {}
+        stage_gates = []
+        for gate in stage.gates:
+            evaluated = next((g for g in record.get("gates", []) if g["expression"] == gate.text), None)
+            entry = {
+                "stage": stage.name, "expression": gate.text, "metric": gate.metric,
+                "measured": evaluated["measured"] if evaluated else None,
+                "passed": bool(evaluated and evaluated["passed"]),
+                "status": ("pass" if evaluated["passed"] else "fail") if evaluated else "not evaluated",
+            }
+            stage_gates.append(entry)
+            gates.append(entry)
+        stages.append({
+            "name": stage.name, "kind": stage.kind.name, "description": stage.description or stage.kind.description,
+            "status": status, "reason": record.get("reason", ""),
+            "wall_seconds": record.get("wall_seconds"), "device_hours": record.get("device_hours"),
+            "continue_on_fail": stage.continue_on_fail, "gates": stage_gates, "metrics": metrics,
+        })
+        if status == SKIPPED:
+            notes.append(f"stage {stage.name!r} was skipped")
+        elif status != PASSED:
+            detail = record.get("reason") or status
+            reasons.append(f"stage {stage.name!r} {status}: {detail}")
+
+    device_hours = sum(float(r.get("device_hours") or 0.0) for r in records.values())
+    plan_metrics = {"device_hours": device_hours, "wall_seconds": state.get("wall_seconds")}
+    assumptions = []
+    by_name = {s["name"]: s for s in stages}
+    for assumption in plan.assumptions:
+        source = plan.assumption_source(assumption)
+        if source is None:
+            measured = plan_metrics.get(assumption.metric)
+        else:
+            measured = by_name[source]["metrics"].get(assumption.metric)
+        assumptions.append(assumption.evaluate(measured, source or "plan"))
+
+    statuses = [s["status"] for s in stages]
+    if INTERRUPTED in statuses:
+        verdict = "INTERRUPTED"
+        reasons.insert(0, "the run was interrupted; continue it with gonogo run --resume --out " + str(run_dir.root))
+    elif any(records.get(s.name, {}).get("user_error") for s in plan.stages):
+        verdict = "ERROR"
+    elif reasons:
+        verdict = "NO-GO"
+    elif all(status == SKIPPED for status in statuses):
+        verdict = "NO-GO"
+        reasons.append("no stage ran")
+    else:
+        verdict = "GO"
+    budget = plan.header.budget_device_hours
+    return {
+        "verdict": verdict,
+        "reasons": reasons,
+        "notes": notes,
+        "plan": {
+            "name": plan.name, "description": plan.header.description, "budget_device_hours": budget,
+            "device_hours_used": device_hours, "wall_seconds": state.get("wall_seconds"),
+            "attempts": state.get("attempts", 1),
+        },
+        "gates": gates,
+        "assumptions": assumptions,
+        "stages": stages,
+        "environment": _environment(run_dir),
+        "run_dir": str(run_dir.root),
+    }
+
+
+def describe_gate(entry: dict[str, Any]) -> str:
+    measured = "—" if entry["measured"] is None else format_value(entry["measured"])
+    return f"{entry['stage']}: {entry['expression']} (measured {measured}) {entry['status']}"

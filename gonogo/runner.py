@@ -1,0 +1,283 @@
+"""Runs a validated plan stage by stage, gates after each, into a run directory.
+
+The runner owns the run directory's plan.toml, state.json (for ``--resume``) and the verdict;
+each stage owns ``stages/<name>/``. Ctrl-C and SIGTERM stop the running stage (its child process
+groups are stopped by ``gonogo.procs``), mark it interrupted and leave a run that ``--resume``
+continues.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import tomli_w
+
+from gonogo import __version__
+from gonogo.errors import StageFailed, UserError
+from gonogo.gates import GateResult, format_value
+from gonogo.plan import Plan, Stage, load_plan
+from gonogo.rundir import RunDir, write_json_atomic
+from gonogo.stages.base import StageContext
+
+log = logging.getLogger(__name__)
+
+PASSED, FAILED, ERROR, INTERRUPTED, SKIPPED, NOT_RUN, RUNNING = (
+    "passed", "failed", "error", "interrupted", "skipped", "not run", "running")
+GO, NO_GO, INCOMPLETE = "GO", "NO-GO", "INTERRUPTED"
+
+
+class Observer(Protocol):
+    def stage_started(self, stage: Stage, index: int, total: int) -> None: ...
+    def stage_progress(self, stage: Stage, text: str) -> None: ...
+    def stage_finished(self, stage: Stage, record: dict[str, Any]) -> None: ...
+
+
+class SilentObserver:
+    def stage_started(self, stage: Stage, index: int, total: int) -> None:
+        pass
+
+    def stage_progress(self, stage: Stage, text: str) -> None:
+        pass
+
+    def stage_finished(self, stage: Stage, record: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class Outcome:
+    verdict: str
+    reasons: list[str]
+    run_dir: RunDir
+    exit_code: int
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def resolved_plan_toml(plan: Plan) -> str:
+    """The plan as run: every stage's settings with their defaults filled in."""
+    stages = []
+    for stage in plan.stages:
+        entry: dict[str, Any] = {"name": stage.name, "kind": stage.kind.name}
+        if stage.description:
+            entry["description"] = stage.description
+        entry.update(stage.settings.model_dump(mode="json", exclude_none=True))
+        entry["gates"] = [gate.text for gate in stage.gates]
+        entry["continue_on_fail"] = stage.continue_on_fail
+        stages.append(entry)
+    data: dict[str, Any] = {"plan": plan.header.model_dump(mode="json", exclude_none=True), "stage": stages}
+    if plan.raw.get("assumptions"):
+        data["assumptions"] = plan.raw["assumptions"]
+    return tomli_w.dumps(data)
+
+
+def environment() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "gonogo": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "cpu_count": os.cpu_count(),
+        "argv": sys.argv,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["cuda_available"] = bool(torch.cuda.is_available())
+    except Exception as error:  # pragma: no cover - torch is a dependency
+        info["torch"] = f"unavailable: {error}"
+    return info
+
+
+class _SignalsToInterrupt:
+    """While active, SIGTERM is handled like Ctrl-C (KeyboardInterrupt in the main thread)."""
+
+    def __enter__(self) -> "_SignalsToInterrupt":
+        self._previous = None
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not in the main thread (tests may run the runner in a thread)
+            pass
+        return self
+
+    @staticmethod
+    def _handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_stage_names(plan: Plan, only: Optional[set[str]], skip: Optional[set[str]]) -> None:
+    names = {stage.name for stage in plan.stages}
+    for chosen, flag in ((only, "--only"), (skip, "--skip")):
+        unknown = sorted((chosen or set()) - names)
+        if unknown:
+            raise UserError(f"{flag}: no stage named {unknown[0]!r} in plan {plan.name!r}; "
+                            f"stages: {', '.join(s.name for s in plan.stages)}")
+
+
+def run_plan(
+    plan: Plan,
+    run_dir: RunDir,
+    *,
+    only: Optional[set[str]] = None,
+    skip: Optional[set[str]] = None,
+    resume: bool = False,
+    observer: Optional[Observer] = None,
+) -> Outcome:
+    observer = observer or SilentObserver()
+    check_stage_names(plan, only, skip)
+
+    state = run_dir.read_state() if resume else {"stages": {}}
+    state.setdefault("stages", {})
+    state.update({"plan": plan.name, "plan_dir": str(plan.path.parent.resolve())})
+    if not resume:
+        run_dir.plan_path.write_text(resolved_plan_toml(plan), encoding="utf-8")
+        write_json_atomic(run_dir.root / "environment.json", environment())
+    state["attempts"] = state.get("attempts", 0) + 1
+    run_dir.write_state(state)
+
+    cleanups: list = []
+    interrupted = False
+    stopped_by: Optional[str] = None
+    plan_started = time.monotonic()
+    try:
+        with _SignalsToInterrupt():
+            for index, stage in enumerate(plan.stages):
+                previous = state["stages"].get(stage.name, {})
+                wanted = (only is None or stage.name in only) and stage.name not in (skip or set())
+                if stopped_by is not None:
+                    if previous.get("status") != PASSED:
+                        state["stages"][stage.name] = {**previous, "status": NOT_RUN, "reason": stopped_by}
+                    continue
+                if resume and previous.get("status") == PASSED:
+                    continue  # done in an earlier attempt; its metrics stay in its folder
+                if not wanted:
+                    if previous.get("status") != PASSED:
+                        state["stages"][stage.name] = {**previous, "status": SKIPPED}
+                    continue
+                used = sum(s.get("device_hours", 0.0) for s in state["stages"].values())
+                budget = plan.header.budget_device_hours
+                if budget is not None and used >= budget:
+                    stopped_by = f"device-hour budget spent ({used:.3f} of {budget} device-hours) before this stage"
+                    state["stages"][stage.name] = {"status": NOT_RUN, "reason": stopped_by}
+                    continue
+                record = _run_stage(plan, stage, index, run_dir, observer, cleanups,
+                                    None if budget is None else budget - used, previous)
+                state["stages"][stage.name] = record
+                run_dir.write_state(state)
+                observer.stage_finished(stage, record)
+                if record["status"] == INTERRUPTED:
+                    interrupted = True
+                    break
+                if record["status"] != PASSED and not stage.continue_on_fail:
+                    stopped_by = f"stage {stage.name!r} {record['status']}"
+    finally:
+        for cleanup in reversed(cleanups):
+            try:
+                cleanup()
+            except Exception:  # a failing cleanup must not hide the plan's result
+                log.exception("cleanup after the plan failed")
+        state["wall_seconds"] = state.get("wall_seconds", 0.0) + (time.monotonic() - plan_started)
+        run_dir.write_state(state)
+
+    from gonogo.report.build import build_report
+
+    summary = build_report(run_dir)
+    verdict = summary["verdict"]
+    exit_code = {GO: 0, NO_GO: 1, "ERROR": 2}.get(verdict, 130)
+    return Outcome(verdict, summary["reasons"], run_dir, exit_code, summary)
+
+
+def _run_stage(plan: Plan, stage: Stage, index: int, run_dir: RunDir, observer: Observer,
+               cleanups: list, budget_left: Optional[float], previous: dict[str, Any]) -> dict[str, Any]:
+    stage_dir = run_dir.stage_dir(stage.name, create=False)
+    if stage_dir.exists() and any(stage_dir.iterdir()):
+        # an earlier attempt's files are kept, never overwritten
+        attempt = 1
+        while (stage_dir.parent / f"{stage.name}.attempt-{attempt}").exists():
+            attempt += 1
+        stage_dir.rename(stage_dir.parent / f"{stage.name}.attempt-{attempt}")
+    stage_dir.mkdir(parents=True, exist_ok=True)
+
+    context = StageContext(
+        name=stage.name, kind=stage.kind.name, run_dir=run_dir, stage_dir=stage_dir,
+        budget_left_hours=budget_left, plan_dir=plan.path.parent.resolve(),
+        on_progress=lambda text: observer.stage_progress(stage, text), plan_cleanups=cleanups)
+    observer.stage_started(stage, index, len(plan.stages))
+    run_dir.event(stage.name, event="stage_start", kind=stage.kind.name)
+    started = time.monotonic()
+    record: dict[str, Any] = {"kind": stage.kind.name, "started": time.time()}
+    metrics: dict[str, Any] = {}
+    try:
+        metrics = dict(stage.kind.run(context, stage.settings) or {})
+        status, reason = PASSED, ""
+    except KeyboardInterrupt:
+        status, reason = INTERRUPTED, "interrupted (Ctrl-C or SIGTERM); continue with --resume"
+    except UserError as error:
+        status, reason = ERROR, str(error)
+        record["user_error"] = True
+    except StageFailed as error:
+        status, reason = FAILED, str(error)
+    except Exception as error:
+        (stage_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
+        status, reason = ERROR, f"{type(error).__name__}: {error} (traceback in {stage_dir / 'error.log'})"
+    seconds = time.monotonic() - started
+    device_hours = seconds / 3600.0 * max(1, stage.kind.devices(stage.settings))
+    metrics["stage_wall_seconds"] = round(seconds, 3)
+    metrics["stage_device_hours"] = device_hours
+    write_json_atomic(stage_dir / "metrics.json", metrics)
+    run_dir.event(stage.name, event="stage_end", status=status, seconds=seconds,
+                  metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float, bool, str))})
+
+    gate_results: list[GateResult] = [gate.evaluate(metrics) for gate in stage.gates]
+    if status == PASSED and not all(result.passed for result in gate_results):
+        status = FAILED
+        failed = [r for r in gate_results if not r.passed]
+        reason = "; ".join(
+            f"gate {r.gate.text!r} " + ("not measured" if r.measured is None else f"measured {format_value(r.measured)}")
+            for r in failed)
+    record.update({
+        "status": status, "reason": reason, "wall_seconds": seconds, "device_hours": device_hours,
+        "gates": [{"expression": r.gate.text, "measured": r.measured, "passed": r.passed, "reason": r.reason}
+                  for r in gate_results],
+    })
+    if stage.continue_on_fail:
+        record["continue_on_fail"] = True
+    return record
+
+
+def cli_run(plan_arg: Optional[str], out: Optional[Path], only: Optional[set[str]], skip: Optional[set[str]],
+            resume: bool, observer: Optional[Observer] = None) -> Outcome:
+    """What ``gonogo run`` does, minus the printing."""
+    from gonogo.plan import resolve_plan_path
+
+    if resume:
+        if out is not None:
+            run_dir = RunDir.open(out)
+        else:
+            name = load_plan(resolve_plan_path(plan_arg)).name
+            run_dir = RunDir.newest(name)
+        state = run_dir.read_state()
+        plan_source = Path(state.get("plan_dir", ".")) / "plan.toml"
+        plan = load_plan(run_dir.plan_path)
+        # relative paths in the plan are relative to the original plan's folder
+        plan.path = plan_source
+        return run_plan(plan, run_dir, only=only, skip=skip, resume=True, observer=observer)
+    plan = load_plan(resolve_plan_path(plan_arg))
+    check_stage_names(plan, only, skip)
+    run_dir = RunDir.create(out, plan.name)
+    return run_plan(plan, run_dir, only=only, skip=skip, resume=False, observer=observer)

@@ -1,0 +1,101 @@
+"""What a stage kind is, and what a running stage gets from the runner.
+
+A stage kind declares its settings (a pydantic model), the metrics it produces (as a function
+of its settings, so ``maj@8`` or ``all_reduce_busbw_GBps`` can depend on them) and a ``run``
+function. The runner validates every gate and assumption of a plan against the declared metrics
+before anything runs, then calls ``run`` with a ``StageContext`` and writes what it returns to
+``stages/<name>/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from gonogo.config import Strict
+from gonogo.procs import ProcessTimeout, run_process
+from gonogo.rundir import RunDir
+from gonogo.errors import StageFailed
+
+log = logging.getLogger(__name__)
+
+Metrics = dict[str, Any]
+
+
+class StageSettings(Strict):
+    """Base of every stage kind's settings (the stage table's keys other than the runner's)."""
+
+
+@dataclass
+class ReportItem:
+    """One block of a stage's report section: a plot (PNG bytes), a table, or a paragraph."""
+
+    title: str
+    png: Optional[bytes] = None
+    table: Optional[list[dict[str, Any]]] = None
+    text: Optional[str] = None
+
+
+@dataclass
+class StageKind:
+    name: str
+    description: str
+    settings: type[StageSettings]
+    metrics: Callable[[Any], set[str]]
+    run: Callable[["StageContext", Any], Metrics]
+    report: Optional[Callable[[Path, Metrics], list[ReportItem]]] = None
+    # how many devices the stage occupies, for the device-hour budget
+    devices: Callable[[Any], int] = lambda settings: 1
+
+
+@dataclass
+class StageContext:
+    name: str
+    kind: str
+    run_dir: RunDir
+    stage_dir: Path
+    budget_left_hours: Optional[float] = None
+    plan_dir: Path = field(default_factory=Path.cwd)
+    on_progress: Callable[[str], None] = lambda text: None
+    started: float = field(default_factory=time.monotonic)
+    # callbacks the runner calls when the plan ends (e.g. stop a server later stages use)
+    plan_cleanups: list = field(default_factory=list)
+
+    def progress(self, text: str) -> None:
+        self.on_progress(text)
+
+    def event(self, **fields: Any) -> None:
+        self.run_dir.event(self.name, **fields)
+
+    def at_plan_end(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when the plan ends, however it ends (success, failure, Ctrl-C)."""
+        self.plan_cleanups.append(callback)
+
+    def resolve_path(self, path: str | Path) -> Path:
+        """A path from the plan, relative to the plan file's folder."""
+        path = Path(path).expanduser()
+        return path if path.is_absolute() else (self.plan_dir / path)
+
+    def earlier_metrics(self, stage_name: str) -> Metrics:
+        return self.run_dir.stage_metrics(stage_name)
+
+    def run_command(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float,
+        log_name: str,
+        env: Optional[dict[str, str]] = None,
+        on_line: Optional[Callable[[str], None]] = None,
+    ) -> int:
+        """Run a child process group (torchrun) bounded by ``timeout``, output to a log file."""
+        log_path = self.stage_dir / log_name
+        try:
+            return run_process(argv, timeout=timeout, log_path=log_path, env=env, on_line=on_line)
+        except ProcessTimeout as error:
+            raise StageFailed(
+                f"{self.name}: did not finish within {error.seconds:.0f} s and was stopped "
+                f"(a hung or dead rank?); see {log_path}") from None

@@ -1,0 +1,65 @@
+"""Plan validation: every problem is one line with file, line and reason, before anything runs."""
+
+import pytest
+
+from gonogo.errors import UserError
+from gonogo.plan import load_plan, resolve_plan_path
+
+GOOD_STAGE = '''
+[[stage]]
+name = "probe"
+kind = "command"
+argv = ["python", "-c", "pass"]
+metrics = ["score"]
+gates = ["score >= 1"]
+'''
+
+
+def test_builtin_plans_validate():
+    for name in ("laptop", "quick"):
+        plan = load_plan(resolve_plan_path(name))
+        assert plan.stages and plan.name == name
+
+
+def test_good_plan_loads(write_plan):
+    plan = load_plan(write_plan("[plan]\nname = 'p'\n" + GOOD_STAGE + "\n[assumptions]\nscore = '>= 2'\n"))
+    assert plan.stages[0].gates[0].metric == "score"
+    assert plan.assumptions[0].metric == "score"
+    assert plan.assumption_source(plan.assumptions[0]) == "probe"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (GOOD_STAGE.replace('kind = "command"', 'kind = "warp-drive"'), "unknown stage kind 'warp-drive'"),
+    (GOOD_STAGE.replace('"score >= 1"', '"scroe >= 1"'), "unknown metric 'scroe'"),
+    (GOOD_STAGE.replace('"score >= 1"', '"score => 1"'), "is not 'metric op value'"),
+    (GOOD_STAGE + GOOD_STAGE, "duplicate stage name 'probe'"),
+    (GOOD_STAGE.replace('metrics = ["score"]', 'metrics = ["score"]\ntimeout = 3'), "unknown key 'timeout'"),
+    (GOOD_STAGE.replace('argv = ["python", "-c", "pass"]', 'argv = "python"'), "key 'argv' has bad value"),
+    (GOOD_STAGE + "\n[assumptions]\nnonsense_metric = '>= 1'\n", "assumption 'nonsense_metric' names a metric no stage"),
+    (GOOD_STAGE + "\n[assumptions]\nscore = 'lots'\n", "assumption 'score'"),
+    ("[plan]\nname = 'p'\n", "at least one [[stage]]"),
+    ("[plan]\nbudget_device_hours = -1\n" + GOOD_STAGE, "budget_device_hours"),
+    ("[plans]\nname = 'p'\n" + GOOD_STAGE, "unknown table 'plans'"),
+    ("this is = not toml [", "not valid TOML"),
+])
+def test_validation_errors_are_one_clear_line(write_plan, text, expected):
+    path = write_plan(text)
+    with pytest.raises(UserError) as error:
+        load_plan(path)
+    message = str(error.value)
+    assert expected in message
+    assert "\n" not in message
+    assert str(path) in message
+
+
+def test_error_names_the_line(write_plan):
+    path = write_plan("[plan]\nname = 'p'\n" + GOOD_STAGE.replace('"score >= 1"', '"scroe >= 1"'))
+    with pytest.raises(UserError) as error:
+        load_plan(path)
+    line = next(i for i, l in enumerate(path.read_text().splitlines(), 1) if "scroe" in l)
+    assert f"{path}:{line}" in str(error.value)
+
+
+def test_unknown_builtin_plan_lists_the_known_ones():
+    with pytest.raises(UserError, match="built-in plans: .*laptop"):
+        resolve_plan_path("no-such-plan")
