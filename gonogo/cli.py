@@ -21,7 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("gonogo.plan_cli", "run a plan stage by stage with go/no-go gates (default: the built-in laptop plan)"),
     "doctor": ("gonogo.cluster.doctor", "inventory and health: devices, versions, GPU health, storage speed"),
     "collectives": ("gonogo.cluster.collectives", "nccl-tests-style bandwidth and correctness table via torch.distributed"),
+    "train": ("gonogo.train.stage", "distributed pretraining (FSDP2 / DDP / expert parallel) with torchrun, metrics, MFU, MLPerf log"),
+    "launch": ("gonogo.cluster.launch", "write a Slurm batch script or Kubernetes manifests that run the same job with torchrun"),
     "report": ("gonogo.report.build", "re-render summary.json and report.html of a run directory"),
+    "serve": ("gonogo.infer.server", "OpenAI-compatible server (completions, chat, streaming) for a checkpoint"),
 }
 
 
