@@ -1,0 +1,379 @@
+"""``gonogo doctor`` and the ``doctor`` stage: what this machine is, and whether it is healthy.
+
+The inventory (CPU, memory, CUDA devices, driver/CUDA/NCCL/torch/Python versions, host, OS)
+answers "what did we actually run on?"; the health checks (NVML: ECC, throttling, NVLink;
+a storage probe of the checkpoint directory) answer "should we run on it?". A machine without a
+GPU is a valid answer ("no GPU"), not an error. The command exits 1 when a health check fails so
+that scripts and schedulers can use it before a job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import Field
+
+from gonogo.cluster import gpu_health
+from gonogo.cluster.storage import probe_storage
+from gonogo.rundir import write_json_atomic
+from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "gonogo.doctor/1"
+GB = 1_000_000_000
+DEFAULT_CLI_STORAGE_PATH = Path("runs")
+
+METRIC_NAMES = frozenset({
+    "healthy", "gpu_count", "cpu_count", "memory_GB", "storage_write_GBps", "storage_read_GBps",
+    "disk_free_GB", "ecc_errors", "gpu_max_temperature_C", "gpu_throttled", "nvlink_links_down",
+})
+
+
+# -- inventory ----------------------------------------------------------------------------------
+
+def _read_text(path: str) -> Optional[str]:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def host_info() -> dict[str, Any]:
+    try:
+        os_name = platform.freedesktop_os_release().get("PRETTY_NAME")
+    except (OSError, AttributeError):  # not Linux, or no os-release file
+        os_name = None
+    return {
+        "hostname": socket.gethostname(),
+        "os": os_name or f"{platform.system()} {platform.release()}",
+        "kernel": f"{platform.system()} {platform.release()}",
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+def cpu_info() -> dict[str, Any]:
+    model = None
+    physical = set()
+    cpuinfo = _read_text("/proc/cpuinfo")
+    if cpuinfo:
+        socket_id = core_id = None
+        for line in cpuinfo.splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and model is None:
+                model = value
+            elif key == "physical id":
+                socket_id = value
+            elif key == "core id":
+                core_id = value
+            elif not key:  # a blank line ends one logical CPU's block
+                if core_id is not None:
+                    physical.add((socket_id, core_id))
+                socket_id = core_id = None
+        if core_id is not None:
+            physical.add((socket_id, core_id))
+    logical = os.cpu_count()
+    # what this process may actually use (a container or taskset can give it fewer)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
+    return {
+        "model": model or platform.processor() or platform.machine(),
+        "logical_cores": logical,
+        "physical_cores": len(physical) or None,
+        "usable_cores": usable,
+    }
+
+
+def memory_info() -> dict[str, Any]:
+    total = available = None
+    meminfo = _read_text("/proc/meminfo")
+    if meminfo:
+        fields = {}
+        for line in meminfo.splitlines():
+            key, _, value = line.partition(":")
+            parts = value.split()
+            if parts and parts[0].isdigit():
+                fields[key] = int(parts[0]) * 1024  # reported in kiB
+        total, available = fields.get("MemTotal"), fields.get("MemAvailable")
+    if total is None and hasattr(os, "sysconf"):
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            total = None
+    return {
+        "total_GB": round(total / GB, 2) if total else None,
+        "available_GB": round(available / GB, 2) if available else None,
+    }
+
+
+def torch_info() -> dict[str, Any]:
+    """torch's own view: its version, the CUDA it was built with, the devices it can use."""
+    import torch
+
+    info: dict[str, Any] = {
+        "version": torch.__version__,
+        "cuda_build": torch.version.cuda,
+        "hip_build": getattr(torch.version, "hip", None),
+        "cuda_available": False,
+        "devices": [],
+        "nccl_version": None,
+        "cudnn_version": None,
+    }
+    try:
+        info["cuda_available"] = bool(torch.cuda.is_available())
+    except RuntimeError as error:  # a broken driver install raises here rather than answering False
+        info["cuda_error"] = str(error)
+    if not info["cuda_available"]:
+        return info
+    for index in range(torch.cuda.device_count()):
+        properties = torch.cuda.get_device_properties(index)
+        info["devices"].append({
+            "index": index,
+            "name": properties.name,
+            "memory_GB": round(properties.total_memory / GB, 2),
+            "compute_capability": f"{properties.major}.{properties.minor}",
+        })
+    try:
+        version = torch.cuda.nccl.version()
+        info["nccl_version"] = ".".join(str(part) for part in version) if isinstance(version, tuple) else str(version)
+    except (RuntimeError, AttributeError) as error:
+        info["nccl_version"] = f"unavailable ({error})"
+    info["cudnn_version"] = torch.backends.cudnn.version()
+    return info
+
+
+def inventory(nvml: Any = None) -> dict[str, Any]:
+    """Everything about the machine except the storage probe (that one writes to disk)."""
+    torch_view = torch_info()
+    nvml_view = gpu_health.probe_gpus(nvml)
+    gpu_count = nvml_view["gpu_count"] if nvml_view["available"] else len(torch_view["devices"])
+    warnings = []
+    if nvml_view["available"] and nvml_view["gpu_count"] and not torch_view["cuda_available"]:
+        warnings.append(f"NVML sees {nvml_view['gpu_count']} GPU(s) but torch cannot use CUDA "
+                        f"(torch {torch_view['version']} is a CPU-only build, or CUDA_VISIBLE_DEVICES hides them)")
+    if gpu_count == 0:
+        accelerator = "no GPU: CPU only (torch.distributed will use gloo)"
+    else:
+        accelerator = f"{gpu_count} GPU(s)"
+    return {
+        "schema": SCHEMA,
+        "host": host_info(),
+        "cpu": cpu_info(),
+        "memory": memory_info(),
+        "accelerator": accelerator,
+        "gpu_count": gpu_count,
+        "torch": torch_view,
+        "nvml": nvml_view,
+        "warnings": warnings,
+    }
+
+
+def diagnose(storage_path: Path, size_MB: int, nvml: Any = None) -> dict[str, Any]:
+    """The whole doctor document: inventory, storage probe, health verdict and the metrics."""
+    storage = probe_storage(storage_path, size_MB)  # first: a bad path is a user error, found fast
+    document = inventory(nvml)
+    document["storage"] = storage
+    problems = gpu_health.health_problems(document["nvml"])
+    if not document["storage"]["read_back_ok"]:
+        problems.append(f"storage: the bytes read back from {document['storage']['path']} differ from those written")
+    document["problems"] = problems
+    document["healthy"] = not problems
+    document["metrics"] = metrics_of(document)
+    return document
+
+
+def metrics_of(document: dict[str, Any]) -> Metrics:
+    storage = document["storage"]
+    metrics = {
+        "healthy": document["healthy"],
+        "gpu_count": document["gpu_count"],
+        "cpu_count": document["cpu"]["usable_cores"],
+        "memory_GB": document["memory"]["total_GB"],
+        "storage_write_GBps": storage["write_GBps"],
+        "storage_read_GBps": storage["read_GBps"],
+        "disk_free_GB": storage["disk_free_GB"],
+        **gpu_health.summary_metrics(document["nvml"]),
+    }
+    assert set(metrics) == METRIC_NAMES, sorted(set(metrics) ^ METRIC_NAMES)
+    return metrics
+
+
+# -- presentation (shared by the CLI and the report) ----------------------------------------------
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def inventory_rows(document: dict[str, Any]) -> list[dict[str, str]]:
+    host, cpu, memory, torch_view, nvml_view = (
+        document["host"], document["cpu"], document["memory"], document["torch"], document["nvml"])
+    rows = [
+        ("host", host["hostname"]),
+        ("OS", f"{host['os']} ({host['kernel']}, {host['machine']})"),
+        ("CPU", f"{cpu['model']}: {_shown(cpu['logical_cores'])} logical, "
+                f"{_shown(cpu['physical_cores'])} physical, {_shown(cpu['usable_cores'])} usable cores"),
+        ("memory", f"{_shown(memory['total_GB'])} GB total, {_shown(memory['available_GB'])} GB available"),
+        ("accelerator", document["accelerator"]),
+        ("Python", host["python"]),
+        ("torch", f"{torch_view['version']} (CUDA build {_shown(torch_view['cuda_build'])}, "
+                  f"CUDA available: {torch_view['cuda_available']})"),
+        ("NCCL", _shown(torch_view["nccl_version"])),
+        ("cuDNN", _shown(torch_view["cudnn_version"])),
+    ]
+    if nvml_view["available"]:
+        rows += [("driver", _shown(nvml_view["driver_version"])),
+                 ("CUDA (driver)", _shown(nvml_view["cuda_driver_version"]))]
+    else:
+        rows.append(("NVML", nvml_view["reason"]))
+    for device in torch_view["devices"]:
+        rows.append((f"cuda:{device['index']}", f"{device['name']}, {device['memory_GB']} GB, "
+                                               f"compute capability {device['compute_capability']}"))
+    storage = document.get("storage")
+    if storage:
+        cache = "" if storage["page_cache_dropped"] else " (page cache not dropped: read speed is the cache's)"
+        rows += [
+            ("storage", storage["path"]),
+            ("storage write", f"{storage['write_GBps']} GB/s ({storage['size_MB']} MB, fsync)"),
+            ("storage read", f"{storage['read_GBps']} GB/s{cache}"),
+            ("disk free", f"{storage['disk_free_GB']} of {storage['disk_total_GB']} GB"),
+        ]
+    return [{"item": item, "value": value} for item, value in rows]
+
+
+def gpu_rows(document: dict[str, Any]) -> list[dict[str, str]]:
+    rows = []
+    for device in document["nvml"].get("gpus", []):
+        if "error" in device:
+            rows.append({"GPU": str(device["index"]), "name": device["error"]})
+            continue
+        ecc = device["ecc"]
+        throttle_reasons = device["throttle"]["reasons"]
+        links = device["nvlink"]
+        if isinstance(links, list):
+            up = sum(1 for link in links if link["state"] == "up")
+            nvlink = f"{up}/{len(links)} up"
+        else:
+            nvlink = links
+        rows.append({
+            "GPU": str(device["index"]),
+            "name": _shown(device["name"]),
+            "memory GB": _shown(device["memory_GB"]),
+            "temperature C": _shown(device["temperature_C"]),
+            "power W": f"{_shown(device['power_W'])} / {_shown(device['power_limit_W'])}",
+            "ECC uncorrected (volatile/aggregate)":
+                f"{_shown(ecc['volatile']['uncorrected'])} / {_shown(ecc['aggregate']['uncorrected'])}",
+            "ECC corrected (volatile/aggregate)":
+                f"{_shown(ecc['volatile']['corrected'])} / {_shown(ecc['aggregate']['corrected'])}",
+            "throttle": (", ".join(throttle_reasons) or "none") if isinstance(throttle_reasons, list)
+                        else throttle_reasons,
+            "NVLink": nvlink,
+            "healthy": "no" if gpu_health.device_problems(device) else "yes",
+        })
+    return rows
+
+
+# -- the stage ------------------------------------------------------------------------------------
+
+class DoctorSettings(StageSettings):
+    storage_path: Optional[str] = Field(
+        None, description="directory to probe; default: the run directory's checkpoints/ folder")
+    storage_size_MB: int = Field(256, ge=1, description="bytes written and read back, in MB (1e6 bytes)")
+
+
+def run_stage(ctx: StageContext, settings: DoctorSettings) -> Metrics:
+    path = Path(settings.storage_path) if settings.storage_path else ctx.run_dir.checkpoints_dir
+    ctx.progress(f"inventory, GPU health and a {settings.storage_size_MB} MB storage probe of {path}")
+    document = diagnose(path, settings.storage_size_MB)
+    write_json_atomic(ctx.stage_dir / "doctor.json", document)
+    for problem in document["problems"]:
+        log.warning("doctor: %s", problem)
+    ctx.event(rank=0, step=0, **document["metrics"])
+    return document["metrics"]
+
+
+def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
+    path = stage_dir / "doctor.json"
+    if not path.is_file():
+        return None
+    document = json.loads(path.read_text(encoding="utf-8"))
+    items = [ReportItem(title="Machine inventory and storage", table=inventory_rows(document))]
+    rows = gpu_rows(document)
+    if rows:
+        items.append(ReportItem(title="GPU health (NVML)", table=rows))
+    else:
+        items.append(ReportItem(title="GPU health (NVML)", text=document["nvml"]["reason"] or "no GPU"))
+    verdict = "; ".join(document["problems"]) if document["problems"] else "all health checks passed"
+    notes = " ".join(document["warnings"])
+    items.append(ReportItem(title="Health verdict", text=f"{verdict}. {notes}".strip()))
+    return items
+
+
+STAGE = StageKind(
+    name="doctor",
+    description="inventory (CPU, memory, GPUs, versions), GPU health via NVML, storage write/read speed",
+    settings=DoctorSettings,
+    metrics=lambda settings: set(METRIC_NAMES),
+    run=run_stage,
+    report=report_stage,
+)
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print the whole document as JSON (stable keys) instead of tables")
+    parser.add_argument("--path", type=Path, default=DEFAULT_CLI_STORAGE_PATH,
+                        help="directory whose storage speed to probe, e.g. the checkpoint folder (default: ./runs)")
+    parser.add_argument("--size-MB", dest="size_MB", type=int, default=256,
+                        help="MB (1e6 bytes) to write and read back in the storage probe (default: 256)")
+
+
+def command(args: argparse.Namespace) -> int:
+    document = diagnose(args.path, args.size_MB)
+    if args.json:
+        json.dump(document, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        _print_tables(document)
+    return 0 if document["healthy"] else 1
+
+
+def _print_tables(document: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title="gonogo doctor", show_header=False)
+    table.add_column("item", style="bold")
+    table.add_column("value")
+    for row in inventory_rows(document):
+        table.add_row(row["item"], row["value"])
+    console.print(table)
+    rows = gpu_rows(document)
+    if rows:
+        health = Table(title="GPU health (NVML)")
+        for column in rows[0]:
+            health.add_column(column)
+        for row in rows:
+            health.add_row(*(row.get(column, "") for column in rows[0]))
+        console.print(health)
+    for warning in document["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    if document["problems"]:
+        for problem in document["problems"]:
+            console.print(f"[red]unhealthy:[/red] {problem}")
+    else:
+        console.print("[green]healthy[/green]: every check passed")
