@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -21,10 +22,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("gonogo.plan_cli", "run a plan stage by stage with go/no-go gates (default: the built-in laptop plan)"),
     "doctor": ("gonogo.cluster.doctor", "inventory and health: devices, versions, GPU health, storage speed"),
     "collectives": ("gonogo.cluster.collectives", "nccl-tests-style bandwidth and correctness table via torch.distributed"),
+    "drill": ("gonogo.drills.stage", "fault drills (kill, hang, straggler, nan, torn/corrupt checkpoint, canary) beside a fault-free twin"),
     "train": ("gonogo.train.stage", "distributed pretraining (FSDP2 / DDP / expert parallel) with torchrun, metrics, MFU, MLPerf log"),
+    "finetune": ("gonogo.train.finetune", "supervised finetuning (SFT) of a pretrained checkpoint on chats; loss on the assistant's tokens"),
+    "eval": ("gonogo.eval.stage", "reasoning eval on held-out tasks: accuracy, maj@k, pass@k, best-of-N, per task family"),
+    "scale": ("gonogo.train.scale", "the same training job at several process counts: strong and weak scaling efficiency"),
     "launch": ("gonogo.cluster.launch", "write a Slurm batch script or Kubernetes manifests that run the same job with torchrun"),
     "report": ("gonogo.report.build", "re-render summary.json and report.html of a run directory"),
+    "capacity": ("gonogo.capacity.command", "estimate memory, step time, time-to-train, GPU-hours and cost at large scale"),
     "serve": ("gonogo.infer.server", "OpenAI-compatible server (completions, chat, streaming) for a checkpoint"),
+    "loadtest": ("gonogo.infer.loadgen", "load test an OpenAI-compatible server: TTFT/TPOT/ITL/E2EL percentiles, goodput"),
+    "quantize": ("gonogo.infer.quantize_stage", "FP8 / NVFP4 weight quantization of a checkpoint: bytes, val loss and accuracy against bf16"),
+    "canary": ("gonogo.rollout.stage", "staged canary rollout with metric and quality checks and automatic rollback"),
+    "export": ("gonogo.export.hf", "export a checkpoint to Hugging Face format (Llama / Mixtral / Qwen2-MoE safetensors)"),
 }
 
 
@@ -44,6 +54,10 @@ def build_parser(selected: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = next((a for a in argv if not a.startswith("-")), None)
@@ -52,6 +66,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    # SIGTERM stops a command like Ctrl-C does: child process groups are stopped on the way out
+    signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s")

@@ -12,6 +12,16 @@ _KIND_MODULES = {
     "command": "gonogo.stages.command",
     "doctor": "gonogo.cluster.doctor",
     "collectives": "gonogo.cluster.collectives",
+    "train": "gonogo.train.stage",
+    "drill": "gonogo.drills.stage",
+    "scale": "gonogo.train.scale",
+    "finetune": "gonogo.train.finetune",
+    "eval": "gonogo.eval.stage",
+    "capacity": "gonogo.capacity.stage",
+    "serve": "gonogo.infer.serve_stage",
+    "loadtest": "gonogo.infer.loadgen",
+    "quantize": "gonogo.infer.quantize_stage",
+    "canary": "gonogo.rollout.stage",
 }
 
 _loaded: dict[str, StageKind] = {}

@@ -1,0 +1,477 @@
+"""`gonogo canary`, the stage kind `canary`, and the canary drill (`run_canary_drill`).
+
+A rollout: start (checkpoint → `gonogo serve` child on a free loopback port) or attach to (URL)
+the stable and canary servers, put the router in front of them, drive a steady load through it,
+and let the controller step the weight, analyse each interval and promote or roll back. Outputs
+(in the stage or --out directory): timeline.json (decision, every interval, weight changes,
+webhook calls) and, for the command, metrics.json.
+
+Client-visible errors are the steady load's failed requests, attributed to stable, canary or
+router from the router's own records; a failure the router never saw (the router itself
+refused or broke the connection) is the router's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from pydantic import Field
+
+from gonogo.config import Strict
+from gonogo.errors import StageFailed, UserError
+from gonogo.rollout.analysis import CHECKS, Analysis, check_consistent, parse_check
+from gonogo.rollout.controller import Controller, Side, Webhooks
+from gonogo.stages.base import ReportItem, StageKind, StageSettings
+
+log = logging.getLogger(__name__)
+
+METRICS = {"promoted", "rolled_back", "halted", "failed_checks", "client_errors", "client_errors_router",
+           "client_errors_stable", "client_errors_canary", "client_requests", "time_to_decision_s",
+           "intervals", "drained"}
+
+
+class Load(Strict):
+    """The steady load driven through the router during the rollout (streaming chat requests)."""
+
+    rate: float = Field(4.0, gt=0)          # requests per second
+    concurrency: int = Field(4, ge=1)
+    max_tokens: int = Field(16, ge=1)
+
+
+class CanarySettings(StageSettings):
+    stable: str                              # checkpoint / run dir, or http(s):// URL of a running server
+    canary: str
+    analysis: Analysis = Field(default_factory=Analysis)
+    webhooks: Webhooks = Field(default_factory=Webhooks)
+    load: Load = Field(default_factory=Load)
+    model_name: str = "gonogo"               # for servers we start
+    startup_timeout_s: float = Field(180.0, gt=0)
+    drain_timeout_s: float = Field(30.0, gt=0)
+
+
+# -- backends -----------------------------------------------------------------------------------
+
+def is_url(spec: str) -> bool:
+    return spec.startswith(("http://", "https://"))
+
+
+def start_server(checkpoint: str, name: str, directory: Path, model_name: str) -> tuple[subprocess.Popen, Path]:
+    """`gonogo serve` on a free loopback port as a child in its own process group (not yet waited for)."""
+    from gonogo.train.checkpoint import resolve_checkpoint
+
+    resolve_checkpoint(checkpoint)  # a wrong path is the user's one-line error, before anything starts
+    ready = directory / f"{name}-server.ready.json"
+    ready.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "gonogo", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
+            "--port", "0", "--model-name", model_name, "--threads", "1", "--ready-file", str(ready),
+            "--parent-pid", str(os.getpid())]
+    with (directory / f"{name}-server.log").open("a") as log_file:
+        process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    return process, ready
+
+
+def wait_ready(process: subprocess.Popen, ready: Path, timeout: float) -> str:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise StageFailed(f"the server exited with code {process.returncode} during start-up; "
+                              f"see {ready.with_name(ready.name.replace('.ready.json', '.log'))}")
+        if ready.is_file():
+            url = json.loads(ready.read_text())["url"]
+            try:
+                if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.2)
+    raise StageFailed(f"a server did not answer /health within {timeout:.0f} s")
+
+
+def model_of(url: str, timeout: float = 10.0) -> str:
+    import httpx
+
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=timeout)
+        response.raise_for_status()
+        return response.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError) as error:
+        raise StageFailed(f"{url}: cannot list its models ({type(error).__name__}); is it an "
+                          f"OpenAI-compatible server?") from None
+
+
+def open_sides(settings: CanarySettings, directory: Path) -> tuple[Side, Side]:
+    """Start or attach to both servers; started ones are stopped by their Side.stop."""
+    from gonogo.procs import stop_group
+
+    started: dict[str, tuple[subprocess.Popen, Path]] = {}
+    try:
+        for name in ("stable", "canary"):
+            spec = getattr(settings, name)
+            if not is_url(spec):
+                started[name] = start_server(spec, name, directory, settings.model_name)
+        sides = {}
+        for name in ("stable", "canary"):
+            spec = getattr(settings, name)
+            if name in started:
+                process, ready = started[name]
+                url = wait_ready(process, ready, settings.startup_timeout_s)
+                stop = (lambda process=process: stop_group(process, grace=5.0))
+            else:
+                url, stop = spec.rstrip("/"), None
+            sides[name] = Side(url=url, model=model_of(url), stop=stop)
+        return sides["stable"], sides["canary"]
+    except BaseException:
+        for process, _ in started.values():
+            stop_group(process, grace=5.0)
+        raise
+
+
+# -- the steady load ---------------------------------------------------------------------------
+
+class SteadyLoad:
+    """Streaming chat requests at a fixed rate (bounded concurrency) until stopped, in a thread."""
+
+    def __init__(self, url: str, model: str, load: Load, seed: int = 0):
+        self.url, self.model, self.load, self.seed = url, model, load, seed
+        self.results: list = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="steady-load", daemon=True)
+
+    def start(self) -> "SteadyLoad":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout=timeout)
+        if self._thread.is_alive():
+            log.error("the steady load did not stop within %.0f s", timeout)
+
+    async def _main(self) -> None:
+        import httpx
+
+        from gonogo.infer.loadgen import LoadSettings, load_prompts, send_request
+
+        settings = LoadSettings(url=self.url, model=self.model, max_tokens=self.load.max_tokens,
+                                temperature=0.0, request_timeout=60.0)
+        prompts = load_prompts("synthetic", 64, self.seed)
+        limits = httpx.Limits(max_connections=self.load.concurrency, max_keepalive_connections=self.load.concurrency)
+        async with httpx.AsyncClient(limits=limits) as client:
+            running: set[asyncio.Task] = set()
+            index = 0
+            while not self._stop.is_set():
+                if len(running) < self.load.concurrency:
+                    task = asyncio.create_task(send_request(client, settings, self.model, prompts[index % len(prompts)]))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                    task.add_done_callback(lambda done: done.cancelled() or self.results.append(done.result()))
+                    index += 1
+                await asyncio.sleep(1.0 / self.load.rate)
+            if running:  # in-flight requests finish (bounded by their own timeout)
+                await asyncio.wait(running, timeout=settings.request_timeout)
+
+
+# -- one rollout -------------------------------------------------------------------------------
+
+def run_rollout(stable: Side, canary: Side, settings: CanarySettings, directory: Path, *, name: str = "canary",
+                on_event: Callable[..., None] = lambda **fields: None,
+                on_progress: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
+    """Router + steady load + controller over two running servers -> metrics; writes timeline.json."""
+    from gonogo.rollout.router import start_router
+    from gonogo.rundir import write_json_atomic
+
+    directory.mkdir(parents=True, exist_ok=True)
+    router, server = start_router(stable.url, canary.url)
+    load = None
+    try:
+        load = SteadyLoad(server.url, stable.model, settings.load).start()
+        controller = Controller(router, server.url, stable, canary, settings.analysis, webhooks=settings.webhooks,
+                                drain_timeout=settings.drain_timeout_s, name=name, on_event=on_event,
+                                on_progress=on_progress)
+        decision = controller.run()
+        # a little traffic after the decision shows the new routing holds
+        time.sleep(min(0.5, settings.analysis.interval_s))
+    finally:
+        if load is not None:
+            load.stop()
+        records = router.all_records()
+        server.stop()
+    client_failures = [r for r in load.results if not r.success]
+    by_source = {source: 0 for source in ("stable", "canary", "router")}
+    for record in records:
+        if not record.pinned and record.error_source:
+            by_source[record.error_source] += 1
+    unseen = len(client_failures) - sum(by_source.values())
+    by_source["router"] += max(unseen, 0)
+    metrics = {"promoted": decision.promoted, "rolled_back": decision.rolled_back, "halted": decision.halted,
+               "failed_checks": decision.failed_checks, "client_errors": len(client_failures),
+               "client_errors_router": by_source["router"], "client_errors_stable": by_source["stable"],
+               "client_errors_canary": by_source["canary"], "client_requests": len(load.results),
+               "time_to_decision_s": round(decision.time_to_decision_s, 3), "intervals": decision.intervals,
+               "drained": decision.drained}
+    write_json_atomic(directory / "timeline.json", {
+        "name": name, "stable": stable.url, "canary": canary.url, "reason": decision.reason,
+        "stable_accuracy": decision.stable_accuracy, "metrics": metrics, "settings": settings.model_dump(),
+        "weights": decision.weights, "intervals": decision.timeline, "webhooks": decision.webhooks,
+        "client_failure_examples": sorted({r.error for r in client_failures})[:5]})
+    return metrics
+
+
+def run_canary(settings: CanarySettings, directory: Path, **callbacks: Any) -> dict[str, Any]:
+    from gonogo.train.checkpoint import resolve_checkpoint
+
+    check_consistent(settings.analysis, "canary")
+    for spec in (settings.stable, settings.canary):
+        if not is_url(spec):
+            resolve_checkpoint(spec)   # a wrong path is a one-line error before anything is created
+    directory.mkdir(parents=True, exist_ok=True)
+    stable, canary = open_sides(settings, directory)
+    try:
+        return run_rollout(stable, canary, settings, directory, **callbacks)
+    finally:
+        for side in (stable, canary):  # idempotent: a stopped group is not there any more
+            if side.stop is not None:
+                side.stop()
+
+
+# -- the stage kind -----------------------------------------------------------------------------
+
+def _stage_run(ctx, settings: CanarySettings) -> dict[str, Any]:
+    resolved = settings.model_copy(update={
+        name: str(ctx.resolve_path(getattr(settings, name))) for name in ("stable", "canary")
+        if not is_url(getattr(settings, name))})
+    return run_canary(resolved, ctx.stage_dir, on_event=lambda **fields: ctx.event(step=0, **fields),
+                      on_progress=ctx.progress)
+
+
+def report(stage_dir: Path, metrics: dict[str, Any]) -> Optional[list[ReportItem]]:
+    path = stage_dir / "timeline.json"
+    if not path.is_file():
+        return None
+    from gonogo.report.plots import new_figure, to_png
+
+    data = json.loads(path.read_text())
+    intervals = data["intervals"]
+    figure, axes = new_figure(height=2.8)
+    times = [change["t"] for change in data["weights"]] or [0.0]
+    weights = [change["weight"] for change in data["weights"]] or [0]
+    end = max([times[-1]] + [interval["t"] for interval in intervals])
+    axes.step(times + [end], weights + [weights[-1]], where="post")
+    axes.set_xlabel("seconds since start")
+    axes.set_ylabel("canary weight (%)")
+    items = [ReportItem(title="Canary weight over time", png=to_png(figure))]
+    if intervals:
+        figure, axes = new_figure(height=2.8)
+        x = range(1, len(intervals) + 1)
+        for side, key, style in (("canary", "e2el_p99_ms", "-o"), ("stable", "e2el_p99_ms", "--o"),
+                                 ("canary", "ttft_p99_ms", "-x")):
+            axes.plot(x, [i[side][key] or float("nan") for i in intervals], style, label=f"{side} {key}")
+        axes.set_xlabel("interval")
+        axes.set_ylabel("ms")
+        axes.legend()
+        items.append(ReportItem(title="Latency per interval", png=to_png(figure)))
+        if any(i["accuracy"] is not None for i in intervals):
+            figure, axes = new_figure(height=2.8)
+            axes.plot(x, [i["accuracy"] for i in intervals], "-o", label="canary")
+            axes.axhline(data["stable_accuracy"] or 0.0, linestyle="--", label="stable")
+            axes.set_ylim(-0.05, 1.05)
+            axes.set_xlabel("interval")
+            axes.set_ylabel("exact-match accuracy")
+            axes.legend()
+            items.append(ReportItem(title="Accuracy per interval", png=to_png(figure)))
+        items.append(ReportItem(title="Intervals", table=[{
+            "t (s)": round(i["t"], 1), "weight": i["weight"], "passed": i["passed"],
+            "failed checks": i["failed_checks"], "requests": i["canary"]["requests"],
+            "success": i["canary"]["success_rate"], "e2el p99 ms": i["canary"]["e2el_p99_ms"],
+            "accuracy": i["accuracy"],
+            "failing": "; ".join(f"{c['name']}: {c['reason']}" for c in i["checks"] if not c["passed"])}
+            for i in intervals]))
+    outcome = "promoted" if metrics.get("promoted") else "rolled back"
+    items.append(ReportItem(title="Decision", text=f"{outcome} after {metrics.get('time_to_decision_s')} s: "
+                                                   f"{data['reason']}"))
+    return items
+
+
+STAGE = StageKind(
+    name="canary",
+    description="staged canary rollout through a weighted router, with metric and quality checks and rollback",
+    settings=CanarySettings,
+    metrics=lambda settings: set(METRICS),
+    run=_stage_run,
+    report=report,
+    # each server this stage starts holds a device; attached URLs are someone else's
+    devices=lambda settings: sum(not is_url(getattr(settings, side)) for side in ("stable", "canary")),
+)
+
+
+# -- the command ------------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--stable", help="checkpoint / run dir, or URL of a running OpenAI-compatible server")
+    parser.add_argument("--canary", help="checkpoint / run dir, or URL of the new version's server")
+    parser.add_argument("--steps", default="10,25,50,100", help="canary weights in percent, increasing, ending at 100")
+    parser.add_argument("--interval", type=float, default=10.0, help="seconds each step is held and analysed")
+    parser.add_argument("--threshold", type=int, default=2, help="failed checks (cumulative) that roll back")
+    parser.add_argument("--min-success-rate", type=float, default=0.99, help="0..1 (Flagger's request-success-rate/100)")
+    parser.add_argument("--max-ttft-p99-ms", type=float)
+    parser.add_argument("--max-e2el-p99-ms", type=float)
+    parser.add_argument("--max-latency-ratio", type=float, help="canary p99 / stable p99, >= 1")
+    parser.add_argument("--min-accuracy", type=float, help="canary exact-match accuracy on held-out problems, 0..1")
+    parser.add_argument("--max-accuracy-drop", type=float, help="stable accuracy minus canary accuracy, 0..1")
+    parser.add_argument("--check", action="append", default=[], metavar="METRIC=VALUE",
+                        help=f"any threshold by metric name ({', '.join(CHECKS)})")
+    parser.add_argument("--quality-prompts", type=int, default=8, help="held-out problems asked at each step")
+    parser.add_argument("--load-rate", type=float, default=4.0, help="steady load through the router, requests/s")
+    parser.add_argument("--load-concurrency", type=int, default=4)
+    for hook in ("pre-rollout", "confirm-promotion", "rollback"):
+        parser.add_argument(f"--webhook-{hook}", metavar="URL", help=f"POST here at {hook}")
+    parser.add_argument("--out", type=Path, help="output directory (default: runs/canary-<time>)")
+    parser.add_argument("--emit-k8s", type=Path, metavar="DIR",
+                        help="write the same rollout as Flagger Canary and Argo Rollouts manifests, then exit")
+    parser.add_argument("--name", default="gonogo", help="Kubernetes deployment / service name for --emit-k8s")
+
+
+def settings_from_args(args) -> CanarySettings:
+    from gonogo.config import validate
+
+    try:
+        steps = [int(step) for step in args.steps.split(",") if step.strip()]
+    except ValueError:
+        raise UserError(f"--steps {args.steps!r}: give comma-separated integers, e.g. 10,25,50,100") from None
+    thresholds = {"success_rate": args.min_success_rate, "ttft_p99_ms": args.max_ttft_p99_ms,
+                  "e2el_p99_ms": args.max_e2el_p99_ms, "latency_ratio": args.max_latency_ratio,
+                  "accuracy": args.min_accuracy, "accuracy_drop": args.max_accuracy_drop}
+    thresholds.update(parse_check(item) for item in args.check)
+    data = {"stable": args.stable or "", "canary": args.canary or "",
+            "analysis": {"steps": steps, "interval_s": args.interval, "threshold": args.threshold,
+                         "thresholds": thresholds, "quality_prompts": args.quality_prompts},
+            "webhooks": {"pre_rollout": args.webhook_pre_rollout, "confirm_promotion": args.webhook_confirm_promotion,
+                         "rollback": args.webhook_rollback},
+            "load": {"rate": args.load_rate, "concurrency": args.load_concurrency}}
+    settings = validate(CanarySettings, data, source="gonogo canary")
+    check_consistent(settings.analysis, "gonogo canary")
+    return settings
+
+
+def command(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from gonogo.rundir import utc_stamp, write_json_atomic
+
+    settings = settings_from_args(args)
+    console = Console()
+    if args.emit_k8s:
+        from gonogo.rollout.k8s import write_k8s
+
+        for path in write_k8s(args.emit_k8s, settings, name=args.name):
+            console.print(f"wrote {path}")
+        return 0
+    if not args.stable or not args.canary:
+        raise UserError("give both --stable and --canary (a checkpoint directory or a server URL)")
+    out = args.out or Path("runs") / f"canary-{utc_stamp()}"
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: already exists and is not empty; choose another --out")
+    with console.status("starting the canary rollout") as status:
+        metrics = run_canary(settings, out, on_progress=lambda text: status.update(text))
+    write_json_atomic(out / "metrics.json", metrics)
+    table = Table(title=f"canary: {'PROMOTED' if metrics['promoted'] else 'ROLLED BACK'}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, str(value))
+    console.print(table)
+    console.print(f"timeline: {out / 'timeline.json'}")
+    return 0 if metrics["promoted"] else 1
+
+
+# -- the drill ---------------------------------------------------------------------------------
+
+DRILLS = ("latency", "errors", "degraded", "good")
+
+
+def run_canary_drill(out_dir: Path, checkpoint: str | Path, *, steps: tuple[int, ...] = (25, 50, 100),
+                     interval_s: float = 2.0, threshold: int = 2, quality_prompts: int = 4,
+                     injected_latency_s: float = 1.5, error_rate: float = 0.5, degrade_bits: int = 2,
+                     load: Optional[Load] = None, drills: tuple[str, ...] = DRILLS,
+                     startup_timeout_s: float = 180.0) -> dict[str, Any]:
+    """Four rollouts against one stable server of ``checkpoint``: a canary with added latency, one
+    answering 5xx (both fault proxies in front of a good server), a degraded model (weights rounded
+    to ``degrade_bits`` bits, only the quality check can see it) and a good one (the same model).
+    The bad ones must be rolled back and the good one promoted. Writes out_dir/<drill>/timeline.json
+    and out_dir/drill.json; returns {"passed", "drills": {name: metrics + expected}}."""
+    from gonogo.procs import stop_group
+    from gonogo.rollout.faults import FaultProxy, write_degraded_checkpoint
+    from gonogo.rundir import write_json_atomic
+
+    unknown = [d for d in drills if d not in DRILLS]
+    if unknown:
+        raise UserError(f"unknown canary drills {unknown}; known: {', '.join(DRILLS)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    degraded_dir = out_dir / "degraded-checkpoint"
+    if "degraded" in drills and not degraded_dir.exists():
+        write_degraded_checkpoint(checkpoint, degraded_dir, bits=degrade_bits)
+    # latency checks are relative to stable and absolute with room for a loaded machine
+    analysis = Analysis(steps=list(steps), interval_s=interval_s, threshold=threshold,
+                        quality_prompts=quality_prompts, ratio_floor_ms=200.0,
+                        thresholds={"success_rate": 0.95, "latency_ratio": 4.0,
+                                    "e2el_p99_ms": 1000 * injected_latency_s * 0.8,
+                                    "accuracy_drop": 0.25})
+    settings = CanarySettings(stable=str(checkpoint), canary=str(checkpoint), analysis=analysis,
+                              load=load or Load(rate=3.0, concurrency=3, max_tokens=8),
+                              startup_timeout_s=startup_timeout_s, drain_timeout_s=20.0)
+    processes = {}
+    try:
+        wanted = {"stable": checkpoint, "good": checkpoint}
+        if "degraded" in drills:
+            wanted["degraded"] = degraded_dir
+        for name, path in wanted.items():
+            processes[name] = start_server(str(path), name, out_dir, settings.model_name)
+        urls = {name: wait_ready(process, ready, startup_timeout_s) for name, (process, ready) in processes.items()}
+        stable = Side(url=urls["stable"], model=model_of(urls["stable"]))
+        good_model = model_of(urls["good"])
+        outcomes = {}
+        for drill in [d for d in DRILLS if d in drills]:  # the good one last: promotion retires stable
+            proxy = None
+            if drill == "latency":
+                proxy = FaultProxy(urls["good"], latency_s=injected_latency_s).start()
+            elif drill == "errors":
+                proxy = FaultProxy(urls["good"], error_rate=error_rate).start()
+            if proxy is not None:
+                canary = Side(url=proxy.url, model=good_model, stop=proxy.stop)
+            elif drill == "degraded":
+                canary = Side(url=urls["degraded"], model=model_of(urls["degraded"]),
+                              stop=lambda: stop_group(processes["degraded"][0], grace=5.0))
+            else:
+                canary = Side(url=urls["good"], model=good_model)
+            stable.stop = (lambda: stop_group(processes["stable"][0], grace=5.0)) if drill == "good" else None
+            directory = out_dir / drill
+            directory.mkdir(exist_ok=True)
+            log.info("canary drill %s", drill)
+            try:
+                metrics = run_rollout(stable, canary, settings, directory, name=f"drill-{drill}")
+            finally:
+                if proxy is not None:
+                    proxy.stop()
+            expected = "promoted" if drill == "good" else "rolled_back"
+            outcomes[drill] = {**metrics, "expected": expected,
+                               "as_expected": bool(metrics[expected]) and metrics["client_errors_router"] == 0}
+    finally:
+        for process, _ in processes.values():
+            stop_group(process, grace=5.0)
+    result = {"passed": all(o["as_expected"] for o in outcomes.values()), "drills": outcomes}
+    write_json_atomic(out_dir / "drill.json", result)
+    return result

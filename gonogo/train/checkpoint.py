@@ -1,0 +1,581 @@
+"""Atomic, verified training checkpoints (DCP) and loading them for resume or inference.
+
+On disk, under the checkpoints root (``<run>/checkpoints``)::
+
+    step-00000040/
+      dcp/                  torch.distributed.checkpoint files: sharded model + optimizer
+      ranks/rank-00000.json per-rank state: loader position and RNG states (one file per rank)
+      train_state.json      step, scheduler state and the trainer's ``extra`` dict (rank 0's)
+      model.safetensors     consolidated full weights (rank 0): what inference and export read
+      meta.json             {"step", "model", "tokenizer", "world_size", "train", "created"}
+      manifest.json         every file's relative path, size and sha256
+      COMMITTED             written last; holds the sha256 of manifest.json
+
+A save writes everything into ``.tmp-step-00000040/`` and renames it into place only after
+``COMMITTED`` is durable, so a crash leaves either a complete checkpoint or a hidden temporary
+directory, never a half-written ``step-*``. A checkpoint is loaded only when it verifies (see
+``gonogo.train.manifest``). The per-rank JSON files are plain data (no pickles), so they can be
+read and diffed by hand.
+
+Usage inside a torchrun worker (every rank calls every method)::
+
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=3)
+    resumed = checkpointer.load_latest("auto", model, optimizer, scheduler, model_config=config)
+    step = resumed.step                              # 0 when nothing was loaded
+    if resumed.loader_state is not None:
+        loader.load_state_dict(resumed.loader_state)
+    ...
+    checkpointer.save(step, model, optimizer, scheduler, loader.state_dict(), extra={...},
+                      model_config=config, meta={"train": train_config.model_dump()})
+    ...
+    checkpointer.close()                             # waits until an async save has committed
+
+Loading at another world size (resharding): DCP redistributes the model and optimizer shards
+to the new layout. Per-rank state cannot map one to one, so the rule is: every rank receives
+rank 0's saved loader state (``Resumed.resharded`` is True; the loader takes the global data
+position from it), and every rank reseeds torch, Python and NumPy with ``seed_for(step, rank)``
+so a resharded resume is deterministic, though not bitwise equal to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import shutil
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+from gonogo.errors import UserError
+from gonogo.train import manifest
+from gonogo.train.manifest import verify_checkpoint
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_NAME = "byte-v1"
+WEIGHTS_NAME = manifest.WEIGHTS_NAME
+TRAIN_STATE_NAME = "train_state.json"
+
+__all__ = ["Checkpointer", "Resumed", "verify_checkpoint", "resolve_checkpoint",
+           "load_for_inference", "seed_for"]
+
+
+@dataclass
+class Resumed:
+    """What ``Checkpointer.load_latest`` restored (``path`` is None when it started fresh)."""
+
+    path: Optional[Path]
+    step: int
+    loader_state: Optional[dict]
+    extra: dict
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (checkpoint, why not loaded)
+    resharded: bool = False  # saved at another world size: loader/RNG state mapped (see module doc)
+
+
+def seed_for(step: int, rank: int) -> int:
+    """The RNG seed a rank uses after a resharded resume (deterministic in step and rank)."""
+    return (step * 1_000_003 + rank * 7_919 + 12_345) % (2**31 - 1)
+
+
+# -- process group helpers (all of them work without torch.distributed: one process) -------
+
+def _dist():
+    import torch.distributed as dist
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _rank() -> int:
+    dist = _dist()
+    return dist.get_rank() if dist else 0
+
+
+def _world_size() -> int:
+    dist = _dist()
+    return dist.get_world_size() if dist else 1
+
+
+def _gather_to_rank0(value: Any) -> list:
+    """Every rank's ``value`` as a list on rank 0 (an empty list elsewhere)."""
+    dist = _dist()
+    if not dist:
+        return [value]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered or []
+
+
+def _barrier() -> None:
+    dist = _dist()
+    if dist:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every call without a process group; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
+        yield
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (decisions such as 'which checkpoint' are made once)."""
+    dist = _dist()
+    if not dist:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _reseed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _config_dict(model_config: Any) -> dict:
+    if hasattr(model_config, "model_dump"):
+        return model_config.model_dump(mode="json")
+    assert isinstance(model_config, dict), type(model_config)
+    return dict(model_config)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _rank_file(directory: Path, rank: int) -> Path:
+    return directory / "ranks" / f"rank-{rank:05d}.json"
+
+
+def _check_same_model(directory: Path, saved: dict, model_config: Any) -> None:
+    """UserError when the checkpoint was saved for a model of another shape or setting."""
+    if model_config is None:
+        return
+    current = _config_dict(model_config)
+    differences = [f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
+                   for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    if differences:
+        raise UserError(f"{directory}: checkpoint is of a different model ({'; '.join(differences)}); "
+                        "use the same [model] settings, or start fresh with --resume never")
+
+
+def _full_model_state(model) -> dict:
+    """Full (unsharded) weights on CPU; a collective under FSDP, so every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _full_model_state_from_dcp(directory: Path) -> dict:
+    """The model's full weights read back from a finished DCP checkpoint, in this process only.
+
+    Used by an async save: the commit thread consolidates from the files, so the training loop
+    neither waits for an all-gather nor keeps a second copy of the weights in memory.
+    """
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+    weights = {key.removeprefix("model."): torch.empty(item.size, dtype=item.properties.dtype)
+               for key, item in metadata.state_dict_metadata.items()
+               if key.startswith("model.") and isinstance(item, TensorStorageMetadata)}
+    state = {"model": weights}
+    dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    return state["model"]
+
+
+def _write_safetensors(path: Path, weights: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors, seen = {}, set()
+    for name, tensor in weights.items():
+        tensor = tensor.detach().contiguous()
+        # safetensors refuses tensors that share memory (tied weights): give repeats their own copy
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        tensors[name] = tensor.clone() if key in seen else tensor
+        seen.add(key)
+    # one metadata key only: safetensors writes the metadata map in random order, and the file
+    # should be byte-identical for identical weights (sync and async saves are compared)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    path.chmod(0o644)  # safetensors creates it private; the other files of the checkpoint are 0644
+    manifest.fsync_file(path)
+
+
+class Checkpointer:
+    """Saves and restores checkpoints under ``root`` (the directory holding ``step-*`` dirs).
+
+    keep_last: committed checkpoints kept after each save (the newest is never deleted);
+    keep_every: also keep every checkpoint whose step is a multiple of it;
+    async_mode: ``save`` returns once the state is staged in memory; the files are written in
+    the background (DCP's process-based async save under torch.distributed, a thread in a
+    single process) and the checkpoint is committed when the write completes; at the latest
+    when the next ``save``, ``wait`` or ``close`` is called.
+    """
+
+    def __init__(self, root: Path, *, keep_last: int = 3, keep_every: Optional[int] = None,
+                 async_mode: bool = False):
+        if keep_last < 1:
+            raise ValueError(f"keep_last={keep_last}: keep at least 1 checkpoint")
+        if keep_every is not None and keep_every < 1:
+            raise ValueError(f"keep_every={keep_every}: must be >= 1 (or None)")
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.async_mode = async_mode
+        self._pending: Optional[_PendingSave] = None
+        self._stager = None  # DCP's staging buffers, kept so later async saves reuse the memory
+        self.last_commit_time: Optional[float] = None  # time.monotonic() of the last commit (rank 0)
+
+    # -- saving ---------------------------------------------------------------------------
+    def save(self, step: int, model, optimizer, scheduler, loader_state: Optional[dict], extra: Optional[dict],
+             model_config, meta: Optional[dict] = None) -> Path:
+        """Save the state of ``step``; returns the final ``step-N`` path (committed on return
+        unless async_mode, where ``wait()`` guarantees it).
+
+        loader_state: this rank's data position (each rank gets its own back); extra: the
+        trainer's own JSON-like state (rank 0's is kept); meta: more fields for meta.json,
+        e.g. {"train": train_config_dict}.
+        """
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        self.wait()
+        rank, world_size = _rank(), _world_size()
+        final = self.root / manifest.step_dir_name(step)
+        temporary = self.root / manifest.temporary_dir_name(step)
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if temporary.exists():  # left by a save of this step that crashed: never committed
+                shutil.rmtree(temporary)
+            (temporary / "ranks").mkdir(parents=True)
+        _barrier()
+        rank_state = {"rank": rank, "world_size": world_size, "step": step,
+                      "loader": manifest.encode_state(loader_state, "loader_state"), "rng": manifest.encode_state(_rng_state(), "rng")}
+        manifest.write_json_durable(_rank_file(temporary, rank), rank_state)
+
+        if optimizer is None:
+            state = {"model": get_model_state_dict(model)}
+        else:
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optimizer": optimizer_state}
+        meta_record = {"step": step, "model": _config_dict(model_config), "tokenizer": TOKENIZER_NAME,
+                       "world_size": world_size, "train": {},
+                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        for key, value in (meta or {}).items():
+            assert key not in ("step", "model", "world_size", "created"), f"meta.json's {key!r} is set by the checkpointer"
+            meta_record[key] = value
+        train_state = {"step": step, "scheduler": manifest.encode_state(scheduler.state_dict() if scheduler else None, "scheduler"),
+                       "extra": manifest.encode_state(extra or {}, "extra")}
+        _barrier()  # every rank's own file is on disk before rank 0 can list the directory
+
+        if not self.async_mode:
+            full_weights = _full_model_state(model)
+            with _single_process_quiet():
+                dcp.save(state, checkpoint_id=str(temporary / "dcp"), no_dist=_dist() is None)
+            # each rank hashes the shard files it wrote, so rank 0 does not hash them all alone
+            own = manifest.hash_files(temporary, [f"dcp/{p.name}" for p in (temporary / "dcp").glob(f"__{rank}_*")]
+                                      ) if world_size > 1 else {}
+            known = _gather_to_rank0(own)
+            if rank == 0:
+                self._commit(temporary, final, full_weights, meta_record, train_state,
+                             {name: entry for part in known for name, entry in part.items()})
+            _barrier()  # nobody continues (or loads) before the checkpoint is committed
+            return final
+
+        future = self._async_save(state, temporary / "dcp")
+        pending = _PendingSave(final, future)
+        if rank == 0:
+            pending.committer = threading.Thread(
+                target=self._commit_when_written, name=f"gonogo-commit-{step}", daemon=True,
+                args=(pending, temporary, meta_record, train_state))
+            pending.committer.start()
+        self._pending = pending
+        return final
+
+    def _async_save(self, state: dict, directory: Path):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+        from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+        # under torch.distributed the write runs in DCP's background process, which has its own
+        # gloo group, so the loop's collectives and the checkpoint's never share one group
+        kind = AsyncCheckpointerType.PROCESS if _dist() else AsyncCheckpointerType.THREAD
+        if self._stager is None:
+            # shared memory: the staged copy goes to the background process without another copy
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=_dist() is not None,
+                                                        use_async_staging=False, use_non_blocking_copy=False))
+        with _single_process_quiet():
+            response = dcp.async_save(state, checkpoint_id=str(directory), async_checkpointer_type=kind,
+                                      async_stager=self._stager, no_dist=_dist() is None)
+        return getattr(response, "upload_completion", response)
+
+    def _commit_when_written(self, pending: "_PendingSave", temporary, meta_record, train_state) -> None:
+        try:
+            pending.future.result()
+            with _single_process_quiet():
+                full_weights = _full_model_state_from_dcp(temporary / "dcp")
+            self._commit(temporary, pending.final, full_weights, meta_record, train_state)
+        except BaseException as error:  # re-raised by wait(), on the training thread
+            pending.error = error
+
+    def _commit(self, temporary: Path, final: Path, full_weights: dict, meta_record: dict, train_state: dict,
+                known: Optional[dict] = None) -> None:
+        """Rank 0: consolidated weights, meta, manifest, COMMITTED, rename, retention."""
+        known = dict(known or {})
+        shards = [f"dcp/{p.name}" for p in (temporary / "dcp").iterdir() if f"dcp/{p.name}" not in known]
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            # the DCP files are hashed while the consolidated weights are being written
+            shard_hashes = pool.submit(manifest.hash_files, temporary, shards)
+            _write_safetensors(temporary / WEIGHTS_NAME, full_weights)
+            manifest.write_json_durable(temporary / TRAIN_STATE_NAME, train_state)
+            manifest.write_json_durable(temporary / manifest.META_NAME, meta_record)
+            known.update(shard_hashes.result())
+        manifest.commit(temporary, known)
+        if final.exists():
+            # a checkpoint of the same step from an earlier attempt (e.g. a corrupt one that was
+            # skipped on resume): keep it aside instead of deleting what we did not just write
+            aside = final.with_name(f"{final.name}.replaced-{int(time.time())}")
+            log.warning("%s already exists; moving it to %s", final, aside.name)
+            final.rename(aside)
+        temporary.rename(final)
+        manifest.fsync_dir(self.root)
+        self.last_commit_time = time.monotonic()
+        log.info("checkpoint committed: %s", final)
+        self._apply_retention(keep=final)
+
+    def _apply_retention(self, keep: Path) -> None:
+        committed = [(step, path) for step, path in manifest.step_dirs(self.root) if manifest.is_committed(path)]
+        kept = {path for _, path in committed[-self.keep_last:]} | {keep}
+        if self.keep_every:
+            kept |= {path for step, path in committed if step % self.keep_every == 0}
+        for step, path in committed:
+            if path in kept or not manifest.looks_like_checkpoint(path):
+                continue
+            # hide it first, so a crash half-way through the delete leaves no torn step-* dir
+            doomed = path.with_name(f".delete-{path.name}")
+            path.rename(doomed)
+            shutil.rmtree(doomed)
+            log.info("retention: deleted %s", path.name)
+
+    def wait(self) -> None:
+        """Block until a pending async save has committed (every rank calls it)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if pending.committer is not None:
+            pending.committer.join()
+        else:
+            try:
+                pending.future.result()
+            except BaseException as error:  # raised after the barrier, so no rank is left waiting
+                pending.error = error
+        _barrier()
+        if pending.error is not None:
+            raise RuntimeError(f"async checkpoint {pending.final.name} failed") from pending.error
+
+    def close(self) -> None:
+        """Wait for a pending async save (call before the process group is destroyed)."""
+        self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+
+    # -- loading --------------------------------------------------------------------------
+    def load(self, path: str | Path, model, optimizer=None, scheduler=None, *, model_config=None
+             ) -> tuple[int, Optional[dict], dict]:
+        """Load one checkpoint (a checkpoint dir or a run dir) -> (step, loader_state, extra).
+
+        UserError when ``path`` is not a checkpoint, does not verify, or is of another model;
+        nothing on disk is changed by a failed load.
+        """
+        resumed = self._load_checked(_training_checkpoint(Path(path)), model, optimizer, scheduler, model_config)
+        return resumed.step, resumed.loader_state, resumed.extra
+
+    def load_latest(self, resume: str | Path, model, optimizer=None, scheduler=None, *,
+                    model_config=None) -> Resumed:
+        """``resume``: "never" (fresh start), "auto" (the newest committed checkpoint under root
+        that verifies; torn or corrupt newer ones are skipped and listed in ``skipped``), or a
+        path (that checkpoint, or UserError)."""
+        if str(resume) == "never":
+            return Resumed(None, 0, None, {})
+        if str(resume) != "auto":
+            return self._load_checked(_training_checkpoint(Path(resume)), model, optimizer, scheduler, model_config)
+        choice, skipped = _from_rank0(manifest.newest_verified(self.root) if _rank() == 0 else None)
+        for path, reason in skipped:
+            log.warning("resume: skipping %s: %s", path, reason)
+        if choice is None:
+            return Resumed(None, 0, None, {}, skipped=skipped)
+        resumed = self._restore(choice, model, optimizer, scheduler, model_config)
+        resumed.skipped = skipped
+        return resumed
+
+    def _load_checked(self, path: Path, model, optimizer, scheduler, model_config) -> Resumed:
+        ok, reason = _from_rank0(verify_checkpoint(path) if _rank() == 0 else None)
+        if not ok:
+            raise UserError(f"{path}: checkpoint cannot be loaded: {reason} "
+                            "(use --resume auto to take the newest good one)")
+        return self._restore(path, model, optimizer, scheduler, model_config)
+
+    def _restore(self, path: Path, model, optimizer, scheduler, model_config) -> Resumed:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+                                                             set_model_state_dict, set_state_dict)
+
+        meta = _read_json(path / manifest.META_NAME)
+        _check_same_model(path, meta["model"], model_config)
+        if optimizer is None:
+            state = {"model": get_model_state_dict(model)}
+        else:
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optimizer": optimizer_state}
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=_dist() is None)
+        if optimizer is None:
+            set_model_state_dict(model, state["model"])
+        else:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+        train_state = manifest.decode_state(_read_json(path / TRAIN_STATE_NAME))
+        if scheduler is not None:
+            assert train_state["scheduler"] is not None, f"{path} was saved without a scheduler"
+            scheduler.load_state_dict(train_state["scheduler"])
+        step = int(train_state["step"])
+        rank, world_size = _rank(), _world_size()
+        resharded = int(meta["world_size"]) != world_size
+        if resharded:
+            rank_state = manifest.decode_state(_read_json(_rank_file(path, 0)))
+            _reseed(seed_for(step, rank))
+            log.info("resume: world size %s -> %s: rank 0's loader state for every rank, RNG reseeded",
+                     meta["world_size"], world_size)
+        else:
+            rank_state = manifest.decode_state(_read_json(_rank_file(path, rank)))
+            _set_rng_state(rank_state["rng"])
+        log.info("resumed from %s (step %d)", path, step)
+        return Resumed(path, step, rank_state["loader"], train_state["extra"], resharded=resharded)
+
+
+@dataclass
+class _PendingSave:
+    final: Path
+    future: Any
+    committer: Optional[threading.Thread] = None
+    error: Optional[BaseException] = None
+
+
+def _training_checkpoint(path: Path) -> Path:
+    """A checkpoint dir for resuming training (an HF export has no optimizer state)."""
+    resolved = resolve_checkpoint(path)
+    if manifest.is_hf_export(resolved) and not (resolved / manifest.META_NAME).is_file():
+        raise UserError(f"{path}: a Hugging Face export has no optimizer or data state to resume "
+                        "training from; give a gonogo checkpoint or run directory")
+    return resolved
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, a run dir (its newest verified checkpoint under checkpoints/), a
+    checkpoints dir, or a Hugging Face export dir (config.json + model.safetensors) -> that dir.
+
+    UserError when it is none of these, or when the checkpoint does not verify.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such directory (give a checkpoint, run or Hugging Face export directory)")
+    if manifest.is_committed(path) or (path / manifest.META_NAME).is_file():
+        ok, reason = verify_checkpoint(path)
+        if not ok:
+            raise UserError(f"{path}: checkpoint cannot be used: {reason}")
+        return path
+    if manifest.is_hf_export(path):
+        return path
+    roots = manifest.checkpoint_roots(path)
+    if not roots and (path / "checkpoints").is_dir():
+        raise UserError(f"{path}: no committed checkpoint under {path / 'checkpoints'} (none saved yet)")
+    if not roots:
+        raise UserError(f"{path}: not a checkpoint, run or Hugging Face export directory "
+                        "(expected COMMITTED + meta.json, checkpoints/step-*/, or config.json + model.safetensors)")
+    found, skipped = [], []
+    for root in roots:
+        choice, root_skipped = manifest.newest_verified(root)
+        skipped += root_skipped
+        if choice is not None:
+            found.append(choice)
+    if not found:
+        why = "; ".join(f"{p.name}: {reason}" for p, reason in skipped) or "none saved yet"
+        raise UserError(f"{path}: no committed checkpoint that verifies under {path} ({why})")
+    for skipped_path, reason in skipped:
+        log.warning("skipping %s: %s", skipped_path, reason)
+    # the run's newest model: the last checkpoint committed by any of its training stages
+    choice = max(found, key=lambda p: (p / manifest.COMMITTED_NAME).stat().st_mtime)
+    return choice
+
+
+def load_for_inference(path: str | Path):
+    """-> (Decoder in eval mode on CPU in fp32, ModelConfig, meta dict).
+
+    A gonogo checkpoint: reads only meta.json and model.safetensors (safetensors never runs code
+    from the file). A Hugging Face export directory: imported by ``gonogo.export.hf``.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from gonogo.config import validate
+    from gonogo.model.config import ModelConfig
+
+    directory = resolve_checkpoint(path)
+    if not (directory / manifest.META_NAME).is_file():
+        from gonogo.export.hf import load_hf_dir
+
+        return load_hf_dir(directory)
+    if (directory / "quantization.json").is_file():
+        from gonogo.infer.quantize import load_quantized
+
+        return load_quantized(directory)
+    if not (directory / WEIGHTS_NAME).is_file():
+        raise UserError(f"{directory}: has no {WEIGHTS_NAME} (a quantized checkpoint is read by gonogo.infer.quantize)")
+    meta = _read_json(directory / manifest.META_NAME)
+    config = validate(ModelConfig, meta["model"], source=str(directory / manifest.META_NAME))
+    from gonogo.model.decoder import Decoder
+
+    model = Decoder(config)
+    weights = load_file(str(directory / WEIGHTS_NAME), device="cpu")
+    weights = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in weights.items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{directory}: weights do not fit the model in meta.json "
+                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    model = model.to(device="cpu", dtype=torch.float32).eval()
+    return model, config, meta
