@@ -1,0 +1,361 @@
+"""The inference engine: KV cache, continuous batching, and a background thread that runs it.
+
+One thread owns the model and the cache. Requests arrive on a queue; between two decode steps
+the thread admits waiting requests (a prefill each, written into free cache rows) and drops
+finished ones, so the running batch changes every step: continuous batching. Every generated
+piece of text goes to the request's ``emit`` callback; the server turns those into an asyncio
+stream with ``loop.call_soon_threadsafe``.
+
+Determinism: a prefill always runs alone (batch 1), a decode step reads each row's own cache
+with an exact mask, and each sequence samples with its own seeded generator, so greedy output
+(and seeded sampling) is the same alone or batched, up to float rounding in batched matmuls.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import torch
+
+from gonogo.infer.cache import KVCache
+from gonogo.infer.fast_decode import maybe_fast
+from gonogo.infer.sampling import SamplingParams, TextTracker, make_generator, sample_next
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the engine's ``max_waiting``: the server answers 429."""
+
+
+class EngineStopped(Exception):
+    """The engine is draining or stopped and takes no new requests: the server answers 503."""
+
+
+@dataclass
+class EngineSettings:
+    max_batch: int = 16                  # sequences decoded together (cache rows)
+    max_len: Optional[int] = None        # tokens per sequence, prompt included; None = model's
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_waiting: int = 64                # queued requests beyond this are refused (429)
+    fused: bool = True                   # the fused inference forward (gonogo/infer/fast_decode.py)
+
+
+@dataclass
+class Event:
+    """Something that happened to one choice of a request."""
+
+    index: int                           # the choice (0 .. n-1)
+    text: str = ""                       # newly final text
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" when the choice ended
+    # set on the event that finishes the last choice: the whole request is done
+    done: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    time: float = field(default_factory=time.monotonic)   # when the engine produced it
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    request_id: str = ""
+    cancelled: bool = False
+    arrived: float = field(default_factory=time.monotonic)
+    # filled in by the engine
+    finished_choices: int = 0
+    completion_tokens: int = 0
+
+    def cancel(self) -> None:
+        """The client went away: the engine drops the request's sequences at the next step."""
+        self.cancelled = True
+
+
+@dataclass
+class _Sequence:
+    request: Request
+    index: int
+    generator: torch.Generator
+    tracker: TextTracker
+    next_token: int = -1                 # sampled, not yet fed to the model
+    generated: int = 0
+
+
+@dataclass
+class Completion:
+    """The result of ``Engine.generate`` for one choice."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: EngineSettings | None = None,
+                 *, stop_token_ids: Optional[set[int]] = None):
+        settings = settings or EngineSettings()
+        config = model.config
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.model_config = config
+        self.max_len = min(settings.max_len or config.max_seq_len, config.max_seq_len)
+        self.dtype = DTYPES[settings.dtype]
+        self.model = model.eval().to(self.dtype)
+        self.forward = maybe_fast(self.model, settings.fused)
+        device = next(model.parameters()).device
+        self.device = device
+        self.cache = KVCache(
+            n_layers=config.n_layers, max_batch=settings.max_batch, n_kv_heads=config.n_kv_heads,
+            max_len=self.max_len, head_dim=config.head_dim, dtype=self.dtype, device=device)
+        if stop_token_ids is None:
+            stop_token_ids = {tokenizer.eos_id}
+            end_id = getattr(tokenizer, "end_id", None)
+            if end_id is not None:
+                stop_token_ids.add(end_id)
+        self.stop_token_ids = stop_token_ids
+        # the embedding table is padded beyond the tokenizer (384 rows for 263 ids): never sample there
+        self.sampled_vocab = min(getattr(tokenizer, "vocab_size", config.vocab_size), config.vocab_size)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: list[_Sequence] = []   # index == cache row
+        self._wake = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+        self._drain_deadline: Optional[float] = None
+        self._ids = itertools.count()
+        self.steps = 0
+        self.failure: Optional[BaseException] = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        assert self._thread is None
+        self._thread = threading.Thread(target=self._loop, name="gonogo-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def drain(self, seconds: float) -> None:
+        """Take no new requests; let running ones finish for up to ``seconds``, then end them."""
+        with self._wake:
+            self._drain_deadline = time.monotonic() + seconds
+            self._wake.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End every request (finish_reason "abort") and join the thread (bounded)."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("engine thread did not stop within %.0f s", timeout)
+
+    @property
+    def accepting(self) -> bool:
+        return not self._stopping and self._drain_deadline is None and self.failure is None
+
+    @property
+    def num_running(self) -> int:
+        return len({id(sequence.request) for sequence in self._running})
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # -- submitting ------------------------------------------------------------------------
+    def check(self, prompt_tokens: int, params: SamplingParams) -> Optional[str]:
+        """Why a request cannot be served (a user's mistake), or None."""
+        if prompt_tokens < 1:
+            return "the prompt is empty"
+        if prompt_tokens + params.max_tokens > self.max_len:
+            return (f"prompt ({prompt_tokens} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                    f"model's context of {self.max_len} tokens; shorten the prompt or lower max_tokens")
+        if params.n > self.settings.max_batch:
+            return f"n={params.n} exceeds the engine's batch of {self.settings.max_batch}"
+        return None
+
+    def submit(self, request: Request) -> Request:
+        problem = self.check(len(request.prompt_ids), request.params)
+        if problem:
+            raise ValueError(problem)
+        with self._wake:
+            if not self.accepting:
+                raise EngineStopped("the server is shutting down")
+            if len(self._waiting) >= self.settings.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            request.request_id = request.request_id or f"req-{next(self._ids)}"
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, timeout: float = 300.0) -> list[Completion]:
+        """Blocking convenience: submit, wait (bounded), return one Completion per choice."""
+        events: queue.Queue[Event] = queue.Queue()
+        self.submit(Request(list(prompt_ids), params, events.put))
+        texts = [""] * params.n
+        ids: list[list[int]] = [[] for _ in range(params.n)]
+        reasons = ["" for _ in range(params.n)]
+        deadline = time.monotonic() + timeout
+        while True:
+            event = events.get(timeout=max(0.0, deadline - time.monotonic()))
+            texts[event.index] += event.text
+            ids[event.index] += event.token_ids
+            if event.finish_reason:
+                reasons[event.index] = event.finish_reason
+            if event.done:
+                break
+        return [Completion(text, token_ids, reason) for text, token_ids, reason in zip(texts, ids, reasons)]
+
+    # -- the engine thread -----------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._wake:
+                        if self._stopping:
+                            break
+                        if not self._running and not self._waiting:
+                            self._wake.wait(timeout=0.5)
+                            continue
+                    if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
+                        self._abort_all()
+                    self._drop_cancelled()
+                    self._admit()
+                    if self._running:
+                        self._decode_step()
+        except BaseException as error:  # a bug or an out-of-memory: fail every request, loudly
+            log.exception("engine thread failed")
+            self.failure = error
+        finally:
+            self._abort_all()
+
+    def _admit(self) -> None:
+        while True:
+            with self._wake:
+                if not self._waiting:
+                    return
+                request = self._waiting[0]
+                if len(self._running) + request.params.n > self.settings.max_batch:
+                    return
+                self._waiting.popleft()
+            if request.cancelled:
+                continue
+            self._prefill(request)
+
+    def _prefill(self, request: Request) -> None:
+        """Run the prompt once (batch 1), share its cache with the other choices, sample each."""
+        prompt = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
+        T = prompt.shape[1]
+        first_row = len(self._running)
+        self.cache.reset_row(first_row)
+        self.cache.begin(first_row, 1, T)
+        logits = self.forward(prompt, positions=torch.arange(T, device=self.device)[None], cache=self.cache)
+        self.cache.commit()
+        rows = list(range(first_row, first_row + request.params.n))
+        self.cache.copy_row(first_row, rows[1:])
+        last = logits[0, -1, :self.sampled_vocab].float().cpu()
+        for index in range(request.params.n):
+            seed = None if request.params.seed is None else request.params.seed + index
+            sequence = _Sequence(request, index, make_generator(seed),
+                                 TextTracker(self.tokenizer.decode, request.params.stop))
+            self._running.append(sequence)
+        for sequence in list(self._running[first_row:]):
+            self._accept(sequence, sample_next(last, request.params, sequence.generator))
+
+    def _decode_step(self) -> None:
+        B = len(self._running)
+        tokens = torch.tensor([[sequence.next_token] for sequence in self._running], dtype=torch.long,
+                              device=self.device)
+        positions = self.cache.lengths[:B, None].to(self.device)
+        self.cache.begin(0, B, 1)
+        logits = self.forward(tokens, positions=positions, cache=self.cache)
+        self.cache.commit()
+        self.steps += 1
+        last = logits[:, -1, :self.sampled_vocab].float().cpu()
+        running = list(self._running)
+        if all(sequence.request.params.greedy for sequence in running):
+            chosen = last.argmax(dim=-1).tolist()  # one op for the whole batch
+        else:
+            chosen = [sample_next(last[row], sequence.request.params, sequence.generator)
+                      for row, sequence in enumerate(running)]
+        for sequence, token in zip(running, chosen):
+            self._accept(sequence, token)
+
+    def _accept(self, sequence: _Sequence, token: int) -> None:
+        """Record a sampled token: emit its text, and finish the sequence when it is done."""
+        params = sequence.request.params
+        sequence.generated += 1
+        sequence.request.completion_tokens += 1
+        finish: Optional[str] = None
+        if token in self.stop_token_ids and not params.ignore_eos:
+            finish = "stop"
+            text = ""
+            token_ids: list[int] = []
+        else:
+            text = sequence.tracker.add(token)
+            token_ids = [token]
+            if sequence.tracker.stopped:
+                finish = "stop"
+            elif sequence.generated >= params.max_tokens:
+                finish = "length"
+            elif len(sequence.request.prompt_ids) + sequence.generated >= self.max_len:
+                finish = "length"
+        if finish:
+            text += sequence.tracker.flush()
+            self._finish(sequence, finish, text, token_ids)
+        else:
+            sequence.next_token = token
+            if text or token_ids:
+                sequence.request.emit(Event(sequence.index, text, token_ids))
+
+    def _finish(self, sequence: _Sequence, reason: str, text: str = "", token_ids: Optional[list[int]] = None) -> None:
+        request = sequence.request
+        request.finished_choices += 1
+        done = request.finished_choices == request.params.n
+        row = self._running.index(sequence)
+        last = len(self._running) - 1
+        self.cache.move_row(last, row)
+        self._running[row] = self._running[last]
+        self._running.pop()
+        self.cache.reset_row(last)
+        request.emit(Event(sequence.index, text, token_ids or [], reason, done=done,
+                           prompt_tokens=len(request.prompt_ids), completion_tokens=request.completion_tokens))
+
+    def _drop_cancelled(self) -> None:
+        for sequence in [s for s in self._running if s.request.cancelled]:
+            self._finish(sequence, "abort")
+
+    def _abort_all(self) -> None:
+        for sequence in list(self._running):
+            self._finish(sequence, "abort", sequence.tracker.flush())
+        with self._wake:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for request in waiting:
+            for index in range(request.params.n):
+                request.finished_choices += 1
+                request.emit(Event(index, "", [], "abort", done=request.finished_choices == request.params.n,
+                                   prompt_tokens=len(request.prompt_ids)))
+
+
+def load_engine(checkpoint: str | Path, settings: EngineSettings | None = None) -> Engine:
+    """An engine (not yet started) for a gonogo checkpoint, run directory or HF export."""
+    from gonogo.data.tokenizer import ByteTokenizer
+    from gonogo.train.checkpoint import load_for_inference, resolve_checkpoint
+
+    model, _config, meta = load_for_inference(resolve_checkpoint(Path(checkpoint)))
+    tokenizer_name = meta.get("tokenizer", "byte-v1") if isinstance(meta, dict) else "byte-v1"
+    if tokenizer_name != "byte-v1":
+        from gonogo.errors import UserError
+        raise UserError(f"{checkpoint}: tokenizer {tokenizer_name!r} is not supported (only byte-v1)")
+    return Engine(model, ByteTokenizer(), settings)

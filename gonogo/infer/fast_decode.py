@@ -1,0 +1,109 @@
+"""An inference-only forward pass over a Decoder's weights, with fewer, fused operations.
+
+Decoding a small model on a CPU is bound by per-operation overhead, not arithmetic: one token
+through 4 layers of d=256 is a few MFLOP but ~250 PyTorch calls. This path computes exactly the
+Decoder's math (tests/infer/test_fast_decode.py checks the logits against it) with:
+
+- q, k and v from one matmul (their weights concatenated once at load), and w1 and w3 likewise;
+- RMSNorm as one ``F.rms_norm`` call (in fp32, as the Decoder does), RoPE applied to q and k together;
+- the output head only for the positions whose logits are used (the last of a prefill);
+- no nn.Module calls in the loop. MoE layers call the model's own MoE module unchanged.
+
+The weights are views of / copies from the Decoder taken at construction; the Decoder itself stays
+the reference implementation and is what training and export use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gonogo.model.decoder import Decoder, rope_cos_sin
+
+
+class FastDecoder:
+    def __init__(self, model: Decoder):
+        self.config = model.config
+        self.model = model
+        config = model.config
+        self.eps = config.norm_eps
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.embedding = model.tok_embeddings.weight
+        self.final_norm = model.norm.weight
+        self.output = model.tok_embeddings.weight if config.tie_embeddings else model.output.weight
+        # cos/sin of every position once (the same function the Decoder calls per forward)
+        every_position = torch.arange(config.max_seq_len)[None]
+        cos, sin = rope_cos_sin(every_position, config.head_dim, config.rope_theta, torch.float32)
+        self.rope_cos, self.rope_sin = cos[0, 0], sin[0, 0]  # [max_seq_len, head_dim]
+        self.layers = []
+        with torch.no_grad():
+            for block in model.layers:
+                attention = block.attention
+                layer = {
+                    "attention_norm": block.attention_norm.weight,
+                    "wqkv": torch.cat([attention.wq.weight, attention.wk.weight, attention.wv.weight]),
+                    "wo": attention.wo.weight,
+                    "ffn_norm": block.ffn_norm.weight,
+                    "moe": getattr(block, "moe", None),
+                }
+                if layer["moe"] is None:
+                    feed_forward = block.feed_forward
+                    layer["w13"] = torch.cat([feed_forward.w1.weight, feed_forward.w3.weight])
+                    layer["w2"] = feed_forward.w2.weight
+                self.layers.append(layer)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # the Decoder normalises in fp32 and casts back before scaling by the weight
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+        return weight * normed
+
+    def __call__(self, tokens: torch.Tensor, *, positions: torch.Tensor, cache: Any,
+                 last_only: bool = True) -> torch.Tensor:
+        """Logits [B, T or 1, vocab]; with ``last_only`` only the last position's."""
+        B, T = tokens.shape
+        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        h = F.embedding(tokens, self.embedding)
+        cos = self.rope_cos[positions].to(h.dtype)[:, None]  # [B, 1, T, head_dim]
+        sin = self.rope_sin[positions].to(h.dtype)[:, None]
+        grouped = H != KV
+        for index, layer in enumerate(self.layers):
+            x = self._norm(h, layer["attention_norm"])
+            qkv = F.linear(x, layer["wqkv"]).view(B, T, H + 2 * KV, hd).transpose(1, 2)
+            qk = _rope(qkv[:, :H + KV], cos, sin)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]
+            k_all, v_all, mask = cache.update(index, k, v)
+            if mask is None and T > 1:
+                assert k_all.shape[2] == T, "a prefill into a non-empty row needs the cache's mask"
+                out = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True, enable_gqa=grouped)
+            else:  # a decode step of equal rows (mask None, T == 1) attends to every cached key
+                out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=grouped)
+            h = h + F.linear(out.transpose(1, 2).reshape(B, T, H * hd), layer["wo"])
+            x = self._norm(h, layer["ffn_norm"])
+            if layer["moe"] is not None:
+                h = h + layer["moe"](x)
+            else:
+                gate, up = F.linear(x, layer["w13"]).chunk(2, dim=-1)
+                h = h + F.linear(F.silu(gate) * up, layer["w2"])
+        if last_only:
+            h = h[:, -1:]
+        return F.linear(self._norm(h, self.final_norm), self.output)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The Decoder's rotate-half RoPE, on q and k stacked along the head axis."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def maybe_fast(model: Decoder, enabled: bool) -> Any:
+    """The fused path for a plain Decoder; anything else (or disabled) runs as it is."""
+    if enabled and isinstance(model, Decoder):
+        return FastDecoder(model)
+    return model
+

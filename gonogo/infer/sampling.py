@@ -1,0 +1,115 @@
+"""Choosing the next token, and deciding when a sequence has finished.
+
+Each sequence carries its own ``torch.Generator`` seeded from the request, so a seeded request
+gives the same tokens whether it runs alone or in a batch with others. Temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                      # 0 (or -1) = no top-k filter
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    n: int = 1
+    ignore_eos: bool = False            # keep going past end-of-sequence tokens (benchmarks)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+def make_generator(seed: Optional[int]) -> torch.Generator:
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()  # a fresh random seed: unseeded requests differ from each other
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token id from a row of logits [vocab] (fp32 on CPU)."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = logits.float() / params.temperature
+    if params.top_k and 0 < params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probabilities = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probabilities, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the top token always stays)
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probabilities, 1, generator=generator))
+
+
+class TextTracker:
+    """Turns generated token ids into text deltas, honouring stop strings while streaming.
+
+    Text that could still become the start of a stop string, or an incomplete UTF-8 character of
+    the byte tokenizer (decoded as U+FFFD until its last byte arrives), is held back until it is
+    decided, so a streamed response never shows text that the final one would not contain.
+    Work per token is constant: only the undecided ids are decoded, only the tail is searched.
+    """
+
+    MAX_CHARACTER_TOKENS = 4   # a UTF-8 character is at most 4 bytes
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: list[str]):
+        self.decode = decode
+        self.stop = [text for text in stop if text]
+        self.longest_stop = max((len(text) for text in self.stop), default=0)
+        self.pending: list[int] = []   # ids whose text is not final yet (a partial character)
+        self.text = ""
+        self.sent = 0                  # characters already handed out
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        """Add one token; return the text that became final (possibly empty)."""
+        self.pending.append(token_id)
+        piece = self.decode(self.pending)
+        if piece.endswith("\ufffd") and len(self.pending) < self.MAX_CHARACTER_TOKENS:
+            return ""  # wait for the rest of the character
+        self.pending = []
+        search_from = max(0, len(self.text) - self.longest_stop + 1)
+        self.text += piece
+        for stop in self.stop:
+            at = self.text.find(stop, search_from)
+            if at != -1:
+                self.text = self.text[:at]
+                self.stopped = True
+        if self.stopped:
+            return self._release(len(self.text))
+        hold = 0
+        for stop in self.stop:
+            for size in range(min(len(stop) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(stop[:size]):
+                    hold = max(hold, size)
+                    break
+        return self._release(len(self.text) - hold)
+
+    def flush(self) -> str:
+        """At the end of the sequence everything left is final."""
+        if self.pending and not self.stopped:
+            self.text += self.decode(self.pending)
+            self.pending = []
+        return self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        delta = self.text[self.sent:upto]
+        self.sent = upto
+        return delta

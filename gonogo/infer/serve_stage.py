@@ -1,0 +1,118 @@
+"""The stage kind `serve`: start `gonogo serve` for the plan's later stages.
+
+The server outlives its stage: later stages (loadtest, canary) read its URL from
+stages/<name>/server.json. It is stopped when the plan's process exits (atexit), and it stops
+itself when that process dies without running atexit (the --parent-pid watch).
+``keep_alive = false`` stops it at the end of the stage instead.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal, Optional
+
+from gonogo.stages.base import StageKind, StageSettings
+
+
+class ServeSettings(StageSettings):
+    checkpoint: Optional[str] = None      # default: this run's newest checkpoint
+    model_name: str = "gonogo"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_batch: int = 16
+    max_waiting: int = 64
+    api_key_env: Optional[str] = None
+    startup_timeout_s: float = 180.0
+    keep_alive: bool = True               # False: stop the server at the end of this stage
+
+
+def _stage_run(ctx, settings: ServeSettings) -> dict:
+    import atexit
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    from gonogo.errors import StageFailed
+    from gonogo.procs import stop_group
+    from gonogo.rundir import write_json_atomic
+
+    checkpoint = settings.checkpoint or str(ctx.run_dir.root)
+    ready = ctx.stage_dir / "ready.json"
+    ready.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "gonogo", "serve", "--checkpoint", checkpoint, "--port", "0",
+            "--model-name", settings.model_name, "--dtype", settings.dtype, "--max-batch", str(settings.max_batch),
+            "--max-waiting", str(settings.max_waiting), "--ready-file", str(ready), "--parent-pid", str(os.getpid())]
+    headers = {}
+    if settings.api_key_env:
+        argv += ["--api-key-env", settings.api_key_env]
+        headers["Authorization"] = f"Bearer {os.environ.get(settings.api_key_env, '')}"
+    log_path = ctx.stage_dir / "server.log"
+    started = time.monotonic()
+    with log_path.open("a") as log_file:
+        process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    try:
+        url = _wait_healthy(process, ready, log_path, settings.startup_timeout_s)
+        startup_seconds = time.monotonic() - started
+        ctx.progress(f"serving {url}")
+        payload = {"model": settings.model_name, "max_tokens": 32, "temperature": 0,
+                   "messages": [{"role": "user", "content": "12+34="}]}
+        with httpx.Client(timeout=120.0, headers=headers) as client:
+            first = time.monotonic()
+            plain = client.post(f"{url}/v1/chat/completions", json=payload)
+            first_response_ms = 1000 * (time.monotonic() - first)
+            if plain.status_code != 200:
+                raise StageFailed(f"{url}: a chat completion failed with HTTP {plain.status_code}: {plain.text[:200]}")
+            streamed = ""
+            with client.stream("POST", f"{url}/v1/chat/completions", json={**payload, "stream": True}) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        for choice in json.loads(line[6:])["choices"]:
+                            streamed += choice["delta"].get("content") or ""
+        write_json_atomic(ctx.stage_dir / "server.json", {
+            "url": url, "pid": process.pid, "model": settings.model_name, "checkpoint": checkpoint,
+            "api_key_env": settings.api_key_env, "keep_alive": settings.keep_alive})
+    except BaseException:
+        stop_group(process)
+        raise
+    if settings.keep_alive:
+        atexit.register(stop_group, process)
+    else:
+        stop_group(process)
+    return {"startup_seconds": startup_seconds, "healthy": True, "first_response_ms": first_response_ms,
+            "stream_matches": streamed == plain.json()["choices"][0]["message"]["content"]}
+
+
+def _wait_healthy(process, ready, log_path, timeout: float) -> str:
+    import json
+
+    import httpx
+
+    from gonogo.errors import StageFailed
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-1500:]
+            raise StageFailed(f"the server exited with code {process.returncode} during start-up:\n{tail}")
+        if ready.is_file():
+            url = json.loads(ready.read_text())["url"]
+            try:
+                if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.2)
+    raise StageFailed(f"the server did not answer /health within {timeout:.0f} s; see {log_path}")
+
+
+STAGE = StageKind(
+    name="serve",
+    description="start the OpenAI-compatible server on a loopback port, check it, keep it for later stages",
+    settings=ServeSettings,
+    metrics=lambda settings: {"startup_seconds", "healthy", "first_response_ms", "stream_matches"},
+    run=_stage_run,
+    devices=lambda settings: 1,
+)
