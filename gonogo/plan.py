@@ -131,6 +131,10 @@ def load_plan(path: Path) -> Plan:
         continue_on_fail = raw.get("continue_on_fail", False)
         if not isinstance(continue_on_fail, bool):
             raise UserError(f"{where}: 'continue_on_fail' must be true or false, got {continue_on_fail!r}")
+        for key, value in _string_values(settings_data):
+            if value.startswith("@") and value[1:] not in seen - {name}:
+                raise UserError(f"{source}{_line_of(text, value)} stage {name!r}: {key} = {value!r} refers to "
+                                f"no earlier stage; '@name' means the model an earlier stage of this plan produced")
         stage = Stage(name, kind, settings, [], continue_on_fail, str(raw.get("description", "")), raw)
         produced = stage.metrics
         for gate_text in gates_raw:
@@ -148,6 +152,17 @@ def load_plan(path: Path) -> Plan:
 
     assumptions = _load_assumptions(data.get("assumptions", {}), stages, source, text)
     return Plan(header, stages, assumptions, path, data)
+
+
+def _string_values(data: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Every string value in nested settings, with its dotted key."""
+    if isinstance(data, str):
+        return [(prefix, data)]
+    if isinstance(data, dict):
+        return [item for key, value in data.items() for item in _string_values(value, f"{prefix}.{key}".lstrip("."))]
+    if isinstance(data, list):
+        return [item for index, value in enumerate(data) for item in _string_values(value, f"{prefix}[{index}]")]
+    return []
 
 
 def _load_assumptions(raw: Any, stages: list[Stage], source: str, text: str) -> list[Assumption]:

@@ -63,3 +63,12 @@ def test_error_names_the_line(write_plan):
 def test_unknown_builtin_plan_lists_the_known_ones():
     with pytest.raises(UserError, match="built-in plans: .*laptop"):
         resolve_plan_path("no-such-plan")
+
+
+def test_model_reference_must_name_an_earlier_stage(write_plan):
+    text = GOOD_STAGE.replace('argv = ["python", "-c", "pass"]', 'argv = ["python", "-c", "pass", "@later"]')
+    with pytest.raises(UserError, match="'@later' refers to no earlier stage"):
+        load_plan(write_plan(text))
+    fine = GOOD_STAGE + GOOD_STAGE.replace('name = "probe"', 'name = "second"').replace(
+        'argv = ["python", "-c", "pass"]', 'argv = ["python", "-c", "pass", "@probe"]')
+    assert len(load_plan(write_plan(fine)).stages) == 2

@@ -9,6 +9,7 @@ before anything runs, then calls ``run`` with a ``StageContext`` and writes what
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,10 +19,11 @@ from typing import Any, Callable, Optional, Sequence
 from gonogo.config import Strict
 from gonogo.procs import ProcessTimeout, run_process
 from gonogo.rundir import RunDir
-from gonogo.errors import StageFailed
+from gonogo.errors import StageFailed, UserError
 
 log = logging.getLogger(__name__)
 
+OUTPUTS_FILE = "outputs.json"
 Metrics = dict[str, Any]
 
 
@@ -78,6 +80,31 @@ class StageContext:
         """A path from the plan, relative to the plan file's folder."""
         path = Path(path).expanduser()
         return path if path.is_absolute() else (self.plan_dir / path)
+
+    def resolve_model(self, value: Optional[str]) -> Optional[str]:
+        """A model reference from the plan: ``@stage`` (what that stage produced in this run), a
+        URL (left as it is), or a path relative to the plan's folder. None stays None."""
+        if value is None or value.startswith(("http://", "https://")):
+            return value
+        if not value.startswith("@"):
+            return str(self.resolve_path(value))
+        name = value[1:]
+        outputs = self.run_dir.stage_dir(name, create=False) / OUTPUTS_FILE
+        if outputs.is_file():
+            produced = json.loads(outputs.read_text(encoding="utf-8")).get("checkpoint")
+            if produced:
+                return str(produced)
+        checkpoints = self.run_dir.checkpoints_dir / name
+        if checkpoints.is_dir():
+            return str(checkpoints)
+        raise UserError(f"stage {self.name!r}: {value!r}: stage {name!r} has produced no model in this run "
+                        f"(run it first, or give a checkpoint path)")
+
+    def record_output(self, checkpoint: Path) -> None:
+        """Say which model this stage produced, for ``@<this stage>`` references of later stages."""
+        from gonogo.rundir import write_json_atomic
+
+        write_json_atomic(self.stage_dir / OUTPUTS_FILE, {"checkpoint": str(Path(checkpoint).resolve())})
 
     def earlier_metrics(self, stage_name: str) -> Metrics:
         return self.run_dir.stage_metrics(stage_name)
