@@ -29,6 +29,7 @@ def torchrun_command(
     rdzv_id: Optional[str] = None,
     node_rank: Optional[int] = None,
     monitor_interval: float = 0.5,
+    rdzv_conf: Optional[dict[str, object]] = None,
 ) -> list[str]:
     """``python -m torch.distributed.run ... -m module args`` for one node or many.
 
@@ -45,6 +46,9 @@ def torchrun_command(
         command.append(f"--rdzv-id={rdzv_id}")
     if node_rank is not None:
         command.append(f"--node-rank={node_rank}")
+    if rdzv_conf:
+        # e.g. join_timeout: how long an agent waits for the other nodes before it gives up
+        command.append("--rdzv-conf=" + ",".join(f"{key}={value}" for key, value in rdzv_conf.items()))
     command += ["-m", module, *args]
     return command
 

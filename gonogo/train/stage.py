@@ -1,0 +1,470 @@
+"""The ``train`` stage kind and the ``gonogo train`` command: both launch torchrun workers.
+
+    gonogo train PRESET_OR_CONFIG --nproc N [--out DIR] [--resume auto|never|PATH]
+                 [--deterministic] [key=value ...]
+
+The parent validates the config (and the checks that depend on the number of processes) before
+anything starts, writes the resolved job to ``stages/<name>/job.json``, runs
+``python -m torch.distributed.run ... -m gonogo.train.worker job.json`` as a bounded child
+process group, follows the workers' progress lines, and returns rank 0's ``result.json`` as the
+stage metrics. No torch import happens here at module level (the CLI and plan checks stay fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from pydantic import Field
+
+from gonogo.errors import StageFailed, UserError
+from gonogo.rundir import RunDir, write_json_atomic
+from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
+from gonogo.train.config import TrainConfig, check_world, load_train_config, overrides_list
+
+STAGE_METRICS = {"final_loss", "val_loss", "tokens_per_second", "tokens_per_second_per_rank", "mfu",
+                 "peak_memory_bytes", "utilization_pct", "time_to_target_s", "reached_target", "steps",
+                 "train_seconds", "world_size", "parameters", "resumed_from_step",
+                 # resilience (gonogo.train.guards, docs/resilience.md)
+                 "restarts", "hang_detections", "rollbacks", "skipped_batches", "budget_stopped",
+                 "steps_completed", "straggler_ranks", "min_relative_score"}
+LOG_NAME = "torchrun.log"
+
+
+class TrainStageSettings(StageSettings):
+    config: str = "tiny-dense"                    # a preset word or a TOML path (relative to the plan)
+    nproc: int = Field(default=2, ge=1)
+    overrides: Union[dict[str, Any], list[str]] = Field(default_factory=dict)
+    deterministic: bool = False
+    timeout_s: float = Field(default=1800.0, gt=0)
+    resume: str = "auto"                          # "auto" | "never" | a checkpoint path
+
+
+def _is_moe(settings: TrainStageSettings) -> bool:
+    """Whether the configured model has experts (decides if moe_load_imbalance is produced)."""
+    try:
+        config, _ = load_train_config(settings.config, overrides_list(settings.overrides))
+    except UserError:
+        # e.g. a path relative to the plan (unknown here): declare it rather than refuse a gate;
+        # a config that really is broken fails with its own message when the stage runs
+        return True
+    return config.model.moe is not None
+
+
+def stage_metrics(settings: TrainStageSettings) -> set[str]:
+    return STAGE_METRICS | ({"moe_load_imbalance"} if _is_moe(settings) else set())
+
+
+# -- launching ----------------------------------------------------------------------------------
+
+def launch(config: TrainConfig, config_filename: str, nproc: int, *, run_dir: RunDir, stage: str,
+           stage_dir: Path, resume: str, timeout_s: float,
+           run_command: Callable[..., int], on_update: Callable[[dict[str, Any]], None],
+           rendezvous: Optional[dict[str, Any]] = None, budget_device_hours: Optional[float] = None,
+           env: Optional[dict[str, str]] = None) -> Metrics:
+    """Run the workers to the end and return rank 0's metrics (StageFailed when they fail).
+
+    ``rendezvous`` holds torchrun_command's multi-node options (nnodes, rdzv_endpoint, ...); on a
+    node whose agent did not host rank 0 the result is ``{"rank0_elsewhere": True}``.
+    """
+    from gonogo.cluster.torchrun import torchrun_command, torchrun_env
+    from gonogo.train.metrics import parse_progress
+    from gonogo.train.worker import write_job
+
+    preflight(config, nproc, resume)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    job_path = stage_dir / "job.json"
+    result_path = stage_dir / "result.json"
+    result_path.unlink(missing_ok=True)
+    write_job(job_path, config=config, config_filename=config_filename, run_dir=run_dir.root,
+              stage=stage, stage_dir=stage_dir, resume=resume, budget_device_hours=budget_device_hours,
+              budget_started=time.time())
+    extra = dict(env or {})
+    if "OMP_NUM_THREADS" not in os.environ:
+        # torchrun would give each worker 1 thread; share this machine's cores between them instead
+        extra["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
+    # a failed attempt (a dead or hung rank) is restarted by torchrun and resumes by itself
+    rendezvous = {"max_restarts": config.train.max_restarts, **(rendezvous or {})}
+    argv = torchrun_command("gonogo.train.worker", [str(job_path)], nproc, **rendezvous)
+
+    def on_line(line: str) -> None:
+        update = parse_progress(line)
+        if update is not None:
+            on_update(update)
+
+    code = run_command(argv, timeout=timeout_s, log_name=LOG_NAME, env=torchrun_env(extra), on_line=on_line)
+    if code == 0 and not result_path.is_file() and str(rendezvous.get("nnodes", "1")) != "1":
+        return {"rank0_elsewhere": True}  # rank 0 ran on another node: it writes the metrics
+    if code != 0 and _rendezvous_failed(stage_dir / LOG_NAME):
+        raise StageFailed(f"{stage}: this node could not join the rendezvous at "
+                          f"{rendezvous.get('rdzv_endpoint', 'localhost')} with {rendezvous.get('nnodes', 1)} "
+                          f"node(s) (did every node start, with the same --rdzv-id, and is the endpoint "
+                          f"reachable?); see {stage_dir / LOG_NAME}")
+    if code != 0 or not result_path.is_file():
+        raise StageFailed(f"{stage}: training workers exited with code {code}; "
+                          f"{_failure_reason(stage_dir / LOG_NAME)} (log: {stage_dir / LOG_NAME})")
+    return json.loads(result_path.read_text(encoding="utf-8"))
+
+
+def preflight(config: TrainConfig, nproc: int, resume: str) -> None:
+    """Every check that can fail on the user's input, before a run directory or worker exists."""
+    check_world(config, nproc)
+    check_data(config)
+    if resume not in ("auto", "never") and not Path(resume).exists():
+        raise UserError(f"resume {resume}: no such checkpoint or run directory (or use auto / never)")
+
+
+def check_data(config: TrainConfig) -> None:
+    """Open both splits of the data source here, so a bad path or an empty split is the user's
+    one-line error (exit 2) before any worker starts."""
+    for split in ("train", "val"):
+        config.data.open_source(split)
+
+
+def _failure_reason(path: Path) -> str:
+    """The workers' exception line from the torchrun log (or its last lines when there is none)."""
+    import re
+
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    exception = re.compile(r"^(\[rank\d+\]:\s*)?[\w.]*(Error|Exception|Failed|Timeout)\b.*")
+    for line in lines:
+        if exception.match(line) and "ChildFailedError" not in line:
+            return line.strip()
+    return " | ".join(line.strip() for line in lines[-3:])
+
+
+def _progress_text(update: dict[str, Any]) -> str:
+    text = f"step {update['step']}/{update['steps']} loss {update['loss']:.3f}"
+    if update.get("val_loss") is not None:
+        text += f" val {update['val_loss']:.3f}"
+    return text + f" {update['tokens_per_second']:,.0f} tok/s"
+
+
+def run_stage(ctx: StageContext, settings: TrainStageSettings) -> Metrics:
+    preset = settings.config
+    if preset.endswith(".toml") or "/" in preset:
+        preset = str(ctx.resolve_path(preset))
+    config, path = load_train_config(preset, overrides_list(settings.overrides), settings.deterministic)
+    resume = settings.resume
+    if resume not in ("auto", "never"):
+        resume = str(ctx.resolve_path(resume))
+    return launch(config, path.name, settings.nproc, run_dir=ctx.run_dir, stage=ctx.name,
+                  stage_dir=ctx.stage_dir, resume=resume, timeout_s=settings.timeout_s,
+                  run_command=ctx.run_command, on_update=lambda update: ctx.progress(_progress_text(update)),
+                  budget_device_hours=ctx.budget_left_hours)
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+def _rank0_lines(stage_dir: Path) -> list[dict[str, Any]]:
+    events = stage_dir.parent.parent / "events.jsonl"
+    rows = []
+    if events.is_file():
+        for line in events.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("stage") == stage_dir.name and record.get("rank") == 0 and "loss" in record:
+                rows.append(record)
+    return rows
+
+
+def _png(figure) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
+    rows = _rank0_lines(stage_dir)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = []
+    steps = [r["step"] for r in rows]
+    figure, axes = plt.subplots(figsize=(6, 3.2))
+    axes.plot(steps, [r["loss"] for r in rows], label="train loss")
+    validation = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    if validation:
+        axes.plot(*zip(*validation), "o-", label="val loss")
+    if metrics.get("target_val_loss") is not None:
+        axes.axhline(metrics["target_val_loss"], color="grey", linestyle=":", label="target")
+    axes.set_xlabel("step")
+    axes.set_ylabel("nats / token")
+    axes.legend()
+    items.append(ReportItem(title="Loss and validation loss", png=_png(figure)))
+
+    figure, axes = plt.subplots(figsize=(6, 3.2))
+    axes.plot(steps, [r["tokens_per_second"] for r in rows], color="tab:blue")
+    axes.set_xlabel("step")
+    axes.set_ylabel("tokens / s (all ranks)", color="tab:blue")
+    if any(r.get("mfu") is not None for r in rows):
+        right = axes.twinx()
+        right.plot(steps, [100 * (r.get("mfu") or 0) for r in rows], color="tab:orange")
+        right.set_ylabel("MFU %", color="tab:orange")
+    items.append(ReportItem(title="Throughput and MFU", png=_png(figure)))
+
+    final_fractions = metrics.get("expert_fractions")
+    if final_fractions:
+        figure, axes = plt.subplots(figsize=(6, 3.2))
+        n_layers = len(final_fractions)
+        width = 0.8 / n_layers
+        for layer, fractions in enumerate(final_fractions):
+            axes.bar([e + layer * width for e in range(len(fractions))], fractions, width=width,
+                     label=f"MoE layer {layer}")
+        axes.axhline(1 / len(final_fractions[0]), color="grey", linestyle=":", label="balanced")
+        axes.set_xlabel("expert")
+        axes.set_ylabel("share of routed tokens")
+        axes.legend(fontsize="small")
+        items.append(ReportItem(title="Expert load (last log window)", png=_png(figure)))
+    summary = {key: metrics.get(key) for key in ("steps", "world_size", "precision", "parallel",
+                                                 "expert_parallel", "parameters", "peak_flops", "peak_source",
+                                                 "time_to_target_s")}
+    items.append(ReportItem(title="Run", table=[{"item": k, "value": v} for k, v in summary.items()]))
+    items += _resilience_items(metrics)
+    return items
+
+
+def _resilience_items(metrics: Metrics) -> list[ReportItem]:
+    """Restarts, rollbacks, skipped checkpoints, budget stop, and the last straggler scores."""
+    from gonogo.train.guards import STRAGGLER_THRESHOLD
+
+    items = []
+    facts = {key: metrics.get(key) for key in ("restarts", "hang_detections", "rollbacks", "skipped_batches",
+                                                "budget_stopped", "resumed_from", "steps_completed")}
+    for path, reason in metrics.get("skipped_checkpoints") or []:
+        facts[f"skipped {Path(path).name}"] = reason
+    items.append(ReportItem(title="Resilience", table=[{"item": k, "value": v} for k, v in facts.items()]))
+    reports = metrics.get("straggler_reports") or []
+    if reports:
+        last = reports[-1]
+        rows = []
+        for rank in range(len(last["individual"])):
+            row: dict[str, Any] = {"rank": rank}
+            for section, scores in last["relative"].items():
+                row[f"relative {section}"] = scores[rank]
+            row["individual"] = last["individual"][rank]
+            row["straggler"] = "yes" if rank in (metrics.get("straggler_ranks") or []) else ""
+            rows.append(row)
+        items.append(ReportItem(title=f"Straggler scores (last gathering; a score < {STRAGGLER_THRESHOLD} names "
+                                      f"a straggler)", table=rows))
+    return items
+
+
+STAGE = StageKind(
+    name="train",
+    description="distributed pretraining (FSDP2 / DDP, expert parallel for MoE) with torchrun: loss, "
+                "val loss, tokens/s, MFU, memory, utilisation, MLPerf time-to-train",
+    settings=TrainStageSettings,
+    metrics=stage_metrics,
+    run=run_stage,
+    report=report_stage,
+    devices=lambda settings: settings.nproc,
+)
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Lets ``key=value`` overrides follow the options (``train tiny-dense --nproc 2 a=1``).
+
+    Plain argparse takes all positionals in one go, before ``--nproc``; the standard library's
+    intermixed parsing collects them around the options instead.
+    """
+
+    _parsing_options = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._parsing_options:  # the inner call parse_known_intermixed_args makes
+            return super().parse_known_args(args, namespace)
+        self._parsing_options = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._parsing_options = False
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.__class__ = _IntermixedParser
+    parser.add_argument("config", metavar="PRESET_OR_CONFIG",
+                        help="a preset word (tiny-dense, tiny-moe, small-dense) or a TOML file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. train.steps=50 model.n_layers=2")
+    parser.add_argument("--nproc", type=int, default=1, help="processes (ranks) on this machine (default: 1)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run directory (default: a new folder under runs/); an existing run "
+                             "directory is continued unless --resume never")
+    parser.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                        help="continue from the newest committed checkpoint of the run (auto), start "
+                             "fresh (never), or load a checkpoint / run directory (PATH)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic kernels, fixed seeds, fp32 (for bitwise comparisons)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped (default: 3600)")
+    add_multinode_arguments(parser)
+
+
+def _open_run_dir(out: Optional[Path], resume: str, preset: str) -> RunDir:
+    if out is not None and out.is_dir() and (out / "stages").is_dir() and resume != "never":
+        return RunDir(out)
+    return RunDir.create(out, plan_name=f"train-{Path(preset).stem}")
+
+
+def _write_plan(run_dir: RunDir, args: argparse.Namespace, config_path: Path) -> None:
+    """A one-stage plan.toml, so ``gonogo report`` and ``gonogo run --resume`` understand the run."""
+    if run_dir.plan_path.exists():
+        return
+    overrides = ", ".join(json.dumps(item) for item in args.overrides)
+    run_dir.plan_path.write_text(
+        f'[plan]\nname = "train"\n\n[[stage]]\nname = "train"\nkind = "train"\n'
+        f'config = {json.dumps(str(config_path.resolve()))}\nnproc = {args.nproc}\n'
+        f'overrides = [{overrides}]\ndeterministic = {str(args.deterministic).lower()}\n',
+        encoding="utf-8")
+
+
+def _record_state(run_dir: RunDir, nproc: int, seconds: float, failure: Optional[str] = None) -> None:
+    """The stage's record in state.json, as the plan runner writes it (for `gonogo report`)."""
+    from gonogo.runner import FAILED, PASSED
+
+    state = run_dir.read_state()
+    state.setdefault("stages", {})["train"] = {
+        "kind": "train", "status": FAILED if failure else PASSED, "reason": failure or "",
+        "wall_seconds": seconds, "device_hours": seconds / 3600.0 * nproc, "gates": []}
+    state["plan"] = "train"
+    run_dir.write_state(state)
+
+
+def command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from gonogo.procs import ProcessTimeout, run_process
+
+    if args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: must be at least 1")
+    config, path = load_train_config(args.config, args.overrides, args.deterministic)
+    preflight(config, args.nproc, args.resume)
+    rendezvous = rendezvous_options(args)
+    run_dir = _open_run_dir(args.out, args.resume, args.config)
+    _write_plan(run_dir, args, path)
+    stage_dir = run_dir.stage_dir("train")
+    console = Console(stderr=True)
+    console.print(f"run directory: {run_dir.root}")
+
+    def run_command(argv, *, timeout, log_name, env=None, on_line=None) -> int:
+        try:
+            return run_process(argv, timeout=timeout, log_path=stage_dir / log_name, env=env, on_line=on_line)
+        except ProcessTimeout:
+            raise StageFailed(f"training did not finish within {timeout:.0f} s and was stopped; "
+                              f"see {stage_dir / log_name}") from None
+
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+                        TimeRemainingColumn(), console=console)
+    task = progress.add_task("train", total=config.train.steps, info="starting")
+
+    def on_update(update: dict[str, Any]) -> None:
+        info = f"loss {update['loss']:.3f}"
+        if update.get("val_loss") is not None:
+            info += f" val {update['val_loss']:.3f}"
+        info += f"  {update['tokens_per_second']:,.0f} tok/s"
+        progress.update(task, completed=update["step"], info=info)
+
+    started = time.monotonic()
+    try:
+        with progress:
+            metrics = launch(config, path.name, args.nproc, run_dir=run_dir, stage="train", stage_dir=stage_dir,
+                             resume=args.resume, timeout_s=args.timeout, run_command=run_command,
+                             on_update=on_update, rendezvous=rendezvous)
+    except StageFailed as error:
+        _record_state(run_dir, args.nproc, time.monotonic() - started, failure=str(error))
+        from rich.markup import escape
+
+        console.print(f"[red]failed:[/red] {escape(str(error))}")
+        return 1
+    if metrics.get("rank0_elsewhere"):
+        console.print(f"node {args.node_rank}: its ranks finished; rank 0's node writes the metrics")
+        return 0
+    metrics["stage_wall_seconds"] = round(time.monotonic() - started, 3)
+    write_json_atomic(stage_dir / "metrics.json", metrics)
+    _record_state(run_dir, args.nproc, time.monotonic() - started)
+
+    table = Table(title=f"gonogo train {args.config}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in sorted(STAGE_METRICS | {"moe_load_imbalance"}):
+        if key in metrics:
+            table.add_row(key, _format(metrics[key]))
+    Console().print(table)
+    return 0
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4g}"
+    return str(value)
+
+
+# -- multi-node (torchrun's c10d rendezvous) -------------------------------------------------------
+
+def add_multinode_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("multi-node (one `gonogo train` per node; see docs/scaling.md)")
+    group.add_argument("--nnodes", default="1", help="nodes, or MIN:MAX for an elastic job (default: 1)")
+    group.add_argument("--node-rank", type=int, default=None, help="this node's rank (0 .. nnodes-1)")
+    group.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                       help="the c10d rendezvous endpoint every node joins (required with --nnodes > 1)")
+    group.add_argument("--rdzv-id", default=None, help="the job id every node of one job shares")
+    group.add_argument("--max-restarts", type=int, default=None,
+                       help="worker group restarts torchrun may do (default: the config's train.max_restarts, 2)")
+    group.add_argument("--join-timeout", type=float, default=600.0,
+                       help="seconds a node waits for the others to join before it fails (default: 600)")
+
+
+def rendezvous_options(args: argparse.Namespace) -> dict[str, Any]:
+    """torchrun_command's keyword arguments from the multi-node flags (one line per mistake)."""
+    nnodes = str(args.nnodes)
+    if not all(part.isdigit() and int(part) >= 1 for part in nnodes.split(":")) or nnodes.count(":") > 1:
+        raise UserError(f"--nnodes {nnodes}: give a number of nodes (2) or an elastic range MIN:MAX (1:4)")
+    if nnodes != "1" and not args.rdzv_endpoint:
+        raise UserError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (the address every node can reach)")
+    if (args.max_restarts is not None and args.max_restarts < 0) or args.join_timeout <= 0:
+        raise UserError("--max-restarts must be >= 0 and --join-timeout > 0")
+    conf: dict[str, Any] = {"join_timeout": int(args.join_timeout)}
+    if nnodes != "1" and args.node_rank is not None:
+        # node 0 serves the rendezvous store (the endpoint names it in every launch form); said
+        # explicitly because torchrun's guess (does the endpoint match a local hostname?) fails on
+        # multi-homed hosts and lets two agents on one machine race for the port
+        conf["is_host"] = int(args.node_rank == 0)
+    options: dict[str, Any] = {"nnodes": nnodes, "rdzv_conf": conf}
+    if args.max_restarts is not None:  # else the config's train.max_restarts (see launch)
+        options["max_restarts"] = args.max_restarts
+    for key in ("rdzv_endpoint", "rdzv_id", "node_rank"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    return options
+
+
+def _rendezvous_failed(log_path: Path) -> bool:
+    try:
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return "RendezvousTimeoutError" in text or "RendezvousConnectionError" in text

@@ -1,0 +1,68 @@
+"""The torchrun entry of pretraining: ``python -m gonogo.train.worker JOB.json``.
+
+The parent (``gonogo train`` or the ``train`` stage) resolves the config and writes ``JOB.json``
+in the stage directory; every rank reads it, joins the process group, runs the loop, and rank 0
+writes ``result.json`` (the stage metrics) next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gonogo.rundir import write_json_atomic
+from gonogo.train.config import TrainConfig
+
+
+def read_job(path: Path):
+    from gonogo.train.loop import Job
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return Job(config=TrainConfig.model_validate(data["config"]), config_filename=data["config_filename"],
+               run_dir=Path(data["run_dir"]), stage=data["stage"], stage_dir=Path(data["stage_dir"]),
+               resume=data.get("resume", "auto"), budget_device_hours=data.get("budget_device_hours"),
+               budget_started=data.get("budget_started"))
+
+
+def write_job(path: Path, *, config: TrainConfig, config_filename: str, run_dir: Path, stage: str,
+              stage_dir: Path, resume: str, budget_device_hours: float | None = None,
+              budget_started: float | None = None) -> None:
+    write_json_atomic(path, {"config": config.model_dump(mode="json"), "config_filename": config_filename,
+                             "run_dir": str(Path(run_dir).resolve()), "stage": stage,
+                             "stage_dir": str(Path(stage_dir).resolve()), "resume": resume,
+                             "budget_device_hours": budget_device_hours, "budget_started": budget_started})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gonogo.train.worker")
+    parser.add_argument("job", type=Path, help="the resolved job JSON written by the parent")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+    import torch.distributed as dist
+
+    from gonogo.train.loop import train
+    from gonogo.train.parallel import init_distributed
+
+    job = read_job(args.job)
+    world = init_distributed(job.config.train.init_timeout_s)
+    try:
+        result = train(job, world)
+        if result is not None:
+            write_json_atomic(job.result_path, result)
+        # leave together: a rank that tears its gloo pairs down while a peer still uses them can
+        # abort in C++ ("terminate called without an active exception", seen under load)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":  # the guard a process-based async checkpoint save needs
+    raise SystemExit(main())

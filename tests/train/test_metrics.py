@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from gonogo.train import metrics, peak
+
+
+def test_cpu_utilisation_sees_a_busy_process():
+    meter = metrics.CpuUtilization([os.getpid()])
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:  # spin one core
+        pass
+    share = meter.sample()
+    # one spinning thread of `cores` cores; other test processes may steal some of it
+    assert 10.0 <= share <= 100.0 / meter.cores + 5.0
+
+
+def test_expert_fractions_and_imbalance():
+    fractions = metrics.expert_fractions([torch.tensor([10, 10, 10, 10]), torch.tensor([40, 0, 0, 0])])
+    assert fractions[0] == [0.25] * 4 and fractions[1] == [1.0, 0.0, 0.0, 0.0]
+    assert metrics.load_imbalance(fractions) == pytest.approx((1.0 + 4.0) / 2)
+    assert metrics.load_imbalance([]) is None
+
+
+def test_progress_line_round_trip():
+    line = metrics.PROGRESS_PREFIX + json.dumps({"step": 3, "loss": 1.5})
+    assert metrics.parse_progress(line) == {"step": 3, "loss": 1.5}
+    assert metrics.parse_progress("some other output") is None
+
+
+def test_events_lines_carry_stage_rank_step(tmp_path):
+    writer = metrics.MetricsWriter(tmp_path / "events.jsonl", "pretrain", rank=1)
+    writer.write(5, loss=2.0, tokens_per_second=100.0)
+    writer.close()
+    record = json.loads((tmp_path / "events.jsonl").read_text())
+    assert {"time", "stage", "rank", "step", "loss"} <= record.keys()
+    assert (record["stage"], record["rank"], record["step"]) == ("pretrain", 1, 5)
+
+
+def test_peak_probe_is_measured_once_then_cached(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_probe(device_type, precision, **options):
+        calls.append(precision)
+        return 1.0e11
+
+    monkeypatch.setattr(peak, "probe_gemm", fake_probe)
+    cache = tmp_path / "peak.json"
+    first = peak.measured_peak("cpu", "bf16", cache)
+    second = peak.measured_peak("cpu", "bf16", cache)
+    assert first["source"] == "measured" and second["source"] == "cached"
+    # on CPU: one core's probe times the cores this process may use
+    assert first["flops"] == second["flops"] == 1.0e11 * len(os.sched_getaffinity(0)) and calls == ["bf16"]
+    (key,) = json.loads(cache.read_text())
+    assert torch.__version__ in key and peak.cpu_model() in key
+
+
+def test_real_gemm_probe_measures_a_positive_rate():
+    assert peak.probe_gemm("cpu", "fp32", sizes=(128,), seconds=0.05, window=0.01) > 1e8
+
+
+def test_known_gpu_peaks_match_the_longest_name():
+    assert peak.known_gpu_peak("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert peak.known_gpu_peak("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert peak.known_gpu_peak("Some Future GPU", "bf16") is None
