@@ -184,13 +184,14 @@ def quantize_and_evaluate(checkpoint: str | Path, out: Path, settings: QuantizeS
 # -- the stage ------------------------------------------------------------------------------------
 
 def run_stage(ctx: StageContext, settings: QuantizeSettings) -> Metrics:
-    checkpoint = ctx.resolve_path(settings.checkpoint) if settings.checkpoint else ctx.run_dir.root
+    checkpoint = ctx.resolve_model(settings.checkpoint) or ctx.run_dir.root
     out = ctx.stage_dir / OUTPUT_DIR
     if out.exists():  # left by an interrupted attempt of this stage: nothing else writes there
         import shutil
 
         shutil.rmtree(out)
     metrics = quantize_and_evaluate(checkpoint, out, settings, ctx.progress)
+    ctx.record_output(out)  # later stages can serve or canary it as "@<this stage>"
     ctx.event(rank=0, step=None, **{key: value for key, value in metrics.items() if key in METRICS})
     return metrics
 

@@ -38,7 +38,7 @@ def _stage_run(ctx, settings: ServeSettings) -> dict:
     from gonogo.procs import stop_group
     from gonogo.rundir import write_json_atomic
 
-    checkpoint = settings.checkpoint or str(ctx.run_dir.root)
+    checkpoint = ctx.resolve_model(settings.checkpoint) or str(ctx.run_dir.root)
     ready = ctx.stage_dir / "ready.json"
     ready.unlink(missing_ok=True)
     argv = [sys.executable, "-m", "gonogo", "serve", "--checkpoint", checkpoint, "--port", "0",

@@ -249,9 +249,9 @@ def run_canary(settings: CanarySettings, directory: Path, **callbacks: Any) -> d
 # -- the stage kind -----------------------------------------------------------------------------
 
 def _stage_run(ctx, settings: CanarySettings) -> dict[str, Any]:
-    resolved = settings.model_copy(update={
-        name: str(ctx.resolve_path(getattr(settings, name))) for name in ("stable", "canary")
-        if not is_url(getattr(settings, name))})
+    # "@stage" names the model an earlier stage of the plan produced; URLs stay as they are
+    resolved = settings.model_copy(update={name: ctx.resolve_model(getattr(settings, name))
+                                           for name in ("stable", "canary")})
     return run_canary(resolved, ctx.stage_dir, on_event=lambda **fields: ctx.event(step=0, **fields),
                       on_progress=ctx.progress)
 

@@ -225,7 +225,7 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
         # each training stage of a plan keeps its own checkpoints (pretrain, finetune, drills ...)
         checkpointer = Checkpointer(job.run_dir / "checkpoints" / job.stage)
         resume = job.resume
-        if restarts and _has_committed(checkpointer.root):
+        if restarts and guards.has_committed(checkpointer.root):
             # torchrun restarted this attempt: continue from this stage's own newest good checkpoint
             resume = "auto"
         resumed = checkpointer.load_latest(resume, model, optimizer, scheduler, model_config=config.model)
@@ -251,8 +251,8 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
             mlperf = _open_mlperf(job, world)
     events_path = job.run_dir / "events.jsonl"
     if world.rank == 0:
-        _event(events_path, job.stage, 0, start_step, "attempt_started", restart=restarts,
-               resumed_from=resumed_from, skipped_checkpoints=skipped_checkpoints)
+        guards.record_event(events_path, job.stage, 0, start_step, "attempt_started", restart=restarts,
+                            resumed_from=resumed_from, skipped_checkpoints=skipped_checkpoints)
     injector = faults_module.Injector.from_env(rank=world.rank, stage=job.stage, events_path=events_path)
     watchdog = guards.Watchdog(rank=world.rank, stage=job.stage, stage_dir=job.stage_dir, events_path=events_path,
                                timeout_s=settings.watchdog_timeout_s, min_timeout_s=settings.watchdog_min_timeout_s,
@@ -326,10 +326,10 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
                                    f"(train.max_rollbacks); the run is not recovering: check the data and the "
                                    f"learning rate")
             with watchdog.long_phase():
-                back_to = _roll_back(checkpointer, model, optimizer, scheduler, loader, config)
+                back_to = guards.roll_back(checkpointer, model, optimizer, scheduler, loader, config)
             if world.rank == 0:
-                _event(events_path, job.stage, 0, step, "loss_guard", reason=problem,
-                       rolled_back_to=back_to, rollback=rollbacks)
+                guards.record_event(events_path, job.stage, 0, step, "loss_guard", reason=problem,
+                                    rolled_back_to=back_to, rollback=rollbacks)
             log.warning("step %d: %s; rolled back to step %s, the batch is skipped", step, problem,
                         back_to if back_to is not None else "(none: update dropped)")
             if back_to is None:
@@ -360,10 +360,11 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
         if stragglers is not None and step % settings.straggler_every == 0:
             report = stragglers.gather(timer)
             if world.rank == 0:
-                _event(events_path, job.stage, 0, step, "straggler_scores", relative=report["relative"],
-                       individual=report["individual"], straggler_ranks=report["straggler_ranks"],
-                       slow_sections={str(k): v for k, v in report["slow_sections"].items()},
-                       warmup=bool(report.get("warmup")))
+                guards.record_event(events_path, job.stage, 0, step, "straggler_scores",
+                                    relative=report["relative"], individual=report["individual"],
+                                    straggler_ranks=report["straggler_ranks"],
+                                    slow_sections={str(k): v for k, v in report["slow_sections"].items()},
+                                    warmup=bool(report.get("warmup")))
                 if report["straggler_ranks"] and not report.get("warmup"):
                     log.warning("step %d: straggler rank(s) %s (sections %s)", step, report["straggler_ranks"],
                                 report["slow_sections"])
@@ -411,7 +412,8 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
         if budget_stopped:
             log.warning("step %d: the plan's device-hour budget is spent; stopping after a checkpoint", step)
             if world.rank == 0:
-                _event(events_path, job.stage, 0, step, "budget_stopped", budget_device_hours=job.budget_device_hours)
+                guards.record_event(events_path, job.stage, 0, step, "budget_stopped",
+                                    budget_device_hours=job.budget_device_hours)
             break
 
     watchdog.stop()
@@ -449,7 +451,7 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
         "resumed_from": resumed_from,
         "skipped_checkpoints": skipped_checkpoints,
         "restarts": restarts,
-        "hang_detections": _count_events(events_path, job.stage, "hang_detected"),
+        "hang_detections": guards.count_events(events_path, job.stage, "hang_detected"),
         "watchdog_timeout_s": watchdog.timeout_s(),
         "rollbacks": rollbacks,
         "skipped_batches": skipped_batches,
@@ -474,48 +476,6 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
         result["moe_load_imbalance"] = metrics_module.load_imbalance(fractions)
         result["expert_fractions"] = fractions
     return result
-
-
-def _has_committed(root: Path) -> bool:
-    from gonogo.train import manifest
-
-    return any(manifest.is_committed(path) for _, path in manifest.step_dirs(root))
-
-
-def _roll_back(checkpointer, model, optimizer, scheduler, loader, config: TrainConfig) -> Optional[int]:
-    """Restore the newest good checkpoint of this stage; its step, or None when there is none."""
-    if checkpointer is None:
-        return None
-    checkpointer.wait()
-    resumed = checkpointer.load_latest("auto", model, optimizer, scheduler, model_config=config.model)
-    if resumed.path is None:
-        return None
-    if resumed.loader_state is not None:
-        loader.load_state_dict(resumed.loader_state)
-    return resumed.step
-
-
-def _event(path: Path, stage: str, rank: int, step: int, event: str, **fields: Any) -> None:
-    from gonogo.rundir import append_jsonl
-
-    append_jsonl(path, {"time": time.time(), "stage": stage, "rank": rank, "step": step, "event": event, **fields})
-
-
-def _count_events(path: Path, stage: str, event: str) -> int:
-    """How many ``event`` lines this stage has in events.jsonl (e.g. earlier attempts' hangs)."""
-    import json
-
-    if not path.is_file():
-        return 0
-    count = 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if f'"{event}"' in line:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            count += record.get("stage") == stage and record.get("event") == event
-    return count
 
 
 def _log_window(window: _Window, world: World, accumulation: int, tokens_per_step: int, flops: float,

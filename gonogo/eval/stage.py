@@ -1,0 +1,268 @@
+"""The ``eval`` stage kind and the ``gonogo eval`` command: accuracy with test-time scaling.
+
+    gonogo eval --checkpoint DIR [--samples 1,2,4,8,16] [--tasks add,sub,...] [--num N] [--seed S]
+                [--temperature T] [--data FILE.jsonl] [--compare-to DIR] [--json F] [--out DIR]
+
+Metrics: ``accuracy`` (greedy exact match of the final answer), ``maj@K``, ``pass@K``,
+``best_of_K`` and ``maj_gain@K`` (maj@K − accuracy) for each configured K,
+``tokens_per_question``; with ``compare_to`` also ``compare_accuracy`` and ``accuracy_gain``
+(this model's greedy accuracy minus the other's, on the same questions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import Field, field_validator
+
+from gonogo.errors import UserError
+from gonogo.rundir import RunDir, write_json_atomic
+from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
+
+RESULTS_FILE = "eval.json"
+SAMPLES_FILE = "samples.jsonl"
+
+
+class EvalSettings(StageSettings):
+    checkpoint: Optional[str] = None        # default: the run's newest committed checkpoint
+    samples: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
+    tasks: Optional[list[str]] = None       # synthetic families (default: all)
+    num: int = Field(default=100, ge=1)     # held-out questions (or the first N of `data`)
+    seed: int = 0
+    temperature: float = Field(default=0.8, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)     # 0: no top-k filter
+    max_tokens: int = Field(default=96, ge=1)
+    data: Optional[str] = None              # a JSONL of {"prompt"|"messages", "answer"}
+    min_good_fraction: float = Field(default=0.9, ge=0, le=1)
+    prompt_format: str = "auto"             # "auto" (from the checkpoint), "chat" or "text"
+    compare_to: Optional[str] = None        # "@stage" (that stage's model in this run) or a checkpoint directory
+    timeout_s: float = Field(default=1200.0, gt=0)
+
+    @field_validator("samples")
+    @classmethod
+    def _samples(cls, value: list[int]) -> list[int]:
+        if not value or any(k < 1 for k in value):
+            raise ValueError("samples must be a non-empty list of k >= 1, e.g. [1, 2, 4, 8]")
+        return sorted(set(value))
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        from gonogo.data.synthetic import FAMILIES
+
+        unknown = [name for name in value or [] if name not in FAMILIES]
+        if unknown or value == []:
+            raise ValueError(f"unknown task families {unknown}; choose from {', '.join(FAMILIES)}")
+        return value
+
+    @field_validator("prompt_format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        if value not in ("auto", "chat", "text"):
+            raise ValueError("prompt_format must be auto, chat or text")
+        return value
+
+
+def stage_metrics(settings: EvalSettings) -> set[str]:
+    names = {"accuracy", "tokens_per_question", "questions"}
+    for k in settings.samples:
+        names |= {f"maj@{k}", f"pass@{k}", f"best_of_{k}", f"maj_gain@{k}"}
+    if settings.compare_to:
+        names |= {"compare_accuracy", "accuracy_gain"}
+    return names
+
+
+def run_evaluation(settings: EvalSettings, checkpoint: Path, compare_to: Optional[Path],
+                   data: Optional[Path], out_dir: Path) -> dict[str, Any]:
+    """Questions, generation and scores; writes eval.json and samples.jsonl into ``out_dir``."""
+    from gonogo.eval.runner import Options, builtin_questions, evaluate, user_questions
+
+    bad_lines: list = []
+    if data is not None:
+        questions, bad_lines = user_questions(data, settings.min_good_fraction, settings.num)
+    else:
+        questions = builtin_questions(settings.num, settings.seed, settings.tasks)
+    options = Options(samples=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
+                      top_k=settings.top_k,
+                      seed=settings.seed, max_tokens=settings.max_tokens, timeout_s=settings.timeout_s)
+    summary = evaluate(checkpoint, questions, options, compare_to=compare_to, prompt_format=settings.prompt_format,
+                       samples_path=out_dir / SAMPLES_FILE)
+    summary["data"] = str(data) if data else "synthetic:heldout"
+    summary["skipped_lines"] = len(bad_lines)
+    summary["bad_lines"] = [{"line": number, "problem": problem} for number, problem in bad_lines[:50]]
+    write_json_atomic(out_dir / RESULTS_FILE, summary)
+    return summary
+
+
+def _checkpoint_of(ctx: StageContext, name: str) -> Path:
+    """``@stage`` (the model that stage of this run produced), a stage name, or a path."""
+    from gonogo.train.checkpoint import resolve_checkpoint
+
+    if name.startswith("@"):
+        return resolve_checkpoint(Path(ctx.resolve_model(name)))
+    stage_checkpoints = ctx.run_dir.checkpoints_dir / name
+    if "/" not in name and stage_checkpoints.is_dir():
+        return resolve_checkpoint(stage_checkpoints)
+    path = ctx.resolve_path(name)
+    if not path.exists():
+        raise UserError(f"stage {ctx.name!r}: {name!r} is neither a stage of this run with checkpoints "
+                        f"nor a checkpoint directory")
+    return resolve_checkpoint(path)
+
+
+def run_stage(ctx: StageContext, settings: EvalSettings) -> Metrics:
+    from gonogo.train.checkpoint import resolve_checkpoint
+
+    checkpoint = _checkpoint_of(ctx, settings.checkpoint) if settings.checkpoint else resolve_checkpoint(ctx.run_dir.root)
+    compare = _checkpoint_of(ctx, settings.compare_to) if settings.compare_to else None
+    data = ctx.resolve_path(settings.data) if settings.data else None
+    ctx.progress(f"evaluating {checkpoint.parent.name}/{checkpoint.name} on {settings.num} questions")
+    summary = run_evaluation(settings, checkpoint, compare, data, ctx.stage_dir)
+    return {key: value for key, value in summary.items() if key not in ("per_family", "curve", "compare", "bad_lines")}
+
+
+# -- the report ---------------------------------------------------------------------------------------
+
+def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
+    path = stage_dir / RESULTS_FILE
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    from gonogo.report.plots import new_figure, to_png
+
+    items = []
+    if summary.get("curve"):
+        curve = summary["curve"]
+        ks = [point["k"] for point in curve]
+        figure, axes = new_figure(6.5, 3.4)
+        axes.plot(ks, [summary["accuracy"]] * len(ks), "k--", label="greedy")
+        axes.plot(ks, [p["maj"] for p in curve], "o-", label="maj@k")
+        axes.plot(ks, [p["pass"] for p in curve], "s-", label="pass@k")
+        axes.plot(ks, [p["best_of"] for p in curve], "^-", label=f"best-of-k ({', '.join(summary.get('verifier', []))})")
+        if summary.get("compare_accuracy") is not None:
+            axes.plot(ks, [summary["compare_accuracy"]] * len(ks), ":", color="grey", label="compared model (greedy)")
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(ks, [str(k) for k in ks])
+        axes.set_xlabel(f"k (samples per question, temperature {summary.get('temperature')})")
+        axes.set_ylabel("accuracy")
+        axes.set_ylim(0, 1.02)
+        axes.legend(fontsize="small")
+        items.append(ReportItem(title="Accuracy against k", png=to_png(figure)))
+        items.append(ReportItem(title="Tokens per question against k", table=[
+            {"k": p["k"], "maj@k": round(p["maj"], 4), "pass@k": round(p["pass"], 4),
+             "best_of_k": round(p["best_of"], 4), "tokens_per_question": round(p["tokens_per_question"], 1)}
+            for p in curve]))
+    k = max(summary.get("samples") or [1])
+    compare = (summary.get("compare") or {}).get("per_family", {})
+    rows = []
+    for family, block in summary.get("per_family", {}).items():
+        row = {"family": family, "questions": block["questions"], "accuracy": round(block["accuracy"], 4)}
+        for name in (f"maj@{k}", f"pass@{k}", f"best_of_{k}"):
+            if name in block:
+                row[name] = round(block[name], 4)
+        if family in compare:
+            row["compared accuracy"] = round(compare[family], 4)
+        rows.append(row)
+    items.append(ReportItem(title="Per task family", table=rows))
+    if summary.get("bad_lines"):
+        items.append(ReportItem(title=f"Skipped lines of {summary.get('data')} ({summary.get('skipped_lines')})",
+                                table=summary["bad_lines"]))
+    return items
+
+
+STAGE = StageKind(
+    name="eval",
+    description="reasoning eval on held-out tasks with test-time scaling: greedy accuracy, maj@k, pass@k, "
+                "best-of-N with a step verifier, tokens per question, per task family",
+    settings=EvalSettings,
+    metrics=stage_metrics,
+    run=run_stage,
+    report=report_stage,
+)
+
+
+# -- the command --------------------------------------------------------------------------------------
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers separated by commas, e.g. 1,2,4,8") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="a checkpoint, run or Hugging Face export directory")
+    parser.add_argument("--samples", type=_int_list, default=[1, 2, 4, 8, 16], metavar="K,..",
+                        help="the k of maj@k, pass@k and best-of-k (default: 1,2,4,8,16)")
+    parser.add_argument("--tasks", default=None, metavar="FAMILY,..",
+                        help="synthetic task families (default: all: add, sub, mul, count, reverse)")
+    parser.add_argument("--num", type=int, default=100, help="questions (default: 100)")
+    parser.add_argument("--seed", type=int, default=0, help="question and sampling seed (default: 0)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass (default: 1.0)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help='a JSONL file of {"prompt" or "messages", "answer"} instead of the built-in tasks')
+    parser.add_argument("--compare-to", type=Path, default=None,
+                        help="another checkpoint: its greedy accuracy and the gain over it")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--out", type=Path, default=None, help="run directory (default: a new folder under runs/)")
+
+
+def command(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+    from rich.console import Console
+    from rich.table import Table
+
+    from gonogo.config import format_validation_error
+    from gonogo.train.checkpoint import resolve_checkpoint
+
+    try:
+        settings = EvalSettings(samples=args.samples, num=args.num, seed=args.seed, temperature=args.temperature,
+                                top_p=args.top_p,
+                                tasks=args.tasks.split(",") if args.tasks else None)
+    except ValidationError as error:
+        raise UserError(format_validation_error(error, "command line", EvalSettings)) from None
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    compare = resolve_checkpoint(args.compare_to) if args.compare_to else None
+    if args.data is not None and not args.data.is_file():
+        raise UserError(f"--data {args.data}: no such file (give a JSONL file of {{\"prompt\", \"answer\"}} lines)")
+    run_dir = RunDir.create(args.out, plan_name="eval")
+    stage_dir = run_dir.stage_dir("eval")
+    console = Console(stderr=True)
+    console.print(f"run directory: {run_dir.root}")
+    summary = run_evaluation(settings, checkpoint, compare, args.data, stage_dir)
+    write_json_atomic(stage_dir / "metrics.json", {key: value for key, value in summary.items()
+                                                   if key not in ("per_family", "curve", "compare", "bad_lines")})
+    if args.json:
+        write_json_atomic(args.json, summary)
+
+    table = Table(title=f"gonogo eval {checkpoint}  ({summary['questions']} questions, "
+                        f"temperature {settings.temperature}, seed {settings.seed})")
+    for column in ("k", "greedy", "maj@k", "pass@k", "best-of-k", "tokens/question"):
+        table.add_column(column, justify="right")
+    for point in summary["curve"]:
+        table.add_row(str(point["k"]), f"{summary['accuracy']:.3f}", f"{point['maj']:.3f}", f"{point['pass']:.3f}",
+                      f"{point['best_of']:.3f}", f"{point['tokens_per_question']:.0f}")
+    out = Console()
+    out.print(table)
+    k = max(settings.samples)
+    families = Table(title="per task family")
+    for column in ("family", "questions", "accuracy", f"maj@{k}", f"pass@{k}", f"best_of_{k}"):
+        families.add_column(column, justify="right")
+    for name, block in summary["per_family"].items():
+        families.add_row(name, str(block["questions"]), f"{block['accuracy']:.3f}", f"{block[f'maj@{k}']:.3f}",
+                         f"{block[f'pass@{k}']:.3f}", f"{block[f'best_of_{k}']:.3f}")
+    out.print(families)
+    if "accuracy_gain" in summary:
+        out.print(f"compared with {compare}: accuracy {summary['compare_accuracy']:.3f} -> {summary['accuracy']:.3f} "
+                  f"(gain {summary['accuracy_gain']:+.3f})")
+    if summary["skipped_lines"]:
+        out.print(f"skipped {summary['skipped_lines']} bad lines of {args.data} (see {stage_dir / RESULTS_FILE})")
+    out.print(f"verifier: {', '.join(summary['verifier'])}; generated {summary['generated_tokens']} tokens "
+              f"in {summary['generation_seconds']:.1f} s")
+    return 0
