@@ -276,3 +276,43 @@ def budget_spent(started: Optional[float], world_size: int, budget_hours: Option
         return False
     elapsed = (time.time() if now is None else now) - started
     return elapsed * world_size / 3600.0 >= budget_hours
+
+
+# -- helpers of the loop's recovery ------------------------------------------------------------------
+
+def has_committed(root: Path) -> bool:
+    from gonogo.train import manifest
+
+    return any(manifest.is_committed(path) for _, path in manifest.step_dirs(root))
+
+
+def roll_back(checkpointer, model, optimizer, scheduler, loader, config) -> Optional[int]:
+    """Restore the newest good checkpoint of this stage; its step, or None when there is none."""
+    if checkpointer is None:
+        return None
+    checkpointer.wait()
+    resumed = checkpointer.load_latest("auto", model, optimizer, scheduler, model_config=config.model)
+    if resumed.path is None:
+        return None
+    if resumed.loader_state is not None:
+        loader.load_state_dict(resumed.loader_state)
+    return resumed.step
+
+
+def record_event(path: Path, stage: str, rank: int, step: int, event: str, **fields: Any) -> None:
+    _append_event(path, {"stage": stage, "rank": rank, "step": step, "event": event, **fields})
+
+
+def count_events(path: Path, stage: str, event: str) -> int:
+    """How many ``event`` lines this stage has in events.jsonl (e.g. earlier attempts' hangs)."""
+    if not path.is_file():
+        return 0
+    count = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if f'"{event}"' in line:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            count += record.get("stage") == stage and record.get("event") == event
+    return count

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pynvml
 import pytest
-from conftest import run_gonogo
+from tests.conftest import run_gonogo
 
 from gonogo.cluster import doctor, gpu_health
 from gonogo.rundir import RunDir

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from eval_helpers import write_checkpoint
+from tests.eval.eval_helpers import write_checkpoint
 
 
 @pytest.fixture(scope="session")

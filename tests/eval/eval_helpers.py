@@ -1,4 +1,4 @@
-"""Helpers of the eval tests (imported by name: pytest puts this folder on sys.path)."""
+"""Helpers of the eval tests (imported as tests.eval.eval_helpers)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from gonogo.eval.stage import STAGE, EvalSettings, report_stage, run_stage
 from gonogo.rundir import RunDir
 from gonogo.stages.base import StageContext
 
-from eval_helpers import write_checkpoint
+from tests.eval.eval_helpers import write_checkpoint
 
 
 def test_stage_reads_the_newest_checkpoint_and_compares_to_another_stage(tmp_path):

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from gonogo.train.mlperf import MlperfLog
-from train_helpers import check_mlperf
+from tests.train.train_helpers import check_mlperf
 
 
 def write_log(path: Path, val_losses: list[float], target: float) -> MlperfLog:

@@ -11,7 +11,7 @@ from gonogo.errors import StageFailed, UserError
 from gonogo.train import scale
 from gonogo.train.config import load_train_config
 from gonogo.train.scale import RunSpec, ScaleSettings, machine_budget, parse_nproc, plan_runs, summarize, timings
-from train_helpers import TINY
+from tests.train.train_helpers import TINY
 
 
 def test_parse_nproc_sorts_and_refuses_nonsense():

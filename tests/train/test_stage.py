@@ -12,7 +12,7 @@ import pytest
 
 from gonogo.stages import get_kind
 from gonogo.train.stage import TrainStageSettings
-from train_helpers import TINY
+from tests.train.train_helpers import TINY
 
 REPO = Path(__file__).resolve().parents[2]
 

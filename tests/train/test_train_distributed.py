@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gonogo.stages import get_kind
-from train_helpers import check_mlperf, losses, rank0_lines, result, train
+from tests.train.train_helpers import check_mlperf, losses, rank0_lines, result, train
 
 pytestmark = pytest.mark.timeout(300)
 

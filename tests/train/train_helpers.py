@@ -1,4 +1,4 @@
-"""Helpers of the trainer tests (imported by name: pytest puts this folder on sys.path)."""
+"""Helpers of the trainer tests (imported as tests.train.train_helpers)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,172 @@
+"""The ``drill`` stage kind and the ``gonogo drill`` command.
+
+    gonogo drill KIND [CONFIG] [--out DIR] [--repeat N] [--seed S] [--nproc N] [--steps N]
+
+KIND: kill, hang, straggler, nan, torn-checkpoint, corrupt-checkpoint, canary, or a comma list;
+CONFIG: a train preset or TOML (default tiny-dense, shrunk to a 2-layer d=64 model for drills).
+See gonogo.drills.runner for what each drill does and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import Field, field_validator
+
+from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
+
+KINDS = ("kill", "hang", "straggler", "nan", "torn-checkpoint", "corrupt-checkpoint", "canary")
+METRICS = {"recovered", "detect_seconds", "steps_lost", "resumed_bitwise_equal", "straggler_detected"}
+
+
+class DrillSettings(StageSettings):
+    kinds: list[str] = Field(default_factory=lambda: ["kill", "torn-checkpoint", "straggler"])
+    config: str = "tiny-dense"                   # train preset word or TOML path (relative to the plan)
+    nproc: int = Field(default=2, ge=2)
+    steps: int = Field(default=24, ge=6)
+    checkpoint_every: int = Field(default=4, ge=1)
+    repeat: int = Field(default=1, ge=1)
+    seed: int = 0
+    timeout_s: float = Field(default=300.0, gt=0)  # per training run
+    # the model the canary drill serves: a trained checkpoint or run dir (default: this plan's run
+    # directory when an earlier stage saved a checkpoint there, else the drill's tiny twin)
+    checkpoint: Optional[str] = None
+
+    @field_validator("kinds")
+    @classmethod
+    def _known(cls, kinds: list[str]) -> list[str]:
+        unknown = [k for k in kinds if k not in KINDS]
+        if unknown or not kinds:
+            raise ValueError(f"unknown drill kind(s) {unknown}; choose from {', '.join(KINDS)}")
+        return kinds
+
+
+def _metrics(settings: DrillSettings) -> set[str]:
+    return METRICS | {f"{kind.replace('-', '_')}_recovered" for kind in settings.kinds}
+
+
+def run_stage(ctx: StageContext, settings: DrillSettings) -> Metrics:
+    from gonogo.drills.runner import run_drills
+
+    config = settings.config
+    if config.endswith(".toml") or "/" in config:
+        config = str(ctx.resolve_path(config))
+    checkpoint = settings.checkpoint
+    if checkpoint is not None:
+        checkpoint = str(ctx.resolve_path(checkpoint))
+    elif "canary" in settings.kinds and (ctx.run_dir.root / "checkpoints").is_dir():
+        checkpoint = str(ctx.run_dir.root)  # the plan's newest trained model (e.g. pretrain's)
+    return run_drills(settings.kinds, ctx.stage_dir / "drills", repeat=settings.repeat, progress=ctx.progress,
+                      canary_checkpoint=checkpoint, config=config, nproc=settings.nproc, steps=settings.steps,
+                      checkpoint_every=settings.checkpoint_every, seed=settings.seed, timeout_s=settings.timeout_s)
+
+
+def report_table(metrics: Metrics) -> list[dict[str, Any]]:
+    rows = []
+    for kind, summary in (metrics.get("drills") or {}).items():
+        rows.append({"drill": kind, "recovered": f"{summary['recovered_count']}/{summary['repeats']}",
+                     "detected": f"{summary['detected_count']}/{summary['repeats']}",
+                     "detect s (median)": summary.get("detect_seconds"), "steps lost (max)": summary.get("steps_lost"),
+                     "weights = twin": (f"{summary['bitwise_equal_count']}/{summary['repeats']}"
+                                        + ("" if summary.get("bitwise_expected") else " (not expected: batch skipped)")
+                                        if "bitwise_equal_count" in summary else "-"),
+                     "straggler named": (f"{summary['straggler_detected_count']}/{summary['repeats']}"
+                                         if "straggler_detected_count" in summary else "-")})
+    return rows
+
+
+def _skipped_rows(stage_dir: Path) -> list[dict[str, Any]]:
+    path = stage_dir / "drills" / "drills.json"
+    if not path.is_file():
+        return []
+    rows = []
+    for kind, outcomes in json.loads(path.read_text(encoding="utf-8")).get("outcomes", {}).items():
+        for number, outcome in enumerate(outcomes, 1):
+            for checkpoint, reason in outcome.get("skipped_checkpoints") or []:
+                rows.append({"drill": f"{kind} #{number}", "checkpoint skipped": Path(str(checkpoint)).name,
+                             "why": reason, "resumed from": Path(str(outcome.get("resumed_from") or "-")).name})
+    return rows
+
+
+def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
+    rows = report_table(metrics)
+    if not rows:
+        return None
+    items = [ReportItem(title="Fault drills", table=rows)]
+    skipped = _skipped_rows(stage_dir)
+    if skipped:
+        items.append(ReportItem(title="Checkpoints never loaded (torn or corrupt) and what was loaded instead",
+                                table=skipped))
+    return items
+
+
+STAGE = StageKind(
+    name="drill",
+    description="fault drills: kill / hang / straggler / NaN / torn or corrupt checkpoint / canary, each beside "
+                "a fault-free twin: detected, recovered, steps lost, weights bitwise equal",
+    settings=DrillSettings,
+    metrics=_metrics,
+    run=run_stage,
+    report=report_stage,
+    devices=lambda settings: settings.nproc,
+)
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("kind", help=f"drill kind(s), comma separated: {', '.join(KINDS)}")
+    parser.add_argument("config", nargs="?", default="tiny-dense", help="train preset or TOML (default: tiny-dense)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: runs/drill-<time>)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each kind (random fault step each time)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fault steps and ranks")
+    parser.add_argument("--nproc", type=int, default=2, help="processes per training (default: 2)")
+    parser.add_argument("--steps", type=int, default=24, help="training steps per run (default: 24)")
+    parser.add_argument("--checkpoint-every", type=int, default=4, help="steps between checkpoints (default: 4)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per training run (default: 300)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="canary drill: a trained checkpoint or run directory to serve (default: the drill's "
+                             "tiny twin, without the degraded-model case)")
+
+
+def command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from gonogo.config import validate
+    from gonogo.drills.runner import run_drills
+    from gonogo.rundir import RunDir, write_json_atomic
+
+    settings = validate(DrillSettings, {"kinds": [k.strip() for k in args.kind.split(",") if k.strip()],
+                                        "config": args.config, "nproc": args.nproc, "steps": args.steps,
+                                        "checkpoint_every": args.checkpoint_every, "repeat": args.repeat,
+                                        "seed": args.seed, "timeout_s": args.timeout,
+                                        "checkpoint": args.checkpoint}, source="gonogo drill")
+    run_dir = RunDir.create(args.out, plan_name="drill")
+    stage_dir = run_dir.stage_dir("drill")
+    console = Console(stderr=True)
+    console.print(f"run directory: {run_dir.root}")
+    with console.status("drills") as status:
+        metrics = run_drills(settings.kinds, stage_dir / "drills", repeat=settings.repeat,
+                             progress=lambda text: status.update(text), canary_checkpoint=settings.checkpoint,
+                             config=settings.config,
+                             nproc=settings.nproc, steps=settings.steps, checkpoint_every=settings.checkpoint_every,
+                             seed=settings.seed, timeout_s=settings.timeout_s)
+    write_json_atomic(stage_dir / "metrics.json", metrics)
+    table = Table(title=f"gonogo drill {args.kind}")
+    rows = report_table(metrics)
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*[str(value) for value in row.values()])
+    Console().print(table)
+    for row in _skipped_rows(stage_dir):
+        console.print(f"{row['drill']}: skipped {row['checkpoint skipped']} ({row['why']}); "
+                      f"resumed from {row['resumed from']}")
+    for kind, summary in metrics["drills"].items():
+        if summary.get("note"):
+            console.print(f"{kind}: {summary['note']}")
+    return 0 if metrics["recovered"] and metrics.get("straggler_detected") is not False else 1
