@@ -42,6 +42,9 @@ class TrainStageSettings(StageSettings):
     deterministic: bool = False
     timeout_s: float = Field(default=1800.0, gt=0)
     resume: str = "auto"                          # "auto" | "never" | a checkpoint path
+    # a stop-and-resume check inside the run: rank 0 is killed after this step in the first
+    # attempt; torchrun restarts the workers and they resume from the newest committed checkpoint
+    stop_and_resume_at: Optional[int] = Field(default=None, ge=1)
 
 
 def _is_moe(settings: TrainStageSettings) -> bool:
@@ -56,7 +59,8 @@ def _is_moe(settings: TrainStageSettings) -> bool:
 
 
 def stage_metrics(settings: TrainStageSettings) -> set[str]:
-    return STAGE_METRICS | ({"moe_load_imbalance"} if _is_moe(settings) else set())
+    return (STAGE_METRICS | ({"moe_load_imbalance"} if _is_moe(settings) else set())
+            | ({"stopped_and_resumed"} if settings.stop_and_resume_at is not None else set()))
 
 
 # -- launching ----------------------------------------------------------------------------------
@@ -155,10 +159,24 @@ def run_stage(ctx: StageContext, settings: TrainStageSettings) -> Metrics:
     resume = settings.resume
     if resume not in ("auto", "never"):
         resume = str(ctx.resolve_path(resume))
-    return launch(config, path.name, settings.nproc, run_dir=ctx.run_dir, stage=ctx.name,
-                  stage_dir=ctx.stage_dir, resume=resume, timeout_s=settings.timeout_s,
-                  run_command=ctx.run_command, on_update=lambda update: ctx.progress(_progress_text(update)),
-                  budget_device_hours=ctx.budget_left_hours)
+    env = None
+    if settings.stop_and_resume_at is not None:
+        every = config.train.checkpoint_every
+        if not every or every >= settings.stop_and_resume_at or settings.stop_and_resume_at >= config.train.steps:
+            raise UserError(f"stage {ctx.name!r}: stop_and_resume_at={settings.stop_and_resume_at} needs "
+                            f"train.checkpoint_every (now {every}) below it and train.steps (now "
+                            f"{config.train.steps}) above it, so there is a checkpoint to resume from")
+        if config.train.max_restarts < 1:
+            raise UserError(f"stage {ctx.name!r}: stop_and_resume_at needs train.max_restarts >= 1")
+        env = {"GONOGO_FAULT": json.dumps({"kind": "kill", "rank": 0, "step": settings.stop_and_resume_at})}
+    metrics = launch(config, path.name, settings.nproc, run_dir=ctx.run_dir, stage=ctx.name,
+                     stage_dir=ctx.stage_dir, resume=resume, timeout_s=settings.timeout_s,
+                     run_command=ctx.run_command, on_update=lambda update: ctx.progress(_progress_text(update)),
+                     budget_device_hours=ctx.budget_left_hours, env=env)
+    if settings.stop_and_resume_at is not None:
+        # stopped once, and the restarted attempt picked up a committed checkpoint instead of step 0
+        metrics["stopped_and_resumed"] = bool(metrics.get("restarts", 0) >= 1 and metrics.get("resumed_from_step", 0) > 0)
+    return metrics
 
 
 # -- the report -----------------------------------------------------------------------------------
