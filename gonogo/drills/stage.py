@@ -54,9 +54,9 @@ def run_stage(ctx: StageContext, settings: DrillSettings) -> Metrics:
     config = settings.config
     if config.endswith(".toml") or "/" in config:
         config = str(ctx.resolve_path(config))
-    checkpoint = settings.checkpoint
+    checkpoint = ctx.resolve_model(settings.checkpoint)  # a path, or "@stage" of this plan
     if checkpoint is not None:
-        checkpoint = str(ctx.resolve_path(checkpoint))
+        pass
     elif "canary" in settings.kinds and (ctx.run_dir.root / "checkpoints").is_dir():
         checkpoint = str(ctx.run_dir.root)  # the plan's newest trained model (e.g. pretrain's)
     return run_drills(settings.kinds, ctx.stage_dir / "drills", repeat=settings.repeat, progress=ctx.progress,

@@ -85,10 +85,12 @@ def validation_loss(model, seed: int, seq_len: int, batch_size: int, num_batches
     return total / max(count, 1)
 
 
-def greedy_accuracy(model, problems: list, max_new_tokens: int, timeout_s: float) -> float:
+def greedy_accuracy(model, problems: list, max_new_tokens: int, timeout_s: float, chat: bool = False) -> float:
     """Share of ``problems`` whose greedy completion carries the right ``#### answer``.
 
-    The prompt starts with EOS because in the packed training stream every document follows one.
+    A finetuned (chat) model is asked through the chat template, as the eval stage asks it; a
+    pretrained one gets the corpus's own text, starting with EOS because in the packed training
+    stream every document follows one.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -98,14 +100,20 @@ def greedy_accuracy(model, problems: list, max_new_tokens: int, timeout_s: float
     from gonogo.infer.sampling import SamplingParams
 
     tokenizer = ByteTokenizer()
-    max_prompt = max(len(tokenizer.encode(problem.prompt)) + 1 for problem in problems)
+
+    def prompt_ids(problem) -> list[int]:
+        if chat:
+            return tokenizer.apply_chat_template([{"role": "user", "content": problem.question}],
+                                                 add_generation_prompt=True)[0]
+        return [tokenizer.eos_id] + tokenizer.encode(problem.prompt)
+
+    max_prompt = max(len(prompt_ids(problem)) for problem in problems)
     max_len = min(model.config.max_seq_len, max_prompt + max_new_tokens)
     params = SamplingParams(max_tokens=max_len - max_prompt, temperature=0.0)
     engine = Engine(model, tokenizer, EngineSettings(max_batch=8, max_len=max_len)).start()
     try:
         def solve(problem) -> bool:
-            prompt = [tokenizer.eos_id] + tokenizer.encode(problem.prompt)
-            completion = engine.generate(prompt, params, timeout=timeout_s)[0]
+            completion = engine.generate(prompt_ids(problem), params, timeout=timeout_s)[0]
             return verify(problem, completion.text)
 
         # the engine batches concurrent requests (continuous batching): 8 in flight at a time
@@ -156,9 +164,12 @@ def quantize_and_evaluate(checkpoint: str | Path, out: Path, settings: QuantizeS
     val_loss = validation_loss(emulated, *val_args)
     problems = generate("heldout", settings.seed, settings.eval_problems)
     progress(f"greedy accuracy on {len(problems)} held-out problems (bf16)")
-    accuracy_bf16 = greedy_accuracy(reference, problems, settings.max_new_tokens, settings.timeout_s)
+    from gonogo.eval.runner import checkpoint_is_chat
+
+    chat = checkpoint_is_chat(meta)
+    accuracy_bf16 = greedy_accuracy(reference, problems, settings.max_new_tokens, settings.timeout_s, chat)
     progress(f"greedy accuracy on {len(problems)} held-out problems ({settings.format})")
-    accuracy = greedy_accuracy(emulated, problems, settings.max_new_tokens, settings.timeout_s)
+    accuracy = greedy_accuracy(emulated, problems, settings.max_new_tokens, settings.timeout_s, chat)
 
     log.info("%s: val loss %.4f (bf16 %.4f), accuracy %.3f (bf16 %.3f)",
              settings.format, val_loss, val_loss_bf16, accuracy, accuracy_bf16)
