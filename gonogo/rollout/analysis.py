@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from typing import Literal, Any, Optional, Sequence
 
 from pydantic import Field, field_validator
 
@@ -67,6 +67,9 @@ class Analysis(Strict):
     quality_prompts: int = Field(8, ge=0)    # held-out problems asked of the canary at each step
     quality_seed: int = 0
     quality_max_tokens: int = Field(64, ge=1)
+    # how the quality prompts are asked: "auto" = the chat API for a server gonogo started from a
+    # finetuned (chat) checkpoint, plain completions otherwise; "chat" / "text" force one
+    quality_format: Literal["auto", "chat", "text"] = "auto"
     # in the latency ratio, a p99 below this counts as this: a 20 ms → 60 ms wobble of a fast
     # server is noise, not a 3× regression
     ratio_floor_ms: float = Field(50.0, ge=0)
@@ -214,8 +217,12 @@ def quality_problems(analysis: Analysis):
 
 
 def measure_accuracy(router_url: str, side: str, model: str, problems, *, max_tokens: int,
-                     timeout: float = 30.0, headers: Optional[dict[str, str]] = None) -> tuple[float, int]:
+                     timeout: float = 30.0, headers: Optional[dict[str, str]] = None,
+                     chat: bool = False) -> tuple[float, int]:
     """Greedy exact-match accuracy of ``side`` (pinned through the router) -> (accuracy, errors).
+
+    A chat (finetuned) model is asked the question through /v1/chat/completions, a pretrained one
+    is given the corpus's own text through /v1/completions: each in the form it was trained on.
 
     A request that fails counts as a wrong answer (and as an error): a broken canary must not pass
     the quality check by failing to answer.
@@ -232,11 +239,17 @@ def measure_accuracy(router_url: str, side: str, model: str, problems, *, max_to
     def ask(client: "httpx.Client", problem) -> Optional[bool]:
         """True/False for a right/wrong answer, None for a failed request."""
         try:
-            response = client.post(f"{router_url}/v1/completions", headers=request_headers, json={
-                "model": model, "prompt": problem.prompt, "max_tokens": max_tokens, "temperature": 0.0})
+            if chat:
+                response = client.post(f"{router_url}/v1/chat/completions", headers=request_headers, json={
+                    "model": model, "messages": [{"role": "user", "content": problem.question}],
+                    "max_tokens": max_tokens, "temperature": 0.0})
+            else:
+                response = client.post(f"{router_url}/v1/completions", headers=request_headers, json={
+                    "model": model, "prompt": problem.prompt, "max_tokens": max_tokens, "temperature": 0.0})
             if response.status_code != 200:
                 return None
-            return verify(problem, response.json()["choices"][0]["text"])
+            choice = response.json()["choices"][0]
+            return verify(problem, choice["message"]["content"] if chat else choice["text"])
         except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
             return None
 

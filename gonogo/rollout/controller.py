@@ -55,6 +55,7 @@ class Side:
     url: str
     model: str
     stop: Optional[Callable[[], None]] = None
+    chat: bool = False   # a finetuned (chat) model: the quality check asks it through the chat API
 
 
 @dataclass
@@ -115,7 +116,9 @@ class Controller:
         if not self.analysis.thresholds.needs_quality:
             return None, 0
         return measure_accuracy(self.router_url, name, side.model, problems,
-                                max_tokens=self.analysis.quality_max_tokens)
+                                max_tokens=self.analysis.quality_max_tokens,
+                                chat=side.chat if self.analysis.quality_format == "auto"
+                                else self.analysis.quality_format == "chat")
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> Decision:

@@ -111,6 +111,17 @@ def model_of(url: str, timeout: float = 10.0) -> str:
                           f"OpenAI-compatible server?") from None
 
 
+def _is_chat_checkpoint(spec: str) -> bool:
+    """Whether a checkpoint was finetuned on chats (its meta.json says data.format = chat)."""
+    import json
+
+    from gonogo.eval.runner import checkpoint_is_chat
+    from gonogo.train.checkpoint import resolve_checkpoint
+
+    meta = resolve_checkpoint(spec) / "meta.json"
+    return meta.is_file() and checkpoint_is_chat(json.loads(meta.read_text(encoding="utf-8")))
+
+
 def open_sides(settings: CanarySettings, directory: Path) -> tuple[Side, Side]:
     """Start or attach to both servers; started ones are stopped by their Side.stop."""
     from gonogo.procs import stop_group
@@ -130,7 +141,8 @@ def open_sides(settings: CanarySettings, directory: Path) -> tuple[Side, Side]:
                 stop = (lambda process=process: stop_group(process, grace=5.0))
             else:
                 url, stop = spec.rstrip("/"), None
-            sides[name] = Side(url=url, model=model_of(url), stop=stop)
+            sides[name] = Side(url=url, model=model_of(url), stop=stop,
+                               chat=name in started and _is_chat_checkpoint(spec))
         return sides["stable"], sides["canary"]
     except BaseException:
         for process, _ in started.values():
@@ -403,7 +415,7 @@ DRILLS = ("latency", "errors", "degraded", "good")
 
 
 def run_canary_drill(out_dir: Path, checkpoint: str | Path, *, steps: tuple[int, ...] = (25, 50, 100),
-                     interval_s: float = 2.0, threshold: int = 2, quality_prompts: int = 4,
+                     interval_s: float = 2.0, threshold: int = 2, quality_prompts: int = 48,
                      injected_latency_s: float = 1.5, error_rate: float = 0.5, degrade_bits: int = 2,
                      load: Optional[Load] = None, drills: tuple[str, ...] = DRILLS,
                      startup_timeout_s: float = 180.0) -> dict[str, Any]:
@@ -426,10 +438,14 @@ def run_canary_drill(out_dir: Path, checkpoint: str | Path, *, steps: tuple[int,
         write_degraded_checkpoint(checkpoint, degraded_dir, bits=degrade_bits)
     # latency checks are relative to stable and absolute with room for a loaded machine
     analysis = Analysis(steps=list(steps), interval_s=interval_s, threshold=threshold,
-                        quality_prompts=quality_prompts, ratio_floor_ms=200.0,
+                        quality_prompts=quality_prompts, quality_max_tokens=96, ratio_floor_ms=200.0,
+                        # the drill's canaries are attached by URL: say how the model is asked
+                        quality_format="chat" if _is_chat_checkpoint(str(checkpoint)) else "text",
+                        # the good canary is the stable model itself, so its greedy answers (and
+                        # accuracy) are identical: any drop at all is the degradation
                         thresholds={"success_rate": 0.95, "latency_ratio": 4.0,
                                     "e2el_p99_ms": 1000 * injected_latency_s * 0.8,
-                                    "accuracy_drop": 0.25})
+                                    "accuracy_drop": 0.1})
     settings = CanarySettings(stable=str(checkpoint), canary=str(checkpoint), analysis=analysis,
                               load=load or Load(rate=3.0, concurrency=3, max_tokens=8),
                               startup_timeout_s=startup_timeout_s, drain_timeout_s=20.0)
