@@ -76,6 +76,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as error:
         print(f"gonogo {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"gonogo {args.command}: interrupted", file=sys.stderr)
         return 130
