@@ -54,7 +54,7 @@ def _stage_run(ctx, settings: ServeSettings) -> dict:
         process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
     try:
-        url = _wait_healthy(process, ready, log_path, settings.startup_timeout_s)
+        url = wait_healthy(process, ready, log_path, settings.startup_timeout_s)
         startup_seconds = time.monotonic() - started
         ctx.progress(f"serving {url}")
         payload = {"model": settings.model_name, "max_tokens": 32, "temperature": 0,
@@ -85,7 +85,11 @@ def _stage_run(ctx, settings: ServeSettings) -> dict:
             "stream_matches": streamed == plain.json()["choices"][0]["message"]["content"]}
 
 
-def _wait_healthy(process, ready, log_path, timeout: float) -> str:
+def wait_healthy(process, ready, log_path, timeout: float) -> str:
+    """The URL of a `gonogo serve --ready-file` child once it answers /health (bounded by ``timeout``).
+
+    StageFailed with the tail of its log if the child exits first, or when the time is up.
+    """
     import json
 
     import httpx

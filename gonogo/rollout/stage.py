@@ -81,22 +81,10 @@ def start_server(checkpoint: str, name: str, directory: Path, model_name: str) -
 
 
 def wait_ready(process: subprocess.Popen, ready: Path, timeout: float) -> str:
-    import httpx
+    """A server started by ``start_server`` once it answers /health (its log is beside the ready file)."""
+    from gonogo.infer.serve_stage import wait_healthy
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise StageFailed(f"the server exited with code {process.returncode} during start-up; "
-                              f"see {ready.with_name(ready.name.replace('.ready.json', '.log'))}")
-        if ready.is_file():
-            url = json.loads(ready.read_text())["url"]
-            try:
-                if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                    return url
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.2)
-    raise StageFailed(f"a server did not answer /health within {timeout:.0f} s")
+    return wait_healthy(process, ready, ready.with_name(ready.name.replace(".ready.json", ".log")), timeout)
 
 
 def model_of(url: str, timeout: float = 10.0) -> str:
