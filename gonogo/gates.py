@@ -3,6 +3,10 @@
 A gate blocks: if it fails, the plan's verdict is NO-GO. An assumption does not block: it is a
 hypothesis of the assumptions register that ends validated, refuted or untested, with the
 measured value beside it. A metric the stage did not produce fails its gate; it never passes.
+
+A stage that could not measure something leaves the metric out (or None) and may say why under
+the ``unknown`` key of its metrics: ``{"unknown": {"ecc_errors": "NVML not available: ..."}}``.
+The gate then fails as "not measured: <why>", and an assumption on it stays untested with that reason.
 """
 
 from __future__ import annotations
@@ -71,10 +75,22 @@ class Gate:
 
     def evaluate(self, metrics: dict[str, Any]) -> "GateResult":
         if self.metric not in metrics or metrics[self.metric] is None:
-            return GateResult(self, None, False, "not measured")
+            why = unknown_reason(metrics, self.metric)
+            return GateResult(self, None, False, f"not measured: {why}" if why else "not measured")
         measured = metrics[self.metric]
         passed = self.condition.holds(measured)
         return GateResult(self, measured, passed, "" if passed else "failed")
+
+
+UNKNOWN_KEY = "unknown"
+
+
+def unknown_reason(metrics: dict[str, Any], metric: str) -> str:
+    """Why a stage could not measure ``metric`` ("" when it did not say)."""
+    reasons = metrics.get(UNKNOWN_KEY)
+    if isinstance(reasons, dict) and reasons.get(metric):
+        return str(reasons[metric])
+    return ""
 
 
 @dataclass(frozen=True)
@@ -141,11 +157,12 @@ class Assumption:
     text: str
     note: str = ""      # where the hypothesis comes from (e.g. "procurement checklist")
 
-    def evaluate(self, measured: Any, source: Optional[str]) -> dict[str, Any]:
+    def evaluate(self, measured: Any, source: Optional[str], why_unknown: str = "") -> dict[str, Any]:
         if measured is None:
             status = "untested"
         else:
             status = "validated" if self.condition.holds(measured) else "refuted"
+            why_unknown = ""
         return {
             "key": self.key,
             "hypothesis": f"{self.metric} {self.condition}",
@@ -153,4 +170,5 @@ class Assumption:
             "source_stage": source,
             "status": status,
             "note": self.note,
+            "reason": why_unknown,
         }

@@ -96,7 +96,7 @@ def command(args: argparse.Namespace) -> int:
     console = Console()
     with LiveView(console) as view:
         outcome = cli_run(args.plan, args.out, _names(args.only), _names(args.skip), args.resume, observer=view)
-    style = {"GO": "bold green", "NO-GO": "bold red"}.get(outcome.verdict, "bold yellow")
+    style = {"GO": "bold green", "NO-GO": "bold red", "ERROR": "bold red"}.get(outcome.verdict, "bold yellow")
     console.print(f"[{style}]{outcome.verdict}[/]  plan {outcome.summary['plan']['name']!r}")
     for reason in outcome.reasons:
         console.print(f"  - {reason}")

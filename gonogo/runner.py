@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 PASSED, FAILED, ERROR, INTERRUPTED, SKIPPED, NOT_RUN, RUNNING = (
     "passed", "failed", "error", "interrupted", "skipped", "not run", "running")
-GO, NO_GO, INCOMPLETE = "GO", "NO-GO", "INTERRUPTED"
+GO, NO_GO = "GO", "NO-GO"
 
 
 class Observer(Protocol):
@@ -198,7 +198,9 @@ def run_plan(
 
     summary = build_report(run_dir)
     verdict = summary["verdict"]
-    exit_code = {GO: 0, NO_GO: 1, "ERROR": 2}.get(verdict, 130)
+    from gonogo.report.summary import EXIT_CODES
+
+    exit_code = EXIT_CODES.get(verdict, 1)
     return Outcome(verdict, summary["reasons"], run_dir, exit_code, summary)
 
 
@@ -248,7 +250,7 @@ def _run_stage(plan: Plan, stage: Stage, index: int, run_dir: RunDir, observer: 
         status = FAILED
         failed = [r for r in gate_results if not r.passed]
         reason = "; ".join(
-            f"gate {r.gate.text!r} " + ("not measured" if r.measured is None else f"measured {format_value(r.measured)}")
+            f"gate {r.gate.text!r} " + (r.reason if r.measured is None else f"measured {format_value(r.measured)}")
             for r in failed)
     record.update({
         "status": status, "reason": reason, "wall_seconds": seconds, "device_hours": device_hours,

@@ -72,6 +72,22 @@ def test_unmeasured_metric_fails_its_gate(write_plan, tmp_path):
     assert result.returncode == 1
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["gates"][0]["status"] == "fail" and summary["gates"][0]["measured"] is None
+    assert summary["gates"][0]["reason"] == "not measured"
+
+
+def test_a_metric_the_stage_could_not_read_fails_with_its_reason(write_plan, tmp_path):
+    unknown = ("import json, os; json.dump({'score': None, 'unknown': {'score': 'counter unreadable: EPERM'}}, "
+               "open(os.path.join(os.environ['GONOGO_STAGE_DIR'], 'metrics.out.json'), 'w'))")
+    plan = write_plan(stage("a", unknown) + "\n[assumptions]\nscore = '>= 0'\n")
+    result = run_gonogo("run", plan, "--out", tmp_path / "run")
+    assert result.returncode == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["verdict"] == "NO-GO"
+    assert summary["gates"][0]["reason"] == "not measured: counter unreadable: EPERM"
+    assert "not measured: counter unreadable: EPERM" in summary["reasons"][0]
+    assert summary["assumptions"][0]["status"] == "untested"
+    assert summary["assumptions"][0]["reason"] == "counter unreadable: EPERM"
+    assert "counter unreadable: EPERM" in (tmp_path / "run" / "report.html").read_text()
 
 
 def test_unknown_metric_exits_2_before_anything_runs(write_plan, tmp_path):
@@ -117,9 +133,20 @@ def test_resume_after_a_failed_stage_skips_what_passed(write_plan, tmp_path):
 def test_only_and_skip(write_plan, tmp_path):
     plan = write_plan(stage("a", WRITE.format(score=3)) + stage("b", WRITE.format(score=5)))
     result = run_gonogo("run", plan, "--out", tmp_path / "r1", "--only", "b")
-    assert result.returncode == 0
+    # a plan is proved as a whole: a run that skipped a stage is never GO
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "INCOMPLETE" in result.stdout and "GO  plan" not in result.stdout.replace("NO-GO", "")
     summary = json.loads((tmp_path / "r1" / "summary.json").read_text())
     assert [s["status"] for s in summary["stages"]] == ["skipped", "passed"]
+    assert summary["verdict"] == "INCOMPLETE"
+    assert summary["not_run"] == [{"stage": "a", "status": "skipped", "reason": "skipped (--only/--skip)"}]
+    assert "1 of 2 stages not run: a" in summary["reasons"][0]
+    html = (tmp_path / "r1" / "report.html").read_text()
+    assert "INCOMPLETE" in html and "1 of 2 stages not run" in html
+    # resuming runs what was skipped, and then the plan is GO
+    resumed = run_gonogo("run", "--resume", "--out", tmp_path / "r1")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert json.loads((tmp_path / "r1" / "summary.json").read_text())["verdict"] == "GO"
     bad = run_gonogo("run", plan, "--out", tmp_path / "r2", "--skip", "zzz")
     assert bad.returncode == 2 and "no stage named 'zzz'" in bad.stderr
 

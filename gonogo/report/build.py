@@ -10,7 +10,7 @@ from typing import Any
 
 from gonogo.gates import format_value
 from gonogo.plan import load_plan
-from gonogo.report.summary import summarize
+from gonogo.report.summary import EXIT_CODES, summarize
 from gonogo.rundir import RunDir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -96,4 +96,4 @@ def command(args: argparse.Namespace) -> int:
     run_dir = RunDir.open(args.run_dir)
     summary = build_report(run_dir)
     Console().print(f"[bold]{summary['verdict']}[/bold]  report: {run_dir.report_path}  summary: {run_dir.summary_path}")
-    return {"GO": 0, "NO-GO": 1, "ERROR": 2}.get(summary["verdict"], 1)
+    return EXIT_CODES.get(summary["verdict"], 1)

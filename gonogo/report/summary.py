@@ -1,16 +1,24 @@
-"""The verdict and summary.json, computed from the run directory alone."""
+"""The verdict and summary.json, computed from the run directory alone.
+
+Verdicts: GO (every stage of the plan ran and every gate passed), NO-GO (a stage failed, or a gate
+failed or was not measured), INCOMPLETE (nothing failed, but stages of the plan did not run:
+skipped with --only/--skip, or not reached), INTERRUPTED, ERROR (a mistake in the input).
+A plan is only GO as a whole: a run that left stages out never is.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from gonogo.gates import format_value
+from gonogo.gates import UNKNOWN_KEY, format_value
 from gonogo.plan import Plan
 from gonogo.rundir import RunDir
 
 PASSED, FAILED, ERROR, INTERRUPTED, SKIPPED, NOT_RUN = (
     "passed", "failed", "error", "interrupted", "skipped", "not run")
+GO, NO_GO, INCOMPLETE = "GO", "NO-GO", "INCOMPLETE"
+EXIT_CODES = {GO: 0, NO_GO: 1, INCOMPLETE: 1, "ERROR": 2, "INTERRUPTED": 130}
 
 
 def _environment(run_dir: RunDir) -> dict[str, Any]:
@@ -21,7 +29,7 @@ def _environment(run_dir: RunDir) -> dict[str, Any]:
 def summarize(plan: Plan, run_dir: RunDir) -> dict[str, Any]:
     state = run_dir.read_state()
     records = state.get("stages", {})
-    stages, gates, reasons, notes = [], [], [], []
+    stages, gates, reasons, notes, not_run = [], [], [], [], []
     for stage in plan.stages:
         record = records.get(stage.name, {"status": NOT_RUN, "reason": "not started"})
         status = record.get("status", NOT_RUN)
@@ -34,6 +42,8 @@ def summarize(plan: Plan, run_dir: RunDir) -> dict[str, Any]:
                 "measured": evaluated["measured"] if evaluated else None,
                 "passed": bool(evaluated and evaluated["passed"]),
                 "status": ("pass" if evaluated["passed"] else "fail") if evaluated else "not evaluated",
+                # "not measured: <why>" for a gate on a metric the stage could not measure
+                "reason": (evaluated.get("reason") or "") if evaluated else f"stage {status}",
             }
             stage_gates.append(entry)
             gates.append(entry)
@@ -43,8 +53,9 @@ def summarize(plan: Plan, run_dir: RunDir) -> dict[str, Any]:
             "wall_seconds": record.get("wall_seconds"), "device_hours": record.get("device_hours"),
             "continue_on_fail": stage.continue_on_fail, "gates": stage_gates, "metrics": metrics,
         })
-        if status == SKIPPED:
-            notes.append(f"stage {stage.name!r} was skipped")
+        if status in (SKIPPED, NOT_RUN):
+            why = "skipped (--only/--skip)" if status == SKIPPED else (record.get("reason") or "not reached")
+            not_run.append({"stage": stage.name, "status": status, "reason": why})
         elif status != PASSED:
             detail = record.get("reason") or status
             reasons.append(f"stage {stage.name!r} {status}: {detail}")
@@ -59,7 +70,16 @@ def summarize(plan: Plan, run_dir: RunDir) -> dict[str, Any]:
             measured = plan_metrics.get(assumption.metric)
         else:
             measured = by_name[source]["metrics"].get(assumption.metric)
-        assumptions.append(assumption.evaluate(measured, source or "plan"))
+        why = ""
+        if measured is None:
+            if source is None:
+                why = "not measured by the plan"
+            else:
+                unknown = by_name[source]["metrics"].get(UNKNOWN_KEY) or {}
+                why = unknown.get(assumption.metric) or (
+                    f"stage {source!r} {by_name[source]['status']}" if by_name[source]["status"] != PASSED
+                    else f"stage {source!r} did not measure it")
+        assumptions.append(assumption.evaluate(measured, source or "plan", why))
 
     statuses = [s["status"] for s in stages]
     if INTERRUPTED in statuses:
@@ -68,17 +88,24 @@ def summarize(plan: Plan, run_dir: RunDir) -> dict[str, Any]:
     elif any(records.get(s.name, {}).get("user_error") for s in plan.stages):
         verdict = "ERROR"
     elif reasons:
-        verdict = "NO-GO"
-    elif all(status == SKIPPED for status in statuses):
-        verdict = "NO-GO"
-        reasons.append("no stage ran")
+        verdict = NO_GO
+    elif not_run:
+        verdict = INCOMPLETE
     else:
-        verdict = "GO"
+        verdict = GO
+    if not_run and verdict != "INTERRUPTED":
+        # a plan is proved as a whole: say which of its stages this run did not prove
+        reasons.append(f"{len(not_run)} of {len(stages)} stages not run: " + "; ".join(
+            f"{entry['stage']} ({entry['reason']})" for entry in not_run))
+        if verdict == INCOMPLETE:
+            reasons.append("nothing that ran failed, but the plan is not proved; run the missing stages with "
+                           "gonogo run --resume --out " + str(run_dir.root))
     budget = plan.header.budget_device_hours
     return {
         "verdict": verdict,
         "reasons": reasons,
         "notes": notes,
+        "not_run": not_run,
         "plan": {
             "name": plan.name, "description": plan.header.description, "budget_device_hours": budget,
             "device_hours_used": device_hours, "wall_seconds": state.get("wall_seconds"),
@@ -94,4 +121,5 @@ def summarize(plan: Plan, run_dir: RunDir) -> dict[str, Any]:
 
 def describe_gate(entry: dict[str, Any]) -> str:
     measured = "—" if entry["measured"] is None else format_value(entry["measured"])
-    return f"{entry['stage']}: {entry['expression']} (measured {measured}) {entry['status']}"
+    text = f"{entry['stage']}: {entry['expression']} (measured {measured}) {entry['status']}"
+    return text + (f" — {entry['reason']}" if entry.get("reason") and not entry["passed"] else "")
