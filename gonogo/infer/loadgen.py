@@ -250,13 +250,23 @@ def run_load(settings: LoadSettings, on_progress: Callable[[int, int], None] = l
     return summarize(results, duration, settings, model)
 
 
-def _stats(prefix: str, values_s: list[float]) -> dict[str, float]:
-    values = np.asarray(values_s, dtype=float) * 1000.0 if values_s else np.zeros(1)
+def _stats(prefix: str, values_s: list[float]) -> dict[str, Optional[float]]:
+    """Mean, median, std and percentiles in ms; None for each when there is no sample (a load test
+    whose requests all failed measured no latency: it is not 0 ms)."""
+    names = ([f"mean_{prefix}_ms", f"median_{prefix}_ms", f"std_{prefix}_ms"]
+             + [f"p{p}_{prefix}_ms" for p in PERCENTILES])
+    if not values_s:
+        return dict.fromkeys(names)
+    values = np.asarray(values_s, dtype=float) * 1000.0
     stats = {f"mean_{prefix}_ms": float(values.mean()), f"median_{prefix}_ms": float(np.median(values)),
              f"std_{prefix}_ms": float(values.std())}
     for p in PERCENTILES:
         stats[f"p{p}_{prefix}_ms"] = float(np.percentile(values, p))
     return stats
+
+
+def _ms(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def summarize(results: list[RequestResult], duration: float, settings: LoadSettings, model: str) -> dict[str, Any]:
@@ -321,14 +331,27 @@ def summarize(results: list[RequestResult], duration: float, settings: LoadSetti
 
 
 def gate_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """The metrics a plan gates on; a latency over zero samples is absent, with the reason."""
     total = result["completed"] + result["failed"]
-    return {
+    metrics = {
         "ttft_p95_ms": result["p95_ttft_ms"], "ttft_p99_ms": result["p99_ttft_ms"],
         "tpot_p95_ms": result["p95_tpot_ms"], "itl_p95_ms": result["p95_itl_ms"],
         "e2el_p99_ms": result["p99_e2el_ms"],
-        "success_rate": result["completed"] / total if total else 0.0,
+        "success_rate": result["completed"] / total if total else None,
         "output_tokens_per_second": result["output_throughput"],
     }
+    unknown = {}
+    for name, value in metrics.items():
+        if value is None:
+            if name == "success_rate":
+                unknown[name] = "no request was sent"
+            elif name in ("tpot_p95_ms", "itl_p95_ms") and result["completed"]:
+                unknown[name] = "no completed request produced more than one token"
+            else:
+                unknown[name] = f"no request completed ({result['failed']} of {total} failed)"
+    if unknown:
+        metrics["unknown"] = unknown
+    return metrics
 
 
 def parse_goodput(items: list[str]) -> dict[str, float]:
@@ -427,7 +450,7 @@ def command(args) -> int:
     for column in ("metric", "mean", "median", "p90", "p95", "p99"):
         table.add_column(column, justify="right" if column != "metric" else "left")
     for name in ("ttft", "tpot", "itl", "e2el"):
-        table.add_row(f"{name.upper()} (ms)", *(f"{result[f'{stat}_{name}_ms']:.1f}"
+        table.add_row(f"{name.upper()} (ms)", *(_ms(result[f'{stat}_{name}_ms'])
                                                 for stat in ("mean", "median", "p90", "p95", "p99")))
     console.print(table)
     console.print(f"completed {result['completed']}, failed {result['failed']} in {result['duration']:.1f} s; "
@@ -496,7 +519,9 @@ def _stage_run(ctx, settings: LoadtestSettings) -> dict[str, Any]:
     write_json_atomic(ctx.stage_dir / "result.json", result)
     metrics = {name: result[name] for name in GATE_METRICS if name in result}
     metrics.update({name: result[name] for name in ("completed", "failed", "request_throughput")})
-    ctx.event(step=0, **metrics)
+    if result.get("unknown"):
+        metrics["unknown"] = result["unknown"]
+    ctx.event(step=0, **{k: v for k, v in metrics.items() if k != "unknown"})
     return metrics
 
 
@@ -506,7 +531,8 @@ def _stage_report(stage_dir: Path, metrics: dict[str, Any]) -> list[ReportItem]:
         return []
     result = json.loads(path.read_text())
     rows = [{"metric": f"{name.upper()} (ms)",
-             **{stat: round(result[f"{stat}_{name}_ms"], 1) for stat in ("mean", "median", "p90", "p95", "p99")}}
+             **{stat: None if result[f"{stat}_{name}_ms"] is None else round(result[f"{stat}_{name}_ms"], 1)
+                for stat in ("mean", "median", "p90", "p95", "p99")}}
             for name in ("ttft", "tpot", "itl", "e2el")]
     text = (f"{result['completed']} completed, {result['failed']} failed in {result['duration']:.1f} s against "
             f"{result['model_id']}: {result['request_throughput']:.2f} req/s, goodput "

@@ -50,6 +50,10 @@ def test_failures_are_counted_with_their_reason(server):
     settings = LoadSettings(url=server.url, num_requests=3, warmup=0, model="gonogo", api_key="wrong")
     result = run_load(settings)
     assert result["failed"] == 3 and result["success_rate"] == 0.0
+    # no request completed: no latency was measured, and none is reported as 0 ms
+    for name in ("ttft_p95_ms", "ttft_p99_ms", "e2el_p99_ms", "tpot_p95_ms", "itl_p95_ms", "mean_ttft_ms"):
+        assert result[name] is None, name
+    assert result["unknown"]["ttft_p95_ms"] == "no request completed (3 of 3 failed)"
     assert list(result["failure_reasons"]) == ["HTTP 401: missing or wrong API key: send 'Authorization: Bearer <key>'"]
 
 
