@@ -154,12 +154,21 @@ def inventory(nvml: Any = None) -> dict[str, Any]:
     """Everything about the machine except the storage probe (that one writes to disk)."""
     torch_view = torch_info()
     nvml_view = gpu_health.probe_gpus(nvml)
-    gpu_count = nvml_view["gpu_count"] if nvml_view["available"] else len(torch_view["devices"])
+    # usable GPUs: NVML's count, else torch's; unknown (None) when neither answers on a machine
+    # whose PCI bus lists NVIDIA GPUs (a broken driver), or when the PCI bus cannot be read
+    if nvml_view["available"]:
+        gpu_count: Optional[int] = nvml_view["gpu_count"]
+    elif torch_view["devices"] or nvml_view.get("pci_nvidia_gpus") == 0:
+        gpu_count = len(torch_view["devices"])
+    else:
+        gpu_count = None
     warnings = []
     if nvml_view["available"] and nvml_view["gpu_count"] and not torch_view["cuda_available"]:
         warnings.append(f"NVML sees {nvml_view['gpu_count']} GPU(s) but torch cannot use CUDA "
                         f"(torch {torch_view['version']} is a CPU-only build, or CUDA_VISIBLE_DEVICES hides them)")
-    if gpu_count == 0:
+    if gpu_count is None:
+        accelerator = f"unknown: {nvml_view['reason']} (PCI lists {nvml_view.get('pci_nvidia_gpus', '?')} NVIDIA GPU(s))"
+    elif gpu_count == 0:
         accelerator = "no GPU: CPU only (torch.distributed will use gloo)"
     else:
         accelerator = f"{gpu_count} GPU(s)"
@@ -182,10 +191,17 @@ def diagnose(storage_path: Path, size_MB: int, nvml: Any = None) -> dict[str, An
     document = inventory(nvml)
     document["storage"] = storage
     problems = gpu_health.health_problems(document["nvml"])
+    unknowns = gpu_health.health_unknowns(document["nvml"])
+    if not document["nvml"]["available"] and document["torch"]["devices"]:
+        unknowns.append(f"GPU health unknown: {document['nvml']['reason']}, while torch sees "
+                        f"{len(document['torch']['devices'])} GPU(s)")
     if not document["storage"]["read_back_ok"]:
         problems.append(f"storage: the bytes read back from {document['storage']['path']} differ from those written")
     document["problems"] = problems
-    document["healthy"] = not problems
+    document["unknowns"] = unknowns
+    # healthy: every check was made and passed; False when one failed; None (unknown) when none
+    # failed but some could not be made: a check that could not be read never passes
+    document["healthy"] = False if problems else (None if unknowns else True)
     document["metrics"] = metrics_of(document)
     return document
 
@@ -202,7 +218,19 @@ def metrics_of(document: dict[str, Any]) -> Metrics:
         "disk_free_GB": storage["disk_free_GB"],
         **gpu_health.summary_metrics(document["nvml"]),
     }
+    unknown = dict(metrics.pop("unknown", {}))
+    if document["healthy"] is None:
+        unknown["healthy"] = "; ".join(document["unknowns"])
+    if document["gpu_count"] is None:
+        unknown["gpu_count"] = document["accelerator"]
+    if metrics["memory_GB"] is None:
+        unknown["memory_GB"] = "total memory not readable (/proc/meminfo, sysconf)"
+    for name in ("storage_write_GBps", "storage_read_GBps", "disk_free_GB"):
+        if metrics[name] is None and name not in unknown:
+            unknown[name] = f"the storage probe of {storage.get('path')} did not measure it"
     assert set(metrics) == METRIC_NAMES, sorted(set(metrics) ^ METRIC_NAMES)
+    if unknown:
+        metrics["unknown"] = unknown
     return metrics
 
 
@@ -279,7 +307,8 @@ def gpu_rows(document: dict[str, Any]) -> list[dict[str, str]]:
             "throttle": (", ".join(throttle_reasons) or "none") if isinstance(throttle_reasons, list)
                         else throttle_reasons,
             "NVLink": nvlink,
-            "healthy": "no" if gpu_health.device_problems(device) else "yes",
+            "healthy": "no" if gpu_health.device_problems(device) else (
+                "unknown" if set(gpu_health.device_unknowns(device)) - {"nvlink"} else "yes"),
         })
     return rows
 
@@ -299,7 +328,9 @@ def run_stage(ctx: StageContext, settings: DoctorSettings) -> Metrics:
     write_json_atomic(ctx.stage_dir / "doctor.json", document)
     for problem in document["problems"]:
         log.warning("doctor: %s", problem)
-    ctx.event(rank=0, step=0, **document["metrics"])
+    for unknown in document["unknowns"]:
+        log.warning("doctor: %s", unknown)
+    ctx.event(rank=0, step=0, **{k: v for k, v in document["metrics"].items() if k != "unknown"})
     return document["metrics"]
 
 
@@ -314,7 +345,8 @@ def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]
         items.append(ReportItem(title="GPU health (NVML)", table=rows))
     else:
         items.append(ReportItem(title="GPU health (NVML)", text=document["nvml"]["reason"] or "no GPU"))
-    verdict = "; ".join(document["problems"]) if document["problems"] else "all health checks passed"
+    unknowns = document.get("unknowns", [])
+    verdict = "; ".join(document["problems"] + [f"unknown: {u}" for u in unknowns]) or "all health checks passed"
     notes = " ".join(document["warnings"])
     items.append(ReportItem(title="Health verdict", text=f"{verdict}. {notes}".strip()))
     return items
@@ -348,7 +380,7 @@ def command(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         _print_tables(document)
-    return 0 if document["healthy"] else 1
+    return 0 if document["healthy"] is True else 1
 
 
 def _print_tables(document: dict[str, Any]) -> None:
@@ -372,8 +404,11 @@ def _print_tables(document: dict[str, Any]) -> None:
         console.print(health)
     for warning in document["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
-    if document["problems"]:
-        for problem in document["problems"]:
-            console.print(f"[red]unhealthy:[/red] {problem}")
-    else:
+    for problem in document["problems"]:
+        console.print(f"[red]unhealthy:[/red] {problem}")
+    for unknown in document["unknowns"]:
+        console.print(f"[yellow]unknown:[/yellow] {unknown}")
+    if document["healthy"] is True:
         console.print("[green]healthy[/green]: every check passed")
+    elif document["healthy"] is None:
+        console.print("[yellow]health unknown[/yellow]: checks above could not be made (not counted as passed)")

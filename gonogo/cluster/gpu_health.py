@@ -9,6 +9,8 @@ failing. The NVML module is a parameter so tests can drive the same code with a 
 from __future__ import annotations
 
 import logging
+import sys
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 log = logging.getLogger(__name__)
@@ -158,24 +160,51 @@ def _probe_device(guard: _Guard, index: int) -> dict[str, Any]:
     return device
 
 
+NVIDIA_PCI_VENDOR = "0x10de"
+PCI_DEVICES = Path("/sys/bus/pci/devices")
+
+
+def nvidia_pci_devices(root: Path = PCI_DEVICES) -> Optional[int]:
+    """How many NVIDIA display/3D controllers the PCI bus lists (readable without the driver);
+    None when this cannot be told (no sysfs)."""
+    if sys.platform == "darwin":  # macOS has had no NVIDIA driver since 10.14
+        return 0
+    try:
+        count = 0
+        for device in root.iterdir():
+            vendor = (device / "vendor").read_text().strip().lower()
+            device_class = (device / "class").read_text().strip().lower()
+            # class 0x03xxxx: display controller (0x0300 VGA, 0x0302 3D controller as on data-centre GPUs)
+            if vendor == NVIDIA_PCI_VENDOR and device_class.startswith("0x03"):
+                count += 1
+        return count
+    except OSError as error:
+        log.debug("cannot list PCI devices under %s: %s", root, error)
+        return None
+
+
+def _unavailable(reason: str) -> dict[str, Any]:
+    return {"available": False, "reason": reason, "gpu_count": 0, "gpus": [],
+            "pci_nvidia_gpus": nvidia_pci_devices()}
+
+
 def probe_gpus(nvml: Any = None) -> dict[str, Any]:
-    """Driver versions and per-GPU health; ``{"available": False, "reason": ...}`` without NVML."""
+    """Driver versions and per-GPU health; ``{"available": False, "reason": ...}`` without NVML
+    (with ``pci_nvidia_gpus``: whether there are GPUs NVML should have answered for)."""
     if nvml is None:
         try:
             import pynvml as nvml
         except ImportError as error:
-            return {"available": False, "reason": f"NVML not available: pynvml is not installed ({error})",
-                    "gpu_count": 0, "gpus": []}
+            return _unavailable(f"NVML not available: pynvml is not installed ({error})")
     try:
         nvml.nvmlInit()
-    except nvml.NVMLError as error:
-        return {"available": False, "reason": f"NVML not available: {error}", "gpu_count": 0, "gpus": []}
+    except Exception as error:  # NVMLError, or a broken binding raising anything else
+        return _unavailable(f"NVML not available: {error}")
     try:
         guard = _Guard(nvml)
         count = guard("nvmlDeviceGetCount")
         if not _is_value(count):
-            return {"available": False, "reason": f"NVML not available: device count {count}",
-                    "gpu_count": 0, "gpus": []}
+            return _unavailable(f"NVML not available: device count {count}")
         cuda_version = guard("nvmlSystemGetCudaDriverVersion")
         return {
             "available": True,
@@ -195,8 +224,9 @@ def probe_gpus(nvml: Any = None) -> dict[str, Any]:
             log.debug("nvmlShutdown failed: %s", error)
 
 
-def uncorrected_ecc_errors(device: dict[str, Any]) -> int:
-    """Uncorrected ECC errors since the driver loaded (volatile), else lifetime (aggregate).
+def uncorrected_ecc_errors(device: dict[str, Any]) -> Optional[int]:
+    """Uncorrected ECC errors since the driver loaded (volatile), else lifetime (aggregate);
+    None when neither counter could be read (ECC unsupported, or an NVML error).
 
     Volatile counts say whether the GPU is faulty now; the aggregate also holds errors that were
     since repaired by row remapping, which would fail a healthy GPU forever.
@@ -206,19 +236,24 @@ def uncorrected_ecc_errors(device: dict[str, Any]) -> int:
         value = (ecc.get(counter) or {}).get("uncorrected")
         if _is_value(value) and value is not None:
             return int(value)
-    return 0
+    return None
+
+
+def _label(device: dict[str, Any]) -> str:
+    label = f"GPU {device['index']}"
+    if device.get("name") and not str(device["name"]).startswith(("error", UNSUPPORTED)):
+        label += f" ({device['name']})"
+    return label
 
 
 def device_problems(device: dict[str, Any]) -> list[str]:
-    """Why one GPU is unhealthy (empty list when it is healthy or could not be asked)."""
-    label = f"GPU {device['index']}"
-    if device.get("name"):
-        label += f" ({device['name']})"
+    """Why one GPU is unhealthy (empty list when no check that could be read failed)."""
+    label = _label(device)
     problems = []
     if device.get("lost"):
         problems.append(f"{label}: NVML reports the GPU is lost (fell off the bus; needs a reset)")
     errors = uncorrected_ecc_errors(device)
-    if errors > 0:
+    if errors:
         problems.append(f"{label}: {errors} uncorrected ECC error(s)")
     reasons = (device.get("throttle") or {}).get("reasons")
     if isinstance(reasons, list):
@@ -227,36 +262,120 @@ def device_problems(device: dict[str, Any]) -> list[str]:
             problems.append(f"{label}: clocks throttled by {', '.join(bad)}")
     links = device.get("nvlink")
     if isinstance(links, list):
-        down = [str(link["link"]) for link in links if link["state"] != "up"]
+        down = [str(link["link"]) for link in links if link["state"] == "down"]
         if down:
             problems.append(f"{label}: NVLink link(s) {', '.join(down)} not up")
     return problems
 
 
+def device_unknowns(device: dict[str, Any]) -> dict[str, str]:
+    """Per health check of one GPU that could not be read, why (NVML "unsupported" or an error).
+
+    Keys: "device", "ecc", "throttle", "temperature", "nvlink". An unreadable check is never
+    counted as a passed one.
+    """
+    label = _label(device)
+    if "error" in device:
+        return {"device": f"{label}: cannot open the device through NVML ({device['error']})"}
+    unknown = {}
+    if uncorrected_ecc_errors(device) is None:
+        value = ((device.get("ecc") or {}).get("volatile") or {}).get("uncorrected")
+        unknown["ecc"] = f"{label}: ECC error counters not readable ({value})"
+    reasons = (device.get("throttle") or {}).get("reasons")
+    if not isinstance(reasons, list):
+        unknown["throttle"] = f"{label}: clock throttle reasons not readable ({reasons})"
+    temperature = device.get("temperature_C")
+    if not _is_value(temperature) or temperature is None:
+        unknown["temperature"] = f"{label}: temperature not readable ({temperature})"
+    links = device.get("nvlink")
+    if not isinstance(links, list):
+        unknown["nvlink"] = f"{label}: NVLink state not readable ({links}; a GPU without NVLink reads so)"
+    else:
+        broken = [f"{link['link']} ({link['state']})" for link in links if link["state"] not in ("up", "down")]
+        if broken:
+            unknown["nvlink"] = f"{label}: NVLink link(s) {', '.join(broken)} not readable"
+    return unknown
+
+
 def health_problems(report: dict[str, Any]) -> list[str]:
-    """Every health problem of a ``probe_gpus`` report; no NVML is not a problem (a CPU machine)."""
+    """Every health problem of a ``probe_gpus`` report that was measured."""
     problems = []
     for device in report.get("gpus", []):
         problems.extend(device_problems(device))
     return problems
 
 
+def no_gpu_reason(report: dict[str, Any]) -> Optional[str]:
+    """Why there is no GPU to check when NVML is unavailable on a machine without NVIDIA GPUs
+    (the PCI bus lists none); None when there are GPUs, or when that cannot be told."""
+    if report.get("available") or report.get("pci_nvidia_gpus") != 0:
+        return None
+    return f"no NVIDIA GPU on this machine (the PCI bus lists none; {report.get('reason')})"
+
+
+def health_unknowns(report: dict[str, Any]) -> list[str]:
+    """The GPU health checks that could not be made, each with why. Empty on a machine that has
+    no NVIDIA GPU (nothing to check). NVLink that is unsupported (PCIe GPUs) is not listed here:
+    it leaves ``nvlink_links_down`` unknown but says nothing about the GPU's health."""
+    if not report.get("available"):
+        if no_gpu_reason(report):
+            return []
+        pci = report.get("pci_nvidia_gpus")
+        seen = (f"the PCI bus lists {pci} NVIDIA GPU(s)" if pci
+                else "the PCI bus could not be read to tell whether there are GPUs")
+        return [f"GPU health unknown: {report.get('reason')}, while {seen}"]
+    unknowns = []
+    for device in report.get("gpus", []):
+        unknowns.extend(reason for key, reason in device_unknowns(device).items() if key != "nvlink")
+    return unknowns
+
+
 def summary_metrics(report: dict[str, Any]) -> dict[str, Any]:
-    """The GPU health metrics a plan can gate on."""
+    """The GPU health metrics a plan can gate on. A metric that could not be read on every GPU is
+    None, and ``unknown`` (present only then) says why: a GPU whose ECC counters NVML could not
+    read has unknown ECC errors, never 0."""
+    names = ("ecc_errors", "gpu_max_temperature_C", "gpu_throttled", "nvlink_links_down")
+    if not report.get("available"):
+        why = no_gpu_reason(report) or (health_unknowns(report) or [str(report.get("reason"))])[0]
+        return {**dict.fromkeys(names), "unknown": dict.fromkeys(names, why)}
     devices = report.get("gpus", [])
-    temperatures = [device["temperature_C"] for device in devices
-                    if _is_value(device.get("temperature_C")) and device.get("temperature_C") is not None]
+    if not devices:
+        why = "NVML lists no GPU"
+        return {**dict.fromkeys(names), "unknown": dict.fromkeys(names, why)}
+    per_device = [device_unknowns(device) for device in devices]
+
+    def first(check: str) -> Optional[str]:
+        reasons = [unknown.get(check) or unknown.get("device") for unknown in per_device]
+        return next((reason for reason in reasons if reason), None)
+
+    unknown: dict[str, str] = {}
+    metrics: dict[str, Any] = {}
+    if first("ecc"):
+        unknown["ecc_errors"] = first("ecc")
+        metrics["ecc_errors"] = None
+    else:
+        metrics["ecc_errors"] = sum(uncorrected_ecc_errors(device) or 0 for device in devices)
+    if first("temperature"):
+        unknown["gpu_max_temperature_C"] = first("temperature")
+        metrics["gpu_max_temperature_C"] = None
+    else:
+        metrics["gpu_max_temperature_C"] = max(device["temperature_C"] for device in devices)
     throttled = any(
         reason in UNHEALTHY_THROTTLE_REASONS
         for device in devices
         if isinstance((device.get("throttle") or {}).get("reasons"), list)
         for reason in device["throttle"]["reasons"])
-    links_down = sum(
-        1 for device in devices if isinstance(device.get("nvlink"), list)
-        for link in device["nvlink"] if link["state"] != "up")
-    return {
-        "ecc_errors": sum(uncorrected_ecc_errors(device) for device in devices),
-        "gpu_max_temperature_C": max(temperatures) if temperatures else None,
-        "gpu_throttled": throttled,
-        "nvlink_links_down": links_down,
-    }
+    if not throttled and first("throttle"):
+        unknown["gpu_throttled"] = first("throttle")
+        metrics["gpu_throttled"] = None
+    else:
+        metrics["gpu_throttled"] = throttled  # one throttled GPU is known, whatever the others say
+    if first("nvlink"):
+        unknown["nvlink_links_down"] = first("nvlink")
+        metrics["nvlink_links_down"] = None
+    else:
+        metrics["nvlink_links_down"] = sum(
+            1 for device in devices for link in device["nvlink"] if link["state"] == "down")
+    if unknown:
+        metrics["unknown"] = unknown
+    return metrics

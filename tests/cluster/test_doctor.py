@@ -198,7 +198,15 @@ def test_missing_features_read_unsupported_and_do_not_crash():
     assert device["power_W"] == "unsupported"
     assert device["temperature_C"] == "error: code 999"
     assert gpu_health.health_problems(report) == []
-    assert gpu_health.summary_metrics(report)["gpu_max_temperature_C"] is None
+    # what could not be read is unknown, with the reason, never 0 / false / healthy
+    metrics = gpu_health.summary_metrics(report)
+    assert {name: metrics[name] for name in ("ecc_errors", "gpu_max_temperature_C", "gpu_throttled",
+                                             "nvlink_links_down")} == dict.fromkeys(
+        ["ecc_errors", "gpu_max_temperature_C", "gpu_throttled", "nvlink_links_down"])
+    assert metrics["unknown"]["ecc_errors"] == "GPU 0 (NVIDIA H100 80GB HBM3): ECC error counters not readable (unsupported)"
+    assert "unsupported" in metrics["unknown"]["nvlink_links_down"]
+    unknowns = gpu_health.health_unknowns(report)
+    assert len(unknowns) == 3 and not any("NVLink" in u for u in unknowns)  # no NVLink says nothing of health
 
 
 def test_aggregate_ecc_counts_when_volatile_is_unsupported():
@@ -216,11 +224,73 @@ def test_a_lost_gpu_is_unhealthy():
 def test_nvml_that_cannot_start_is_reported_not_raised():
     report = gpu_health.probe_gpus(FakeNVML([], init_error=9))
     assert report == {"available": False, "reason": "NVML not available: Driver Not Loaded",
-                      "gpu_count": 0, "gpus": []}
+                      "gpu_count": 0, "gpus": [], "pci_nvidia_gpus": gpu_health.nvidia_pci_devices()}
     # the real bindings on this driverless machine take the same path
     real = gpu_health.probe_gpus()
     if not real["available"]:
         assert real["reason"].startswith("NVML not available: ") and real["gpu_count"] == 0
+
+
+def test_pci_scan_counts_nvidia_display_controllers_only(tmp_path):
+    for name, vendor, device_class in (("a", "0x10de", "0x030200"), ("b", "0x10de", "0x068000"),
+                                       ("c", "0x8086", "0x030000"), ("d", "0x10de", "0x030000")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "vendor").write_text(vendor + "\n")
+        (tmp_path / name / "class").write_text(device_class + "\n")
+    assert gpu_health.nvidia_pci_devices(tmp_path) == 2   # the NVSwitch bridge (0x0680) is no GPU
+    assert gpu_health.nvidia_pci_devices(tmp_path / "missing") is None
+
+
+def _nvml_raises_on_a_gpu_node(monkeypatch, **fake):
+    """A node whose PCI bus lists 8 NVIDIA GPUs while NVML raises (a broken or unloaded driver)."""
+    real_probe = gpu_health.probe_gpus
+    broken = FakeNVML([], init_error=9) if not fake else FakeNVML(**fake)
+    monkeypatch.setattr(gpu_health, "nvidia_pci_devices", lambda root=None: 8)
+    monkeypatch.setattr(gpu_health, "probe_gpus", lambda nvml=None: real_probe(broken))
+
+
+def test_doctor_with_an_nvml_that_raises_reports_unknown_and_exits_1(tmp_path, monkeypatch, capsys):
+    _nvml_raises_on_a_gpu_node(monkeypatch)
+    parser = argparse.ArgumentParser()
+    doctor.add_arguments(parser)
+    assert doctor.command(parser.parse_args(["--json", "--path", str(tmp_path), "--size-MB", "1"])) == 1
+    document = json.loads(capsys.readouterr().out)
+    assert document["healthy"] is None and document["problems"] == []
+    metrics = document["metrics"]
+    for name in ("healthy", "gpu_count", "ecc_errors", "gpu_throttled", "nvlink_links_down"):
+        assert metrics[name] is None, name
+        assert "Driver Not Loaded" in metrics["unknown"][name] or "unknown" in metrics["unknown"][name], name
+    assert "the PCI bus lists 8 NVIDIA GPU(s)" in metrics["unknown"]["healthy"]
+    assert doctor.command(parser.parse_args(["--path", str(tmp_path), "--size-MB", "1"])) == 1
+    output = capsys.readouterr().out
+    assert "unknown:" in output and "Driver Not Loaded" in output and "health unknown" in output
+    assert "healthy: every check passed" not in output
+
+
+def test_nvml_whose_every_query_raises_is_unknown_not_healthy(tmp_path, monkeypatch):
+    error = FakeNVMLError(999)
+    gpu = healthy_gpu(temperature=error, power_mW=error, throttle=error, nvlink=error,
+                      ecc={key: error for key in [(0, 0), (1, 0), (0, 1), (1, 1)]})
+    _nvml_raises_on_a_gpu_node(monkeypatch, gpus=[gpu])
+    document = doctor.diagnose(tmp_path, 1)
+    assert document["healthy"] is None and document["gpu_count"] == 1
+    assert document["metrics"]["ecc_errors"] is None and document["metrics"]["gpu_throttled"] is None
+    assert "code 999" in document["metrics"]["unknown"]["ecc_errors"]
+
+
+def test_a_cpu_machine_is_healthy_with_gpu_metrics_unknown(tmp_path, monkeypatch):
+    """No NVIDIA GPU on the PCI bus: nothing to check, so health rests on the other checks; the GPU
+    metrics are still unknown, so a gate such as ecc_errors == 0 cannot pass there."""
+    real_probe = gpu_health.probe_gpus
+    monkeypatch.setattr(gpu_health, "nvidia_pci_devices", lambda root=None: 0)
+    monkeypatch.setattr(gpu_health, "probe_gpus", lambda nvml=None: real_probe(FakeNVML([], init_error=9)))
+    monkeypatch.setattr(doctor, "torch_info", lambda: {
+        "version": "2.13.0+cpu", "cuda_build": None, "hip_build": None, "cuda_available": False,
+        "devices": [], "nccl_version": None, "cudnn_version": None})
+    document = doctor.diagnose(tmp_path, 1)
+    assert document["healthy"] is True and document["gpu_count"] == 0
+    assert document["metrics"]["ecc_errors"] is None
+    assert document["metrics"]["unknown"]["ecc_errors"].startswith("no NVIDIA GPU on this machine")
 
 
 # -- inventory, stage and command ------------------------------------------------------------------
@@ -254,7 +324,7 @@ def test_stage_writes_doctor_json_and_declared_metrics(tmp_path):
 
     metrics = doctor.STAGE.run(ctx, settings)
 
-    assert set(metrics) == doctor.STAGE.metrics(settings) >= REQUIRED_METRICS
+    assert set(metrics) - {"unknown"} == doctor.STAGE.metrics(settings) >= REQUIRED_METRICS
     assert metrics["storage_write_GBps"] > 0 and metrics["disk_free_GB"] > 0
     assert list(run_dir.checkpoints_dir.iterdir()) == []  # probed there by default, then cleaned up
     saved = json.loads((ctx.stage_dir / "doctor.json").read_text())
