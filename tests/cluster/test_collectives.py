@@ -81,11 +81,30 @@ def test_table_lines_round_trip_through_the_parser():
     assert second["in_place"]["nwrong"] is None
 
 
+def test_a_check_turned_off_produces_no_correctness_metric():
+    rows = [{"op": "all_reduce", "size": 1024, "count": 256, "type": "float", "redop": "sum", "root": -1,
+             "out_of_place": form(10.0, 0.1, 0.1, None), "in_place": form(10.0, 0.1, 0.1, None)}]
+    summary = collectives.summarize(rows)
+    assert summary["wrong_total"] is None  # nothing was checked: not "0 wrong"
+    results = {"results": rows, **summary, "fabric": {"tcp": None}, "loopback": {"GBps": 0.5}}
+    metrics = collectives.stage_metrics(results, ["all_reduce"])
+    assert metrics["wrong_total"] is None and "check = 0" in metrics["unknown"]["wrong_total"]
+    assert metrics["tcp_retransmit_pct"] is None and "/proc/net/snmp" in metrics["unknown"]["tcp_retransmit_pct"]
+    assert metrics["busbw_vs_loopback"] == pytest.approx(0.2)
+    assert collectives.summarize([])["average_bus_bandwidth"]["bandwidth"] is None
+
+
+def test_loopback_probe_moves_data_within_its_bound():
+    probe = collectives.loopback_probe(64 * 1024, seconds=0.1)
+    assert probe["bytes"] > 0 and probe["GBps"] > 0 and probe["seconds"] < 5
+
+
 def test_stage_settings_validate_sizes_and_declare_metrics():
     settings = validate(collectives.CollectivesSettings, {"min_bytes": "4K", "ops": ["all_reduce", "sendrecv"]}, "plan.toml")
     assert (settings.min_bytes, settings.max_bytes, settings.nproc, settings.dtypes) == (4096, 16 * 1024 ** 2, 2, ["float32"])
     assert collectives.STAGE.metrics(settings) == {
-        "busbw_GBps_avg", "wrong_total", "tcp_retransmit_pct", "all_reduce_busbw_GBps", "sendrecv_busbw_GBps"}
+        "busbw_GBps_avg", "wrong_total", "tcp_retransmit_pct", "all_reduce_busbw_GBps", "sendrecv_busbw_GBps",
+        "loopback_GBps", "busbw_vs_loopback"}
     assert len(collectives.CollectivesSettings().ops) == 6
     for bad in ({"min_bytes": "64K", "max_bytes": "1K"}, {"max_bytes": "12Q"}, {"ops": ["allreduce"]}, {"nproc": 1}):
         with pytest.raises(UserError) as error:
@@ -210,8 +229,10 @@ def test_the_stage_writes_table_json_metrics_events_and_report(tmp_path):
     context = StageContext(name="comm", kind="collectives", run_dir=run_dir, stage_dir=run_dir.stage_dir("comm"),
                            on_progress=progress.append)
     metrics = collectives.STAGE.run(context, settings)
-    assert set(metrics) == collectives.STAGE.metrics(settings)
+    assert set(metrics) - {"unknown"} == collectives.STAGE.metrics(settings)
     assert metrics["wrong_total"] == 0
+    assert metrics["loopback_GBps"] > 0
+    assert metrics["busbw_vs_loopback"] == pytest.approx(metrics["all_reduce_busbw_GBps"] / metrics["loopback_GBps"])
     assert metrics["all_reduce_busbw_GBps"] > 0 and metrics["sendrecv_busbw_GBps"] > 0
     assert metrics["busbw_GBps_avg"] > 0 and metrics["tcp_retransmit_pct"] >= 0
     stage_dir = context.stage_dir
