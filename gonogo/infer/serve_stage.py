@@ -27,14 +27,12 @@ class ServeSettings(StageSettings):
 
 def _stage_run(ctx, settings: ServeSettings) -> dict:
     import atexit
-    import json
     import os
     import subprocess
     import sys
 
     import httpx
 
-    from gonogo.errors import StageFailed
     from gonogo.procs import stop_group
     from gonogo.rundir import write_json_atomic
 
@@ -57,32 +55,99 @@ def _stage_run(ctx, settings: ServeSettings) -> dict:
         url = wait_healthy(process, ready, log_path, settings.startup_timeout_s)
         startup_seconds = time.monotonic() - started
         ctx.progress(f"serving {url}")
-        payload = {"model": settings.model_name, "max_tokens": 32, "temperature": 0,
-                   "messages": [{"role": "user", "content": "12+34="}]}
         with httpx.Client(timeout=120.0, headers=headers) as client:
-            first = time.monotonic()
-            plain = client.post(f"{url}/v1/chat/completions", json=payload)
-            first_response_ms = 1000 * (time.monotonic() - first)
-            if plain.status_code != 200:
-                raise StageFailed(f"{url}: a chat completion failed with HTTP {plain.status_code}: {plain.text[:200]}")
-            streamed = ""
-            with client.stream("POST", f"{url}/v1/chat/completions", json={**payload, "stream": True}) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        for choice in json.loads(line[6:])["choices"]:
-                            streamed += choice["delta"].get("content") or ""
-        write_json_atomic(ctx.stage_dir / "server.json", {
-            "url": url, "pid": process.pid, "model": settings.model_name, "checkpoint": checkpoint,
-            "api_key_env": settings.api_key_env, "keep_alive": settings.keep_alive})
+            checks, first_response_ms, streamed, plain = health_checks(client, url, settings.model_name)
+        checks["process alive after the checks"] = process.poll() is None
+        write_json_atomic(ctx.stage_dir / "health.json", checks)
+        healthy = all(checks.values())
+        if healthy:
+            write_json_atomic(ctx.stage_dir / "server.json", {
+                "url": url, "pid": process.pid, "model": settings.model_name, "checkpoint": checkpoint,
+                "api_key_env": settings.api_key_env, "keep_alive": settings.keep_alive})
     except BaseException:
         stop_group(process)
         raise
-    if settings.keep_alive:
+    if settings.keep_alive and healthy:
         atexit.register(stop_group, process)
     else:
-        stop_group(process)
-    return {"startup_seconds": startup_seconds, "healthy": True, "first_response_ms": first_response_ms,
-            "stream_matches": streamed == plain.json()["choices"][0]["message"]["content"]}
+        stop_group(process)  # an unhealthy server is not left for later stages
+    metrics: dict = {"startup_seconds": startup_seconds, "healthy": healthy, "first_response_ms": first_response_ms,
+                     "stream_matches": None if plain is None or streamed is None else streamed == plain,
+                     "health_checks_failed": [name for name, passed in checks.items() if not passed]}
+    unknown = {}
+    if metrics["stream_matches"] is None:
+        unknown["stream_matches"] = "the plain or the streamed completion failed, so there is nothing to compare"
+    if first_response_ms is None:
+        unknown["first_response_ms"] = "the first chat completion failed"
+    if unknown:
+        metrics["unknown"] = unknown
+    return metrics
+
+
+def health_checks(client, url: str, model_name: str):
+    """The serve stage's health: each check by name -> passed, measured against the running server.
+
+    /health says ok, /v1/models lists the model, a chat completion answers 200 with text, and the
+    same request streamed ends with [DONE]. Returns (checks, first response ms or None, streamed
+    text or None, plain text or None); a failed request is a failed check, never an exception.
+    """
+    import json
+
+    import httpx
+
+    checks: dict[str, bool] = {}
+
+    def get(path: str):
+        try:
+            return client.get(f"{url}{path}")
+        except httpx.HTTPError:
+            return None
+
+    health = get("/health")
+    checks["/health answers ok"] = bool(health is not None and health.status_code == 200
+                                        and _json(health).get("status") == "ok")
+    models = get("/v1/models")
+    listed = [entry.get("id") for entry in _json(models).get("data", [])] if models is not None else []
+    checks["/v1/models lists the model"] = model_name in listed
+    payload = {"model": model_name, "max_tokens": 32, "temperature": 0,
+               "messages": [{"role": "user", "content": "12+34="}]}
+    plain_text, first_response_ms = None, None
+    try:
+        first = time.monotonic()
+        plain = client.post(f"{url}/v1/chat/completions", json=payload)
+        if plain.status_code == 200:
+            first_response_ms = 1000 * (time.monotonic() - first)
+            plain_text = plain.json()["choices"][0]["message"]["content"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+        pass
+    checks["a chat completion answers 200 with text"] = bool(plain_text)
+    streamed: "str | None" = ""
+    done = False
+    try:
+        with client.stream("POST", f"{url}/v1/chat/completions", json={**payload, "stream": True}) as response:
+            if response.status_code != 200:
+                streamed = None
+            else:
+                for line in response.iter_lines():
+                    if line == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data: "):
+                        for choice in json.loads(line[6:])["choices"]:
+                            streamed += choice["delta"].get("content") or ""
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        streamed = None
+    if not done:
+        streamed = None
+    checks["a streamed chat completion ends with [DONE]"] = streamed is not None
+    return checks, first_response_ms, streamed, plain_text
+
+
+def _json(response) -> dict:
+    try:
+        value = response.json()
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def wait_healthy(process, ready, log_path, timeout: float) -> str:
@@ -116,7 +181,8 @@ STAGE = StageKind(
     name="serve",
     description="start the OpenAI-compatible server on a loopback port, check it, keep it for later stages",
     settings=ServeSettings,
-    metrics=lambda settings: {"startup_seconds", "healthy", "first_response_ms", "stream_matches"},
+    metrics=lambda settings: {"startup_seconds", "healthy", "first_response_ms", "stream_matches",
+                              "health_checks_failed"},
     run=_stage_run,
     devices=lambda settings: 1,
 )
