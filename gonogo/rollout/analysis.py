@@ -258,7 +258,7 @@ def measure_accuracy(router_url: str, side: str, model: str, problems, *, max_to
         answers = list(pool.map(lambda problem: ask(client, problem), problems))
     correct = sum(1 for answer in answers if answer)
     errors = sum(1 for answer in answers if answer is None)
-    return (correct / len(problems) if problems else 0.0), errors
+    return (correct / len(problems) if problems else None), errors  # no prompt asked: nothing measured
 
 
 def quality_main(argv: Optional[Sequence[str]] = None) -> int:

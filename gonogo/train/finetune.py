@@ -32,8 +32,8 @@ from gonogo.train import stage as train_stage
 from gonogo.train.config import TrainConfig, overrides_list
 
 DEFAULT_PRESET = "sft-tiny"
-STAGE_METRICS = {"final_loss", "val_loss", "steps", "tokens_per_second", "skipped_lines", "good_lines",
-                 "train_seconds", "world_size", "parameters"}
+STAGE_METRICS = {"final_loss", "val_loss", "steps", "steps_completed", "tokens_per_second", "skipped_lines",
+                 "good_lines", "train_seconds", "world_size", "parameters"}
 BAD_LINES_FILE = "bad_lines.json"
 
 
@@ -124,6 +124,11 @@ def finetune(config: TrainConfig, config_path: Path, nproc: int, *, run_dir: Run
                                  run_command=run_command, on_update=on_update)
     metrics.update(skipped_lines=skipped, good_lines=good, init_from=config.train.init_from,
                    data_source=config.data.source)
+    if config.data.format != "chat" or config.data.source == "synthetic":
+        # no user file was read: its line counts are unknown, not "0 skipped"
+        metrics.update(skipped_lines=None, good_lines=None)
+        metrics.setdefault("unknown", {}).update(dict.fromkeys(
+            ("skipped_lines", "good_lines"), f"no user file was read (data source {config.data.source!r})"))
     return metrics
 
 

@@ -101,22 +101,25 @@ class CpuUtilization:
         self.cores = len(os.sched_getaffinity(0))
         self._last = self._read()
 
-    def _read(self) -> tuple[float, float]:
-        total = 0.0
+    def _read(self) -> tuple[float, Optional[float]]:
+        total, read = 0.0, 0
         for pid in self.pids:
             try:
                 total += _cpu_seconds(pid)
+                read += 1
             except (OSError, ValueError, IndexError):
                 pass  # a worker that already exited adds nothing
-        return time.monotonic(), total
+        # no process readable (no /proc): utilisation unknown, not 0 %
+        return time.monotonic(), (total if read else None)
 
     def sample(self) -> Optional[float]:
         now, cpu = self._read()
         wall = now - self._last[0]
-        used = cpu - self._last[1]
+        previous = self._last[1]
         self._last = (now, cpu)
-        if wall <= 0:
+        if wall <= 0 or cpu is None or previous is None:
             return None
+        used = cpu - previous
         return 100.0 * used / (wall * self.cores)
 
 

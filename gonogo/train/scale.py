@@ -303,7 +303,7 @@ def summarize(settings: ScaleSettings, runs: dict[tuple[str, int], RunSpec], mea
     metrics["step_time_spread"] = max(row["step_time_spread"] for row in table)
     if settings.twin:
         shares = [row["collective_share"] for row in largest if row["collective_share"] is not None]
-        metrics["collective_share"] = max(shares) if shares else 0.0
+        metrics["collective_share"] = max(shares) if shares else None  # no twin measured: unknown, not 0
     metrics["runs"] = table
     return metrics
 

@@ -20,6 +20,12 @@ def test_cpu_utilisation_sees_a_busy_process():
     assert 10.0 <= share <= 100.0 / meter.cores + 5.0
 
 
+def test_cpu_utilisation_of_processes_it_cannot_read_is_unknown_not_zero():
+    meter = metrics.CpuUtilization([2 ** 22 + 17])  # above Linux's pid_max: never a live process
+    time.sleep(0.01)
+    assert meter.sample() is None
+
+
 def test_expert_fractions_and_imbalance():
     fractions = metrics.expert_fractions([torch.tensor([10, 10, 10, 10]), torch.tensor([40, 0, 0, 0])])
     assert fractions[0] == [0.25] * 4 and fractions[1] == [1.0, 0.0, 0.0, 0.0]
