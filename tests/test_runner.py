@@ -202,3 +202,14 @@ def test_interrupt_stops_children_and_resume_finishes(write_plan, tmp_path):
         flag.write_text("go")
         resumed = run_gonogo("run", "--resume", "--out", out)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+
+
+def test_only_doctor_of_a_built_in_plan_is_not_go(tmp_path):
+    out = tmp_path / "run"
+    result = run_gonogo("run", "quick", "--only", "doctor", "--out", out, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    verdict_line = next(line for line in result.stdout.splitlines() if "plan 'quick'" in line)
+    assert verdict_line.startswith("INCOMPLETE")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["verdict"] == "INCOMPLETE"
+    assert [s["stage"] for s in summary["not_run"]] == [s["name"] for s in summary["stages"][1:]]
