@@ -221,6 +221,13 @@ def run_rollout(stable: Side, canary: Side, settings: CanarySettings, directory:
                "client_errors_canary": by_source["canary"], "client_requests": len(load.results),
                "time_to_decision_s": round(decision.time_to_decision_s, 3), "intervals": decision.intervals,
                "drained": decision.drained}
+    if not load.results:
+        # no client request was made: "no client error" would be a count over nothing
+        for key in ("client_errors", "client_errors_router", "client_errors_stable", "client_errors_canary"):
+            metrics[key] = None
+        metrics["unknown"] = dict.fromkeys(
+            ("client_errors", "client_errors_router", "client_errors_stable", "client_errors_canary"),
+            "the steady load made no request during the rollout")
     write_json_atomic(directory / "timeline.json", {
         "name": name, "stable": stable.url, "canary": canary.url, "reason": decision.reason,
         "stable_accuracy": decision.stable_accuracy, "metrics": metrics, "settings": settings.model_dump(),
