@@ -444,7 +444,8 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
         "peak_memory_bytes": int(peak_memory.item()),
         "utilization_pct": statistics.median(steady_util) if steady_util else None,
         "time_to_target_s": time_to_target,
-        "reached_target": time_to_target is not None,
+        # unknown without a target, or in a resumed attempt (mlperf.log times pretraining from step 0)
+        "reached_target": (time_to_target is not None) if mlperf and settings.target_val_loss is not None else None,
         "target_val_loss": settings.target_val_loss,
         "steps": settings.steps,
         "resumed_from_step": start_step,
