@@ -308,7 +308,10 @@ def verifier_quality(rows: list[dict[str, Any]]) -> dict[str, Any]:
     both = sum(1 for accept, correct in pairs if accept and correct)
     return {"verifier_samples": len(pairs), "verifier_accepted": accepted, "verifier_right_samples": right,
             "verifier_precision": both / accepted if accepted else None,
-            "verifier_recall": both / right if right else None}
+            "verifier_recall": both / right if right else None,
+            # how much richer in right answers the accepted samples are than all samples (1: no better
+            # than accepting at random)
+            "verifier_lift": both * len(pairs) / (accepted * right) if accepted and right else None}
 
 
 def summarise(rows: list[dict[str, Any]], samples: Sequence[int]) -> dict[str, Any]:

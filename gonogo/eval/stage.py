@@ -8,7 +8,8 @@ completions with a final answer), ``maj@K``, ``pass@K``, ``best_of_K`` (the proc
 pick, which never sees the reference), ``maj_gain@K`` and ``best_gain@K`` (minus greedy) for each
 configured K, each with ``_ci_low`` / ``_ci_high`` (95% bootstrap over questions; sampled scores
 are the mean over ``sample_seeds`` sampling seeds), ``verifier_precision`` / ``verifier_recall``
-(of the verifier's acceptance against the labels, computed after scoring),
+(of the verifier's acceptance against the labels, computed after scoring), ``verifier_lift``
+(precision over the share of samples that are right),
 ``tokens_per_question``; with ``compare_to`` also ``compare_accuracy`` and ``accuracy_gain``
 (this model's greedy accuracy minus the other's, on the same questions, with its interval).
 """
@@ -80,7 +81,8 @@ def _with_ci(names: set[str]) -> set[str]:
 
 def stage_metrics(settings: EvalSettings) -> set[str]:
     names = _with_ci({"accuracy"}) | {"tokens_per_question", "questions", "answered", "verifier_precision",
-                                      "verifier_recall", "verifier_samples", "verifier_accepted"}
+                                      "verifier_recall", "verifier_lift", "verifier_samples",
+                                      "verifier_accepted"}
     for k in settings.samples:
         names |= _with_ci({f"maj@{k}", f"pass@{k}", f"best_of_{k}", f"maj_gain@{k}", f"best_gain@{k}"})
     if settings.compare_to:
@@ -219,7 +221,8 @@ def _scaling_items(summary: dict[str, Any]) -> list[ReportItem]:
             return "not measured" if value is None else round(value, 4)
         return {"": name, "samples scored": block.get("verifier_samples"), "accepted": block.get("verifier_accepted"),
                 "right (labelled after scoring)": block.get("verifier_right_samples"),
-                "precision": shown(block.get("verifier_precision")), "recall": shown(block.get("verifier_recall"))}
+                "precision": shown(block.get("verifier_precision")), "recall": shown(block.get("verifier_recall")),
+                "lift (precision / share right)": shown(block.get("verifier_lift"))}
 
     items.append(ReportItem(
         title=f"Best-of-N verifier: {verifier_name}; it never sees the reference answer. Precision = right "
@@ -327,14 +330,14 @@ def command(args: argparse.Namespace) -> int:
     out.print(families)
     if "accuracy_gain" in summary:
         out.print(f"compared with {compare}: accuracy {summary['compare_accuracy']:.3f} -> {summary['accuracy']:.3f} "
-                  f"(gain {summary['accuracy_gain']:+.3f})")
+                  f"(gain {_interval(summary, 'accuracy_gain')})")
     if summary["skipped_lines"]:
         out.print(f"skipped {summary['skipped_lines']} bad lines of {args.data} (see {stage_dir / RESULTS_FILE})")
     precision, recall = summary.get("verifier_precision"), summary.get("verifier_recall")
     out.print(f"best-of-k verifier ({', '.join(summary['verifier'])}; it never sees the reference): precision "
               f"{'not measured' if precision is None else f'{precision:.3f}'}, recall "
               f"{'not measured' if recall is None else f'{recall:.3f}'} over {summary['verifier_samples']} samples "
-              f"(95% bootstrap intervals over questions in brackets)")
+              f"(95% bootstrap intervals over questions in brackets, {summary['sample_seeds']} sampling seed(s))")
     out.print(f"generated {summary['generated_tokens']} tokens "
               f"in {summary['generation_seconds']:.1f} s")
     return 0

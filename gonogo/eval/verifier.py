@@ -29,7 +29,7 @@ import re
 from typing import Callable, Optional
 
 ANSWER_MARK = "####"  # the same mark as gonogo.data.synthetic, which is not imported: no reference here
-PROCESS_VERIFIER = "process verifier (steps re-checked from their own text)"
+PROCESS_VERIFIER = "process verifier, no reference"
 NO_VERIFIER = "none (the vote picks)"
 ACCEPT = 1.0  # a completion is "accepted" when every check passes: precision/recall use this
 

@@ -60,8 +60,10 @@ def test_precision_and_recall_of_the_verifier():
     quality = verifier_quality(rows)
     assert quality["verifier_samples"] == 5 and quality["verifier_accepted"] == 3
     assert quality["verifier_precision"] == pytest.approx(2 / 3) and quality["verifier_recall"] == pytest.approx(2 / 3)
+    assert quality["verifier_lift"] == pytest.approx((2 / 3) / (3 / 5))    # 3 of the 5 scored samples are right
     nothing = verifier_quality([{"verifier_scores": [0.5], "sample_correct": [False]}])
     assert nothing["verifier_precision"] is None and nothing["verifier_recall"] is None   # no samples: absent
+    assert nothing["verifier_lift"] is None
 
 
 def test_user_questions_without_a_verifier_fall_back_to_the_vote():
