@@ -40,7 +40,7 @@ class Question:
     prompt: str | list[dict]          # the question text, or chat messages (user data)
     answer: str                       # the reference answer
     family: str
-    question: Optional[str] = None    # the synthetic question the step verifier can re-derive
+    question: Optional[str] = None    # the synthetic question text (what the verifier reads besides the completion)
 
 
 @dataclass
@@ -272,7 +272,8 @@ def score_question(question: Question, greedy: tuple[list[str], list[int]],
     """One question's scores: greedy correctness and, per k, maj / pass / best-of and tokens, each
     the mean over the sampling rounds (one round per sampling seed)."""
     greedy_text = greedy[0][0]
-    row: dict[str, Any] = {"family": question.family, "answer": question.answer, "greedy": greedy_text,
+    row: dict[str, Any] = {"question": prompt_text(question), "family": question.family, "answer": question.answer,
+                           "greedy": greedy_text,
                            "correct": is_correct(greedy_text, question.answer),
                            "answered": synthetic.extract_answer(greedy_text) is not None,
                            "greedy_tokens": greedy[1][0]}
