@@ -171,9 +171,12 @@ def _interval(summary: dict[str, Any], name: str) -> str:
     value, low, high = summary.get(name), summary.get(f"{name}_ci_low"), summary.get(f"{name}_ci_high")
     if value is None:
         return "not measured"
+    def shown(number: float) -> str:
+        return f"{round(number, 3) + 0.0:.3f}"  # + 0.0: no "-0.000" for a sum that is zero up to rounding
+
     if low is None or high is None:
-        return f"{value:.3f}"
-    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+        return shown(value)
+    return f"{shown(value)} [{shown(low)}, {shown(high)}]"
 
 
 def _scaling_items(summary: dict[str, Any]) -> list[ReportItem]:
@@ -225,8 +228,9 @@ def _scaling_items(summary: dict[str, Any]) -> list[ReportItem]:
                 "lift (precision / share right)": shown(block.get("verifier_lift"))}
 
     items.append(ReportItem(
-        title=f"Best-of-N verifier: {verifier_name}; it never sees the reference answer. Precision = right "
-              f"among accepted (every check passed), recall = accepted among right",
+        title=f"Best-of-N verifier ({verifier_name}): it never sees the reference answer. Precision = right "
+              f"among accepted (every check passed), recall = accepted among right; right or wrong is "
+              f"labelled after scoring",
         table=[quality("all", summary)] + [quality(family, block) for family, block in
                                            summary.get("per_family", {}).items()]))
     if len(summary.get("per_seed") or []) > 1:
@@ -234,7 +238,8 @@ def _scaling_items(summary: dict[str, Any]) -> list[ReportItem]:
         items.append(ReportItem(title=f"Each sampling seed alone (k = {k})", table=[
             {"sampling seed": entry["sampling_seed"], "greedy": round(summary["accuracy"], 4),
              f"maj@{k}": round(entry[f"maj@{k}"], 4), f"maj_gain@{k}": round(entry[f"maj_gain@{k}"], 4),
-             f"best_of_{k}": round(entry[f"best_of_{k}"], 4), f"pass@{k}": round(entry[f"pass@{k}"], 4)}
+             f"best_of_{k}": round(entry[f"best_of_{k}"], 4), f"best_gain@{k}": round(entry[f"best_gain@{k}"], 4),
+             f"pass@{k}": round(entry[f"pass@{k}"], 4)}
             for entry in summary["per_seed"]]))
     return items
 

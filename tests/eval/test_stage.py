@@ -34,6 +34,13 @@ def test_stage_reads_the_newest_checkpoint_and_compares_to_another_stage(tmp_pat
     assert any(title.startswith("Test-time scaling (value [95% CI") for title in titles)
     assert any("never sees the reference" in title and "recall" in title for title in titles)
     assert any(item.title == "Per task family" and item.table for item in items)
+    # real generation, a randomly initialised "finetune" against a random "pretrain": the laptop
+    # plan's eval gates say NO-GO (no gain, and a verifier with no right sample to accept)
+    from gonogo.plan import load_plan, resolve_plan_path
+
+    laptop = next(s for s in load_plan(resolve_plan_path("laptop")).stages if s.kind.name == "eval")
+    results = [gate.evaluate(metrics) for gate in laptop.gates]
+    assert results and not any(result.passed for result in results), [(r.gate.text, r.measured) for r in results]
 
 
 def test_metrics_are_declared_from_the_settings():
