@@ -179,6 +179,17 @@ def _interval(summary: dict[str, Any], name: str) -> str:
     return f"{shown(value)} [{shown(low)}, {shown(high)}]"
 
 
+def _gain_verdict(summary: dict[str, Any], name: str, label: str, k: int) -> str:
+    """One plain sentence: does ``name@k`` (a gain over greedy) hold beyond the noise, seed by seed?"""
+    low = summary.get(f"{name}@{k}_ci_low")
+    seeds = summary.get("per_seed") or []
+    wins = sum(1 for entry in seeds if (entry.get(f"{name}@{k}") or 0) > 0)
+    held = ("holds: its 95% interval is above 0" if low is not None and low > 0
+            else "does not hold beyond the noise: its 95% interval reaches 0 or below")
+    return (f"{label} minus greedy: {_interval(summary, f'{name}@{k}')}; the gain {held}; it is positive at "
+            f"{wins} of {len(seeds)} sampling seed{'s' if len(seeds) != 1 else ''}.")
+
+
 def _scaling_items(summary: dict[str, Any]) -> list[ReportItem]:
     """The test-time scaling curve with its bootstrap bands, its table, the verifier's quality
     and the per-seed values."""
@@ -233,8 +244,10 @@ def _scaling_items(summary: dict[str, Any]) -> list[ReportItem]:
               f"labelled after scoring",
         table=[quality("all", summary)] + [quality(family, block) for family, block in
                                            summary.get("per_family", {}).items()]))
+    k = max(ks)
+    items.insert(1, ReportItem(title="Does sampling beat greedy?", text=" ".join(
+        _gain_verdict(summary, name, label, k) for name, label in (("maj_gain", f"maj@{k}"), ("best_gain", f"Best-of-{k} (verifier)")))))
     if len(summary.get("per_seed") or []) > 1:
-        k = max(ks)
         items.append(ReportItem(title=f"Each sampling seed alone (k = {k})", table=[
             {"sampling seed": entry["sampling_seed"], "greedy": round(summary["accuracy"], 4),
              f"maj@{k}": round(entry[f"maj@{k}"], 4), f"maj_gain@{k}": round(entry[f"maj_gain@{k}"], 4),

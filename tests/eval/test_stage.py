@@ -33,6 +33,7 @@ def test_stage_reads_the_newest_checkpoint_and_compares_to_another_stage(tmp_pat
     titles = [item.title for item in items]
     assert any(title.startswith("Test-time scaling (value [95% CI") for title in titles)
     assert any("never sees the reference" in title and "recall" in title for title in titles)
+    assert any(item.title == "Does sampling beat greedy?" and "maj@2 minus greedy" in item.text for item in items)
     assert any(item.title == "Per task family" and item.table for item in items)
     # real generation, a randomly initialised "finetune" against a random "pretrain": the laptop
     # plan's eval gates say NO-GO (no gain, and a verifier with no right sample to accept)
@@ -41,6 +42,17 @@ def test_stage_reads_the_newest_checkpoint_and_compares_to_another_stage(tmp_pat
     laptop = next(s for s in load_plan(resolve_plan_path("laptop")).stages if s.kind.name == "eval")
     results = [gate.evaluate(metrics) for gate in laptop.gates]
     assert results and not any(result.passed for result in results), [(r.gate.text, r.measured) for r in results]
+
+
+def test_the_report_says_plainly_whether_a_gain_holds():
+    from gonogo.eval.stage import _gain_verdict
+
+    summary = {"maj_gain@8": 0.1, "maj_gain@8_ci_low": 0.02, "maj_gain@8_ci_high": 0.18,
+               "per_seed": [{"maj_gain@8": 0.1}, {"maj_gain@8": -0.01}, {"maj_gain@8": 0.2}]}
+    assert "the gain holds" in _gain_verdict(summary, "maj_gain", "maj@8", 8)
+    assert "positive at 2 of 3 sampling seeds" in _gain_verdict(summary, "maj_gain", "maj@8", 8)
+    summary["maj_gain@8_ci_low"] = -0.01
+    assert "does not hold" in _gain_verdict(summary, "maj_gain", "maj@8", 8)
 
 
 def test_metrics_are_declared_from_the_settings():
