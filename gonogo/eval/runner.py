@@ -253,8 +253,8 @@ def _round_scores(question: Question, texts: list[str], tokens: list[int], sampl
     answers = [normal_answer(synthetic.extract_answer(text)) for text in texts]
     scores: list[Optional[float]] = [judge(text) for text in texts] if judge else [None] * len(texts)
     # with no verifier every sample ties and best_of falls back to the vote (never to the reference)
-    picks = {k: best_of(texts[:k], answers[:k], lambda text, _s=dict(zip(texts, scores)): _s[text] or 0.0)
-             for k in samples}
+    score_of = dict(zip(texts, scores))
+    picks = {k: best_of(texts[:k], answers[:k], lambda text: score_of[text] or 0.0) for k in samples}
     correct = [is_correct(text, question.answer) for text in texts]
     values: dict[str, Any] = {}
     for k in samples:
