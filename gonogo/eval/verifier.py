@@ -133,6 +133,12 @@ def _count_checks(steps: list[str]) -> tuple[list[bool], Optional[str]]:
     return results, str(seen)
 
 
+def _same(answer: str, final: str) -> bool:
+    if answer.isdigit() and final.isdigit():
+        return int(answer) == int(final)  # "035" is the running answer 035 written without its zero
+    return answer == final
+
+
 def score(prompt: str, completion: str) -> Optional[float]:
     """The share of checks that pass (1.0: every step and the answer are consistent), or None when
     the prompt is not a kind of chain this verifier knows. Takes no reference answer, by design."""
@@ -149,7 +155,7 @@ def score(prompt: str, completion: str) -> Optional[float]:
     else:
         results = [len(steps) == 1 and _WORD.fullmatch(steps[0]) is not None]
         final = steps[0] if results[0] else None
-    results.append(answer is not None and final is not None and answer == final)
+    results.append(answer is not None and final is not None and _same(answer, final))
     return sum(results) / len(results)
 
 

@@ -41,6 +41,7 @@ def test_sub_mul_and_count_chains_are_checked_from_their_own_text():
     assert score("52-17=", "2-7=5 b1 >5; 5-1-1=3 >35; #### 35") == 1.0
     assert score("52-17=", "2-7=5 >5; 5-1=4 >45; #### 45") < 1.0          # a borrow not taken
     assert score("304-298=", "4-8=6 b1 >6; 0-9-1=0 b1 >06; 3-2-1=0 >006; #### 6") == 1.0
+    assert score("304-298=", "4-8=6 b1 >6; 0-9-1=0 b1 >06; 3-2-1=0 >006; #### 006") == 1.0
     assert score("47*6=", "7*6=42 c4 >2; 4*6+4=28 c2 >282; #### 282") == 1.0
     assert score("47*6=", "7*6=42 c4 >2; 4*6+3=27 c2 >272; #### 272") < 1.0  # adds a carry that was not written
     assert score("47*6=", "7*6=42 c4 >2; 4*5+4=24 c2 >242; #### 242") < 1.0  # the multiplier changed
