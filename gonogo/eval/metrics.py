@@ -47,3 +47,28 @@ def best_of(texts: Sequence[str], answers: Sequence[Optional[str]],
         return tied[0]
     winner = majority_answer([answers[index] for index in tied])
     return next((index for index in tied if answers[index] == winner), tied[0])
+
+
+def bootstrap_intervals(rows: Sequence[Sequence[float]], draws: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> list[tuple[Optional[float], Optional[float]]]:
+    """Percentile bootstrap intervals of the column means of ``rows`` (one row per question, one
+    column per metric), resampling questions with replacement ``draws`` times. Paired metrics (a
+    gain over greedy) are columns of per-question differences, so each draw keeps the pairing.
+    With no rows every interval is absent (None, None)."""
+    import numpy as np
+
+    if not rows:
+        return []
+    data = np.asarray(rows, dtype=np.float64)
+    if data.ndim != 2:
+        raise ValueError("rows must be a list of equally long rows of numbers")
+    if draws < 1:
+        raise ValueError(f"draws={draws} must be at least 1")
+    generator = np.random.default_rng(seed)
+    means = np.empty((draws, data.shape[1]))
+    for start in range(0, draws, 200):      # 200 draws at a time: bounded memory for large evals
+        index = generator.integers(0, len(data), size=(min(200, draws - start), len(data)))
+        means[start:start + len(index)] = data[index].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(means, [tail, 100 - tail], axis=0)
+    return [(float(a), float(b)) for a, b in zip(low, high)]

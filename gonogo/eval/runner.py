@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 from gonogo.data import synthetic
 from gonogo.errors import UserError
 from gonogo.eval import verifier
-from gonogo.eval.metrics import best_of, majority_answer, pass_at_k
+from gonogo.eval.metrics import best_of, bootstrap_intervals, majority_answer, pass_at_k
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class Question:
     prompt: str | list[dict]          # the question text, or chat messages (user data)
     answer: str                       # the reference answer
     family: str
-    question: Optional[str] = None    # the synthetic question the step verifier can re-derive
+    question: Optional[str] = None    # the synthetic question text (what the verifier reads besides the completion)
 
 
 @dataclass
@@ -52,6 +52,8 @@ class Options:
     seed: int = 0
     max_tokens: int = 96
     max_batch: int = 64
+    sample_seeds: int = 1             # sampling rounds of n samples per question, each its own seed
+    bootstrap: int = 1000             # bootstrap draws over questions for the confidence intervals
     timeout_s: float = 1200.0         # bound on the whole generation
 
 
@@ -202,73 +204,129 @@ def run_model(checkpoint: str | Path, questions: list[Question], options: Option
     chat = checkpoint_is_chat(meta) if prompt_format == "auto" else prompt_format == "chat"
     tokenizer = ByteTokenizer()
     n = max(options.samples)
-    requests = (1 if greedy_only else 2) * len(questions)
+    rounds = 0 if greedy_only else options.sample_seeds
+    requests = (1 + rounds) * len(questions)
     engine = Engine(model, tokenizer, EngineSettings(max_batch=max(options.max_batch, n), max_waiting=requests + 1))
     prompts = [prompt_ids(question, tokenizer, chat) for question in questions]
     greedy = SamplingParams(max_tokens=options.max_tokens, temperature=0.0)
 
     def params_of(number: int):
-        if greedy_only or number < len(questions):
+        if number < len(questions):
             return greedy
-        index = number - len(questions)
-        # each question its own seeds (seed + choice index inside the engine): reproducible runs
+        round_, index = divmod(number - len(questions), len(questions))
+        # each question and round its own seeds (seed + choice index inside the engine): reproducible
+        # runs, and round 0 samples what a one-seed eval of the same seed samples
         return SamplingParams(max_tokens=options.max_tokens, temperature=options.temperature, top_p=options.top_p,
-                              top_k=options.top_k, seed=options.seed * 1_000_003 + index * n, n=n)
+                              top_k=options.top_k, seed=(options.seed + 1000 * round_) * 1_000_003 + index * n, n=n)
 
     started = time.perf_counter()
     engine.start()
     try:
-        outputs = generate_all(engine, prompts if greedy_only else prompts + prompts, params_of, options.timeout_s)
+        outputs = generate_all(engine, prompts * (1 + rounds), params_of, options.timeout_s)
     finally:
         engine.stop()
     seconds = time.perf_counter() - started
     return {"checkpoint": str(resolved), "prompt_format": "chat" if chat else "text",
-            "greedy": outputs[:len(questions)], "sampled": outputs[len(questions):], "seconds": seconds,
+            "greedy": outputs[:len(questions)],
+            # per question, its rounds: [(texts, tokens) of round 0, of round 1, ...]
+            "sampled": [[outputs[len(questions) * (1 + r) + i] for r in range(rounds)] for i in range(len(questions))],
+            "seconds": seconds,
             "tokens": sum(sum(tokens) for _texts, tokens in outputs)}
 
 
 # -- scoring ----------------------------------------------------------------------------------------
 
-def score_question(question: Question, greedy: tuple[list[str], list[int]],
-                   sampled: Optional[tuple[list[str], list[int]]], samples: Sequence[int]) -> dict[str, Any]:
-    """One question's scores: greedy correctness and, per k, maj / pass / best-of and tokens."""
-    row: dict[str, Any] = {"family": question.family, "answer": question.answer,
-                           "greedy": greedy[0][0], "correct": is_correct(greedy[0][0], question.answer),
-                           "greedy_tokens": greedy[1][0]}
-    if sampled is None:
-        return row
-    texts, tokens = sampled
+def prompt_text(question: Question) -> str:
+    """The text the verifier may read: the question, or the last user turn of a chat."""
+    if question.question:
+        return question.question
+    if isinstance(question.prompt, str):
+        return question.prompt
+    users = [message["content"] for message in question.prompt if message["role"] == "user"]
+    return users[-1] if users else ""
+
+
+def _round_scores(question: Question, texts: list[str], tokens: list[int], samples: Sequence[int],
+                  judge: Optional[Callable[[str], float]]) -> tuple[dict[str, Any], list[Optional[float]]]:
+    """maj@k, pass@k, best-of-k and tokens@k of one round of n samples. The verifier scores every
+    sample first; the reference answer is looked at only afterwards, to label the picks."""
     answers = [normal_answer(synthetic.extract_answer(text)) for text in texts]
+    scores: list[Optional[float]] = [judge(text) for text in texts] if judge else [None] * len(texts)
+    # with no verifier every sample ties and best_of falls back to the vote (never to the reference)
+    score_of = dict(zip(texts, scores))
+    picks = {k: best_of(texts[:k], answers[:k], lambda text: score_of[text] or 0.0) for k in samples}
     correct = [is_correct(text, question.answer) for text in texts]
-    judge = verifier.step_score(question.question) if question.question else None
-    row["verifier"] = verifier.STEP_VERIFIER if judge else verifier.ANSWER_CHECK
-    judge = judge or verifier.answer_score(question.answer, is_correct)
-    n = len(texts)
+    values: dict[str, Any] = {}
     for k in samples:
         vote = majority_answer(answers[:k])
-        row[f"maj@{k}"] = vote is not None and is_correct(f"{synthetic.ANSWER_MARK} {vote}", question.answer)
-        row[f"pass@{k}"] = pass_at_k(n, sum(correct), k)
-        row[f"best_of_{k}"] = correct[best_of(texts[:k], answers[:k], judge)]
-        row[f"tokens@{k}"] = sum(tokens[:k])
-    row["samples"] = texts
-    row["sample_answers"] = answers
+        values[f"maj@{k}"] = float(vote is not None and is_correct(f"{synthetic.ANSWER_MARK} {vote}", question.answer))
+        values[f"pass@{k}"] = pass_at_k(len(texts), sum(correct), k)
+        values[f"best_of_{k}"] = float(correct[picks[k]])
+        values[f"tokens@{k}"] = sum(tokens[:k])
+    values["answers"], values["correct"] = answers, correct
+    return values, scores
+
+
+def score_question(question: Question, greedy: tuple[list[str], list[int]],
+                   sampled: Optional[Sequence[tuple[list[str], list[int]]]], samples: Sequence[int]) -> dict[str, Any]:
+    """One question's scores: greedy correctness and, per k, maj / pass / best-of and tokens, each
+    the mean over the sampling rounds (one round per sampling seed)."""
+    greedy_text = greedy[0][0]
+    row: dict[str, Any] = {"question": prompt_text(question), "family": question.family, "answer": question.answer,
+                           "greedy": greedy_text,
+                           "correct": is_correct(greedy_text, question.answer),
+                           "answered": synthetic.extract_answer(greedy_text) is not None,
+                           "greedy_tokens": greedy[1][0]}
+    if not sampled:
+        return row
+    judge = verifier.scorer_for(prompt_text(question))
+    row["verifier"] = verifier.PROCESS_VERIFIER if judge else verifier.NO_VERIFIER
+    rounds = [_round_scores(question, texts, tokens, samples, judge) for texts, tokens in sampled]
+    for k in samples:
+        for name in (f"maj@{k}", f"pass@{k}", f"best_of_{k}", f"tokens@{k}"):
+            row[name] = sum(values[name] for values, _ in rounds) / len(rounds)
+    row["per_round"] = [{name: value for name, value in values.items() if name not in ("answers", "correct")}
+                        for values, _ in rounds]
+    row["samples"] = [text for texts, _tokens in sampled for text in texts]
+    row["sample_answers"] = [answer for values, _ in rounds for answer in values["answers"]]
+    row["sample_correct"] = [flag for values, _ in rounds for flag in values["correct"]]
+    row["verifier_scores"] = [value for _, scores in rounds for value in scores]
     return row
 
 
-def summarise(rows: list[dict[str, Any]], samples: Sequence[int]) -> dict[str, Any]:
-    """Mean scores over rows: overall and per family."""
-    def mean(values: list[float]) -> float:
-        return sum(values) / len(values) if values else 0.0
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
 
+
+def verifier_quality(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Precision and recall of the verifier's acceptance (every check passed) against the labels
+    (right or wrong against the reference, computed after scoring), over every scored sample."""
+    pairs = [(score >= verifier.ACCEPT, correct) for row in rows
+             for score, correct in zip(row.get("verifier_scores", []), row.get("sample_correct", []))
+             if score is not None]
+    accepted = sum(1 for accept, _ in pairs if accept)
+    right = sum(1 for _, correct in pairs if correct)
+    both = sum(1 for accept, correct in pairs if accept and correct)
+    return {"verifier_samples": len(pairs), "verifier_accepted": accepted, "verifier_right_samples": right,
+            "verifier_precision": both / accepted if accepted else None,
+            "verifier_recall": both / right if right else None,
+            # how much richer in right answers the accepted samples are than all samples (1: no better
+            # than accepting at random)
+            "verifier_lift": both * len(pairs) / (accepted * right) if accepted and right else None}
+
+
+def summarise(rows: list[dict[str, Any]], samples: Sequence[int]) -> dict[str, Any]:
+    """Mean scores over rows: overall and per family (a mean over no rows is absent, not 0)."""
     def block(subset: list[dict[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {"questions": len(subset), "accuracy": mean([float(r["correct"]) for r in subset])}
-        if "samples" in subset[0]:
+        result: dict[str, Any] = {"questions": len(subset), "accuracy": _mean([float(r["correct"]) for r in subset]),
+                                  "answered": _mean([float(r["answered"]) for r in subset])}
+        if subset and "samples" in subset[0]:
             for k in samples:
                 for name in (f"maj@{k}", f"pass@{k}", f"best_of_{k}"):
-                    result[name] = mean([float(r[name]) for r in subset])
-            result["tokens_per_question"] = mean([r["greedy_tokens"] + r[f"tokens@{max(samples)}"] for r in subset])
+                    result[name] = _mean([float(r[name]) for r in subset])
+            result["tokens_per_question"] = _mean([r["greedy_tokens"] + r[f"tokens@{max(samples)}"] for r in subset])
         else:
-            result["tokens_per_question"] = mean([r["greedy_tokens"] for r in subset])
+            result["tokens_per_question"] = _mean([r["greedy_tokens"] for r in subset])
         return result
 
     families: dict[str, list] = defaultdict(list)
@@ -276,13 +334,53 @@ def summarise(rows: list[dict[str, Any]], samples: Sequence[int]) -> dict[str, A
         families[row["family"]].append(row)
     summary = block(rows)
     summary["per_family"] = {name: block(subset) for name, subset in sorted(families.items())}
-    if "samples" in rows[0]:
+    if rows and "samples" in rows[0]:
         summary["curve"] = [{"k": k, "maj": summary[f"maj@{k}"], "pass": summary[f"pass@{k}"],
                              "best_of": summary[f"best_of_{k}"],
-                             "tokens_per_question": mean([r["greedy_tokens"] + r[f"tokens@{k}"] for r in rows])}
+                             "tokens_per_question": _mean([r["greedy_tokens"] + r[f"tokens@{k}"] for r in rows])}
                             for k in samples]
         summary["verifier"] = sorted({row["verifier"] for row in rows})
+        summary.update(verifier_quality(rows))
+        for name, block_of in summary["per_family"].items():
+            block_of.update(verifier_quality(families[name]))
     return summary
+
+
+def scaling_intervals(rows: list[dict[str, Any]], samples: Sequence[int], compare_rows: Optional[list[dict[str, Any]]],
+                      draws: int, seed: int, level: float = 0.95) -> dict[str, Any]:
+    """Bootstrap confidence intervals over questions for greedy, maj@k, best-of-k, pass@k and the
+    paired gains over greedy (``maj_gain@k``, ``best_gain@k``; ``accuracy_gain`` against the
+    compared model). Each question's sampled scores are already the mean over the seeds."""
+    columns: dict[str, list[float]] = {"accuracy": [float(r["correct"]) for r in rows]}
+    if "samples" in rows[0]:
+        for k in samples:
+            for name in (f"maj@{k}", f"pass@{k}", f"best_of_{k}"):
+                columns[name] = [float(r[name]) for r in rows]
+            columns[f"maj_gain@{k}"] = [r[f"maj@{k}"] - r["correct"] for r in rows]
+            columns[f"best_gain@{k}"] = [r[f"best_of_{k}"] - r["correct"] for r in rows]
+    if compare_rows is not None:
+        columns["accuracy_gain"] = [float(r["correct"]) - float(o["correct"]) for r, o in zip(rows, compare_rows)]
+    names = list(columns)
+    intervals = bootstrap_intervals([[columns[name][i] for name in names] for i in range(len(rows))],
+                                    draws=draws, seed=seed, level=level)
+    result: dict[str, Any] = {}
+    for name, (low, high) in zip(names, intervals):
+        result[f"{name}_ci_low"], result[f"{name}_ci_high"] = low, high
+    return result
+
+
+def per_seed(rows: list[dict[str, Any]], options: Options) -> list[dict[str, Any]]:
+    """The mean scores of each sampling round alone: does a gain hold seed by seed?"""
+    result = []
+    for round_ in range(options.sample_seeds):
+        entry: dict[str, Any] = {"sampling_seed": options.seed + 1000 * round_}
+        for k in options.samples:
+            for name in (f"maj@{k}", f"best_of_{k}", f"pass@{k}"):
+                entry[name] = _mean([row["per_round"][round_][name] for row in rows])
+            entry[f"maj_gain@{k}"] = _mean([row["per_round"][round_][f"maj@{k}"] - row["correct"] for row in rows])
+            entry[f"best_gain@{k}"] = _mean([row["per_round"][round_][f"best_of_{k}"] - row["correct"] for row in rows])
+        result.append(entry)
+    return result
 
 
 def evaluate(checkpoint: str | Path, questions: list[Question], options: Options, *,
@@ -295,16 +393,22 @@ def evaluate(checkpoint: str | Path, questions: list[Question], options: Options
         raise UserError(f"samples {list(options.samples)}: every k must be at least 1")
     if options.temperature <= 0:
         raise UserError(f"temperature {options.temperature}: sampling for maj@k / pass@k needs a temperature > 0")
+    if options.sample_seeds < 1:
+        raise UserError(f"sample_seeds {options.sample_seeds}: give at least one sampling seed")
     output = run_model(checkpoint, questions, options, prompt_format=prompt_format)
     rows = [score_question(question, greedy, sampled, options.samples)
             for question, greedy, sampled in zip(questions, output["greedy"], output["sampled"])]
     summary = summarise(rows, options.samples)
     for k in options.samples:
         summary[f"maj_gain@{k}"] = summary[f"maj@{k}"] - summary["accuracy"]
+        summary[f"best_gain@{k}"] = summary[f"best_of_{k}"] - summary["accuracy"]
+    summary["per_seed"] = per_seed(rows, options)
     summary.update(checkpoint=output["checkpoint"], prompt_format=output["prompt_format"],
                    generation_seconds=output["seconds"], generated_tokens=output["tokens"],
                    tokens_per_second=output["tokens"] / output["seconds"] if output["seconds"] else None,
-                   samples=list(options.samples), temperature=options.temperature, seed=options.seed)
+                   samples=list(options.samples), temperature=options.temperature, seed=options.seed,
+                   sample_seeds=options.sample_seeds, bootstrap_draws=options.bootstrap)
+    other_rows = None
     if compare_to is not None:
         other = run_model(compare_to, questions, options, greedy_only=True)
         other_rows = [score_question(question, greedy, None, options.samples)
@@ -315,6 +419,7 @@ def evaluate(checkpoint: str | Path, questions: list[Question], options: Options
                               "per_family": {name: block["accuracy"] for name, block in other_summary["per_family"].items()}}
         summary["compare_accuracy"] = other_summary["accuracy"]
         summary["accuracy_gain"] = summary["accuracy"] - other_summary["accuracy"]
+    summary.update(scaling_intervals(rows, options.samples, other_rows, options.bootstrap, options.seed))
     if samples_path is not None:
         samples_path.parent.mkdir(parents=True, exist_ok=True)
         with samples_path.open("w", encoding="utf-8") as handle:

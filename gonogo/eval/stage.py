@@ -1,12 +1,17 @@
 """The ``eval`` stage kind and the ``gonogo eval`` command: accuracy with test-time scaling.
 
     gonogo eval --checkpoint DIR [--samples 1,2,4,8,16] [--tasks add,sub,...] [--num N] [--seed S]
-                [--temperature T] [--data FILE.jsonl] [--compare-to DIR] [--json F] [--out DIR]
+                [--sample-seeds S] [--temperature T] [--data FILE.jsonl] [--compare-to DIR] [--json F] [--out DIR]
 
-Metrics: ``accuracy`` (greedy exact match of the final answer), ``maj@K``, ``pass@K``,
-``best_of_K`` and ``maj_gain@K`` (maj@K − accuracy) for each configured K,
+Metrics: ``accuracy`` (greedy exact match of the final answer), ``answered`` (share of greedy
+completions with a final answer), ``maj@K``, ``pass@K``, ``best_of_K`` (the process verifier's
+pick, which never sees the reference), ``maj_gain@K`` and ``best_gain@K`` (minus greedy) for each
+configured K, each with ``_ci_low`` / ``_ci_high`` (95% bootstrap over questions; sampled scores
+are the mean over ``sample_seeds`` sampling seeds), ``verifier_precision`` / ``verifier_recall``
+(of the verifier's acceptance against the labels, computed after scoring), ``verifier_lift``
+(precision over the share of samples that are right),
 ``tokens_per_question``; with ``compare_to`` also ``compare_accuracy`` and ``accuracy_gain``
-(this model's greedy accuracy minus the other's, on the same questions).
+(this model's greedy accuracy minus the other's, on the same questions, with its interval).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from gonogo.rundir import RunDir, write_json_atomic
 from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
 
 RESULTS_FILE = "eval.json"
+NOT_METRICS = ("per_family", "curve", "compare", "bad_lines", "per_seed")
 SAMPLES_FILE = "samples.jsonl"
 
 
@@ -41,6 +47,8 @@ class EvalSettings(StageSettings):
     prompt_format: str = "auto"             # "auto" (from the checkpoint), "chat" or "text"
     compare_to: Optional[str] = None        # "@stage" (that stage's model in this run) or a checkpoint directory
     timeout_s: float = Field(default=1200.0, gt=0)
+    sample_seeds: int = Field(default=1, ge=1)   # sampling rounds (seeds) of max(samples) samples per question
+    bootstrap: int = Field(default=1000, ge=100)  # bootstrap draws over questions for the confidence intervals
 
     @field_validator("samples")
     @classmethod
@@ -67,12 +75,18 @@ class EvalSettings(StageSettings):
         return value
 
 
+def _with_ci(names: set[str]) -> set[str]:
+    return names | {f"{name}_ci_{end}" for name in names for end in ("low", "high")}
+
+
 def stage_metrics(settings: EvalSettings) -> set[str]:
-    names = {"accuracy", "tokens_per_question", "questions"}
+    names = _with_ci({"accuracy"}) | {"tokens_per_question", "questions", "answered", "verifier_precision",
+                                      "verifier_recall", "verifier_lift", "verifier_samples",
+                                      "verifier_accepted"}
     for k in settings.samples:
-        names |= {f"maj@{k}", f"pass@{k}", f"best_of_{k}", f"maj_gain@{k}"}
+        names |= _with_ci({f"maj@{k}", f"pass@{k}", f"best_of_{k}", f"maj_gain@{k}", f"best_gain@{k}"})
     if settings.compare_to:
-        names |= {"compare_accuracy", "accuracy_gain"}
+        names |= {"compare_accuracy"} | _with_ci({"accuracy_gain"})
     return names
 
 
@@ -87,7 +101,7 @@ def run_evaluation(settings: EvalSettings, checkpoint: Path, compare_to: Optiona
     else:
         questions = builtin_questions(settings.num, settings.seed, settings.tasks)
     options = Options(samples=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
-                      top_k=settings.top_k,
+                      top_k=settings.top_k, sample_seeds=settings.sample_seeds, bootstrap=settings.bootstrap,
                       seed=settings.seed, max_tokens=settings.max_tokens, timeout_s=settings.timeout_s)
     summary = evaluate(checkpoint, questions, options, compare_to=compare_to, prompt_format=settings.prompt_format,
                        samples_path=out_dir / SAMPLES_FILE)
@@ -122,7 +136,7 @@ def run_stage(ctx: StageContext, settings: EvalSettings) -> Metrics:
     data = ctx.resolve_path(settings.data) if settings.data else None
     ctx.progress(f"evaluating {checkpoint.parent.name}/{checkpoint.name} on {settings.num} questions")
     summary = run_evaluation(settings, checkpoint, compare, data, ctx.stage_dir)
-    return {key: value for key, value in summary.items() if key not in ("per_family", "curve", "compare", "bad_lines")}
+    return {key: value for key, value in summary.items() if key not in NOT_METRICS}
 
 
 # -- the report ---------------------------------------------------------------------------------------
@@ -132,30 +146,9 @@ def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]
     if not path.is_file():
         return None
     summary = json.loads(path.read_text(encoding="utf-8"))
-    from gonogo.report.plots import new_figure, to_png
-
     items = []
     if summary.get("curve"):
-        curve = summary["curve"]
-        ks = [point["k"] for point in curve]
-        figure, axes = new_figure(6.5, 3.4)
-        axes.plot(ks, [summary["accuracy"]] * len(ks), "k--", label="greedy")
-        axes.plot(ks, [p["maj"] for p in curve], "o-", label="maj@k")
-        axes.plot(ks, [p["pass"] for p in curve], "s-", label="pass@k")
-        axes.plot(ks, [p["best_of"] for p in curve], "^-", label=f"best-of-k ({', '.join(summary.get('verifier', []))})")
-        if summary.get("compare_accuracy") is not None:
-            axes.plot(ks, [summary["compare_accuracy"]] * len(ks), ":", color="grey", label="compared model (greedy)")
-        axes.set_xscale("log", base=2)
-        axes.set_xticks(ks, [str(k) for k in ks])
-        axes.set_xlabel(f"k (samples per question, temperature {summary.get('temperature')})")
-        axes.set_ylabel("accuracy")
-        axes.set_ylim(0, 1.02)
-        axes.legend(fontsize="small")
-        items.append(ReportItem(title="Accuracy against k", png=to_png(figure)))
-        items.append(ReportItem(title="Tokens per question against k", table=[
-            {"k": p["k"], "maj@k": round(p["maj"], 4), "pass@k": round(p["pass"], 4),
-             "best_of_k": round(p["best_of"], 4), "tokens_per_question": round(p["tokens_per_question"], 1)}
-            for p in curve]))
+        items += _scaling_items(summary)
     k = max(summary.get("samples") or [1])
     compare = (summary.get("compare") or {}).get("per_family", {})
     rows = []
@@ -174,10 +167,101 @@ def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]
     return items
 
 
+def _interval(summary: dict[str, Any], name: str) -> str:
+    value, low, high = summary.get(name), summary.get(f"{name}_ci_low"), summary.get(f"{name}_ci_high")
+    if value is None:
+        return "not measured"
+    def shown(number: float) -> str:
+        return f"{round(number, 3) + 0.0:.3f}"  # + 0.0: no "-0.000" for a sum that is zero up to rounding
+
+    if low is None or high is None:
+        return shown(value)
+    return f"{shown(value)} [{shown(low)}, {shown(high)}]"
+
+
+def _gain_verdict(summary: dict[str, Any], name: str, label: str, k: int) -> str:
+    """One plain sentence: does ``name@k`` (a gain over greedy) hold beyond the noise, seed by seed?"""
+    low = summary.get(f"{name}@{k}_ci_low")
+    seeds = summary.get("per_seed") or []
+    wins = sum(1 for entry in seeds if (entry.get(f"{name}@{k}") or 0) > 0)
+    held = ("holds: its 95% interval is above 0" if low is not None and low > 0
+            else "does not hold beyond the noise: its 95% interval reaches 0 or below")
+    return (f"{label} minus greedy: {_interval(summary, f'{name}@{k}')}; the gain {held}; it is positive at "
+            f"{wins} of {len(seeds)} sampling seed{'s' if len(seeds) != 1 else ''}.")
+
+
+def _scaling_items(summary: dict[str, Any]) -> list[ReportItem]:
+    """The test-time scaling curve with its bootstrap bands, its table, the verifier's quality
+    and the per-seed values."""
+    from gonogo.report.plots import new_figure, to_png
+
+    curve = summary["curve"]
+    ks = [point["k"] for point in curve]
+    seeds = summary.get("sample_seeds", 1)
+    figure, axes = new_figure(6.5, 3.6)
+    greedy, low, high = summary["accuracy"], summary.get("accuracy_ci_low"), summary.get("accuracy_ci_high")
+    axes.plot(ks, [greedy] * len(ks), "k--", label="greedy")
+    if low is not None and high is not None:
+        axes.fill_between(ks, [low] * len(ks), [high] * len(ks), color="black", alpha=0.08)
+    verifier_name = ", ".join(summary.get("verifier", []))
+    for name, marker, label in (("maj@{k}", "o-", "maj@k"), ("pass@{k}", "s-", "pass@k"),
+                                ("best_of_{k}", "^-", f"best-of-k ({verifier_name})")):
+        values = [summary[name.format(k=k)] for k in ks]
+        (line,) = axes.plot(ks, values, marker, label=label)
+        lows = [summary.get(name.format(k=k) + "_ci_low") for k in ks]
+        highs = [summary.get(name.format(k=k) + "_ci_high") for k in ks]
+        if None not in lows and None not in highs:
+            axes.fill_between(ks, lows, highs, color=line.get_color(), alpha=0.15)
+    if summary.get("compare_accuracy") is not None:
+        axes.plot(ks, [summary["compare_accuracy"]] * len(ks), ":", color="grey", label="compared model (greedy)")
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(ks, [str(k) for k in ks])
+    axes.set_xlabel(f"k (samples per question, temperature {summary.get('temperature')})")
+    axes.set_ylabel("accuracy")
+    axes.set_ylim(0, 1.02)
+    axes.set_title(f"{summary['questions']} questions x {seeds} sampling seed{'s' if seeds != 1 else ''}; "
+                   f"bands: 95% bootstrap over questions", fontsize="small")
+    axes.legend(fontsize="small")
+    items = [ReportItem(title="Test-time scaling: accuracy against k, with 95% confidence bands",
+                        png=to_png(figure))]
+    items.append(ReportItem(title="Test-time scaling (value [95% CI low, high])", table=[
+        {"k": p["k"], "greedy": _interval(summary, "accuracy"), "maj@k": _interval(summary, f"maj@{p['k']}"),
+         "best-of-k": _interval(summary, f"best_of_{p['k']}"), "pass@k": _interval(summary, f"pass@{p['k']}"),
+         "maj gain": _interval(summary, f"maj_gain@{p['k']}"), "best-of gain": _interval(summary, f"best_gain@{p['k']}"),
+         "tokens/question": round(p["tokens_per_question"], 1)} for p in curve]))
+
+    def quality(name: str, block: dict[str, Any]) -> dict[str, Any]:
+        def shown(value: Any) -> Any:
+            return "not measured" if value is None else round(value, 4)
+        return {"": name, "samples scored": block.get("verifier_samples"), "accepted": block.get("verifier_accepted"),
+                "right (labelled after scoring)": block.get("verifier_right_samples"),
+                "precision": shown(block.get("verifier_precision")), "recall": shown(block.get("verifier_recall")),
+                "lift (precision / share right)": shown(block.get("verifier_lift"))}
+
+    items.append(ReportItem(
+        title=f"Best-of-N verifier ({verifier_name}): it never sees the reference answer. Precision = right "
+              f"among accepted (every check passed), recall = accepted among right; right or wrong is "
+              f"labelled after scoring",
+        table=[quality("all", summary)] + [quality(family, block) for family, block in
+                                           summary.get("per_family", {}).items()]))
+    k = max(ks)
+    items.insert(1, ReportItem(title="Does sampling beat greedy?", text=" ".join(
+        _gain_verdict(summary, name, label, k) for name, label in (("maj_gain", f"maj@{k}"), ("best_gain", f"Best-of-{k} (verifier)")))))
+    if len(summary.get("per_seed") or []) > 1:
+        items.append(ReportItem(title=f"Each sampling seed alone (k = {k})", table=[
+            {"sampling seed": entry["sampling_seed"], "greedy": round(summary["accuracy"], 4),
+             f"maj@{k}": round(entry[f"maj@{k}"], 4), f"maj_gain@{k}": round(entry[f"maj_gain@{k}"], 4),
+             f"best_of_{k}": round(entry[f"best_of_{k}"], 4), f"best_gain@{k}": round(entry[f"best_gain@{k}"], 4),
+             f"pass@{k}": round(entry[f"pass@{k}"], 4)}
+            for entry in summary["per_seed"]]))
+    return items
+
+
 STAGE = StageKind(
     name="eval",
     description="reasoning eval on held-out tasks with test-time scaling: greedy accuracy, maj@k, pass@k, "
-                "best-of-N with a step verifier, tokens per question, per task family",
+                "best-of-N with a process verifier that never sees the reference, bootstrap confidence "
+                "intervals, tokens per question, per task family",
     settings=EvalSettings,
     metrics=stage_metrics,
     run=run_stage,
@@ -204,6 +288,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num", type=int, default=100, help="questions (default: 100)")
     parser.add_argument("--seed", type=int, default=0, help="question and sampling seed (default: 0)")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
+    parser.add_argument("--sample-seeds", type=int, default=1, metavar="S",
+                        help="sampling rounds of max(samples) samples per question, each its own seed (default: 1)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass (default: 1.0)")
     parser.add_argument("--data", type=Path, default=None,
                         help='a JSONL file of {"prompt" or "messages", "answer"} instead of the built-in tasks')
@@ -223,7 +309,7 @@ def command(args: argparse.Namespace) -> int:
 
     try:
         settings = EvalSettings(samples=args.samples, num=args.num, seed=args.seed, temperature=args.temperature,
-                                top_p=args.top_p,
+                                top_p=args.top_p, sample_seeds=args.sample_seeds,
                                 tasks=args.tasks.split(",") if args.tasks else None)
     except ValidationError as error:
         raise UserError(format_validation_error(error, "command line", EvalSettings)) from None
@@ -237,7 +323,7 @@ def command(args: argparse.Namespace) -> int:
     console.print(f"run directory: {run_dir.root}")
     summary = run_evaluation(settings, checkpoint, compare, args.data, stage_dir)
     write_json_atomic(stage_dir / "metrics.json", {key: value for key, value in summary.items()
-                                                   if key not in ("per_family", "curve", "compare", "bad_lines")})
+                                                   if key not in NOT_METRICS})
     if args.json:
         write_json_atomic(args.json, summary)
 
@@ -246,8 +332,10 @@ def command(args: argparse.Namespace) -> int:
     for column in ("k", "greedy", "maj@k", "pass@k", "best-of-k", "tokens/question"):
         table.add_column(column, justify="right")
     for point in summary["curve"]:
-        table.add_row(str(point["k"]), f"{summary['accuracy']:.3f}", f"{point['maj']:.3f}", f"{point['pass']:.3f}",
-                      f"{point['best_of']:.3f}", f"{point['tokens_per_question']:.0f}")
+        k = point["k"]
+        table.add_row(str(k), _interval(summary, "accuracy"), _interval(summary, f"maj@{k}"),
+                      _interval(summary, f"pass@{k}"), _interval(summary, f"best_of_{k}"),
+                      f"{point['tokens_per_question']:.0f}")
     out = Console()
     out.print(table)
     k = max(settings.samples)
@@ -260,9 +348,14 @@ def command(args: argparse.Namespace) -> int:
     out.print(families)
     if "accuracy_gain" in summary:
         out.print(f"compared with {compare}: accuracy {summary['compare_accuracy']:.3f} -> {summary['accuracy']:.3f} "
-                  f"(gain {summary['accuracy_gain']:+.3f})")
+                  f"(gain {_interval(summary, 'accuracy_gain')})")
     if summary["skipped_lines"]:
         out.print(f"skipped {summary['skipped_lines']} bad lines of {args.data} (see {stage_dir / RESULTS_FILE})")
-    out.print(f"verifier: {', '.join(summary['verifier'])}; generated {summary['generated_tokens']} tokens "
+    precision, recall = summary.get("verifier_precision"), summary.get("verifier_recall")
+    out.print(f"best-of-k verifier ({', '.join(summary['verifier'])}; it never sees the reference): precision "
+              f"{'not measured' if precision is None else f'{precision:.3f}'}, recall "
+              f"{'not measured' if recall is None else f'{recall:.3f}'} over {summary['verifier_samples']} samples "
+              f"(95% bootstrap intervals over questions in brackets, {summary['sample_seeds']} sampling seed(s))")
+    out.print(f"generated {summary['generated_tokens']} tokens "
               f"in {summary['generation_seconds']:.1f} s")
     return 0
