@@ -31,7 +31,9 @@ STAGE_METRICS = {"final_loss", "val_loss", "tokens_per_second", "tokens_per_seco
                  "train_seconds", "world_size", "parameters", "resumed_from_step",
                  # resilience (gonogo.train.guards, docs/resilience.md)
                  "restarts", "hang_detections", "rollbacks", "skipped_batches", "budget_stopped",
-                 "steps_completed", "straggler_ranks", "min_relative_score"}
+                 "steps_completed", "straggler_ranks", "min_relative_score",
+                 # checkpoint cost (train.checkpoint_async; docs/checkpoint.md)
+                 "checkpoint_saves", "checkpoint_blocked_s_mean", "checkpoint_blocked_s_max"}
 LOG_NAME = "torchrun.log"
 
 
