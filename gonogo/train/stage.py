@@ -122,6 +122,10 @@ def preflight(config: TrainConfig, nproc: int, resume: str) -> None:
     check_data(config)
     if resume not in ("auto", "never") and not Path(resume).exists():
         raise UserError(f"resume {resume}: no such checkpoint or run directory (or use auto / never)")
+    if resume not in ("auto", "never"):
+        from gonogo.train.checkpoint import check_resume_path
+
+        check_resume_path(resume)  # verified here, before DCP unpickles anything in a worker
 
 
 def check_data(config: TrainConfig) -> None:
