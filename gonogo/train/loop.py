@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from gonogo.errors import UserError
 from gonogo.model.config import ModelConfig
 from gonogo.train import faults as faults_module
 from gonogo.train import guards
@@ -219,6 +220,10 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
     restarts = faults_module.restart_count()
     skipped_checkpoints: list[list[str]] = []
     resumed_from: Optional[str] = None
+    if settings.checkpoint_async and settings.checkpoint and "gloo" not in world.backend:
+        # DCP's async save stages through a CPU process group; NCCL alone cannot carry it
+        raise UserError(f"train.checkpoint_async=true needs a CPU (gloo) backend in the process group, and this "
+                        f"run uses {world.backend!r} only; set train.checkpoint_async=false")
     if settings.checkpoint:
         from gonogo.train.checkpoint import Checkpointer
 
