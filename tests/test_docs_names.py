@@ -13,6 +13,8 @@ The convention (docs/adding-a-stage.md, "Names in the docs"), on every page of d
 - **config keys**: a backticked ``train.<key>`` or ``data.<key>`` (``= value`` may follow) is a field of ``[train]`` /
   ``[data]``; the backticked names in a table column headed ``key`` or ``settings (`train.*`)``
   are fields of the training config (``*`` matches a family, e.g. `watchdog_*`);
+- **metric lists**: the backticked names of a paragraph that starts "Metrics:" or "Stage
+  metrics (...):", and the left side of every gate in a ``gates = [...]`` example, are metrics;
 - **report blocks**: a double-quoted title after "report block(s)" is the title of a block some
   stage kind's report produces.
 
@@ -93,6 +95,9 @@ def declared_metrics() -> set[str]:
     for plan in sorted(PLANS_DIR.glob("*.toml")):
         for stage in load_plan(plan).stages:
             names |= stage.metrics
+    train = get_kind("train")
+    for preset in sorted((ROOT / "gonogo" / "configs").glob("*.toml")):  # MoE presets add MoE metrics
+        names |= set(train.metrics(train.settings.model_validate({"config": preset.stem})))
     for kind_name in kind_names():
         kind = get_kind(kind_name)
         try:
@@ -142,7 +147,20 @@ def mentions(path: Path) -> list[tuple[int, str, str]]:
     found = []
     lines = path.read_text(encoding="utf-8").splitlines()
     header: list[str] = []
+    metric_paragraph = False
     for number, line in enumerate(lines, start=1):
+        # a paragraph that starts "Metrics:" or "Stage metrics (...):" lists metrics
+        metric_paragraph = bool(line.strip()) and (metric_paragraph or bool(
+            re.match(r"(Stage metrics|Metrics)\b[^:]*:", line)))
+        if metric_paragraph:
+            # the list is the paragraph's first sentence; parentheses explain, they do not list
+            listed = re.sub(r"^(Stage metrics|Metrics)\b[^:]*:", "", line)
+            listed, ended = re.subn(r"(;|\.(\s|$)).*$", "", re.sub(r"\([^)]*\)", "", listed))
+            found += [(number, "metric", name) for name in _names(listed) if "." not in name]
+            metric_paragraph = not ended
+        for gates in re.findall(r"\bgates\s*=\s*\[(.*)\]", line):
+            found += [(number, "condition", name)
+                      for name in re.findall(r'"(\w[\w@]*)\s*(?:<=|>=|==|!=|<|>)[^"]*"', gates)]
         if line.startswith("|"):
             cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
             if number < len(lines) and re.fullmatch(r"\|[-| :]+\|", lines[number].strip()):
