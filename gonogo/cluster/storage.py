@@ -47,7 +47,7 @@ def _random_data(size_bytes: int, seed: Optional[int] = None) -> memoryview:
 
     generator = np.random.SFC64(seed)  # raw 64-bit outputs: the cheapest good random bytes numpy has
     words = generator.random_raw((size_bytes + 7) // 8)
-    return memoryview(words.view(np.uint8))[:size_bytes]
+    return words.view(np.uint8).data[:size_bytes]
 
 
 def _available_memory_bytes() -> Optional[int]:
