@@ -11,8 +11,9 @@ import re
 
 from gonogo.errors import UserError
 
-# a file or directory name that stays where it is put: no separator, no leading dot ('..', hidden)
-_PATH_COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# a file or directory name that stays where it is put: no separator, no control character, no
+# leading dot ('.', '..', hidden); anything else (spaces included) is a legal, harmless name
+_PATH_COMPONENT = re.compile(r"[^/\\\x00-\x1f\x7f.][^/\\\x00-\x1f\x7f]*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -21,8 +22,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 def check_path_component(value: str, what: str) -> str:
     """A name used as one directory under a base folder (e.g. ``runs/<plan>-<time>``)."""
     if not _PATH_COMPONENT.fullmatch(value) or len(value) > 100:
-        raise UserError(f"{what} {value!r} must be a plain name of at most 100 letters, digits, '-', '_' and '.' "
-                        f"(no '/', '\\', '..' or leading '.'), so the run stays under runs/")
+        raise UserError(f"{what} {value!r} must be one plain name of at most 100 characters (no '/', '\\', "
+                        f"newline or leading '.'), so the run stays under runs/")
     return value
 
 
