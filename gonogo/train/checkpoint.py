@@ -511,6 +511,14 @@ def _verify_for_loading(path: Path) -> tuple[bool, str]:
     ok, reason = verify_checkpoint(path)
     if not ok:
         return ok, reason
+    unlisted = _unlisted_file(path)
+    if unlisted is not None:
+        return False, f"{unlisted} is not listed in the manifest (an unverified file is never loaded)"
+    return True, "ok"
+
+
+def _unlisted_file(path: Path) -> Optional[str]:
+    """The first file a load would read that the (verified) manifest does not list, or None."""
     listed = set(json.loads((path / manifest.MANIFEST_NAME).read_text(encoding="utf-8"))["files"])
     readable = [file for folder in ("dcp", "ranks") if (path / folder).is_dir()
                 for file in sorted((path / folder).rglob("*")) if file.is_file()]
@@ -518,8 +526,8 @@ def _verify_for_loading(path: Path) -> tuple[bool, str]:
     for file in readable:
         relative = file.relative_to(path).as_posix()
         if relative not in listed:
-            return False, f"{relative} is not listed in the manifest (an unverified file is never loaded)"
-    return True, "ok"
+            return relative
+    return None
 
 
 def check_resume_path(resume: str) -> None:
@@ -568,6 +576,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         log.warning("skipping %s: %s", skipped_path, reason)
     # the run's newest model: the last checkpoint committed by any of its training stages
     choice = max(found, key=lambda p: (p / manifest.COMMITTED_NAME).stat().st_mtime)
+    unlisted = _unlisted_file(choice)  # its hashes were just verified; DCP's pickle must be among them
+    if unlisted is not None:
+        raise UserError(f"{choice}: checkpoint cannot be used: {unlisted} is not listed in the manifest "
+                        "(an unverified file is never loaded)")
     return choice
 
 

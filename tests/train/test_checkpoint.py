@@ -311,6 +311,11 @@ def test_resume_from_outside_the_run_refuses_a_checkpoint_that_does_not_verify(t
     assert verify_checkpoint(forged) == (True, "ok")  # the manifest alone cannot tell
     with pytest.raises(UserError, match=r"dcp/\.metadata is not listed in the manifest"):
         check_resume_path(str(forged))
+    # the same forged checkpoint found inside a run directory someone else made
+    foreign_run = tmp_path / "foreign-run"
+    shutil.copytree(forged, foreign_run / "checkpoints" / "train" / forged.name.replace("forged", "step-00000002"))
+    with pytest.raises(UserError, match=r"dcp/\.metadata is not listed in the manifest"):
+        check_resume_path(str(foreign_run))
     # a flipped byte in the pickle itself
     flipped = tmp_path / "flipped"
     shutil.copytree(outside, flipped)
