@@ -329,3 +329,27 @@ def test_resume_from_outside_the_run_refuses_a_checkpoint_that_does_not_verify(t
         err = capsys.readouterr().err.strip()
         assert code == 2 and why in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / f"run-{bad.name}" / "stages").exists()  # no worker started
+
+
+def test_an_async_save_whose_write_fails_never_commits(tmp_path, monkeypatch):
+    """A background write that dies half-way leaves only the hidden temporary directory; the
+    previous checkpoint stays the newest good one, and the failure reaches the training loop."""
+    from torch.distributed.checkpoint import filesystem
+
+    job = make_job()
+    checkpointer = Checkpointer(tmp_path, async_mode=True)
+    save(checkpointer, 1, job)
+    checkpointer.wait()
+    real_write = filesystem._write_files_from_queue
+
+    def dying_write(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(filesystem, "_write_files_from_queue", dying_write)
+    save(checkpointer, 2, job)
+    with pytest.raises(RuntimeError, match="async checkpoint step-00000002 failed"):
+        checkpointer.wait()
+    monkeypatch.setattr(filesystem, "_write_files_from_queue", real_write)
+    assert not (tmp_path / "step-00000002").exists()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["step-00000001"]
+    assert manifest.newest_verified(tmp_path)[0] == tmp_path / "step-00000001"
