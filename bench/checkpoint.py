@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.quiet import RULE, LoadWatch, machine, verdict  # noqa: E402
 from gonogo.cluster.torchrun import free_port, torchrun_env  # noqa: E402
 from gonogo.model.config import ModelConfig  # noqa: E402
 from gonogo.train import manifest  # noqa: E402
@@ -145,15 +145,16 @@ def gbps(size: int, seconds: float) -> float:
     return size / seconds / 1e9
 
 
-def report(single: dict, distributed: dict) -> str:
+def report(single: dict, distributed: dict, single_watch: LoadWatch, distributed_watch: LoadWatch) -> str:
     size = single["bytes"]
     lines = [
         "# Checkpoint speed",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-        f"a temporary directory on the disk of {tempfile.gettempdir()}. Model: {LAYERS} × Linear({WIDTH}, {WIDTH}) "
-        f"with AdamW state; checkpoint {size / 1e6:.0f} MB on disk (DCP model + optimizer, model.safetensors, "
-        f"manifest). Best of {REPEATS}. Command: `python bench/checkpoint.py`.",
+        f"Machine: {machine()}; a temporary directory on the disk of {tempfile.gettempdir()}. Model: {LAYERS} × "
+        f"Linear({WIDTH}, {WIDTH}) with AdamW state; checkpoint {size / 1e6:.0f} MB on disk (DCP model + "
+        f"optimizer, model.safetensors, manifest). Best of {REPEATS}. Command: `python bench/checkpoint.py`.",
+        "",
+        f"One process: {single_watch.describe()}. Torchrun: {distributed_watch.describe()}. {RULE}",
         "",
         "| what | seconds | GB/s | vs raw write |",
         "|---|---|---|---|",
@@ -177,9 +178,9 @@ def report(single: dict, distributed: dict) -> str:
                      f"{result['async_blocked_s'] / result['save_s']:.0%} | {result['async_total_s']:.3f} |")
     save_ratio = single["raw_s"] / single["save_s"]
     async_ratio = distributed["async_blocked_s"] / distributed["save_s"]
-    lines += ["", f"Targets: sync save >= 50% of raw: {'met' if save_ratio >= 0.5 else 'NOT met'} ({save_ratio:.0%}); "
-              f"process-based async blocks <= 25% of sync: {'met' if async_ratio <= 0.25 else 'NOT met'} "
-              f"({async_ratio:.0%}).", "",
+    lines += ["", f"Targets: sync save >= 50% of raw: {verdict(save_ratio >= 0.5, single_watch)} ({save_ratio:.0%}); "
+              f"process-based async blocks <= 25% of sync: "
+              f"{verdict(async_ratio <= 0.25, single_watch, distributed_watch)} ({async_ratio:.0%}).", "",
               "A sync save is more than `dcp.save`: it also writes the consolidated model.safetensors "
               "(the model's bytes a second time), hashes every byte with sha256 (what makes a torn or "
               "corrupt checkpoint detectable; the DCP shards are hashed while model.safetensors is "
@@ -198,10 +199,11 @@ def main() -> None:
     if args.worker:
         distributed_main(args.worker, args.repeats)
         return
-    with tempfile.TemporaryDirectory(prefix="gonogo-bench-") as work:
+    with tempfile.TemporaryDirectory(prefix="gonogo-bench-") as work, LoadWatch() as single_watch:
         single = measure(Path(work), args.repeats)
-    distributed = run_under_torchrun(args.repeats)
-    text = report(single, distributed)
+    with LoadWatch() as distributed_watch:
+        distributed = run_under_torchrun(args.repeats)
+    text = report(single, distributed, single_watch, distributed_watch)
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / "checkpoint.md").write_text(text, encoding="utf-8")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import platform
 import sys
 import tempfile
 import threading
@@ -27,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "infer"))
 
+from bench.quiet import RULE, LoadWatch, machine, verdict  # noqa: E402
 from gonogo.data.tokenizer import ByteTokenizer  # noqa: E402
 from gonogo.infer.engine import Engine, EngineSettings, Request  # noqa: E402
 from gonogo.infer.sampling import SamplingParams  # noqa: E402
@@ -210,7 +210,6 @@ def measure(threads: int, workdir: Path) -> dict:
 
 def main() -> None:
     import argparse
-    import os
 
     import transformers
 
@@ -220,22 +219,23 @@ def main() -> None:
     torch.manual_seed(0)
     runs = []
     for threads in [int(part) for part in args.threads.split(",")]:
-        with tempfile.TemporaryDirectory() as workdir:
+        with tempfile.TemporaryDirectory() as workdir, LoadWatch() as watch:
             runs.append(measure(threads, Path(workdir)))
-    load = os.getloadavg()
+        runs[-1]["watch"] = watch
     lines = [
         "# Serving speed (bench/serve.py)", "",
-        f"Machine: {os.cpu_count()} cores ({platform.machine()}), torch {torch.__version__}, transformers "
-        f"{transformers.__version__}; load average during the run {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-        "(other jobs shared the cores: absolute numbers are noisy, the ratios were measured side by side). "
+        f"Machine: {machine()}, transformers {transformers.__version__}. "
         f"Model: 4 layers, d=256, 4 heads, SwiGLU 1024, vocab 384, random weights. Prompt {PROMPT_TOKENS} "
         f"tokens, {NEW_TOKENS} new tokens per sequence, greedy, best of {REPEATS} interleaved rounds; tokens/s "
         "include the prefill.",
+        "",
+        RULE,
         "",
     ]
     for run in runs:
         lines += [
             f"## {run['threads']} torch thread{'s' if run['threads'] > 1 else ''}", "",
+            f"Machine during these measurements: {run['watch'].describe()}.", "",
             f"Same greedy tokens as transformers on the same weights (32 tokens): {'yes' if run['same'] else 'NO'}.",
             "",
             "Tokens per wall-clock second, and in brackets per CPU-second of the process (robust to other "
@@ -258,7 +258,15 @@ def main() -> None:
         ]
         for dtype, (sequential, concurrent) in served.items():
             lines.append(f"| {dtype} | {sequential:.0f} | {concurrent:.0f} | {concurrent / sequential:.2f}x |")
-        lines.append("")
+        speeds = dict(run["rows"])
+        best = {batch: max(speeds[batch][dtype][0] for dtype in ("float32", "bfloat16"))
+                / speeds[batch]["transformers"][0] for batch in speeds}
+        streams = max(concurrent / sequential for sequential, concurrent in served.values())
+        watch = run["watch"]
+        lines += ["", f"Targets at {run['threads']} thread(s): >= 2x transformers at batch 1: "
+                  f"{verdict(best.get(1, 0) >= 2, watch)} ({best.get(1, 0):.2f}x); >= 1.5x at batch 8: "
+                  f"{verdict(best.get(8, 0) >= 1.5, watch)} ({best.get(8, 0):.2f}x); >= 4x aggregate with 8 "
+                  f"concurrent streams vs sequential: {verdict(streams >= 4, watch)} ({streams:.2f}x).", ""]
     lines += [
         "Targets: >= 2x transformers at batch 1 (aim 3x), >= 1.5x at batch 8, >= 4x aggregate with 8 "
         "concurrent streams vs sequential.", "",

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from gonogo.config import PLANS_DIR, Strict, load_toml, resolve_preset, validate
 from gonogo.errors import UserError
@@ -31,6 +31,17 @@ class PlanHeader(Strict):
     name: str = "plan"
     description: str = ""
     budget_device_hours: Optional[float] = Field(default=None, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name_stays_under_runs(cls, name: str) -> str:
+        # the run directory is runs/<name>-<time>: a separator or '..' would put it elsewhere
+        from gonogo.names import check_path_component
+
+        try:
+            return check_path_component(name, "plan name")
+        except UserError as error:
+            raise ValueError(str(error)) from None
 
 
 @dataclass

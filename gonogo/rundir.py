@@ -59,6 +59,9 @@ class RunDir:
     def create(cls, out: Optional[Path], plan_name: str, base: Path = Path("runs")) -> "RunDir":
         """A new run directory. An existing, non-empty directory is never reused."""
         if out is None:
+            from gonogo.names import check_path_component
+
+            check_path_component(plan_name, "plan name")  # the run stays a folder of ``base``
             root = base / f"{plan_name}-{utc_stamp()}"
             suffix = 1
             while root.exists():

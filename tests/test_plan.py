@@ -72,3 +72,32 @@ def test_model_reference_must_name_an_earlier_stage(write_plan):
     fine = GOOD_STAGE + GOOD_STAGE.replace('name = "probe"', 'name = "second"').replace(
         'argv = ["python", "-c", "pass"]', 'argv = ["python", "-c", "pass", "@probe"]')
     assert len(load_plan(write_plan(fine)).stages) == 2
+
+
+def _plan_named(tmp_path, name):
+    plan = tmp_path / "p.toml"
+    plan.write_text(f'[plan]\nname = "{name}"\n[[stage]]\nname = "d"\nkind = "command"\nargv = ["true"]\n')
+    return plan
+
+
+@pytest.mark.parametrize("name", ["/abs", "a/b", "a\\\\b", ".hidden", "..", "x\\ny"])
+def test_a_plan_name_that_would_leave_runs_is_refused(tmp_path, name):
+    with pytest.raises(UserError, match="plan name .* so the run stays under runs/"):
+        load_plan(_plan_named(tmp_path, name))
+
+
+def test_a_plan_name_that_would_leave_runs_is_one_line_exit_2(tmp_path):
+    from tests.conftest import run_gonogo
+
+    result = run_gonogo("run", _plan_named(tmp_path, "../x"), cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "plan name '../x'" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["p.toml"]  # nothing created, here or above
+
+
+def test_run_dir_refuses_a_plan_name_with_a_separator(tmp_path):
+    from gonogo.rundir import RunDir
+
+    with pytest.raises(UserError, match="stays under runs/"):
+        RunDir.create(None, "../escape", base=tmp_path / "runs")
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "runs").exists()

@@ -270,7 +270,7 @@ def inventory_rows(document: dict[str, Any]) -> list[dict[str, str]]:
                                                f"compute capability {device['compute_capability']}"))
     storage = document.get("storage")
     if storage:
-        cache = "" if storage["page_cache_dropped"] else " (page cache not dropped: read speed is the cache's)"
+        cache = "" if storage["page_cache_dropped"] else f" ({storage.get('read_note', 'page cache not dropped')})"
         rows += [
             ("storage", storage["path"]),
             ("storage write", f"{storage['write_GBps']} GB/s ({storage['size_MB']} MB, fsync)"),

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gonogo.errors import UserError
+from gonogo.names import check_dns_label, check_env_name, check_pattern, check_single_line
 
 RDZV_PORT = 29500
 DO_NOT_REQUEUE_EXIT = 93
@@ -62,8 +63,31 @@ class LaunchSpec:
             raise UserError(f"--gpus-per-node must be >= 1, got {self.gpus_per_node}")
         if target == "k8s" and not self.image:
             raise UserError("--image is required for --target k8s (the container image that has gonogo installed)")
-        if not self.name.replace("-", "").isalnum() or self.name != self.name.lower():
-            raise UserError(f"--name {self.name!r} must be lower-case letters, digits and '-' (a Kubernetes/Slurm name)")
+        self.check_strings()
+
+    def check_strings(self) -> None:
+        """Every user string that lands in the generated files: names that are written unquoted
+        (``#SBATCH`` lines, Kubernetes names, variable names) may hold only what their place
+        allows; everything else is quoted with shlex, and no field may hold a newline."""
+        check_dns_label(self.name, "--name")
+        check_dns_label(self.namespace, "--namespace")
+        check_pattern(self.pvc, r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?", "--pvc",
+                      "a Kubernetes name: lower-case letters, digits, '-' and '.'")
+        check_pattern(self.shared_dir, r"/[A-Za-z0-9_./-]*", "--shared-dir",
+                      "an absolute path of letters, digits, '_', '-', '.' and '/' (it is written into #SBATCH lines)")
+        if ".." in self.shared_dir.split("/"):
+            raise UserError(f"--shared-dir {self.shared_dir!r} must not contain '..'; give the real path")
+        check_pattern(self.partition, r"[A-Za-z0-9_.,-]*", "--partition", "letters, digits, '_', '-', '.' and ','")
+        check_pattern(self.account, r"[A-Za-z0-9_.-]*", "--account", "letters, digits, '_', '-' and '.'")
+        check_pattern(self.time_limit, r"[0-9]+(-[0-9]+)?(:[0-9]+){0,2}", "--time",
+                      "a Slurm time such as 04:00:00, 90 or 1-12:00:00")
+        check_pattern(self.memory, r"[0-9]+(\.[0-9]+)?([KMGTPE]i?)?", "memory", "a Kubernetes quantity such as 512Gi")
+        for what, value in (("config", self.config), ("--image", self.image),
+                            *(("override", item) for item in self.overrides)):
+            check_single_line(value, what)
+        for key, value in self.env.items():
+            check_env_name(key, "--env")
+            check_single_line(value, f"--env {key}")
 
     @property
     def run_dir(self) -> str:

@@ -23,8 +23,11 @@ Argo's failureLimit is per metric. The Prometheus queries assume pod labels are 
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
+
+from gonogo.names import check_dns_label, check_pattern
 
 PORT = 8000
 
@@ -43,13 +46,25 @@ def _quality_command(settings, canary_url: str, stable_url: str) -> str:
         parts += ["--min-accuracy", f"{t.accuracy:g}"]
     if t.accuracy_drop is not None:
         parts += ["--max-accuracy-drop", f"{t.accuracy_drop:g}"]
-    return " ".join(parts)
+    return shlex.join(parts)  # run by `sh -c` (Flagger's loadtester, the Argo job): quote every word
 
 
 def _load_command(settings, url: str) -> str:
     load = settings.load
-    return (f"gonogo loadtest --url {url} --rate {load.rate:g} --max-concurrency {load.concurrency} "
-            f"--duration {settings.analysis.interval_s:g}")
+    return shlex.join(["gonogo", "loadtest", "--url", url, "--rate", f"{load.rate:g}", "--max-concurrency",
+                       str(load.concurrency), "--duration", f"{settings.analysis.interval_s:g}"])
+
+
+def check_inputs(settings, *, name: str, namespace: str) -> None:
+    """UserError for a name, namespace or webhook URL that cannot go into the manifests as is."""
+    check_dns_label(name, "--name")
+    check_dns_label(namespace, "namespace")
+    hooks = settings.webhooks
+    for what, url in (("pre_rollout", hooks.pre_rollout), ("confirm_promotion", hooks.confirm_promotion),
+                      ("rollback", hooks.rollback)):
+        if url:
+            check_pattern(url, r"https?://[^\s\"'`$\\]+", f"webhook {what}",
+                          "an http(s):// URL without spaces, quotes, '$', '`' or '\\'")
 
 
 def _histogram_p99(metric: str, selector: str, window: str) -> str:
@@ -188,6 +203,7 @@ def write_k8s(directory: Path, settings, *, name: str = "gonogo", namespace: str
     """Write flagger-canary.yaml and argo-rollout.yaml under ``directory``; returns their paths."""
     import yaml
 
+    check_inputs(settings, name=name, namespace=namespace)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = []

@@ -444,7 +444,7 @@ class Checkpointer:
         return resumed
 
     def _load_checked(self, path: Path, model, optimizer, scheduler, model_config) -> Resumed:
-        ok, reason = _from_rank0(verify_checkpoint(path) if _rank() == 0 else None)
+        ok, reason = _from_rank0(_verify_for_loading(path) if _rank() == 0 else None)
         if not ok:
             raise UserError(f"{path}: checkpoint cannot be loaded: {reason} "
                             "(use --resume auto to take the newest good one)")
@@ -505,6 +505,42 @@ def _training_checkpoint(path: Path) -> Path:
     return resolved
 
 
+def _verify_for_loading(path: Path) -> tuple[bool, str]:
+    """``verify_checkpoint``, and every file a load reads is in the manifest: DCP's ``.metadata``
+    is a pickle, so an unlisted file (never hashed at commit) is refused, not unpickled."""
+    ok, reason = verify_checkpoint(path)
+    if not ok:
+        return ok, reason
+    unlisted = _unlisted_file(path)
+    if unlisted is not None:
+        return False, f"{unlisted} is not listed in the manifest (an unverified file is never loaded)"
+    return True, "ok"
+
+
+def _unlisted_file(path: Path) -> Optional[str]:
+    """The first file a load would read that the (verified) manifest does not list, or None."""
+    listed = set(json.loads((path / manifest.MANIFEST_NAME).read_text(encoding="utf-8"))["files"])
+    readable = [file for folder in ("dcp", "ranks") if (path / folder).is_dir()
+                for file in sorted((path / folder).rglob("*")) if file.is_file()]
+    readable += [path / name for name in (TRAIN_STATE_NAME, WEIGHTS_NAME) if (path / name).is_file()]
+    for file in readable:
+        relative = file.relative_to(path).as_posix()
+        if relative not in listed:
+            return relative
+    return None
+
+
+def check_resume_path(resume: str) -> None:
+    """UserError (one line) when ``resume`` is a path that is not a checkpoint that verifies.
+
+    Run in the parent before any worker starts, so a checkpoint from outside the run is checked
+    before DCP unpickles its metadata in every rank.
+    """
+    if resume in ("auto", "never"):
+        return
+    _training_checkpoint(Path(resume))
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint dir, a run dir (its newest verified checkpoint under checkpoints/), a
     checkpoints dir, or a Hugging Face export dir (config.json + model.safetensors) -> that dir.
@@ -515,7 +551,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.is_dir():
         raise UserError(f"{path}: no such directory (give a checkpoint, run or Hugging Face export directory)")
     if manifest.is_committed(path) or (path / manifest.META_NAME).is_file():
-        ok, reason = verify_checkpoint(path)
+        ok, reason = _verify_for_loading(path)
         if not ok:
             raise UserError(f"{path}: checkpoint cannot be used: {reason}")
         return path
@@ -540,6 +576,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         log.warning("skipping %s: %s", skipped_path, reason)
     # the run's newest model: the last checkpoint committed by any of its training stages
     choice = max(found, key=lambda p: (p / manifest.COMMITTED_NAME).stat().st_mtime)
+    unlisted = _unlisted_file(choice)  # its hashes were just verified; DCP's pickle must be among them
+    if unlisted is not None:
+        raise UserError(f"{choice}: checkpoint cannot be used: {unlisted} is not listed in the manifest "
+                        "(an unverified file is never loaded)")
     return choice
 
 

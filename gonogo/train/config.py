@@ -72,6 +72,9 @@ class TrainSettings(Strict):
     target_val_loss: float = 1.0             # the MLPerf time-to-train target (nats/token)
     checkpoint_every: int = 0                # 0: only at the end
     checkpoint: bool = True                  # False: never write a checkpoint
+    # True: the loop blocks only while the state is staged in memory; DCP writes the files in a
+    # background process and the checkpoint is committed once they are written (docs/checkpoint.md)
+    checkpoint_async: bool = False
     init_from: Optional[str] = None          # a checkpoint whose weights start the run (finetune)
     init_timeout_s: float = 120.0            # bound on process-group set-up and every collective
     # resilience (gonogo.train.guards; docs/resilience.md)

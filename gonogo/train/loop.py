@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from gonogo.errors import UserError
 from gonogo.model.config import ModelConfig
 from gonogo.train import faults as faults_module
 from gonogo.train import guards
@@ -219,11 +220,15 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
     restarts = faults_module.restart_count()
     skipped_checkpoints: list[list[str]] = []
     resumed_from: Optional[str] = None
+    if settings.checkpoint_async and settings.checkpoint and "gloo" not in world.backend:
+        # DCP's async save stages through a CPU process group; NCCL alone cannot carry it
+        raise UserError(f"train.checkpoint_async=true needs a CPU (gloo) backend in the process group, and this "
+                        f"run uses {world.backend!r} only; set train.checkpoint_async=false")
     if settings.checkpoint:
         from gonogo.train.checkpoint import Checkpointer
 
         # each training stage of a plan keeps its own checkpoints (pretrain, finetune, drills ...)
-        checkpointer = Checkpointer(job.run_dir / "checkpoints" / job.stage)
+        checkpointer = Checkpointer(job.run_dir / "checkpoints" / job.stage, async_mode=settings.checkpoint_async)
         resume = job.resume
         if restarts and guards.has_committed(checkpointer.root):
             # torchrun restarted this attempt: continue from this stage's own newest good checkpoint
@@ -263,6 +268,10 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
     loss_guard = guards.LossGuard(settings.spike_factor)
     rollbacks, skipped_batches, skip_steps = 0, 0, set()
     budget_stopped = False
+    blocked_per_save: list[float] = []  # seconds the loop waited in each checkpoint save
+    # a fault that corrupts a committed checkpoint needs it committed first, on every rank alike
+    fault = faults_module.Fault.from_env()
+    commit_before_fault = settings.checkpoint_async and fault is not None and fault.kind == "corrupt-checkpoint"
     dist.barrier()
 
     history: dict[str, list] = {"utilization_pct": [], "tokens_per_second": [], "mfu": []}
@@ -403,10 +412,21 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
 
         if checkpointer is not None and (step == settings.steps or budget_stopped or (
                 settings.checkpoint_every and step % settings.checkpoint_every == 0)):
+            save_started = time.perf_counter()
             with watchdog.long_phase():
+                # an async save first waits for the previous one to commit: that wait is blocked time too
                 saved = checkpointer.save(step, model, optimizer, scheduler, loader.state_dict(),
                                           extra={"loss": last_loss, "val_loss": last_val}, model_config=config.model,
                                           meta={"train": config.train.model_dump(), "data": config.data.model_dump()})
+            blocked = time.perf_counter() - save_started
+            blocked_per_save.append(blocked)
+            if world.rank == 0:
+                guards.record_event(events_path, job.stage, 0, step, "checkpoint_saved", checkpoint=str(saved),
+                                    blocked_s=blocked, asynchronous=settings.checkpoint_async,
+                                    committed_on_return=not settings.checkpoint_async)
+                writer.write(step, checkpoint_blocked_s=blocked)
+            if commit_before_fault:
+                checkpointer.wait()
             injector.after_checkpoint(step, saved)
         injector.after_step(step)
         if budget_stopped:
@@ -418,8 +438,11 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
 
     watchdog.stop()
     train_seconds = time.perf_counter() - train_started
+    final_wait = None
     if checkpointer is not None:
-        checkpointer.close()
+        wait_started = time.perf_counter()
+        checkpointer.close()  # an async save still in flight is committed here, before the result
+        final_wait = time.perf_counter() - wait_started
     peak_memory = torch.tensor([metrics_module.peak_memory_bytes(world.device.type)], device=world.device)
     dist.all_reduce(peak_memory, op=dist.ReduceOp.MAX)
     writer.write(settings.steps, peak_memory_bytes_rank=metrics_module.peak_memory_bytes(world.device.type))
@@ -462,6 +485,12 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
         "min_relative_score": stragglers.min_relative_score if stragglers else None,
         "straggler_reports": stragglers.reports[-3:] if stragglers else [],
         "train_seconds": train_seconds,
+        "checkpoint_async": settings.checkpoint_async,
+        "checkpoint_saves": len(blocked_per_save),
+        # seconds the loop was blocked per save (staging only, when async); absent without saves
+        "checkpoint_blocked_s_mean": statistics.mean(blocked_per_save) if blocked_per_save else None,
+        "checkpoint_blocked_s_max": max(blocked_per_save) if blocked_per_save else None,
+        "checkpoint_final_wait_s": final_wait if blocked_per_save else None,
         "world_size": world.world_size,
         "device": world.device.type,
         "precision": settings.precision,

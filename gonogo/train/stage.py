@@ -31,7 +31,9 @@ STAGE_METRICS = {"final_loss", "val_loss", "tokens_per_second", "tokens_per_seco
                  "train_seconds", "world_size", "parameters", "resumed_from_step",
                  # resilience (gonogo.train.guards, docs/resilience.md)
                  "restarts", "hang_detections", "rollbacks", "skipped_batches", "budget_stopped",
-                 "steps_completed", "straggler_ranks", "min_relative_score"}
+                 "steps_completed", "straggler_ranks", "min_relative_score",
+                 # checkpoint cost (train.checkpoint_async; docs/checkpoint.md)
+                 "checkpoint_saves", "checkpoint_blocked_s_mean", "checkpoint_blocked_s_max"}
 LOG_NAME = "torchrun.log"
 
 
@@ -120,6 +122,10 @@ def preflight(config: TrainConfig, nproc: int, resume: str) -> None:
     check_data(config)
     if resume not in ("auto", "never") and not Path(resume).exists():
         raise UserError(f"resume {resume}: no such checkpoint or run directory (or use auto / never)")
+    if resume not in ("auto", "never"):
+        from gonogo.train.checkpoint import check_resume_path
+
+        check_resume_path(resume)  # verified here, before DCP unpickles anything in a worker
 
 
 def check_data(config: TrainConfig) -> None:

@@ -83,3 +83,72 @@ def test_cli_writes_the_files(tmp_path):
                         "--image", "img:1", "--out", tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "gonogo-train.pytorchjob.yaml").is_file() and (tmp_path / "gonogo-train.job.yaml").is_file()
+
+
+# -- hostile input: quoted where it is a shell word, refused where it cannot be quoted -------------
+
+HOSTILE = ['x"; touch PWNED; echo "', "x'; touch PWNED; echo '", "$(touch PWNED)", "`touch PWNED`",
+           "x && touch PWNED"]
+
+
+def _fake_tools(bin_dir, argv_file):
+    """gonogo records its arguments; srun runs its command; scontrol answers like Slurm."""
+    bin_dir.mkdir()
+    tools = {"gonogo": f'#!/bin/bash\nprintf "%s\\n" "$@" > {argv_file}\n',
+             "srun": '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n',
+             "scontrol": '#!/bin/bash\necho node-0\n'}
+    for name, text in tools.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+
+
+@pytest.mark.parametrize("hostile", HOSTILE)
+def test_hostile_config_overrides_and_env_values_are_quoted_not_run(tmp_path, hostile):
+    import os
+
+    shared = tmp_path / "shared"
+    argv_file = tmp_path / "argv.txt"
+    _fake_tools(tmp_path / "bin", argv_file)
+    hostile_spec = spec(config=hostile, overrides=[f"train.note={hostile}"], env={"GONOGO_NOTE": hostile},
+                        shared_dir=str(shared))
+    hostile_spec.validate("slurm")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(work),
+           "SLURM_JOB_ID": "7", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "node-0", "SLURM_NNODES": "1"}
+    done = subprocess.run(["bash", "-c", slurm_script(hostile_spec)], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    argv = argv_file.read_text().splitlines()
+    assert argv[:2] == ["train", hostile] and f"train.note={hostile}" in argv  # arrived as literal words
+    # the Kubernetes command is the same shell line: run it as the pod would
+    argv_file.unlink()
+    command = pytorchjob(hostile_spec)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
+        "containers"][0]["command"]
+    done = subprocess.run(command, cwd=work, env={**env, "RANK": "0", "MASTER_ADDR": "m", "MASTER_PORT": "1"},
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert argv_file.read_text().splitlines()[1] == hostile
+    assert not list(tmp_path.rglob("PWNED"))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("partition", "gpu\n#SBATCH --uid=0"), ("partition", 'gpu"; rm -rf /'), ("account", "a$(id)"),
+    ("time_limit", "04:00:00\nrm -rf /"), ("shared_dir", "/shared\nrm -rf /"), ("shared_dir", "/shared/`id`"),
+    ("shared_dir", "relative/dir"), ("shared_dir", "/shared/../etc"), ("name", "job\nrm"), ("namespace", "a;b"),
+    ("env", {"A;rm -rf /": "1"}), ("env", {"A\nB": "1"}), ("env", {"OK": "line\nrm -rf /"}),
+    ("config", "tiny\nrm -rf /"), ("overrides", ["train.steps=1\nrm -rf /"]), ("image", "img\nx"),
+])
+def test_hostile_fields_that_cannot_be_quoted_are_refused(field, value):
+    from gonogo.errors import UserError
+
+    with pytest.raises(UserError) as refused:
+        spec(**{field: value}).validate("slurm")
+    assert "\n" not in str(refused.value).replace("\\n", "")
+
+
+def test_hostile_env_key_on_the_command_line_is_one_line_exit_2(tmp_path):
+    result = run_gonogo("launch", "--target", "slurm", "tiny-dense", "--nodes", "1", "--gpus-per-node", "1",
+                        "--env", "X=1; rm -rf /", "--env", "BAD KEY=1", "--out", tmp_path / "launch")
+    assert result.returncode == 2 and "'BAD KEY' is not an environment variable name" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "launch").exists()

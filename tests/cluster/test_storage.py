@@ -26,8 +26,62 @@ def test_probe_writes_and_reads_back_real_bytes_then_removes_its_file(tmp_path, 
     assert result["write_GBps"] > 0 and result["read_GBps"] > 0
     assert result["write_seconds"] > 0
     assert 0 < result["disk_free_GB"] <= result["disk_total_GB"]
-    assert result["page_cache_dropped"] is hasattr(os, "posix_fadvise")
+    # which method depends on the file system; what the probe claims must match the method
+    assert result["read_method"] in ("o_direct", "fadvise_dontneed")
+    if result["read_method"] == "o_direct":
+        assert result["page_cache_dropped"] is True and "O_DIRECT" in result["read_note"]
+    else:
+        assert result["page_cache_dropped"] is (result["page_cache_resident_fraction"] == 0.0)
     assert list(target.iterdir()) == []
+
+
+def test_written_data_never_repeats_and_does_not_compress(tmp_path, monkeypatch):
+    import zlib
+
+    written = []
+    real_write = os.write
+
+    def recording_write(fd, data):
+        written.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", recording_write)
+    probe_storage(tmp_path, size_MB=20)
+    stream = b"".join(written)
+    assert len(stream) == 20 * MB
+    blocks = [stream[i:i + 4096] for i in range(0, len(stream) - 4096, 4096)]
+    assert len(set(blocks)) == len(blocks)  # no 4 KiB block twice: nothing for deduplication
+    assert len(zlib.compress(stream[:4 * MB], 1)) > 0.99 * 4 * MB  # nothing for compression
+
+
+def _no_direct(monkeypatch):
+    """Stand in for a file system that refuses O_DIRECT (tmpfs answers EINVAL at open)."""
+    real_open = os.open
+
+    def refusing_open(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise (Linux)")
+def test_without_o_direct_the_cache_drop_is_checked_not_assumed(tmp_path, monkeypatch):
+    _no_direct(monkeypatch)
+    dropped = probe_storage(tmp_path, size_MB=4)
+    assert dropped["read_method"] == "fadvise_dontneed" and "O_DIRECT not available" in dropped["read_note"]
+    assert dropped["page_cache_resident_fraction"] == 0.0 and dropped["page_cache_dropped"] is True
+    # a kernel that ignores the request: the probe sees the pages still cached and says so
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: None)
+    ignored = probe_storage(tmp_path, size_MB=4)
+    assert ignored["read_method"] == "fadvise_dontneed" and ignored["page_cache_dropped"] is False
+    assert ignored["page_cache_resident_fraction"] > 0.5 and "partly the cache's" in ignored["read_note"]
+    # and where residency cannot be checked at all, the answer is unknown, not "dropped"
+    monkeypatch.setattr(storage, "resident_fraction", lambda fd, size: (None, "mincore failed (test)"))
+    unknown = probe_storage(tmp_path, size_MB=4)
+    assert unknown["page_cache_dropped"] is None and "effect unknown: mincore failed (test)" in unknown["read_note"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_corrupted_read_back_is_reported(tmp_path, monkeypatch):

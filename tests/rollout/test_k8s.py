@@ -36,3 +36,40 @@ def test_emit_k8s_maps_the_thresholds_one_to_one(tmp_path):
     assert set(argo) == {"success-rate", "e2el-p99", "ttft-p99", "latency-ratio", "quality"}
     assert all(m["failureLimit"] == 2 for m in argo.values())
     assert argo["success-rate"]["successCondition"] == "result[0] >= 0.995"
+
+
+def test_hostile_strings_reach_the_manifests_quoted_or_are_refused(tmp_path):
+    import os
+    import subprocess
+
+    import pytest
+
+    from gonogo.errors import UserError
+    from gonogo.rollout.k8s import write_k8s
+    from gonogo.rollout.stage import CanarySettings
+
+    hostile = 'm"; touch PWNED; echo "$(touch PWNED)`touch PWNED`'
+    settings = CanarySettings(stable="a", canary="b", model_name=hostile,
+                              analysis={"thresholds": {"accuracy_drop": 0.05}})
+    write_k8s(tmp_path / "k8s", settings, name="llm")
+    canary = next(doc for doc in yaml.safe_load_all((tmp_path / "k8s" / "flagger-canary.yaml").read_text())
+                  if doc["kind"] == "Canary")
+    commands = [hook["metadata"]["cmd"] for hook in canary["spec"]["analysis"]["webhooks"] if "metadata" in hook]
+    bin_dir, argv_file = tmp_path / "bin", tmp_path / "argv.txt"
+    bin_dir.mkdir()
+    for tool in ("python", "gonogo"):  # what Flagger's loadtester runs with `sh -c`, recording its words
+        (bin_dir / tool).write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> {argv_file}\n')
+        (bin_dir / tool).chmod(0o755)
+    for command in commands:
+        done = subprocess.run(["sh", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+        assert done.returncode == 0, done.stderr
+    assert hostile in argv_file.read_text().splitlines() and not list(tmp_path.rglob("PWNED"))
+
+    for bad in ({"name": "llm\nx"}, {"name": "a;b"}, {"namespace": "$(id)"}):
+        with pytest.raises(UserError):
+            write_k8s(tmp_path / "refused", settings, **{"name": "llm", **bad})
+    hooked = CanarySettings(stable="a", canary="b", webhooks={"rollback": "http://x/`id`"})
+    with pytest.raises(UserError, match="webhook rollback"):
+        write_k8s(tmp_path / "refused", hooked)
+    assert not (tmp_path / "refused").exists()

@@ -285,3 +285,71 @@ def test_commit_marker_protects_the_manifest(tmp_path):
     (path / "manifest.json").write_text(json.dumps(listing))
     assert verify_checkpoint(path) == (False, "manifest.json does not match the hash recorded in COMMITTED")
     assert manifest.looks_like_checkpoint(path)
+
+
+def test_resume_from_outside_the_run_refuses_a_checkpoint_that_does_not_verify(tmp_path, capsys):
+    import hashlib
+    import shutil
+
+    """DCP's .metadata is a pickle: a checkpoint is verified (every file it would read listed and
+    hashed) in the parent, before a worker starts, and refused in one line with exit 2."""
+    from gonogo.cli import main
+    from gonogo.train.checkpoint import check_resume_path
+
+    outside = save(Checkpointer(tmp_path / "elsewhere"), 2, make_job())
+    check_resume_path(str(outside))  # a good one passes
+    # a forged manifest that leaves the pickle out (and a COMMITTED that matches it)
+    forged = tmp_path / "forged"
+
+    shutil.copytree(outside, forged)
+    listed = json.loads((forged / "manifest.json").read_text())
+    del listed["files"]["dcp/.metadata"]
+    forged_bytes = json.dumps(listed).encode()
+    (forged / "manifest.json").write_bytes(forged_bytes)
+    (forged / "COMMITTED").write_text(json.dumps({"format": 1, "manifest_sha256":
+                                                  hashlib.sha256(forged_bytes).hexdigest()}))
+    assert verify_checkpoint(forged) == (True, "ok")  # the manifest alone cannot tell
+    with pytest.raises(UserError, match=r"dcp/\.metadata is not listed in the manifest"):
+        check_resume_path(str(forged))
+    # the same forged checkpoint found inside a run directory someone else made
+    foreign_run = tmp_path / "foreign-run"
+    shutil.copytree(forged, foreign_run / "checkpoints" / "train" / forged.name.replace("forged", "step-00000002"))
+    with pytest.raises(UserError, match=r"dcp/\.metadata is not listed in the manifest"):
+        check_resume_path(str(foreign_run))
+    # a flipped byte in the pickle itself
+    flipped = tmp_path / "flipped"
+    shutil.copytree(outside, flipped)
+    metadata = flipped / "dcp" / ".metadata"
+    data = bytearray(metadata.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    metadata.write_bytes(bytes(data))
+    for bad, why in ((forged, "not listed in the manifest"), (flipped, "corrupted")):
+        code = main(["train", "tiny-dense", "--nproc", "1", "--out", str(tmp_path / f"run-{bad.name}"),
+                     "--resume", str(bad), "train.parallel=none"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and why in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / f"run-{bad.name}" / "stages").exists()  # no worker started
+
+
+def test_an_async_save_whose_write_fails_never_commits(tmp_path, monkeypatch):
+    """A background write that dies half-way leaves only the hidden temporary directory; the
+    previous checkpoint stays the newest good one, and the failure reaches the training loop."""
+    from torch.distributed.checkpoint import filesystem
+
+    job = make_job()
+    checkpointer = Checkpointer(tmp_path, async_mode=True)
+    save(checkpointer, 1, job)
+    checkpointer.wait()
+    real_write = filesystem._write_files_from_queue
+
+    def dying_write(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(filesystem, "_write_files_from_queue", dying_write)
+    save(checkpointer, 2, job)
+    with pytest.raises(RuntimeError, match="async checkpoint step-00000002 failed"):
+        checkpointer.wait()
+    monkeypatch.setattr(filesystem, "_write_files_from_queue", real_write)
+    assert not (tmp_path / "step-00000002").exists()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["step-00000001"]
+    assert manifest.newest_verified(tmp_path)[0] == tmp_path / "step-00000001"

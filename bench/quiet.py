@@ -1,0 +1,113 @@
+"""Whether a benchmark ran on a quiet machine, so that its result files may call a target met.
+
+A benchmark measured while other jobs hold the cores says more about the other jobs than about
+the code (bench/results/pretrain.md once saw one configuration move 6.7x between two rounds). So
+every measurement runs inside a ``LoadWatch``, which records the load average before and after
+and, from /proc/stat and the benchmark's own CPU time (its children included), the share of the
+machine's CPU time that *other* processes used meanwhile. A target's verdict is "met" or
+"NOT met" only when the machine was quiet; otherwise it is "noisy: no verdict".
+
+Quiet means: the 1-minute load average before the measurement was at most ``LOAD_PER_CORE``
+per core, and other processes used at most ``OTHER_SHARE`` of the machine's CPU time during it.
+Where /proc/stat cannot be read (macOS) the other processes' share is unknown, and so is quiet.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+LOAD_PER_CORE = 0.5
+OTHER_SHARE = 0.10
+NOISY = "noisy: no verdict"
+
+
+def _busy_seconds() -> Optional[float]:
+    """CPU seconds every CPU of the machine has spent not idle since boot (None without /proc)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal: steal is time another VM took from us
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    """This process's CPU time plus that of its finished children (torchrun workers included)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@dataclass
+class LoadWatch:
+    """``with LoadWatch() as watch: ...`` then ``watch.quiet``, ``watch.describe()``."""
+
+    cores: int = field(default_factory=lambda: os.cpu_count() or 1)
+    load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    load_after: Optional[tuple[float, float, float]] = None
+    other_share: Optional[float] = None  # share of the machine's CPU time used by other processes
+    seconds: Optional[float] = None
+
+    def __enter__(self) -> "LoadWatch":
+        self.load_before = os.getloadavg()
+        self._busy, self._own, self._started = _busy_seconds(), _own_cpu_seconds(), time.monotonic()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.monotonic() - self._started
+        busy, own = _busy_seconds(), _own_cpu_seconds()
+        self.load_after = os.getloadavg()
+        if busy is not None and self._busy is not None and self.seconds > 0:
+            others = max(0.0, (busy - self._busy) - (own - self._own))
+            self.other_share = others / (self.seconds * self.cores)
+
+    @property
+    def quiet(self) -> Optional[bool]:
+        """True/False once the watch ended; None when the other processes' share is unknown."""
+        if self.load_before[0] > LOAD_PER_CORE * self.cores:
+            return False
+        if self.other_share is None:
+            return None
+        return self.other_share <= OTHER_SHARE
+
+    def describe(self) -> str:
+        after = "?" if self.load_after is None else f"{self.load_after[0]:.1f}"
+        share = "unknown" if self.other_share is None else f"{self.other_share:.0%}"
+        state = {True: "quiet", False: "busy", None: "unknown"}[self.quiet]
+        return (f"load average (1 min) before / after {self.load_before[0]:.1f} / {after} on {self.cores} cores, "
+                f"other processes used {share} of the CPU time: {state}")
+
+
+def verdict(ok: bool, *watches: LoadWatch) -> str:
+    """"met" / "NOT met" when every measurement behind it ran on a quiet machine, else NOISY."""
+    if watches and all(watch.quiet is True for watch in watches):
+        return "met" if ok else "NOT met"
+    return NOISY
+
+
+def machine() -> str:
+    """One line naming the machine a result file was measured on."""
+    import torch
+
+    from gonogo.train.peak import cpu_model
+
+    cpu = cpu_model()
+    gpus = ""
+    if torch.cuda.is_available():
+        gpus = f", {torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    return (f"{platform.node()}: {cpu}, {os.cpu_count()} cores{gpus}, {platform.system()} {platform.release()}, "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
+RULE = (f"A target is called met or NOT met only from measurements on a quiet machine (1-minute load "
+        f"average before at most {LOAD_PER_CORE} per core, and other processes using at most "
+        f"{OTHER_SHARE:.0%} of the CPU time during the measurement); otherwise it says \"{NOISY}\".")
