@@ -115,8 +115,29 @@ def _nvlink_states(guard: _Guard, handle: Any) -> Any:
                 continue
             links.append({"link": link, "state": f"error: {error}"})
             continue
-        links.append({"link": link, "state": "up" if state == nvml.NVML_FEATURE_ENABLED else "down"})
+        if state == nvml.NVML_FEATURE_ENABLED:
+            links.append({"link": link, "state": "up"})
+        else:
+            links.append({"link": link, "state": _inactive_link_state(nvml, handle, link)})
     return links or UNSUPPORTED
+
+
+def _inactive_link_state(nvml: Any, handle: Any, link: int) -> str:
+    """"down" for an inactive port wired to a peer, "disabled" for a port with no peer.
+
+    A GPU has more NVLink ports than some systems wire (a PCIe card without bridges, a board that
+    uses part of them): NVML lists those ports as inactive too, and they are not a fault. The
+    peer's device type tells them apart; a driver that cannot answer leaves the port "down"
+    (a readiness check does not call a link it cannot read healthy).
+    """
+    remote_type = getattr(nvml, "nvmlDeviceGetNvLinkRemoteDeviceType", None)
+    if remote_type is None:
+        return "down"
+    try:
+        peer = remote_type(handle, link)
+    except nvml.NVMLError:
+        return "down"
+    return "disabled" if peer == getattr(nvml, "NVML_NVLINK_DEVICE_TYPE_UNKNOWN", 0xFF) else "down"
 
 
 def _throttle(guard: _Guard, handle: Any) -> dict[str, Any]:
@@ -227,7 +248,7 @@ def device_problems(device: dict[str, Any]) -> list[str]:
             problems.append(f"{label}: clocks throttled by {', '.join(bad)}")
     links = device.get("nvlink")
     if isinstance(links, list):
-        down = [str(link["link"]) for link in links if link["state"] != "up"]
+        down = [str(link["link"]) for link in links if link["state"] not in ("up", "disabled")]
         if down:
             problems.append(f"{label}: NVLink link(s) {', '.join(down)} not up")
     return problems
@@ -253,7 +274,7 @@ def summary_metrics(report: dict[str, Any]) -> dict[str, Any]:
         for reason in device["throttle"]["reasons"])
     links_down = sum(
         1 for device in devices if isinstance(device.get("nvlink"), list)
-        for link in device["nvlink"] if link["state"] != "up")
+        for link in device["nvlink"] if link["state"] not in ("up", "disabled"))
     return {
         "ecc_errors": sum(uncorrected_ecc_errors(device) for device in devices),
         "gpu_max_temperature_C": max(temperatures) if temperatures else None,
