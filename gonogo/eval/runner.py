@@ -53,6 +53,7 @@ class Options:
     max_tokens: int = 96
     max_batch: int = 64
     timeout_s: float = 1200.0         # bound on the whole generation
+    device: str = "auto"              # where the engine decodes (gonogo/infer/device.py)
 
 
 # -- questions --------------------------------------------------------------------------------------
@@ -203,7 +204,8 @@ def run_model(checkpoint: str | Path, questions: list[Question], options: Option
     tokenizer = ByteTokenizer()
     n = max(options.samples)
     requests = (1 if greedy_only else 2) * len(questions)
-    engine = Engine(model, tokenizer, EngineSettings(max_batch=max(options.max_batch, n), max_waiting=requests + 1))
+    engine = Engine(model, tokenizer, EngineSettings(max_batch=max(options.max_batch, n), max_waiting=requests + 1,
+                                                     device=options.device))
     prompts = [prompt_ids(question, tokenizer, chat) for question in questions]
     greedy = SamplingParams(max_tokens=options.max_tokens, temperature=0.0)
 
