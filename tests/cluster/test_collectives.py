@@ -87,7 +87,7 @@ def test_stage_settings_validate_sizes_and_declare_metrics():
     assert collectives.STAGE.metrics(settings) == {
         "busbw_GBps_avg", "wrong_total", "tcp_retransmit_pct", "all_reduce_busbw_GBps", "sendrecv_busbw_GBps"}
     assert len(collectives.CollectivesSettings().ops) == 6
-    for bad in ({"min_bytes": "64K", "max_bytes": "1K"}, {"max_bytes": "12Q"}, {"ops": ["allreduce"]}, {"nproc": 1}):
+    for bad in ({"min_bytes": "64K", "max_bytes": "1K"}, {"max_bytes": "12Q"}, {"ops": ["allreduce"]}, {"nproc": 0}):
         with pytest.raises(UserError) as error:
             validate(collectives.CollectivesSettings, bad, "plan.toml")
         assert "\n" not in str(error.value)
@@ -106,7 +106,7 @@ def parse_flags(*flags):
     (("--ops", "all_reduce,allreduce"), "'allreduce'"),
     (("-b", "12Q"), "12Q"),
     (("-d", "float16"), "float16"),
-    (("--nproc", "1"), "at least 2"),
+    (("--nproc", "0"), "at least 1"),
     (("-f", "x"), "-f"),
     (("--iters", "0"), "--iters"),
 ])
