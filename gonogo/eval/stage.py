@@ -211,7 +211,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='a JSONL file of {"prompt" or "messages", "answer"} instead of the built-in tasks')
     parser.add_argument("--compare-to", type=Path, default=None,
                         help="another checkpoint: its greedy accuracy and the gain over it")
-    parser.add_argument("--device", default="auto", help="auto (the first GPU when there is one, else cpu), cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="auto",
+                        help="auto (the first GPU when there is one, else cpu), cpu, cuda or cuda:N")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: a new folder under runs/)")
 

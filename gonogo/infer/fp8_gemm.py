@@ -70,6 +70,9 @@ class Fp8Linear(nn.Module):
     ``model.to(dtype=bf16)`` of the surrounding decoder does not cast them.
     """
 
+    weight_bits: torch.Tensor
+    scale_bits: torch.Tensor
+
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -83,7 +86,7 @@ class Fp8Linear(nn.Module):
         leading = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
         M, K = rows.shape
-        M_pad, K_pad = _round_up(M), self.weight_bits.shape[1]
+        M_pad, K_pad = _round_up(M), int(self.weight_bits.shape[1])
         if (M_pad, K_pad) != (M, K):
             rows = torch.nn.functional.pad(rows, (0, K_pad - K, 0, M_pad - M))
         x8, x_scale = _to_e4m3(rows)

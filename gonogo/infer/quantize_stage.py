@@ -173,7 +173,7 @@ def greedy_accuracy(model, problems: list, max_new_tokens: int, timeout_s: float
     return sum(correct) / len(correct)
 
 
-def _dtype_name(model) -> str:
+def _dtype_name(model) -> Literal["float32", "bfloat16"]:
     import torch
 
     return "bfloat16" if model.norm.weight.dtype == torch.bfloat16 else "float32"
