@@ -12,7 +12,7 @@
   gloo collective for a slower rank is not charged to the waiting rank (measured: a 2 s wait in
   all_reduce costs 5 ms of CPU). On CUDA a wall time would charge a fast rank's wait inside an
   FSDP collective to its own forward/backward and even out the scores, so there the profiler
-  records the GPU kernels (CUDA activity: CUPTI's device timestamps, the same events
+  records the CPU ops and the GPU kernels they launch (CUPTI's device timestamps, the clock
   ``torch.cuda.Event`` timing reads) and a section is the device time of the compute kernels
   its ops launched; NCCL kernels, which on a fast rank spin until the slow rank arrives, are
   added up apart as the section's collective wait. Scores follow
@@ -158,10 +158,12 @@ SECTION_PREFIX = "gonogo.section."
 
 
 def _kernel_profiler():
-    """A profiler of the GPU's kernels only (no CPU op shapes, stacks or memory: little overhead)."""
+    """A profiler of the CPU ops (to know which section launched a kernel) and the GPU kernels;
+    no shapes, stacks or memory, which are what make profiling expensive."""
     import torch
 
-    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    return torch.profiler.profile(activities=activities)
 
 
 def split_kernel_time(events: Sequence[Any]) -> dict[str, list[float]]:
@@ -173,8 +175,9 @@ def split_kernel_time(events: Sequence[Any]) -> dict[str, list[float]]:
     kernel's ``duration`` is device time, so a compute kernel costs the same however long the
     stream waited before it; NCCL kernels are the collective wait.
     """
+    # the CPU-side ranges: with CUDA activity the profiler also lists each range on the GPU's timeline
     ranges = [(event.name[len(SECTION_PREFIX):], event.time_range.start, event.time_range.end)
-              for event in events if event.name.startswith(SECTION_PREFIX)]
+              for event in events if event.name.startswith(SECTION_PREFIX) and _on_cpu(event)]
     split: dict[str, list[float]] = {}
     for event in events:
         kernels = getattr(event, "kernels", None)
@@ -188,6 +191,11 @@ def split_kernel_time(events: Sequence[Any]) -> dict[str, list[float]]:
         for kernel in kernels:
             totals["nccl" in kernel.name.lower()] += kernel.duration / 1e6  # microseconds
     return split
+
+
+def _on_cpu(event: Any) -> bool:
+    device_type = getattr(event, "device_type", None)
+    return device_type is None or getattr(device_type, "name", str(device_type)).upper().endswith("CPU")
 
 
 class SectionTimer:

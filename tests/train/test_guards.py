@@ -201,10 +201,10 @@ class _FakeKernelProfiler:
         return self._events
 
 
-def _op(name, start, end, kernels=()):
+def _op(name, start, end, kernels=(), device="CPU"):
     from types import SimpleNamespace
 
-    return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end),
+    return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device,
                            kernels=[SimpleNamespace(name=k, duration=us) for k, us in kernels])
 
 
@@ -212,6 +212,8 @@ def _rank_window(compute_us, wait_us):
     """One step on a GPU: forward/backward compute kernels, then an all-gather that waited."""
     section = guards.SECTION_PREFIX
     return [
+        # the profiler lists each range on the GPU's timeline too: it must not claim the CPU ops
+        _op(section + "optimizer", 0, 50_000, device="CUDA"),
         _op(section + "data", 0, 10, []),
         _op("aten::copy_", 1, 2, [("Memcpy HtoD", 5)]),
         _op(section + "forward_backward", 10, 10_000),
@@ -254,3 +256,18 @@ def test_cuda_section_timer_restarts_its_profiler_every_window():
     timer.take()
     timer.take()
     assert [(p.started, p.stopped) for p in made] == [(1, 1), (1, 1), (1, 0)]
+
+
+def test_section_timer_reads_a_real_profiler():
+    """The torch.profiler calls of the CUDA timer, on this CPU (no kernels, so no device time)."""
+    import torch
+
+    def cpu_profiler():
+        return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+
+    timer = guards.SectionTimer("cuda", profiler_factory=cpu_profiler)
+    with timer.section("forward_backward"):
+        torch.ones(64, 64) @ torch.ones(64, 64)
+    timer.steps = 1
+    assert timer.take() == [0.0, 0.0, 0.0] and timer.collective_means == [0.0, 0.0, 0.0]
+    assert timer.take() == [0.0, 0.0, 0.0]
