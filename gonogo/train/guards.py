@@ -201,9 +201,11 @@ def _on_cpu(event: Any) -> bool:
 class SectionTimer:
     """This rank's time per section since the last ``take()``.
 
-    CPU: process CPU seconds. CUDA: device seconds of the compute kernels, read from a profiler
-    that runs between two ``take()`` calls (``profiler_factory`` makes one; tests pass a fake);
-    ``collective_seconds`` holds the NCCL kernels' time of the same window, apart.
+    CPU: process CPU seconds of every step. CUDA: device seconds of the compute kernels of the
+    first step of each window (the steps between two ``take()`` calls), read from a profiler that
+    records that one step only (``profiler_factory`` makes one; tests pass a fake), so the
+    profiling costs one step per window, not a share of every step; ``collective_means`` holds
+    the NCCL kernels' time of the same step, apart.
     """
 
     def __init__(self, device_type: str, profiler_factory: Optional[Any] = None):
@@ -213,18 +215,26 @@ class SectionTimer:
         self.steps = 0
         self.last_seconds = 0.0  # the length of the section that ended last
         self.collective_means: list[float] = [0.0] * len(SECTIONS)  # of the last take(), CUDA only
-        self._profiler = None
-        if device_type == "cuda":
+        self._cuda = device_type == "cuda"
+        self._profiler: Optional[Any] = None
+        self._profiled_steps = 0
+        if self._cuda:
             self._profiler_factory = profiler_factory or _kernel_profiler
-            self._profiler = self._profiler_factory()
-            self._profiler.start()
+            self._start_profiler()
+
+    def _start_profiler(self) -> None:
+        self._profiler = self._profiler_factory()
+        self._profiler.start()
+        self._profiled_from = self.steps
 
     def _now(self) -> float:
         # on CUDA only the length of the last section (the straggler drill's yardstick) is a wall time
-        return time.perf_counter() if self._profiler is not None else time.process_time()
+        return time.perf_counter() if self._cuda else time.process_time()
 
     @contextlib.contextmanager
     def section(self, name: str) -> Iterator[None]:
+        if self._profiler is not None and self.steps > self._profiled_from:
+            self._read_profiler()  # the profiled step is over: the rest of the window runs unobserved
         started = self._now()
         try:
             if self._profiler is not None:
@@ -236,7 +246,7 @@ class SectionTimer:
                 yield
         finally:
             self.last_seconds = self._now() - started
-            if self._profiler is None:
+            if not self._cuda:
                 self.seconds[name] += self.last_seconds
 
     def _read_profiler(self) -> None:
@@ -245,19 +255,21 @@ class SectionTimer:
             if name in self.seconds:
                 self.seconds[name] += compute
                 self.collective_seconds[name] += collective
-        self._profiler = self._profiler_factory()
-        self._profiler.start()
+        self._profiled_steps = max(1, self.steps - self._profiled_from)
+        self._profiler = None
 
     def take(self) -> list[float]:
         """Mean seconds per step of each section (SECTIONS order), then reset."""
         if self._profiler is not None:
             self._read_profiler()
-        steps = max(1, self.steps)
+        steps = self._profiled_steps if self._cuda else max(1, self.steps)
         means = [self.seconds[name] / steps for name in SECTIONS]
         self.collective_means = [self.collective_seconds[name] / steps for name in SECTIONS]
         self.seconds = {name: 0.0 for name in SECTIONS}
         self.collective_seconds = {name: 0.0 for name in SECTIONS}
         self.steps = 0
+        if self._cuda:
+            self._start_profiler()
         return means
 
 

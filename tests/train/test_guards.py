@@ -245,7 +245,7 @@ def test_cuda_section_timer_charges_compute_kernels_not_collective_wait():
     assert report["straggler_ranks"] == [1] and report["slow_sections"][1] == ["forward_backward", "total"]
 
 
-def test_cuda_section_timer_restarts_its_profiler_every_window():
+def test_cuda_section_timer_profiles_the_first_step_of_every_window():
     made = []
 
     def factory():
@@ -253,7 +253,12 @@ def test_cuda_section_timer_restarts_its_profiler_every_window():
         return made[-1]
 
     timer = guards.SectionTimer("cuda", profiler_factory=factory)
-    timer.take()
+    for step in range(3):  # a window of 3 steps: only the first is profiled
+        with timer.section("forward_backward"):
+            pass
+        timer.steps += 1
+    assert [(p.started, p.stopped) for p in made] == [(1, 1)]
+    assert timer.take() == pytest.approx([5e-6, 2e-3, 1e-4])  # one step's kernels, per step
     timer.take()
     assert [(p.started, p.stopped) for p in made] == [(1, 1), (1, 1), (1, 0)]
 
