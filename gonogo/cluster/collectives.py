@@ -209,6 +209,9 @@ class CollectivesSettings(StageSettings):
     def _range(self) -> "CollectivesSettings":
         if self.min_bytes > self.max_bytes:
             raise ValueError(f"min_bytes ({self.min_bytes}) is bigger than max_bytes ({self.max_bytes})")
+        if self.nproc == 1 and "sendrecv" in self.ops:
+            raise ValueError("sendrecv is a ring between ranks and needs nproc >= 2; with one process "
+                             "leave it out of ops (e.g. --ops all_reduce,all_gather,reduce_scatter,broadcast)")
         return self
 
 

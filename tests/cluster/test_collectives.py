@@ -93,6 +93,10 @@ def test_stage_settings_validate_sizes_and_declare_metrics():
         assert "\n" not in str(error.value)
     with pytest.raises(ValidationError):
         collectives.CollectivesSettings(timeout_s=0)
+    # one process (one GPU): every op but the ring between ranks
+    assert validate(collectives.CollectivesSettings, {"nproc": 1, "ops": ["all_reduce"]}, "plan.toml").nproc == 1
+    with pytest.raises(UserError, match="sendrecv is a ring between ranks"):
+        validate(collectives.CollectivesSettings, {"nproc": 1}, "plan.toml")
 
 
 def parse_flags(*flags):
