@@ -4,7 +4,8 @@
 #   bash bench/gpu_smoke.sh [DEST]        (from the repository root or anywhere)
 #
 # DEST (default: "$OUT/gpu-smoke" when OUT is set, else ./gpu-smoke-result) receives the run
-# directory without its large binaries (checkpoints, weights: listed in left-out.txt), and the
+# directory without its files over 4 MB (checkpoints, weights: listed in left-out.txt; the
+# report, summary, metrics and events always come), and the
 # machine's description: nvidia-smi, torch and driver versions, pip freeze, the console log.
 # Exit status: gonogo's (0 GO, 1 NO-GO, 2 error), 124 when the timeout ended the run, 3 when the
 # machine cannot run it (no CUDA torch).
@@ -97,7 +98,8 @@ if os.path.isdir(source):
             path = os.path.join(root, name)
             relative = os.path.relpath(path, source)
             size = os.path.getsize(path) if not os.path.islink(path) else 0
-            if os.path.islink(path) or size > limit:
+            always = name in ("report.html", "summary.json", "events.jsonl", "metrics.json")
+            if os.path.islink(path) or (size > limit and not always):
                 left.append(f"{relative}\t{size}")
                 continue
             os.makedirs(os.path.join(target, os.path.dirname(relative)), exist_ok=True)
