@@ -31,6 +31,7 @@ class PlanHeader(Strict):
     name: str = "plan"
     description: str = ""
     budget_device_hours: Optional[float] = Field(default=None, gt=0)
+    requires_gpus: int = Field(default=0, ge=0)   # CUDA GPUs the plan needs; checked before anything runs
 
     @field_validator("name")
     @classmethod

@@ -262,6 +262,20 @@ def _run_stage(plan: Plan, stage: Stage, index: int, run_dir: RunDir, observer: 
     return record
 
 
+def check_gpus(plan: Plan) -> None:
+    """A plan written for GPUs stops here, before it creates anything, on a machine without them."""
+    needed = plan.header.requires_gpus
+    if not needed:
+        return
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible < needed:
+        raise UserError(f"plan {plan.name!r} needs {needed} CUDA GPU(s) and torch {torch.__version__} sees "
+                        f"{visible} here: run it on a GPU machine (bench/gpu_smoke.sh installs and runs it), "
+                        "or run the laptop plan")
+
+
 def cli_run(plan_arg: Optional[str], out: Optional[Path], only: Optional[set[str]], skip: Optional[set[str]],
             resume: bool, observer: Optional[Observer] = None) -> Outcome:
     """What ``gonogo run`` does, minus the printing."""
@@ -276,10 +290,12 @@ def cli_run(plan_arg: Optional[str], out: Optional[Path], only: Optional[set[str
         state = run_dir.read_state()
         plan_source = Path(state.get("plan_dir", ".")) / "plan.toml"
         plan = load_plan(run_dir.plan_path)
+        check_gpus(plan)
         # relative paths in the plan are relative to the original plan's folder
         plan.path = plan_source
         return run_plan(plan, run_dir, only=only, skip=skip, resume=True, observer=observer)
     plan = load_plan(resolve_plan_path(plan_arg))
     check_stage_names(plan, only, skip)
+    check_gpus(plan)
     run_dir = RunDir.create(out, plan.name)
     return run_plan(plan, run_dir, only=only, skip=skip, resume=False, observer=observer)

@@ -101,3 +101,38 @@ def test_run_dir_refuses_a_plan_name_with_a_separator(tmp_path):
     with pytest.raises(UserError, match="stays under runs/"):
         RunDir.create(None, "../escape", base=tmp_path / "runs")
     assert not (tmp_path / "escape").exists() and not (tmp_path / "runs").exists()
+
+
+def test_the_gpu_smoke_plan_validates_and_declares_its_gpu():
+    plan = load_plan(resolve_plan_path("gpu-smoke"))
+    assert plan.name == "gpu-smoke" and plan.header.requires_gpus == 1
+    kinds = [stage.kind.name for stage in plan.stages]
+    assert kinds == ["doctor", "collectives", "train", "drill", "finetune", "eval", "quantize", "serve",
+                     "loadtest", "canary"]
+    assert plan.stage("quantize").settings.format == "fp8"
+    assert all(stage.gates for stage in plan.stages)  # every stage can say NO-GO
+
+
+def test_gpu_smoke_on_a_cpu_machine_stops_in_one_line_before_creating_anything(tmp_path):
+    from tests.conftest import run_gonogo
+
+    out = tmp_path / "run"
+    result = run_gonogo("run", "gpu-smoke", "--out", out)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs 1 CUDA GPU(s)" in lines[0] and "sees 0 here" in lines[0], lines
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_a_gpu_plan_passes_the_check_where_torch_sees_the_gpu(monkeypatch):
+    import torch
+
+    from gonogo.runner import check_gpus
+
+    plan = load_plan(resolve_plan_path("gpu-smoke"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_gpus(plan)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(UserError, match="needs 1 CUDA GPU"):
+        check_gpus(plan)

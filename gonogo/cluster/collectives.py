@@ -187,7 +187,7 @@ def parse_table(lines: list[str]) -> dict[str, Any]:
 
 # -- settings and the run ---------------------------------------------------------------------
 class CollectivesSettings(StageSettings):
-    nproc: int = Field(2, ge=2, description="processes; collectives need at least two")
+    nproc: int = Field(2, ge=1, description="processes; 1 (one GPU) checks NCCL's results but moves no bytes between ranks")
     min_bytes: int = Field(1024, description="smallest size (bytes, or a string with K/M/G)")
     max_bytes: int = Field(16 * 1024 ** 2, description="largest size")
     factor: int = Field(4, ge=2, description="each size is the previous one times this")
@@ -212,6 +212,9 @@ class CollectivesSettings(StageSettings):
     def _range(self) -> "CollectivesSettings":
         if self.min_bytes > self.max_bytes:
             raise ValueError(f"min_bytes ({self.min_bytes}) is bigger than max_bytes ({self.max_bytes})")
+        if self.nproc == 1 and "sendrecv" in self.ops:
+            raise ValueError("sendrecv is a ring between ranks and needs nproc >= 2; with one process "
+                             "leave it out of ops (e.g. --ops all_reduce,all_gather,reduce_scatter,broadcast)")
         return self
 
 
@@ -491,7 +494,7 @@ def settings_from_args(args: argparse.Namespace) -> CollectivesSettings:
         import torch
         nproc = max(2, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     else:
-        nproc = _number("--nproc", args.nproc, int, 2)
+        nproc = _number("--nproc", args.nproc, int, 1)
     return validate(CollectivesSettings, dict(
         nproc=nproc, min_bytes=sizes["-b"], max_bytes=sizes["-e"],
         factor=_number("-f", args.stepfactor, int, 2), ops=ops, dtypes=dtypes,

@@ -87,6 +87,19 @@ def injected_rank(name: str) -> Optional[int]:
     return int(value) if value else None
 
 
+# every integer up to this is exact in the dtype: 2 ** (significand bits + 1)
+EXACT_INTEGERS = {"float32": 2 ** 24, "bfloat16": 2 ** 8}
+
+
+def value_bounds(world: int, exact: int) -> tuple[int, int]:
+    """(largest input value, spacing of the ranks that add to one element) such that a sum of
+    ``world`` ranks' inputs never exceeds ``exact``: values up to 7 while 7 x world fits, then
+    0/1 inputs from every ``stride``-th rank only (at most exact / 1 of them per element)."""
+    max_value = max(1, min(7, exact // world))
+    stride = -(-world * max_value // exact)
+    return max_value, stride
+
+
 class Benchmark:
     """One rank's view of the run: buffers, timing, checking."""
 
@@ -115,24 +128,37 @@ class Benchmark:
         # gloo side group for it and for the small bookkeeping exchanges
         self.control = dist.group.WORLD if self.backend == "gloo" else dist.new_group(backend="gloo", timeout=self.timeout)
         self.inject_wrong = injected_rank("GONOGO_INJECT_WRONG")
-        # largest input value such that a sum over all ranks stays an integer that bf16 holds exactly
-        self.max_value = max(1, min(7, 256 // self.world))
+        self.set_value_bounds(args.dtypes)
         self.where = "start-up"
 
+    def set_value_bounds(self, dtype_names: list[str]) -> None:
+        """Input values whose sums over all ranks stay exact integers in every dtype of the run."""
+        exact = min(EXACT_INTEGERS[name] for name in dtype_names)
+        self.max_value, self.stride = value_bounds(self.world, exact)
+
     # -- data -------------------------------------------------------------------------------
-    def pattern(self, start: int, length: int, rank: int, rep: int):
-        """Small integers that depend on the element index, the rank and the check repetition."""
+    def pattern(self, start: int, length: int, rank: int, rep: int, summed: bool = False):
+        """Small integers that depend on the element index, the rank and the check repetition.
+
+        ``summed``: the input of a reduction. Then only every ``stride``-th rank contributes to an
+        element (which ranks depends on the element), so that at any scale no sum, and no partial
+        sum on the way, leaves the integers the dtype holds exactly.
+        """
         index = self.torch.arange(start, start + length, dtype=self.torch.int64, device=self.device)
-        return (index * 7 + rank * 3 + rep) % (self.max_value + 1)
+        mixed = index * 7 + rank * 3 + rep
+        if summed and self.stride > 1:
+            # 1 .. max_value where this rank contributes (never 0 there: a sum of zeros checks nothing)
+            return (1 + mixed % self.max_value) * ((index + rank + rep) % self.stride == 0)
+        return mixed % (self.max_value + 1)
 
     def expected(self, op: str, counts: tuple[int, int, int], rep: int):
         """The exact result every rank must hold after ``op`` on the pattern inputs (int64)."""
         _, receive_count, per_rank = counts
         rank, world = self.rank, self.world
         if op == "all_reduce":
-            return sum(self.pattern(0, receive_count, q, rep) for q in range(world))
+            return sum(self.pattern(0, receive_count, q, rep, summed=True) for q in range(world))
         if op == "reduce_scatter":
-            return sum(self.pattern(rank * per_rank, per_rank, q, rep) for q in range(world))
+            return sum(self.pattern(rank * per_rank, per_rank, q, rep, summed=True) for q in range(world))
         if op == "all_gather":
             return self.torch.cat([self.pattern(q * per_rank, per_rank, q, rep) for q in range(world)])
         if op == "all_to_all":
@@ -148,7 +174,7 @@ class Benchmark:
             return self.pattern(self.rank * per_rank, per_rank, self.rank, rep)
         if op == "broadcast" and self.rank != BROADCAST_ROOT:
             return self.torch.zeros(send_count, dtype=self.torch.int64, device=self.device)
-        return self.pattern(0, send_count, self.rank, rep)
+        return self.pattern(0, send_count, self.rank, rep, summed=op in ("all_reduce", "reduce_scatter"))
 
     # -- one op in one form -----------------------------------------------------------------
     def prepare(self, op: str, in_place: bool, counts: tuple[int, int, int], dtype):

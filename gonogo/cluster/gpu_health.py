@@ -117,8 +117,29 @@ def _nvlink_states(guard: _Guard, handle: Any) -> Any:
                 continue
             links.append({"link": link, "state": f"error: {error}"})
             continue
-        links.append({"link": link, "state": "up" if state == nvml.NVML_FEATURE_ENABLED else "down"})
+        if state == nvml.NVML_FEATURE_ENABLED:
+            links.append({"link": link, "state": "up"})
+        else:
+            links.append({"link": link, "state": _inactive_link_state(nvml, handle, link)})
     return links or UNSUPPORTED
+
+
+def _inactive_link_state(nvml: Any, handle: Any, link: int) -> str:
+    """"down" for an inactive port wired to a peer, "disabled" for a port with no peer.
+
+    A GPU has more NVLink ports than some systems wire (a PCIe card without bridges, a board that
+    uses part of them): NVML lists those ports as inactive too, and they are not a fault. The
+    peer's device type tells them apart; a driver that cannot answer leaves the port "down"
+    (a readiness check does not call a link it cannot read healthy).
+    """
+    remote_type = getattr(nvml, "nvmlDeviceGetNvLinkRemoteDeviceType", None)
+    if remote_type is None:
+        return "down"
+    try:
+        peer = remote_type(handle, link)
+    except nvml.NVMLError:
+        return "down"
+    return "disabled" if peer == getattr(nvml, "NVML_NVLINK_DEVICE_TYPE_UNKNOWN", 0xFF) else "down"
 
 
 def _throttle(guard: _Guard, handle: Any) -> dict[str, Any]:
@@ -291,7 +312,7 @@ def device_unknowns(device: dict[str, Any]) -> dict[str, str]:
     if not isinstance(links, list):
         unknown["nvlink"] = f"{label}: NVLink state not readable ({links}; a GPU without NVLink reads so)"
     else:
-        broken = [f"{link['link']} ({link['state']})" for link in links if link["state"] not in ("up", "down")]
+        broken = [f"{link['link']} ({link['state']})" for link in links if link["state"] not in ("up", "down", "disabled")]
         if broken:
             unknown["nvlink"] = f"{label}: NVLink link(s) {', '.join(broken)} not readable"
     return unknown

@@ -58,8 +58,8 @@ class Drill:
                  run_command: Optional[Callable[..., int]] = None):
         from gonogo.train.config import load_train_config
 
-        if nproc < 2:
-            raise UserError(f"drills need at least 2 processes (nproc={nproc}): a rank must fail beside another")
+        if nproc < 1:
+            raise UserError(f"nproc={nproc}: a drill needs at least 1 process")
         if steps < 3 * checkpoint_every:
             raise UserError(f"steps={steps} must be at least 3 x checkpoint_every={checkpoint_every} "
                             f"(a fault needs a checkpoint before it and steps after it)")
@@ -127,6 +127,9 @@ class Drill:
 
         if kind not in TRAINING_KINDS:
             raise UserError(f"unknown drill {kind!r}; known: {', '.join(KINDS)}")
+        if kind == "straggler" and self.nproc < 2:
+            raise UserError(f"the straggler drill needs at least 2 processes (nproc={self.nproc}): "
+                            "a slow rank is named against the others")
         twin = self.twin()
         step = self.fault_step(kind) if kind != "straggler" else 1
         rank = 0 if kind in ("torn-checkpoint", "corrupt-checkpoint") else self.rng.randrange(self.nproc)

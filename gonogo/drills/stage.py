@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
 
@@ -25,7 +25,7 @@ METRICS = {"recovered", "detect_seconds", "steps_lost", "resumed_bitwise_equal",
 class DrillSettings(StageSettings):
     kinds: list[str] = Field(default_factory=lambda: ["kill", "torn-checkpoint", "straggler"])
     config: str = "tiny-dense"                   # train preset word or TOML path (relative to the plan)
-    nproc: int = Field(default=2, ge=2)
+    nproc: int = Field(default=2, ge=1)          # 1 only for kinds without a second rank (one GPU)
     steps: int = Field(default=24, ge=6)
     checkpoint_every: int = Field(default=4, ge=1)
     repeat: int = Field(default=1, ge=1)
@@ -42,6 +42,12 @@ class DrillSettings(StageSettings):
         if unknown or not kinds:
             raise ValueError(f"unknown drill kind(s) {unknown}; choose from {', '.join(KINDS)}")
         return kinds
+
+    @model_validator(mode="after")
+    def _straggler_needs_two(self) -> "DrillSettings":
+        if "straggler" in self.kinds and self.nproc < 2:
+            raise ValueError("the straggler drill needs nproc >= 2: a slow rank is named against the others")
+        return self
 
 
 def _metrics(settings: DrillSettings) -> set[str]:

@@ -55,6 +55,7 @@ class Options:
     sample_seeds: int = 1             # sampling rounds of n samples per question, each its own seed
     bootstrap: int = 1000             # bootstrap draws over questions for the confidence intervals
     timeout_s: float = 1200.0         # bound on the whole generation
+    device: str = "auto"              # where the engine decodes (gonogo/infer/device.py)
 
 
 # -- questions --------------------------------------------------------------------------------------
@@ -206,7 +207,8 @@ def run_model(checkpoint: str | Path, questions: list[Question], options: Option
     n = max(options.samples)
     rounds = 0 if greedy_only else options.sample_seeds
     requests = (1 + rounds) * len(questions)
-    engine = Engine(model, tokenizer, EngineSettings(max_batch=max(options.max_batch, n), max_waiting=requests + 1))
+    engine = Engine(model, tokenizer, EngineSettings(max_batch=max(options.max_batch, n), max_waiting=requests + 1,
+                                                     device=options.device))
     prompts = [prompt_ids(question, tokenizer, chat) for question in questions]
     greedy = SamplingParams(max_tokens=options.max_tokens, temperature=0.0)
 

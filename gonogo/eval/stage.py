@@ -49,6 +49,7 @@ class EvalSettings(StageSettings):
     timeout_s: float = Field(default=1200.0, gt=0)
     sample_seeds: int = Field(default=1, ge=1)   # sampling rounds (seeds) of max(samples) samples per question
     bootstrap: int = Field(default=1000, ge=100)  # bootstrap draws over questions for the confidence intervals
+    device: str = "auto"                    # auto: the first GPU when there is one, else the CPU
 
     @field_validator("samples")
     @classmethod
@@ -102,7 +103,8 @@ def run_evaluation(settings: EvalSettings, checkpoint: Path, compare_to: Optiona
         questions = builtin_questions(settings.num, settings.seed, settings.tasks)
     options = Options(samples=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
                       top_k=settings.top_k, sample_seeds=settings.sample_seeds, bootstrap=settings.bootstrap,
-                      seed=settings.seed, max_tokens=settings.max_tokens, timeout_s=settings.timeout_s)
+                      seed=settings.seed, max_tokens=settings.max_tokens, timeout_s=settings.timeout_s,
+                      device=settings.device)
     summary = evaluate(checkpoint, questions, options, compare_to=compare_to, prompt_format=settings.prompt_format,
                        samples_path=out_dir / SAMPLES_FILE)
     summary["data"] = str(data) if data else "synthetic:heldout"
@@ -295,6 +297,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='a JSONL file of {"prompt" or "messages", "answer"} instead of the built-in tasks')
     parser.add_argument("--compare-to", type=Path, default=None,
                         help="another checkpoint: its greedy accuracy and the gain over it")
+    parser.add_argument("--device", default="auto",
+                        help="auto (the first GPU when there is one, else cpu), cpu, cuda or cuda:N")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: a new folder under runs/)")
 
@@ -309,7 +313,7 @@ def command(args: argparse.Namespace) -> int:
 
     try:
         settings = EvalSettings(samples=args.samples, num=args.num, seed=args.seed, temperature=args.temperature,
-                                top_p=args.top_p, sample_seeds=args.sample_seeds,
+                                top_p=args.top_p, sample_seeds=args.sample_seeds, device=args.device,
                                 tasks=args.tasks.split(",") if args.tasks else None)
     except ValidationError as error:
         raise UserError(format_validation_error(error, "command line", EvalSettings)) from None

@@ -26,12 +26,12 @@ from typing import Any, Callable, Literal, Optional
 import torch
 
 from gonogo.infer.cache import KVCache
+from gonogo.infer.device import choose_device, inference_dtype, place
 from gonogo.infer.fast_decode import maybe_fast
 from gonogo.infer.sampling import SamplingParams, TextTracker, make_generator, sample_next
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class QueueFull(Exception):
@@ -46,7 +46,9 @@ class EngineStopped(Exception):
 class EngineSettings:
     max_batch: int = 16                  # sequences decoded together (cache rows)
     max_len: Optional[int] = None        # tokens per sequence, prompt included; None = model's
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # None: bf16 on a GPU, fp32 on the CPU (gonogo/infer/device.py)
+    dtype: Optional[Literal["float32", "bfloat16"]] = None
+    device: Optional[str] = None         # None/"auto": the first GPU when there is one, else the CPU
     max_waiting: int = 64                # queued requests beyond this are refused (429)
     fused: bool = True                   # the fused inference forward (gonogo/infer/fast_decode.py)
 
@@ -111,11 +113,14 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_config = config
         self.max_len = min(settings.max_len or config.max_seq_len, config.max_seq_len)
-        self.dtype = DTYPES[settings.dtype]
-        self.model = model.eval().to(self.dtype)
-        self.forward = maybe_fast(self.model, settings.fused)
-        device = next(model.parameters()).device
+        device = choose_device(settings.device)
         self.device = device
+        self.dtype = inference_dtype(device, settings.dtype)
+        cache_bytes = (2 * config.n_layers * settings.max_batch * config.n_kv_heads * self.max_len
+                       * config.head_dim * self.dtype.itemsize)
+        self.model = place(model, device, self.dtype, extra_bytes=cache_bytes,
+                           what=f"the model with a KV cache of {settings.max_batch} x {self.max_len} tokens")
+        self.forward = maybe_fast(self.model, settings.fused)
         self.cache = KVCache(
             n_layers=config.n_layers, max_batch=settings.max_batch, n_kv_heads=config.n_kv_heads,
             max_len=self.max_len, head_dim=config.head_dim, dtype=self.dtype, device=device)

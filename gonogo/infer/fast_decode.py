@@ -34,7 +34,7 @@ class FastDecoder:
         self.final_norm = model.norm.weight
         self.output = model.tok_embeddings.weight if config.tie_embeddings else model.output.weight
         # cos/sin of every position once (the same function the Decoder calls per forward)
-        every_position = torch.arange(config.max_seq_len)[None]
+        every_position = torch.arange(config.max_seq_len, device=self.embedding.device)[None]
         cos, sin = rope_cos_sin(every_position, config.head_dim, config.rope_theta, torch.float32)
         self.rope_cos, self.rope_sin = cos[0, 0], sin[0, 0]  # [max_seq_len, head_dim]
         self.layers = []
@@ -103,7 +103,9 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 def maybe_fast(model: Decoder, enabled: bool) -> Any:
     """The fused path for a plain Decoder; anything else (or disabled) runs as it is."""
-    if enabled and isinstance(model, Decoder):
+    # the fused path reads plain weights; FP8 GEMM layers (gonogo/infer/fp8_gemm.py) have none
+    plain = isinstance(model, Decoder) and all(isinstance(block.attention.wq, torch.nn.Linear) for block in model.layers)
+    if enabled and plain:
         return FastDecoder(model)
     return model
 

@@ -17,7 +17,8 @@ from gonogo.stages.base import StageKind, StageSettings
 class ServeSettings(StageSettings):
     checkpoint: Optional[str] = None      # default: this run's newest checkpoint
     model_name: str = "gonogo"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Optional[Literal["float32", "bfloat16"]] = None   # None: bfloat16 on a GPU, float32 on the CPU
+    device: str = "auto"                  # auto: the first GPU when there is one, else the CPU
     max_batch: int = 16
     max_waiting: int = 64
     api_key_env: Optional[str] = None
@@ -40,8 +41,10 @@ def _stage_run(ctx, settings: ServeSettings) -> dict:
     ready = ctx.stage_dir / "ready.json"
     ready.unlink(missing_ok=True)
     argv = [sys.executable, "-m", "gonogo", "serve", "--checkpoint", checkpoint, "--port", "0",
-            "--model-name", settings.model_name, "--dtype", settings.dtype, "--max-batch", str(settings.max_batch),
+            "--model-name", settings.model_name, "--device", settings.device, "--max-batch", str(settings.max_batch),
             "--max-waiting", str(settings.max_waiting), "--ready-file", str(ready), "--parent-pid", str(os.getpid())]
+    if settings.dtype:
+        argv += ["--dtype", settings.dtype]
     headers = {}
     if settings.api_key_env:
         argv += ["--api-key-env", settings.api_key_env]

@@ -435,8 +435,11 @@ def add_arguments(parser) -> None:
                         help="environment variable holding the API key clients must send as a Bearer token "
                              "(required when --host is not a loopback address)")
     parser.add_argument("--model-name", default="gonogo", help="the model id clients name in requests")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="weights and KV cache precision (see docs/serving.md for which is faster)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="weights and KV cache precision (default: bfloat16 on a GPU, float32 on the CPU; "
+                             "see docs/serving.md for which is faster)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (the first GPU when there is one, else cpu), cpu, cuda or cuda:N")
     parser.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     parser.add_argument("--max-waiting", type=int, default=64, help="queued requests beyond this get 429")
     parser.add_argument("--threads", type=int, default=None,
@@ -498,7 +501,7 @@ def command(args) -> int:
 
         torch.set_num_threads(args.threads)
     engine = load_engine(args.checkpoint, EngineSettings(
-        max_batch=args.max_batch, dtype=args.dtype, max_waiting=args.max_waiting)).start()
+        max_batch=args.max_batch, dtype=args.dtype, device=args.device, max_waiting=args.max_waiting)).start()
     limits = ServerLimits(max_tokens=args.max_tokens_limit)
     app = create_app(engine, model_name=args.model_name, api_key=api_key, limits=limits)
     server = uvicorn.Server(uvicorn.Config(

@@ -583,12 +583,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return choice
 
 
-def load_for_inference(path: str | Path):
-    """-> (Decoder in eval mode on CPU in fp32, ModelConfig, meta dict).
+def load_for_inference(path: str | Path, *, device: Any = "cpu", dtype: Any = None):
+    """-> (Decoder in eval mode, ModelConfig, meta dict).
+
+    On ``device`` ("cpu" by default; "auto", "cuda", "cuda:N" or a torch.device) in ``dtype``
+    (default: fp32 on the CPU, bf16 on a GPU), after checking that it fits there
+    (gonogo/infer/device.py).
 
     A gonogo checkpoint: reads only meta.json and model.safetensors (safetensors never runs code
     from the file). A Hugging Face export directory: imported by ``gonogo.export.hf``.
     """
+    import torch
+
+    from gonogo.infer.device import choose_device, inference_dtype, place
+
+    target = device if isinstance(device, torch.device) else choose_device(device)
+    if dtype is None or isinstance(dtype, str):
+        dtype = inference_dtype(target, dtype)
+    model, config, meta = _load_on_cpu(path)
+    return place(model, target, dtype, what=f"the model of {path}"), config, meta
+
+
+def _load_on_cpu(path: str | Path):
+    """(Decoder in eval mode on CPU in fp32, ModelConfig, meta dict)."""
     import torch
     from safetensors.torch import load_file
 

@@ -10,7 +10,12 @@
 - ``SectionTimer`` + ``straggler_scores``: per-rank section times (data, forward/backward,
   optimizer). On CPU a section is measured in process CPU seconds, so time spent waiting in a
   gloo collective for a slower rank is not charged to the waiting rank (measured: a 2 s wait in
-  all_reduce costs 5 ms of CPU); on CUDA in wall seconds after a synchronize. Scores follow
+  all_reduce costs 5 ms of CPU). On CUDA a wall time would charge a fast rank's wait inside an
+  FSDP collective to its own forward/backward and even out the scores, so there the profiler
+  records the CPU ops and the GPU kernels they launch (CUPTI's device timestamps, the clock
+  ``torch.cuda.Event`` timing reads) and a section is the device time of the compute kernels
+  its ops launched; NCCL kernels, which on a fast rank spin until the slow rank arrives, are
+  added up apart as the section's collective wait. Scores follow
   nvidia-resiliency-ext's straggler detector: relative score = reference ÷ rank's time, the
   reference being the fastest rank's median; individual score = rank's best ÷ rank's current.
   A score under the threshold (0.75) names a straggler.
@@ -149,38 +154,122 @@ class Watchdog:
 
 # -- straggler detection -----------------------------------------------------------------------------
 
-class SectionTimer:
-    """This rank's time per section since the last ``take()``."""
+SECTION_PREFIX = "gonogo.section."
 
-    def __init__(self, device_type: str):
+
+def _kernel_profiler():
+    """A profiler of the CPU ops (to know which section launched a kernel) and the GPU kernels;
+    no shapes, stacks or memory, which are what make profiling expensive."""
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    return torch.profiler.profile(activities=activities)
+
+
+def split_kernel_time(events: Sequence[Any]) -> dict[str, list[float]]:
+    """Per section, [compute seconds, collective seconds] of the kernels launched inside it.
+
+    ``events`` are the profiler's FunctionEvents: the sections are the ``record_function``
+    ranges named ``SECTION_PREFIX + name``; every op that launched kernels (on any thread: the
+    backward runs on autograd's own) belongs to the section whose range holds its start. A
+    kernel's ``duration`` is device time, so a compute kernel costs the same however long the
+    stream waited before it; NCCL kernels are the collective wait.
+    """
+    # the CPU-side ranges: with CUDA activity the profiler also lists each range on the GPU's timeline
+    ranges = [(event.name[len(SECTION_PREFIX):], event.time_range.start, event.time_range.end)
+              for event in events if event.name.startswith(SECTION_PREFIX) and _on_cpu(event)]
+    split: dict[str, list[float]] = {}
+    for event in events:
+        kernels = getattr(event, "kernels", None)
+        if not kernels or event.name.startswith(SECTION_PREFIX):
+            continue
+        start = event.time_range.start
+        owner = next((name for name, first, last in ranges if first <= start <= last), None)
+        if owner is None:
+            continue  # launched between sections (logging, checkpoints): not a step's work
+        totals = split.setdefault(owner, [0.0, 0.0])
+        for kernel in kernels:
+            totals["nccl" in kernel.name.lower()] += kernel.duration / 1e6  # microseconds
+    return split
+
+
+def _on_cpu(event: Any) -> bool:
+    device_type = getattr(event, "device_type", None)
+    return device_type is None or getattr(device_type, "name", str(device_type)).upper().endswith("CPU")
+
+
+class SectionTimer:
+    """This rank's time per section since the last ``take()``.
+
+    CPU: process CPU seconds of every step. CUDA: device seconds of the compute kernels of the
+    first step of each window (the steps between two ``take()`` calls), read from a profiler that
+    records that one step only (``profiler_factory`` makes one; tests pass a fake), so the
+    profiling costs one step per window, not a share of every step; ``collective_means`` holds
+    the NCCL kernels' time of the same step, apart.
+    """
+
+    def __init__(self, device_type: str, profiler_factory: Optional[Any] = None):
         self.device_type = device_type
         self.seconds = {name: 0.0 for name in SECTIONS}
+        self.collective_seconds = {name: 0.0 for name in SECTIONS}
         self.steps = 0
         self.last_seconds = 0.0  # the length of the section that ended last
+        self.collective_means: list[float] = [0.0] * len(SECTIONS)  # of the last take(), CUDA only
+        self._cuda = device_type == "cuda"
+        self._profiler: Optional[Any] = None
+        self._profiled_steps = 0
+        if self._cuda:
+            self._profiler_factory = profiler_factory or _kernel_profiler
+            self._start_profiler()
+
+    def _start_profiler(self) -> None:
+        self._profiler = self._profiler_factory()
+        self._profiler.start()
+        self._profiled_from = self.steps
 
     def _now(self) -> float:
-        if self.device_type == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
-            return time.perf_counter()
-        return time.process_time()
+        # on CUDA only the length of the last section (the straggler drill's yardstick) is a wall time
+        return time.perf_counter() if self._cuda else time.process_time()
 
     @contextlib.contextmanager
     def section(self, name: str) -> Iterator[None]:
+        if self._profiler is not None and self.steps > self._profiled_from:
+            self._read_profiler()  # the profiled step is over: the rest of the window runs unobserved
         started = self._now()
         try:
-            yield
+            if self._profiler is not None:
+                import torch
+
+                with torch.profiler.record_function(SECTION_PREFIX + name):
+                    yield
+            else:
+                yield
         finally:
             self.last_seconds = self._now() - started
-            self.seconds[name] += self.last_seconds
+            if not self._cuda:
+                self.seconds[name] += self.last_seconds
+
+    def _read_profiler(self) -> None:
+        self._profiler.stop()
+        for name, (compute, collective) in split_kernel_time(self._profiler.events()).items():
+            if name in self.seconds:
+                self.seconds[name] += compute
+                self.collective_seconds[name] += collective
+        self._profiled_steps = max(1, self.steps - self._profiled_from)
+        self._profiler = None
 
     def take(self) -> list[float]:
         """Mean seconds per step of each section (SECTIONS order), then reset."""
-        steps = max(1, self.steps)
+        if self._profiler is not None:
+            self._read_profiler()
+        steps = self._profiled_steps if self._cuda else max(1, self.steps)
         means = [self.seconds[name] / steps for name in SECTIONS]
+        self.collective_means = [self.collective_seconds[name] / steps for name in SECTIONS]
         self.seconds = {name: 0.0 for name in SECTIONS}
+        self.collective_seconds = {name: 0.0 for name in SECTIONS}
         self.steps = 0
+        if self._cuda:
+            self._start_profiler()
         return means
 
 
@@ -234,6 +323,8 @@ class StragglerDetector:
             self.best[rank] = min(self.best[rank], sum(row))
         report = straggler_scores(times, self.best, self.threshold)
         report["times"] = times
+        if timer.device_type == "cuda":
+            report["collective_wait_s"] = timer.collective_means  # this rank's, kept out of the scores
         self.gatherings += 1
         if self.gatherings == 1:
             # the first window of an attempt holds the warm-up steps (allocation, cold caches)

@@ -123,24 +123,49 @@ class CpuUtilization:
         return 100.0 * used / (wall * self.cores)
 
 
-class GpuUtilization:
-    """NVML's GPU-busy percentage of this rank's GPU."""
+def nvml_handle(nvml: Any, device_index: int) -> Any:
+    """NVML's handle of the CUDA device ``device_index`` as this process numbers it.
 
-    def __init__(self, index: int):
+    NVML numbers every GPU of the machine and ignores CUDA_VISIBLE_DEVICES, so its index i is
+    not CUDA's device i; the device's UUID (then its PCI bus id) names the same GPU for both.
+    """
+    import torch
+
+    properties = torch.cuda.get_device_properties(device_index)
+    uuid = getattr(properties, "uuid", None)
+    if uuid is not None:
+        text = str(uuid)
+        return nvml.nvmlDeviceGetHandleByUUID(text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}")
+    bus_id = (f"{getattr(properties, 'pci_domain_id', 0):08X}:{properties.pci_bus_id:02X}:"
+              f"{properties.pci_device_id:02X}.0")
+    return nvml.nvmlDeviceGetHandleByPciBusId(bus_id)
+
+
+class GpuUtilization:
+    """NVML's GPU-busy percentage of every GPU this node's ranks use, summarised over them."""
+
+    def __init__(self, device_indices: Sequence[int]):
         import pynvml
 
         pynvml.nvmlInit()
         self._nvml = pynvml
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        self._handles = [nvml_handle(pynvml, index) for index in device_indices]
+        self.per_gpu: list[float] = []   # of the last sample, in device order
 
     def sample(self) -> Optional[float]:
-        return float(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+        """The mean over the node's GPUs (``per_gpu`` keeps each one)."""
+        self.per_gpu = [float(self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu) for handle in self._handles]
+        return sum(self.per_gpu) / len(self.per_gpu) if self.per_gpu else None
 
 
-def make_utilization(device_type: str, local_rank: int, node_pids: Sequence[int]):
+def make_utilization(device_type: str, local_rank: int, node_pids: Sequence[int],
+                     local_world_size: Optional[int] = None):
+    """Utilisation of this node: its GPUs (one per local rank) or its cores."""
     if device_type == "cuda":
+        if local_world_size is None:
+            local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
         try:
-            return GpuUtilization(local_rank)
+            return GpuUtilization(range(local_world_size))
         except Exception as error:  # NVML missing or unsupported: utilisation is then unknown
             log.warning("NVML unavailable, no GPU utilisation: %s", error)
             return None

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gonogo.errors import UserError
 from gonogo.model.expert_parallel import ExpertParallelExperts
 from gonogo.train.config import TrainConfig
 
@@ -129,6 +130,19 @@ def shard_experts(model: nn.Module, world: World) -> list[nn.Parameter]:
     return parameters
 
 
+def fsdp_ignored_kwargs(fully_shard: Any, ignored: set) -> dict[str, Any]:
+    """``ignored_params`` for ``fully_shard`` only when there are parameters to ignore: the
+    keyword exists from torch 2.7, and a dense model runs on the torch 2.6 that pyproject accepts."""
+    if not ignored:
+        return {}
+    import inspect
+
+    if "ignored_params" not in inspect.signature(fully_shard).parameters:
+        raise UserError(f"expert parallelism with FSDP needs torch >= 2.7 (fully_shard's ignored_params); "
+                        f"this is torch {torch.__version__}: upgrade torch or set train.expert_parallel=1")
+    return {"ignored_params": ignored}
+
+
 def parallelize(model: nn.Module, config: TrainConfig, world: World) -> nn.Module:
     """Expert parallelism, then FSDP2 / DDP / nothing, as ``config.train.parallel`` says."""
     train = config.train
@@ -146,13 +160,12 @@ def parallelize(model: nn.Module, config: TrainConfig, world: World) -> nn.Modul
 
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                       reduce_dtype=torch.float32)
-        ignored = expert_parameters or None
+        ignored = fsdp_ignored_kwargs(fully_shard, expert_parameters)
         for block in model.layers:
-            fully_shard(block, mesh=world.dp_mesh, mp_policy=policy, ignored_params=ignored)
+            fully_shard(block, mesh=world.dp_mesh, mp_policy=policy, **ignored)
         # the root holds the embedding (shared with the output head when tied) and the final norm;
         # it is the last to run, so it keeps its parameters gathered after the forward
-        fully_shard(model, mesh=world.dp_mesh, mp_policy=policy, reshard_after_forward=False,
-                    ignored_params=ignored)
+        fully_shard(model, mesh=world.dp_mesh, mp_policy=policy, reshard_after_forward=False, **ignored)
         return model
     if train.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel

@@ -106,12 +106,16 @@ def test_stage_settings_validate_sizes_and_declare_metrics():
         "busbw_GBps_avg", "wrong_total", "tcp_retransmit_pct", "all_reduce_busbw_GBps", "sendrecv_busbw_GBps",
         "loopback_GBps", "busbw_vs_loopback"}
     assert len(collectives.CollectivesSettings().ops) == 6
-    for bad in ({"min_bytes": "64K", "max_bytes": "1K"}, {"max_bytes": "12Q"}, {"ops": ["allreduce"]}, {"nproc": 1}):
+    for bad in ({"min_bytes": "64K", "max_bytes": "1K"}, {"max_bytes": "12Q"}, {"ops": ["allreduce"]}, {"nproc": 0}):
         with pytest.raises(UserError) as error:
             validate(collectives.CollectivesSettings, bad, "plan.toml")
         assert "\n" not in str(error.value)
     with pytest.raises(ValidationError):
         collectives.CollectivesSettings(timeout_s=0)
+    # one process (one GPU): every op but the ring between ranks
+    assert validate(collectives.CollectivesSettings, {"nproc": 1, "ops": ["all_reduce"]}, "plan.toml").nproc == 1
+    with pytest.raises(UserError, match="sendrecv is a ring between ranks"):
+        validate(collectives.CollectivesSettings, {"nproc": 1}, "plan.toml")
 
 
 def parse_flags(*flags):
@@ -125,7 +129,7 @@ def parse_flags(*flags):
     (("--ops", "all_reduce,allreduce"), "'allreduce'"),
     (("-b", "12Q"), "12Q"),
     (("-d", "float16"), "float16"),
-    (("--nproc", "1"), "at least 2"),
+    (("--nproc", "0"), "at least 1"),
     (("-f", "x"), "-f"),
     (("--iters", "0"), "--iters"),
 ])
@@ -266,3 +270,29 @@ def test_failure_reason_names_the_rank_that_ended_first():
     hung = "rank 0: all_reduce float32 1024 B: rank(s) 1 did not arrive within 9 s (hung or dead)"
     assert reason(ROOT_CAUSE.format(rank=0, code=1), [hung], 1) == hung
     assert reason("no summary", [], 3) == "torchrun exited with code 3"
+
+
+@pytest.mark.parametrize("world", [8, 256, 257, 1000, 4096])
+def test_the_reduction_check_stays_exact_in_bfloat16_at_any_scale(world):
+    """A bf16 all_reduce / reduce_scatter over ``world`` ranks, accumulated rank by rank in bf16 as
+    a ring does, must equal the expected integers exactly (bf16 holds integers only up to 256)."""
+    import argparse
+
+    import torch
+
+    from gonogo.cluster.collectives_worker import Benchmark
+
+    bench = Benchmark.__new__(Benchmark)
+    bench.torch, bench.device, bench.world = torch, torch.device("cpu"), world
+    bench.args = argparse.Namespace(dtypes=["float32", "bfloat16"])
+    bench.set_value_bounds(bench.args.dtypes)
+    for op, counts in (("all_reduce", (512, 512, 512)), ("reduce_scatter", (world * 4, 4, 4))):
+        bench.rank = 0
+        expected = bench.expected(op, counts, rep=1).double()
+        total = torch.zeros(counts[0], dtype=torch.bfloat16)
+        for rank in range(world):
+            bench.rank = rank
+            total = total + bench.input_values(op, counts, rep=1).to(torch.bfloat16)
+        received = total[:counts[1]].double()  # rank 0's slice of a reduce_scatter
+        assert torch.equal(received, expected), op
+        assert (expected > 0).double().mean() > 0.5 and expected.max() > 1, "a check of zeros proves nothing"

@@ -185,6 +185,29 @@ def test_uncorrected_ecc_thermal_throttling_and_a_down_link_fail_health():
         "ecc_errors": 2, "gpu_max_temperature_C": 41, "gpu_throttled": True, "nvlink_links_down": 1}
 
 
+class FakeNVMLWithPeers(FakeNVML):
+    NVML_NVLINK_DEVICE_TYPE_GPU = 0
+    NVML_NVLINK_DEVICE_TYPE_UNKNOWN = 0xFF
+
+    def nvmlDeviceGetNvLinkRemoteDeviceType(self, gpu, link):
+        return self._value(gpu["nvlink_peer"][link])
+
+
+def test_disabled_nvlink_ports_are_not_down_but_an_inactive_wired_one_is():
+    unknown, peer_gpu = FakeNVMLWithPeers.NVML_NVLINK_DEVICE_TYPE_UNKNOWN, FakeNVMLWithPeers.NVML_NVLINK_DEVICE_TYPE_GPU
+    # a board that wires 4 of its 6 ports: the other 2 are inactive with no peer
+    partly_wired = healthy_gpu(nvlink=[1, 1, 1, 1, 0, 0], nvlink_peer=[peer_gpu] * 4 + [unknown] * 2)
+    report = gpu_health.probe_gpus(FakeNVMLWithPeers([partly_wired]))
+    assert [link["state"] for link in report["gpus"][0]["nvlink"]] == ["up"] * 4 + ["disabled"] * 2
+    assert gpu_health.health_problems(report) == []
+    assert gpu_health.summary_metrics(report)["nvlink_links_down"] == 0
+
+    broken = healthy_gpu(nvlink=[1, 0, 1, 1, 0, 0], nvlink_peer=[peer_gpu] * 4 + [unknown] * 2)
+    report = gpu_health.probe_gpus(FakeNVMLWithPeers([broken]))
+    assert gpu_health.health_problems(report) == ["GPU 0 (NVIDIA H100 80GB HBM3): NVLink link(s) 1 not up"]
+    assert gpu_health.summary_metrics(report)["nvlink_links_down"] == 1
+
+
 def test_missing_features_read_unsupported_and_do_not_crash():
     gpu = healthy_gpu(ecc={key: NOT_SUPPORTED for key in [(0, 0), (1, 0), (0, 1), (1, 1)]},
                       throttle=NOT_SUPPORTED, nvlink=NOT_SUPPORTED, power_mW=NOT_SUPPORTED,

@@ -69,6 +69,10 @@ def test_drill_settings_and_declared_metrics():
             "torn_checkpoint_recovered"} <= _metrics(settings)
     with pytest.raises(ValueError, match="unknown drill kind"):
         DrillSettings(kinds=["meteor"])
+    # one GPU, one process: a kill drill yes, a straggler drill (a rank named against others) no
+    assert DrillSettings(kinds=["kill"], nproc=1).nproc == 1
+    with pytest.raises(ValueError, match="straggler drill needs nproc >= 2"):
+        DrillSettings(kinds=["kill", "straggler"], nproc=1)
 
 
 def test_unknown_drill_kind_is_one_line_and_exit_2(tmp_path, capsys):

@@ -39,6 +39,9 @@ def test_quantize_command_writes_a_loadable_checkpoint_and_real_byte_counts(tmp_
     assert metrics["val_loss_delta"] == metrics["val_loss"] - metrics["val_loss_bf16"]
     assert metrics["val_loss"] != metrics["val_loss_bf16"]  # the format really changed the weights
     assert metrics["eval_problems"] == 4
+    # no NVFP4 GEMM on a CPU: the report says the format was emulated and claims no speed
+    assert metrics["fp8_gemm"] is False and "emulated" in metrics["gemm"] and "Blackwell" in metrics["gemm"]
+    assert "speedup" not in metrics and "emulated" in result.stdout
 
     model, _, meta = load_quantized(out)
     assert meta["step"] == 10 and meta["quantization"]["format"] == "nvfp4"
@@ -86,3 +89,52 @@ def test_quantize_stage_in_a_plan_with_gates(tmp_path, write_plan):
     events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
     assert any(e.get("stage") == "fp8" and "weight_bytes" in e for e in events)
     assert "fp8 against bf16" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_fp8_on_a_gpu_with_fp8_gemms_measures_the_scaled_mm_path_and_its_speed_up(tmp_path, monkeypatch):
+    """The Hopper path, run on this CPU (whose torch also has ``_scaled_mm``): the decision is faked,
+    the FP8 GEMMs, the accuracy and the timing are real."""
+    from gonogo.infer import fp8_gemm, quantize_stage
+
+    calls = []
+    real_scaled_mm = torch._scaled_mm
+
+    def counting_scaled_mm(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return real_scaled_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", counting_scaled_mm)
+    monkeypatch.setattr(fp8_gemm, "gemm_path", lambda format, device: (True, "FP8 GEMMs (faked sm_90)"))
+    checkpoint = write_checkpoint(tmp_path / "step-00000010", tiny_model())
+    settings = quantize_stage.QuantizeSettings(format="fp8", eval_problems=2, val_batches=1, val_batch_size=2,
+                                               val_seq_len=32, max_new_tokens=8, speed_repeats=1)
+    metrics = quantize_stage.quantize_and_evaluate(checkpoint, tmp_path / "q", settings)
+    assert metrics["fp8_gemm"] is True and calls and set(calls) == {torch.float8_e4m3fn}
+    assert metrics["speedup"] == metrics["forward_tokens_per_s"] / metrics["forward_tokens_per_s_bf16"] > 0
+    assert abs(metrics["val_loss_delta"]) < 0.5 and metrics["val_loss_delta"] != 0.0
+
+
+def test_gemm_path_names_the_hardware_each_format_needs(monkeypatch):
+    from gonogo.infer.fp8_gemm import gemm_path
+
+    assert gemm_path("fp8", torch.device("cpu")) == (
+        False, "emulated (dequantized weights): FP8 GEMMs need sm_89 or newer (Ada/Hopper); this is the CPU")
+    for capability, fp8_real in (((8, 0), False), ((8, 9), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        real, line = gemm_path("fp8", torch.device("cuda", 0))
+        assert real is fp8_real and f"sm_{capability[0]}{capability[1]}" in line
+        real, line = gemm_path("nvfp4", torch.device("cuda", 0))
+        assert real is False and "Blackwell" in line
+
+
+def test_fp8_linear_pads_odd_shapes_and_survives_a_cast_of_the_model():
+    from gonogo.infer.fp8_gemm import Fp8Linear
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 70, generator=generator) * 0.05   # neither dimension a multiple of 16
+    layer = Fp8Linear(weight).to(dtype=torch.bfloat16)          # must not cast the E4M3 bytes or the scale
+    x = torch.randn(3, 5, 70, generator=generator).to(torch.bfloat16)
+    out = layer(x)
+    reference = torch.nn.functional.linear(x.float(), weight)
+    assert out.shape == (3, 5, 50) and out.dtype == torch.bfloat16
+    assert ((out.float() - reference).norm() / reference.norm()) < 0.08  # E4M3: ~3 % per operand

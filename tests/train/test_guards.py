@@ -182,3 +182,97 @@ def test_spent_budget_stops_cleanly_after_a_checkpoint(tmp_path):
     assert metrics["budget_stopped"] is True and metrics["steps_completed"] == 1
     assert [e["event"] for e in events if e["event"] == "budget_stopped"] == ["budget_stopped"]
     assert (root / "checkpoints" / "train" / "step-00000001" / "COMMITTED").is_file()
+
+
+class _FakeKernelProfiler:
+    """Stands in for torch.profiler on CUDA: hands back FunctionEvent-like records."""
+
+    def __init__(self, events):
+        self._events = events
+        self.started = self.stopped = 0
+
+    def start(self):
+        self.started += 1
+
+    def stop(self):
+        self.stopped += 1
+
+    def events(self):
+        return self._events
+
+
+def _op(name, start, end, kernels=(), device="CPU"):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device,
+                           kernels=[SimpleNamespace(name=k, duration=us) for k, us in kernels])
+
+
+def _rank_window(compute_us, wait_us):
+    """One step on a GPU: forward/backward compute kernels, then an all-gather that waited."""
+    section = guards.SECTION_PREFIX
+    return [
+        # the profiler lists each range on the GPU's timeline too: it must not claim the CPU ops
+        _op(section + "optimizer", 0, 50_000, device="CUDA"),
+        _op(section + "data", 0, 10, []),
+        _op("aten::copy_", 1, 2, [("Memcpy HtoD", 5)]),
+        _op(section + "forward_backward", 10, 10_000),
+        _op("aten::mm", 20, 30, [("sm90_xmma_gemm_bf16", compute_us)]),
+        # a backward op runs on autograd's thread: no parent link, only its start time says where
+        _op("aten::mm_backward", 500, 520, [("sm90_xmma_gemm_bf16", compute_us)]),
+        _op("c10d::allgather_", 600, 700, [("ncclDevKernel_AllGather_RING_LL", wait_us)]),
+        _op(section + "optimizer", 10_000, 10_500),
+        _op("aten::_foreach_add_", 10_100, 10_200, [("multi_tensor_apply_kernel", 100)]),
+        _op("logging", 20_000, 20_001, [("reduce_kernel", 9_999)]),  # outside every section
+    ]
+
+
+def test_cuda_section_timer_charges_compute_kernels_not_collective_wait():
+    # two ranks of one FSDP step: rank 0 computes fast and waits 8 ms in the all-gather for rank 1
+    fast = guards.SectionTimer("cuda", profiler_factory=lambda: _FakeKernelProfiler(_rank_window(1_000, 8_000)))
+    slow = guards.SectionTimer("cuda", profiler_factory=lambda: _FakeKernelProfiler(_rank_window(4_000, 50)))
+    for timer in (fast, slow):
+        for name in guards.SECTIONS:
+            with timer.section(name):
+                pass
+        timer.steps = 1
+    times = [fast.take(), slow.take()]
+    assert times[0] == pytest.approx([5e-6, 2e-3, 1e-4])
+    assert times[1] == pytest.approx([5e-6, 8e-3, 1e-4])
+    assert fast.collective_means == pytest.approx([0.0, 8e-3, 0.0])
+    # wall time would give both ranks ~10 ms and even the scores out; kernel time names rank 1
+    report = guards.straggler_scores(times, best=[sum(row) for row in times])
+    assert report["straggler_ranks"] == [1] and report["slow_sections"][1] == ["forward_backward", "total"]
+
+
+def test_cuda_section_timer_profiles_the_first_step_of_every_window():
+    made = []
+
+    def factory():
+        made.append(_FakeKernelProfiler(_rank_window(1_000, 0)))
+        return made[-1]
+
+    timer = guards.SectionTimer("cuda", profiler_factory=factory)
+    for step in range(3):  # a window of 3 steps: only the first is profiled
+        with timer.section("forward_backward"):
+            pass
+        timer.steps += 1
+    assert [(p.started, p.stopped) for p in made] == [(1, 1)]
+    assert timer.take() == pytest.approx([5e-6, 2e-3, 1e-4])  # one step's kernels, per step
+    timer.take()
+    assert [(p.started, p.stopped) for p in made] == [(1, 1), (1, 1), (1, 0)]
+
+
+def test_section_timer_reads_a_real_profiler():
+    """The torch.profiler calls of the CUDA timer, on this CPU (no kernels, so no device time)."""
+    import torch
+
+    def cpu_profiler():
+        return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+
+    timer = guards.SectionTimer("cuda", profiler_factory=cpu_profiler)
+    with timer.section("forward_backward"):
+        torch.ones(64, 64) @ torch.ones(64, 64)
+    timer.steps = 1
+    assert timer.take() == [0.0, 0.0, 0.0] and timer.collective_means == [0.0, 0.0, 0.0]
+    assert timer.take() == [0.0, 0.0, 0.0]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import pytest
@@ -79,3 +80,25 @@ def test_known_gpu_peaks_match_the_longest_name():
     assert peak.known_gpu_peak("NVIDIA H100 PCIe", "bf16") == 756e12
     assert peak.known_gpu_peak("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert peak.known_gpu_peak("Some Future GPU", "bf16") is None
+
+
+def test_gpu_utilisation_reads_the_visible_gpus_by_uuid_over_the_whole_node(monkeypatch):
+    from types import SimpleNamespace
+
+    # a 4-GPU machine with CUDA_VISIBLE_DEVICES=3,1: CUDA's device 0 is NVML's GPU 3
+    busy = {0: 0.0, 1: 40.0, 2: 0.0, 3: 90.0}
+    nvml = SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda index: index,
+        nvmlDeviceGetHandleByUUID=lambda uuid: int(uuid.removeprefix("GPU-uuid-")),
+        nvmlDeviceGetUtilizationRates=lambda handle: SimpleNamespace(gpu=busy[handle]))
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    visible = [3, 1]
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: SimpleNamespace(uuid=f"uuid-{visible[index]}", pci_bus_id=0, pci_device_id=0))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+
+    utilization = metrics.make_utilization("cuda", 0, [])
+    assert utilization.sample() == pytest.approx(65.0)  # rank 0's GPU 90 %, rank 1's 40 %
+    assert utilization.per_gpu == [90.0, 40.0]
