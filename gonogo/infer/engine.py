@@ -274,7 +274,12 @@ class Engine:
                 except BaseException as error:  # a bug or an out-of-memory in a batched step
                     log.exception("engine step failed")
                     self.last_error = f"{type(error).__name__}: {error}"
-                    self._fail_in_flight(f"the engine failed while serving this request ({self.last_error})")
+                    try:
+                        self._fail_in_flight(f"the engine failed while serving this request ({self.last_error})")
+                    except BaseException:
+                        log.exception("could not recover the engine after its failure; giving up")
+                        self.failure = error
+                        return
                     if self.restarts >= self.settings.max_restarts:
                         log.error("engine failed %d times; giving up", self.restarts + 1)
                         self.failure = error
@@ -438,7 +443,7 @@ class Engine:
         self.cache.abandon()
         for row in range(self.cache.max_batch):
             self.cache.reset_row(row)
-        for request in dict.fromkeys(requests):  # once each, in order
+        for request in {id(request): request for request in requests}.values():  # once each, in order
             try:
                 self._emit_error(request, message)
             except Exception:  # an emit callback that raises must not stop the others' answers
