@@ -479,7 +479,7 @@ def create_app(engine: "Engine", *, model_name: str, api_key: Optional[str] = No
         """A chat completion; streamed as server-sent events if asked."""
         return await run_request(raw, chat=True)
 
-    _describe_api(app, secured=api_key is not None)
+    _describe_api(app, model_name=model_name, secured=api_key is not None)
     return app
 
 
@@ -506,7 +506,7 @@ def _body_of(model: type[BaseModel]) -> dict[str, Any]:
         "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
-def _describe_api(app, *, secured: bool) -> None:
+def _describe_api(app, *, model_name: str, secured: bool) -> None:
     """FastAPI's OpenAPI document plus the request models the POST routes parse by hand."""
     from fastapi.openapi.utils import get_openapi
 
@@ -521,6 +521,8 @@ def _describe_api(app, *, secured: bool) -> None:
         for model in (CompletionRequest, ChatCompletionRequest):
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(schema.pop("$defs", {}))
+            # the one model this server serves: any other name is a 404
+            schema["properties"]["model"] = {"type": "string", "enum": [model_name], "title": "Model"}
             schemas[model.__name__] = schema
         if secured:
             document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
