@@ -46,6 +46,18 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape (what ``APIError.body`` sends): every 4xx and 5xx has this body."""
+    error: ErrorBody
+
+
 class _Request(BaseModel):
     # strict: "12" is not an integer and 1.5 is not a max_tokens; extra OpenAI fields are ignored
     model_config = ConfigDict(extra="ignore", strict=True)

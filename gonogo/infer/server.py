@@ -21,10 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Optional, Union
 
-from pydantic import BaseModel
-
 from gonogo.infer.protocol import (
-    REFUSED_FIELDS, APIError, ChatCompletionRequest, CompletionRequest, chat_chunk, chat_response,
+    REFUSED_FIELDS, APIError, ChatCompletionRequest, CompletionRequest, ErrorResponse, chat_chunk, chat_response,
     completion_chunk, completion_response, new_id, now, parse_request, sse, usage_chunk)
 
 if TYPE_CHECKING:  # the engine imports torch; this module must not (the CLI and plan checks stay fast)
@@ -306,7 +304,7 @@ def create_app(engine: "Engine", *, model_name: str, api_key: Optional[str] = No
         """The one model this server serves."""
         return JSONResponse({"object": "list", "data": [model_card()]})
 
-    @app.get("/v1/models/{model_id:path}", responses={**_ERRORS_OF_GET, 404: {"model": _ErrorResponse}})
+    @app.get("/v1/models/{model_id:path}", responses={**_ERRORS_OF_GET, 404: {"model": ErrorResponse}})
     async def model(model_id: str) -> Response:
         """The served model; 404 for any other id."""
         if model_id != model_name:
@@ -483,24 +481,12 @@ def create_app(engine: "Engine", *, model_name: str, api_key: Optional[str] = No
     return app
 
 
-class _ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: Optional[str] = None
-    code: Optional[str] = None
-
-
-class _ErrorResponse(BaseModel):
-    """OpenAI's error shape: every 4xx and 5xx of this server has this body."""
-    error: _ErrorBody
-
-
-_ERRORS_OF_GET: dict[Union[int, str], dict[str, Any]] = {401: {"model": _ErrorResponse}}
+_ERRORS_OF_GET: dict[Union[int, str], dict[str, Any]] = {401: {"model": ErrorResponse}}
 _ERRORS_OF_POST: dict[Union[int, str], dict[str, Any]] = {
-    status: {"model": _ErrorResponse} for status in (400, 401, 404, 413, 415, 429, 500, 503)}
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 429, 500, 503)}
 
 
-def _body_of(model: type[BaseModel]) -> dict[str, Any]:
+def _body_of(model: type) -> dict[str, Any]:
     """The request body in the OpenAPI document: the routes read it themselves (bounded parsing)."""
     return {"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}

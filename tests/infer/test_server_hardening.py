@@ -166,7 +166,7 @@ def test_openapi_describes_what_the_server_accepts(server):
     assert set(schemas["ChatCompletionRequest"]["required"]) == {"model", "messages"}
     assert "echo" not in fields and "echo" in document["info"]["description"]  # refused, and said so
     error_schema = document["paths"]["/v1/completions"]["post"]["responses"]["400"]["content"]["application/json"]
-    assert error_schema["schema"]["$ref"].endswith("_ErrorResponse")
+    assert error_schema["schema"]["$ref"] == "#/components/schemas/ErrorResponse"
     assert document["paths"]["/v1/completions"]["post"]["security"] == [{"bearer": []}]
 
 
@@ -210,19 +210,61 @@ def test_fuzz_every_route_from_the_openapi_document(server, client):
             error = json.loads(response.content)["error"]
             assert set(error) == {"message", "type", "param", "code"} and error["message"], error
 
-    for mode in (schemathesis.GenerationMode.NEGATIVE, schemathesis.GenerationMode.POSITIVE):
+    def fuzz(mode, checks) -> None:
+        # bounded: a fixed number of examples, derandomized so CI sees the same requests every run
         @given(case=schema.as_strategy(generation_mode=mode))
         @settings(max_examples=60, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
-        def fuzz(case):
+        def run(case):
             response = case.call(headers=AUTH, timeout=60)
-            checks = [not_a_server_error, error_shape]
-            if mode is schemathesis.GenerationMode.NEGATIVE:
-                checks.append(negative_data_rejection)
             case.validate_response(response, checks=checks, headers=AUTH)
 
-        fuzz()
+        run()
+
+    # schema-invalid requests must be refused (4xx), schema-valid ones may be refused for limits
+    fuzz(schemathesis.GenerationMode.NEGATIVE, [not_a_server_error, error_shape, negative_data_rejection])
+    fuzz(schemathesis.GenerationMode.POSITIVE, [not_a_server_error, error_shape])
     assert sum(statuses.values()) >= 60 and any(400 <= status < 500 for status in statuses), statuses
     assert statuses.get(200, 0) > 0, statuses   # it did reach the engine with valid requests
     print("fuzz statuses:", statuses)
     assert_still_serving(server, client)
+
+
+def test_a_request_failing_inside_the_engine_fails_alone_with_an_openai_error(monkeypatch):
+    """In process (the failure is injected): 500 with the error shape, or an error event in a stream."""
+    from fastapi.testclient import TestClient
+
+    from gonogo.data.tokenizer import ByteTokenizer
+    from gonogo.infer import engine as engine_module
+    from gonogo.infer.engine import Engine, EngineSettings
+    from gonogo.infer.server import create_app
+
+    from .conftest import tiny_model
+
+    real = engine_module.sample_next
+
+    def sample(logits, params, generator):  # a numerical bug that only requests with top_k=7 meet
+        if params.top_k == 7:
+            raise FloatingPointError("the model produced non-finite logits (inf or NaN)")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "sample_next", sample)
+    engine = Engine(tiny_model(), ByteTokenizer(), EngineSettings(max_batch=4)).start()
+    try:
+        http = TestClient(create_app(engine, model_name="gonogo"))
+        bad = completion(top_k=7, max_tokens=8)
+        error = assert_openai_error(http.post("/v1/completions", json=bad), 500)
+        assert error["code"] == "generation_failed" and "non-finite logits" in error["message"]
+        assert_openai_error(http.post("/v1/chat/completions", json=chat(top_k=7)), 500)
+
+        lines = [line for line in http.post("/v1/chat/completions", json=chat(top_k=7, stream=True)).text.split("\n\n")
+                 if line]
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["error"]["code"] == "generation_failed"
+
+        fine = http.post("/v1/completions", json=completion(max_tokens=5, temperature=0))
+        assert fine.status_code == 200 and fine.json()["usage"]["completion_tokens"] == 5
+        health = http.get("/health")
+        assert health.status_code == 200 and health.json()["engine_restarts"] == 0
+    finally:
+        engine.stop()
