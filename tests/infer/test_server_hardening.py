@@ -266,5 +266,13 @@ def test_a_request_failing_inside_the_engine_fails_alone_with_an_openai_error(mo
         assert fine.status_code == 200 and fine.json()["usage"]["completion_tokens"] == 5
         health = http.get("/health")
         assert health.status_code == 200 and health.json()["engine_restarts"] == 0
+
+        def broken_encode(text):  # a bug outside the engine: still the error shape, and no details leak
+            raise KeyError("internal state")
+
+        monkeypatch.setattr(engine.tokenizer, "encode", broken_encode)
+        buggy = TestClient(create_app(engine, model_name="gonogo"), raise_server_exceptions=False)
+        error = assert_openai_error(buggy.post("/v1/completions", json=completion()), 500)
+        assert error["code"] == "internal_error" and "internal state" not in error["message"]
     finally:
         engine.stop()
