@@ -430,7 +430,8 @@ def create_app(engine: "Engine", *, model_name: str, api_key: Optional[str] = No
         async for event in events_of(request, events):
             if event.error is not None:
                 yield stream_error(event.error)
-                break
+                yield sse("[DONE]")
+                return
             if event.text or event.finish_reason:
                 yield sse(completion_chunk(request_id, model_name, created, event.index, event.text,
                                            event.finish_reason, include_usage))
@@ -445,7 +446,8 @@ def create_app(engine: "Engine", *, model_name: str, api_key: Optional[str] = No
         async for event in events_of(request, events):
             if event.error is not None:
                 yield stream_error(event.error)
-                break
+                yield sse("[DONE]")
+                return
             if first:  # the first chunk of each choice carries the role; sent once generation began, as vLLM does
                 first = False
                 for index in range(n):
