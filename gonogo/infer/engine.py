@@ -6,6 +6,13 @@ finished ones, so the running batch changes every step: continuous batching. Eve
 piece of text goes to the request's ``emit`` callback; the server turns those into an asyncio
 stream with ``loop.call_soon_threadsafe``.
 
+Failures: parameters the numerics cannot take are refused at ``submit`` (``SamplingParams.problem``);
+anything that still goes wrong in one request's prefill, sampling or text decoding ends that
+request alone with an error event (finish_reason "error") while the batch carries on. A failure
+that belongs to no single request (a batched forward raising) fails the requests in the batch
+and restarts the loop, at most ``EngineSettings.max_restarts`` times; then ``failure`` is set and
+the engine refuses work, saying why.
+
 Determinism: a prefill always runs alone (batch 1), a decode step reads each row's own cache
 with an exact mask, and each sequence samples with its own seeded generator, so greedy output
 (and seeded sampling) is the same alone or batched, up to float rounding in batched matmuls.
