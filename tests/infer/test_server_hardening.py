@@ -194,7 +194,17 @@ def test_a_client_disconnecting_mid_body_logs_no_traceback(server, client):
     assert_still_serving(server, client)
 
 
-def test_fuzz_every_route_from_the_openapi_document(server, client):
+@pytest.fixture
+def hypothesis_home(tmp_path):
+    """hypothesis keeps caches in ./.hypothesis by default; the test leaves nothing in the checkout."""
+    import hypothesis.configuration
+
+    hypothesis.configuration.set_hypothesis_home_dir(tmp_path / "hypothesis")
+    yield
+    hypothesis.configuration.set_hypothesis_home_dir(None)
+
+
+def test_fuzz_every_route_from_the_openapi_document(server, client, hypothesis_home):
     """schemathesis: schema-valid and schema-invalid requests; never a 5xx, always the error shape."""
     import schemathesis
     from hypothesis import HealthCheck, given, settings
