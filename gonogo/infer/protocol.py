@@ -83,6 +83,12 @@ class _Request(BaseModel):
             return float(value)
         return value
 
+    @field_validator("max_tokens", "top_k", "n", "seed", mode="before")
+    @classmethod
+    def _integral_float_is_an_int(cls, value: Any) -> Any:
+        # ... and 8.0 is an integer (JSON Schema says so), while 8.5 and "8" stay refused
+        return _as_int(value)
+
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: Any) -> Any:
@@ -104,6 +110,11 @@ class StreamOptions(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: Union[str, list[int], list[str]]
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _integral_token_ids(cls, value: Any) -> Any:
+        return [_as_int(item) for item in value] if isinstance(value, list) else value
 
     @field_validator("prompt")
     @classmethod
@@ -135,6 +146,17 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+
+    @field_validator("max_completion_tokens", mode="before")
+    @classmethod
+    def _integral_float_is_an_int(cls, value: Any) -> Any:
+        return _as_int(value)
+
+
+def _as_int(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 _Request.model_rebuild()

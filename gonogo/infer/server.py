@@ -479,7 +479,11 @@ def create_app(engine: "Engine", *, model_name: str, api_key: Optional[str] = No
         """A chat completion; streamed as server-sent events if asked."""
         return await run_request(raw, chat=True)
 
-    _describe_api(app, model_name=model_name, secured=api_key is not None)
+    # the server's own limits in the document too, so that a client (or a fuzzer) reads them there
+    _describe_api(app, model_name=model_name, secured=api_key is not None,
+                  limits={"max_tokens": max_new, "max_completion_tokens": max_new,
+                          "n": min(limits.max_n, engine.settings.max_batch)},
+                  vocab_size=engine.model_config.vocab_size)
     return app
 
 
@@ -494,7 +498,7 @@ def _body_of(model: type) -> dict[str, Any]:
         "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
-def _describe_api(app, *, model_name: str, secured: bool) -> None:
+def _describe_api(app, *, model_name: str, secured: bool, limits: dict[str, int], vocab_size: int) -> None:
     """FastAPI's OpenAPI document plus the request models the POST routes parse by hand."""
     from fastapi.openapi.utils import get_openapi
 
@@ -511,6 +515,28 @@ def _describe_api(app, *, model_name: str, secured: bool) -> None:
             schemas.update(schema.pop("$defs", {}))
             # the one model this server serves: any other name is a 404
             schema["properties"]["model"] = {"type": "string", "enum": [model_name], "title": "Model"}
+            properties = schema["properties"]
+            for name, most in limits.items():
+                for variant in _variants(properties.get(name)):
+                    if variant.get("type") == "integer":
+                        variant["maximum"] = most
+            # what the routes' own checks refuse (run_request, sampling_for, the validators)
+            for variant in _variants(properties.get("stop")) + _variants(properties.get("prompt")):
+                if variant.get("type") == "string":
+                    variant["minLength"] = 1
+                elif variant.get("type") == "array":
+                    variant["minItems"] = 1
+                    items = variant.get("items", {})
+                    if items.get("type") == "string":
+                        items["minLength"] = 1
+                    elif items.get("type") == "integer":
+                        items.update(minimum=0, maximum=vocab_size - 1)
+            for variant in _variants(properties.get("stop")):
+                if variant.get("type") == "array":
+                    variant["maxItems"] = 4
+            for variant in _variants(properties.get("prompt")):
+                if variant.get("type") == "array" and variant.get("items", {}).get("type") == "string":
+                    variant["maxItems"] = 1
             schemas[model.__name__] = schema
         if secured:
             document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
@@ -522,6 +548,13 @@ def _describe_api(app, *, model_name: str, secured: bool) -> None:
         return document
 
     app.openapi = openapi
+
+
+def _variants(field: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The alternatives of a JSON schema (its anyOf), or the schema itself."""
+    if field is None:
+        return []
+    return list(field.get("anyOf", [field]))
 
 
 def _version() -> str:
