@@ -193,6 +193,7 @@ class Engine:
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """(serving?, details) for /health: says why not, and how often the engine was restarted."""
+        self._revive()
         detail: dict[str, Any] = {"engine_restarts": self.restarts}
         if self.last_error is not None:
             detail["last_engine_error"] = self.last_error
@@ -213,6 +214,22 @@ class Engine:
         if self._thread is not None and not self._thread.is_alive():
             return EngineStopped("the engine thread is not running", code="engine_failed")
         return None
+
+    def _revive(self) -> None:
+        """A thread that ended without stopping or giving up (it should not) is started again, bounded."""
+        with self._wake:
+            thread = self._thread
+            if thread is None or thread.is_alive() or self._stopping or self.failure is not None:
+                return
+            self.last_error = "the engine thread ended unexpectedly"
+            log.error("%s (restart %d of at most %d)", self.last_error, self.restarts + 1, self.settings.max_restarts)
+            if self.restarts >= self.settings.max_restarts:
+                self.failure = RuntimeError(self.last_error)
+                return
+            self.restarts += 1
+            self._fail_in_flight(f"the engine failed while serving this request ({self.last_error})")
+            self._thread = threading.Thread(target=self._supervise, name="gonogo-engine", daemon=True)
+            self._thread.start()
 
     @property
     def num_running(self) -> int:
@@ -238,6 +255,7 @@ class Engine:
         problem = self.check(len(request.prompt_ids), request.params)
         if problem:
             raise ValueError(problem)
+        self._revive()
         with self._wake:
             problem = self._not_serving()
             if problem is not None:

@@ -257,3 +257,32 @@ def test_the_engine_restarts_after_a_failed_step_and_gives_up_after_its_limit(mo
         assert "shutting down" not in refused.json()["error"]["message"]
     finally:
         engine.stop()
+
+
+def test_an_engine_thread_that_ends_unexpectedly_is_started_again_and_health_says_so(monkeypatch):
+    engine = Engine(tiny_model(), ByteTokenizer(), EngineSettings(max_batch=2, max_restarts=1))
+    real_supervise = engine._supervise
+    monkeypatch.setattr(engine, "_supervise", lambda: None)  # a thread that just ends, as if killed
+    engine.start()
+    engine._thread.join(timeout=10)
+    monkeypatch.setattr(engine, "_supervise", real_supervise)
+    try:
+        serving, detail = engine.health()  # notices, restarts it, and says so
+        assert serving and detail["engine_restarts"] == 1
+        assert detail["last_engine_error"] == "the engine thread ended unexpectedly"
+        params = SamplingParams(max_tokens=4, **GREEDY)
+        assert engine.generate(prompts(1)[0], params, timeout=30)[0].finish_reason == "length"
+
+        monkeypatch.setattr(engine, "_supervise", lambda: None)
+        engine._stopping = True   # end the running thread, then pretend it ended on its own again
+        engine._thread.join(timeout=10)
+        engine._stopping = False
+        engine._thread = threading.Thread(target=lambda: None)
+        engine._thread.start()
+        engine._thread.join(timeout=10)
+        serving, detail = engine.health()  # beyond max_restarts: not restarted, and said so
+        assert not serving and detail["code"] == "engine_failed" and "restart the server" in detail["reason"]
+        with pytest.raises(EngineStopped):
+            engine.submit(Request(prompts(1)[0], params, lambda event: None))
+    finally:
+        engine.stop()
