@@ -67,6 +67,11 @@ class KVCache:
         self._rows = None
         self._mask = None
 
+    def abandon(self) -> None:
+        """Forget a begin() whose forward raised (nothing was committed)."""
+        self._rows = None
+        self._mask = None
+
     def reset_row(self, row: int) -> None:
         self.lengths[row] = 0
 

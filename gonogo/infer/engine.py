@@ -6,6 +6,13 @@ finished ones, so the running batch changes every step: continuous batching. Eve
 piece of text goes to the request's ``emit`` callback; the server turns those into an asyncio
 stream with ``loop.call_soon_threadsafe``.
 
+Failures: parameters the numerics cannot take are refused at ``submit`` (``SamplingParams.problem``);
+anything that still goes wrong in one request's prefill, sampling or text decoding ends that
+request alone with an error event (finish_reason "error") while the batch carries on. A failure
+that belongs to no single request (a batched forward raising) fails the requests in the batch
+and restarts the loop, at most ``EngineSettings.max_restarts`` times; then ``failure`` is set and
+the engine refuses work, saying why.
+
 Determinism: a prefill always runs alone (batch 1), a decode step reads each row's own cache
 with an exact mask, and each sequence samples with its own seeded generator, so greedy output
 (and seeded sampling) is the same alone or batched, up to float rounding in batched matmuls.
@@ -39,7 +46,15 @@ class QueueFull(Exception):
 
 
 class EngineStopped(Exception):
-    """The engine is draining or stopped and takes no new requests: the server answers 503."""
+    """The engine is draining, stopped or failed and takes no new requests: the server answers 503."""
+
+    def __init__(self, message: str, code: str = "shutting_down"):
+        super().__init__(message)
+        self.code = code
+
+
+class RequestFailed(RuntimeError):
+    """One request failed inside the engine (its sampling or decoding); the others carry on."""
 
 
 @dataclass
@@ -51,6 +66,9 @@ class EngineSettings:
     device: Optional[str] = None         # None/"auto": the first GPU when there is one, else the CPU
     max_waiting: int = 64                # queued requests beyond this are refused (429)
     fused: bool = True                   # the fused inference forward (gonogo/infer/fast_decode.py)
+    # times the engine thread is restarted after a failure it could not pin on one request;
+    # bounded so that a broken model ends in a truthful 503 instead of a restart loop
+    max_restarts: int = 3
 
 
 @dataclass
@@ -66,6 +84,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     time: float = field(default_factory=time.monotonic)   # when the engine produced it
+    error: Optional[str] = None          # the request failed (finish_reason "error"); why
 
 
 @dataclass
@@ -79,6 +98,7 @@ class Request:
     # filled in by the engine
     finished_choices: int = 0
     completion_tokens: int = 0
+    error: Optional[str] = None
 
     def cancel(self) -> None:
         """The client went away: the engine drops the request's sequences at the next step."""
@@ -140,12 +160,15 @@ class Engine:
         self._drain_deadline: Optional[float] = None
         self._ids = itertools.count()
         self.steps = 0
-        self.failure: Optional[BaseException] = None
+        self.failure: Optional[BaseException] = None   # the engine gave up: no restarts left
+        self.restarts = 0
+        self.last_error: Optional[str] = None          # the latest engine-level failure, restarted or not
+        self._admitting: Optional[Request] = None      # taken off the queue, not yet in _running
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> "Engine":
         assert self._thread is None
-        self._thread = threading.Thread(target=self._loop, name="gonogo-engine", daemon=True)
+        self._thread = threading.Thread(target=self._supervise, name="gonogo-engine", daemon=True)
         self._thread.start()
         return self
 
@@ -170,6 +193,50 @@ class Engine:
         return not self._stopping and self._drain_deadline is None and self.failure is None
 
     @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """(serving?, details) for /health: says why not, and how often the engine was restarted."""
+        self._revive()
+        detail: dict[str, Any] = {"engine_restarts": self.restarts}
+        if self.last_error is not None:
+            detail["last_engine_error"] = self.last_error
+        problem = self._not_serving()
+        if problem is not None:
+            detail["reason"] = str(problem)
+            detail["code"] = problem.code
+            return False, detail
+        return True, detail
+
+    def _not_serving(self) -> Optional[EngineStopped]:
+        if self.failure is not None:
+            return EngineStopped(
+                f"the engine failed ({self.last_error}) and was restarted {self.restarts} times, the limit; "
+                f"it serves nothing more: restart the server", code="engine_failed")
+        if self._stopping or self._drain_deadline is not None:
+            return EngineStopped("the server is shutting down")
+        if self._thread is not None and not self._thread.is_alive():
+            return EngineStopped("the engine thread is not running", code="engine_failed")
+        return None
+
+    def _revive(self) -> None:
+        """A thread that ended without stopping or giving up (it should not) is started again, bounded."""
+        with self._wake:
+            thread = self._thread
+            if thread is None or thread.is_alive() or self._stopping or self.failure is not None:
+                return
+            self.last_error = "the engine thread ended unexpectedly"
+            log.error("%s (restart %d of at most %d)", self.last_error, self.restarts + 1, self.settings.max_restarts)
+            if self.restarts >= self.settings.max_restarts:
+                self.failure = RuntimeError(self.last_error)
+                return
+            self.restarts += 1
+            self._fail_in_flight(f"the engine failed while serving this request ({self.last_error})")
+            self._thread = threading.Thread(target=self._supervise, name="gonogo-engine", daemon=True)
+            self._thread.start()
+
+    @property
     def num_running(self) -> int:
         return len({id(sequence.request) for sequence in self._running})
 
@@ -187,15 +254,17 @@ class Engine:
                     f"model's context of {self.max_len} tokens; shorten the prompt or lower max_tokens")
         if params.n > self.settings.max_batch:
             return f"n={params.n} exceeds the engine's batch of {self.settings.max_batch}"
-        return None
+        return params.problem()
 
     def submit(self, request: Request) -> Request:
         problem = self.check(len(request.prompt_ids), request.params)
         if problem:
             raise ValueError(problem)
+        self._revive()
         with self._wake:
-            if not self.accepting:
-                raise EngineStopped("the server is shutting down")
+            problem = self._not_serving()
+            if problem is not None:
+                raise problem
             if len(self._waiting) >= self.settings.max_waiting:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")
             request.request_id = request.request_id or f"req-{next(self._ids)}"
@@ -217,32 +286,52 @@ class Engine:
             ids[event.index] += event.token_ids
             if event.finish_reason:
                 reasons[event.index] = event.finish_reason
+            if event.error is not None:
+                raise RequestFailed(event.error)
             if event.done:
                 break
         return [Completion(text, token_ids, reason) for text, token_ids, reason in zip(texts, ids, reasons)]
 
     # -- the engine thread -----------------------------------------------------------------
+    def _supervise(self) -> None:
+        """The thread: the loop, restarted after a failure (bounded), requests then in it failed."""
+        with torch.inference_mode():
+            while True:
+                try:
+                    self._loop()
+                    self._abort_all()
+                    return
+                except BaseException as error:  # a bug or an out-of-memory in a batched step
+                    log.exception("engine step failed")
+                    self.last_error = f"{type(error).__name__}: {error}"
+                    try:
+                        self._fail_in_flight(f"the engine failed while serving this request ({self.last_error})")
+                    except BaseException:
+                        log.exception("could not recover the engine after its failure; giving up")
+                        self.failure = error
+                        return
+                    if self.restarts >= self.settings.max_restarts:
+                        log.error("engine failed %d times; giving up", self.restarts + 1)
+                        self.failure = error
+                        self._fail_waiting(f"the engine failed ({self.last_error}) and is not restarted again")
+                        return
+                    self.restarts += 1
+                    log.warning("engine restarted (%d of at most %d)", self.restarts, self.settings.max_restarts)
+
     def _loop(self) -> None:
-        try:
-            with torch.inference_mode():
-                while True:
-                    with self._wake:
-                        if self._stopping:
-                            break
-                        if not self._running and not self._waiting:
-                            self._wake.wait(timeout=0.5)
-                            continue
-                    if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
-                        self._abort_all()
-                    self._drop_cancelled()
-                    self._admit()
-                    if self._running:
-                        self._decode_step()
-        except BaseException as error:  # a bug or an out-of-memory: fail every request, loudly
-            log.exception("engine thread failed")
-            self.failure = error
-        finally:
-            self._abort_all()
+        while True:
+            with self._wake:
+                if self._stopping:
+                    return
+                if not self._running and not self._waiting:
+                    self._wake.wait(timeout=0.5)
+                    continue
+            if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
+                self._abort_all()
+            self._drop_cancelled()
+            self._admit()
+            if self._running:
+                self._decode_step()
 
     def _admit(self) -> None:
         while True:
@@ -255,7 +344,12 @@ class Engine:
                 self._waiting.popleft()
             if request.cancelled:
                 continue
-            self._prefill(request)
+            self._admitting = request
+            try:
+                self._prefill(request)
+            except Exception as error:  # this request's prompt or sampling: it alone fails
+                self._fail_request(request, error)
+            self._admitting = None
 
     def _prefill(self, request: Request) -> None:
         """Run the prompt once (batch 1), share its cache with the other choices, sample each."""
@@ -288,13 +382,23 @@ class Engine:
         self.steps += 1
         last = logits[:, -1, :self.sampled_vocab].float().cpu()
         running = list(self._running)
-        if all(sequence.request.params.greedy for sequence in running):
-            chosen = last.argmax(dim=-1).tolist()  # one op for the whole batch
+        if all(sequence.request.params.greedy for sequence in running) and bool(torch.isfinite(last).all()):
+            chosen: list[Optional[int]] = last.argmax(dim=-1).tolist()  # one op for the whole batch
         else:
-            chosen = [sample_next(last[row], sequence.request.params, sequence.generator)
-                      for row, sequence in enumerate(running)]
+            chosen = []
+            for row, sequence in enumerate(running):
+                try:
+                    chosen.append(sample_next(last[row], sequence.request.params, sequence.generator))
+                except Exception as error:  # this row's numbers: its request alone fails
+                    chosen.append(None)
+                    self._fail_request(sequence.request, error)
         for sequence, token in zip(running, chosen):
-            self._accept(sequence, token)
+            if token is None or sequence.request.error is not None:
+                continue
+            try:
+                self._accept(sequence, token)
+            except Exception as error:  # decoding this request's text
+                self._fail_request(sequence.request, error)
 
     def _accept(self, sequence: _Sequence, token: int) -> None:
         """Record a sampled token: emit its text, and finish the sequence when it is done."""
@@ -327,14 +431,60 @@ class Engine:
         request = sequence.request
         request.finished_choices += 1
         done = request.finished_choices == request.params.n
+        self._remove(sequence)
+        request.emit(Event(sequence.index, text, token_ids or [], reason, done=done,
+                           prompt_tokens=len(request.prompt_ids), completion_tokens=request.completion_tokens))
+
+    def _remove(self, sequence: _Sequence) -> None:
+        """Take a sequence out of the batch, keeping the cache rows contiguous."""
         row = self._running.index(sequence)
         last = len(self._running) - 1
         self.cache.move_row(last, row)
         self._running[row] = self._running[last]
         self._running.pop()
         self.cache.reset_row(last)
-        request.emit(Event(sequence.index, text, token_ids or [], reason, done=done,
-                           prompt_tokens=len(request.prompt_ids), completion_tokens=request.completion_tokens))
+
+    def _fail_request(self, request: Request, error: BaseException) -> None:
+        """End one request with an error event; the rest of the batch carries on."""
+        log.error("request %s failed in the engine: %s: %s", request.request_id, type(error).__name__, error,
+                  exc_info=error)
+        self.cache.abandon()  # a forward that raised between begin() and commit()
+        for sequence in [s for s in self._running if s.request is request]:
+            self._remove(sequence)
+        for row in range(len(self._running), self.cache.max_batch):  # rows a failed prefill filled
+            self.cache.reset_row(row)
+        self._emit_error(request, f"generation failed: {type(error).__name__}: {error}")
+
+    def _emit_error(self, request: Request, message: str) -> None:
+        if request.error is not None or request.finished_choices >= request.params.n:
+            return  # already answered
+        request.error = message
+        request.finished_choices = request.params.n
+        request.emit(Event(0, "", [], "error", done=True, prompt_tokens=len(request.prompt_ids),
+                           completion_tokens=request.completion_tokens, error=message))
+
+    def _fail_in_flight(self, message: str) -> None:
+        """After an engine-level failure: every request in the batch (or being admitted) fails."""
+        requests = [sequence.request for sequence in self._running]
+        if self._admitting is not None:
+            requests.append(self._admitting)
+            self._admitting = None
+        self._running.clear()
+        self.cache.abandon()
+        for row in range(self.cache.max_batch):
+            self.cache.reset_row(row)
+        for request in {id(request): request for request in requests}.values():  # once each, in order
+            try:
+                self._emit_error(request, message)
+            except Exception:  # an emit callback that raises must not stop the others' answers
+                log.exception("could not tell request %s that it failed", request.request_id)
+
+    def _fail_waiting(self, message: str) -> None:
+        with self._wake:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for request in waiting:
+            self._emit_error(request, message)
 
     def _drop_cancelled(self) -> None:
         for sequence in [s for s in self._running if s.request.cancelled]:

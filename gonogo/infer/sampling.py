@@ -6,6 +6,7 @@ gives the same tokens whether it runs alone or in a batch with others. Temperatu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -27,11 +28,38 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    def problem(self) -> Optional[str]:
+        """Why these parameters cannot be sampled with (a user's mistake), or None.
+
+        The server's request model checks the same ranges; this is the engine's own guard, so a
+        caller that builds SamplingParams directly cannot take the engine thread down either.
+        """
+        if not math.isfinite(self.temperature) or not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            return f"temperature={self.temperature} must be a number in [0, {MAX_TEMPERATURE:g}]"
+        if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            return f"top_p={self.top_p} must be a number in (0, 1]"
+        if self.top_k < 0:
+            return f"top_k={self.top_k} must be 0 (no limit) or more"
+        if self.n < 1 or self.max_tokens < 1:
+            return "n and max_tokens must be at least 1"
+        if self.seed is not None and not (MIN_SEED <= self.seed and self.seed + self.n - 1 <= MAX_SEED):
+            return (f"seed={self.seed} with n={self.n}: the seeds seed .. seed+n-1 must lie in "
+                    f"[{MIN_SEED}, {MAX_SEED}] (a torch.Generator takes 64 bits)")
+        return None
+
+
+MAX_TEMPERATURE = 2.0
+# what torch.Generator.manual_seed takes: a signed or an unsigned 64-bit integer
+MIN_SEED = -(1 << 63)
+MAX_SEED = (1 << 64) - 1
+
 
 def make_generator(seed: Optional[int]) -> torch.Generator:
     generator = torch.Generator()
     if seed is None:
         generator.seed()  # a fresh random seed: unseeded requests differ from each other
+    elif not MIN_SEED <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed} is outside [{MIN_SEED}, {MAX_SEED}]")
     else:
         generator.manual_seed(seed)
     return generator
@@ -39,17 +67,25 @@ def make_generator(seed: Optional[int]) -> torch.Generator:
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token id from a row of logits [vocab] (fp32 on CPU)."""
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError("the model produced non-finite logits (inf or NaN)")
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = logits.float() / params.temperature
+    # float64, and the largest logit subtracted before dividing: any temperature down to the
+    # smallest positive double then gives finite values (the top token's is exactly 0), where
+    # fp32 would turn 1e-40 into a denormal and the logits into inf - inf = NaN
+    logits = logits.double()
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k and 0 < params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probabilities = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probabilities, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the top token always stays)
+        # keep the smallest prefix whose mass reaches top_p; the top token always stays, however
+        # small top_p is (a tiny top_p is greedy, never an all-zero distribution)
         outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        outside[0] = False
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(order[choice])

@@ -1,8 +1,11 @@
 """The OpenAI-compatible HTTP server (FastAPI + uvicorn) in front of the engine.
 
-Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream or not),
-GET /health, GET /metrics (Prometheus text). Every bad request is a 4xx with an OpenAI-style
-error body ({"error": {"message", "type", "param", "code"}}); a 5xx means a bug or shutdown.
+Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions
+(stream or not), GET /health, GET /metrics (Prometheus text), GET /openapi.json. Every bad
+request is a 4xx with an OpenAI-style error body ({"error": {"message", "type", "param",
+"code"}}); a 5xx means a bug, a failed engine or shutdown, and says which. A request that fails
+inside the engine fails alone (500, or an error event in its stream); the engine thread is
+restarted after a failure it cannot pin on one request, a bounded number of times.
 
 Safety: binds 127.0.0.1 unless told otherwise; a Bearer key read from an environment variable
 (required when binding beyond loopback); limits on body size, prompt tokens, max_tokens, n and
@@ -16,11 +19,11 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Optional
+from typing import TYPE_CHECKING, Any, AsyncIterator, Optional, Union
 
 from gonogo.infer.protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, chat_chunk, chat_response, completion_chunk,
-    completion_response, new_id, now, parse_request, sse, usage_chunk)
+    REFUSED_FIELDS, APIError, ChatCompletionRequest, CompletionRequest, ErrorResponse, chat_chunk, chat_response,
+    completion_chunk, completion_response, new_id, now, parse_request, sse, usage_chunk)
 
 if TYPE_CHECKING:  # the engine imports torch; this module must not (the CLI and plan checks stay fast)
     from gonogo.infer.engine import Engine, Event, Request
@@ -113,13 +116,15 @@ def _merge_by_choice(events: list) -> list:
         into = merged.get(event.index)
         if into is None or into.finish_reason:
             merged[event.index] = Event(event.index, event.text, list(event.token_ids), event.finish_reason,
-                                        event.done, event.prompt_tokens, event.completion_tokens, event.time)
+                                        event.done, event.prompt_tokens, event.completion_tokens, event.time,
+                                        event.error)
         else:
             into.text += event.text
             into.token_ids += event.token_ids
             into.finish_reason = event.finish_reason
             into.done = event.done
             into.completion_tokens = event.completion_tokens
+            into.error = event.error
     # the event that finished the request goes last, so "done" still ends the stream
     return sorted(merged.values(), key=lambda event: event.done)
 
@@ -213,6 +218,7 @@ def create_app(engine: "Engine", *, model_name: str, api_key: Optional[str] = No
                limits: Optional[ServerLimits] = None, metrics: Optional[ServerMetrics] = None):
     from fastapi import FastAPI, Request as HTTPRequest
     from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.requests import ClientDisconnect
 
     from gonogo.infer.engine import EngineStopped, Event, QueueFull, Request
     from gonogo.infer.sampling import SamplingParams
@@ -222,7 +228,8 @@ def create_app(engine: "Engine", *, model_name: str, api_key: Optional[str] = No
     max_prompt = limits.max_prompt_tokens or engine.max_len - 1
     max_new = limits.max_tokens or engine.max_len - 1
     tokenizer = engine.tokenizer
-    app = FastAPI(title="gonogo", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="gonogo", summary="OpenAI-compatible inference server", version=_version(),
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.engine = engine
     app.state.metrics = metrics
     bridge = _LoopBridge()
@@ -239,37 +246,71 @@ def create_app(engine: "Engine", *, model_name: str, api_key: Optional[str] = No
         return error_response(APIError(404, f"no route {request.method} {request.url.path}", code="not_found"))
 
     @app.exception_handler(405)
-    async def _bad_method(request: HTTPRequest, _error: Exception) -> JSONResponse:
-        return error_response(APIError(405, f"{request.method} is not allowed on {request.url.path}"))
+    async def _bad_method(request: HTTPRequest, error: Exception) -> JSONResponse:
+        allow = (getattr(error, "headers", None) or {}).get("Allow", "")
+        response = error_response(APIError(405, f"{request.method} is not allowed on {request.url.path}"
+                                                + (f"; allowed: {allow}" if allow else ""),
+                                           code="method_not_allowed"))
+        if allow:
+            response.headers["Allow"] = allow
+        return response
+
+    @app.exception_handler(Exception)
+    async def _bug(request: HTTPRequest, error: Exception) -> JSONResponse:
+        # a bug: still an OpenAI error body (the traceback goes to the log, not to the client)
+        return error_response(APIError(500, f"internal error while serving {request.url.path}: "
+                                            f"{type(error).__name__}", type="server_error", code="internal_error"))
 
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, metrics=metrics)
 
     async def read_body(request: HTTPRequest) -> bytes:
-        """The body, refusing it as soon as it passes the limit (chunked uploads have no length)."""
+        """The JSON body, refusing it as soon as it passes the limit (chunked uploads have no length)."""
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise APIError(415, f"the request body must be JSON sent with 'Content-Type: application/json' "
+                                f"(got {media_type or 'no Content-Type'})", code="unsupported_media_type")
         body = bytearray()
-        async for piece in request.stream():
-            body += piece
-            if len(body) > limits.max_body_bytes:
-                raise APIError(413, f"the request body is larger than {limits.max_body_bytes} bytes",
-                               code="request_too_large")
+        try:
+            async for piece in request.stream():
+                body += piece
+                if len(body) > limits.max_body_bytes:
+                    raise APIError(413, f"the request body is larger than {limits.max_body_bytes} bytes",
+                                   code="request_too_large")
+        except ClientDisconnect:
+            # nobody is left to answer; not a server error, so no traceback in the log
+            log.info("client disconnected before sending the whole body of %s", request.url.path)
+            raise APIError(400, "the client disconnected before sending the whole body",
+                           code="client_disconnected") from None
         return bytes(body)
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "the engine is draining, stopped or failed"}})
     async def health() -> Response:
-        if engine.failure is not None or not engine.accepting:
-            return JSONResponse({"status": "unavailable"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        """200 while the engine serves; 503 with the reason when it does not."""
+        serving, detail = engine.health()
+        return JSONResponse({"status": "ok" if serving else "unavailable", **detail},
+                            status_code=200 if serving else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/v1/models")
+    def model_card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": int(engine_created), "owned_by": "gonogo",
+                "max_model_len": engine.max_len}
+
+    @app.get("/v1/models", responses=_ERRORS_OF_GET)
     async def models() -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": int(engine_created), "owned_by": "gonogo",
-             "max_model_len": engine.max_len}]})
+        """The one model this server serves."""
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/{model_id:path}", responses={**_ERRORS_OF_GET, 404: {"model": ErrorResponse}})
+    async def model(model_id: str) -> Response:
+        """The served model; 404 for any other id."""
+        if model_id != model_name:
+            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        return JSONResponse(model_card())
 
     engine_created = time.time()
 
@@ -296,7 +337,9 @@ def create_app(engine: "Engine", *, model_name: str, api_key: Optional[str] = No
                                 ignore_eos=body.ignore_eos)
         problem = engine.check(prompt_tokens, params)
         if problem:
-            raise APIError(400, problem, param="n" if "n=" in problem else "max_tokens")
+            param = next((name for name in ("temperature", "top_p", "top_k", "seed", "n")
+                          if problem.startswith(name + "=")), "max_tokens")
+            raise APIError(400, problem, param=param)
         return params
 
     def submit(prompt_ids: list[int], params: "SamplingParams") -> tuple["Request", asyncio.Queue]:
@@ -308,7 +351,7 @@ def create_app(engine: "Engine", *, model_name: str, api_key: Optional[str] = No
             raise APIError(429, f"the server is busy ({error}); retry later", type="rate_limit_error",
                            code="queue_full") from None
         except EngineStopped as error:
-            raise APIError(503, str(error), type="server_error", code="shutting_down") from None
+            raise APIError(503, str(error), type="server_error", code=error.code) from None
         bridge.open()  # closed by events_of when the request is over
         return request, events
 
@@ -373,6 +416,8 @@ def create_app(engine: "Engine", *, model_name: str, api_key: Optional[str] = No
         texts = [""] * params.n
         reasons = ["abort"] * params.n
         async for event in events_of(request, events):
+            if event.error is not None:
+                raise APIError(500, event.error, type="server_error", code="generation_failed")
             texts[event.index] += event.text
             if event.finish_reason:
                 reasons[event.index] = event.finish_reason
@@ -383,6 +428,10 @@ def create_app(engine: "Engine", *, model_name: str, api_key: Optional[str] = No
     async def stream_completion(request: "Request", events: asyncio.Queue, request_id: str, created: int,
                                 n: int, include_usage: bool) -> AsyncIterator[bytes]:
         async for event in events_of(request, events):
+            if event.error is not None:
+                yield stream_error(event.error)
+                yield sse("[DONE]")
+                return
             if event.text or event.finish_reason:
                 yield sse(completion_chunk(request_id, model_name, created, event.index, event.text,
                                            event.finish_reason, include_usage))
@@ -395,6 +444,10 @@ def create_app(engine: "Engine", *, model_name: str, api_key: Optional[str] = No
                           n: int, include_usage: bool) -> AsyncIterator[bytes]:
         first = True
         async for event in events_of(request, events):
+            if event.error is not None:
+                yield stream_error(event.error)
+                yield sse("[DONE]")
+                return
             if first:  # the first chunk of each choice carries the role; sent once generation began, as vLLM does
                 first = False
                 for index in range(n):
@@ -411,15 +464,106 @@ def create_app(engine: "Engine", *, model_name: str, api_key: Optional[str] = No
                                   len(request.prompt_ids), request.completion_tokens))
         yield sse("[DONE]")
 
-    @app.post("/v1/completions")
+    def stream_error(message: str) -> bytes:
+        # the status line went out with the first chunk: the error travels as an event, as vLLM
+        # sends it (the openai client raises an APIError on a chunk holding "error")
+        return sse(APIError(500, message, type="server_error", code="generation_failed").body())
+
+    @app.post("/v1/completions", openapi_extra=_body_of(CompletionRequest), responses=_ERRORS_OF_POST)
     async def completions(raw: HTTPRequest) -> Response:
+        """A text completion (OpenAI's legacy completions API); streamed as server-sent events if asked."""
         return await run_request(raw, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body_of(ChatCompletionRequest), responses=_ERRORS_OF_POST)
     async def chat_completions(raw: HTTPRequest) -> Response:
+        """A chat completion; streamed as server-sent events if asked."""
         return await run_request(raw, chat=True)
 
+    # the server's own limits in the document too, so that a client (or a fuzzer) reads them there
+    _describe_api(app, model_name=model_name, secured=api_key is not None,
+                  limits={"max_tokens": max_new, "max_completion_tokens": max_new,
+                          "n": min(limits.max_n, engine.settings.max_batch)},
+                  vocab_size=engine.model_config.vocab_size)
     return app
+
+
+_ERRORS_OF_GET: dict[Union[int, str], dict[str, Any]] = {401: {"model": ErrorResponse}}
+_ERRORS_OF_POST: dict[Union[int, str], dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 429, 500, 503)}
+
+
+def _body_of(model: type) -> dict[str, Any]:
+    """The request body in the OpenAPI document: the routes read it themselves (bounded parsing)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _describe_api(app, *, model_name: str, secured: bool, limits: dict[str, int], vocab_size: int) -> None:
+    """FastAPI's OpenAPI document plus the request models the POST routes parse by hand."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes,
+                               description="Fields not listed are ignored, except these, which are refused "
+                                           "with a 400 unless at their off value: "
+                                           + ", ".join(sorted(REFUSED_FIELDS)) + ".")
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        for model in (CompletionRequest, ChatCompletionRequest):
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            # the one model this server serves: any other name is a 404
+            schema["properties"]["model"] = {"type": "string", "enum": [model_name], "title": "Model"}
+            properties = schema["properties"]
+            for name, most in limits.items():
+                for variant in _variants(properties.get(name)):
+                    if variant.get("type") == "integer":
+                        variant["maximum"] = most
+            # what the routes' own checks refuse (run_request, sampling_for, the validators)
+            for variant in _variants(properties.get("stop")) + _variants(properties.get("prompt")):
+                if variant.get("type") == "string":
+                    variant["minLength"] = 1
+                elif variant.get("type") == "array":
+                    variant["minItems"] = 1
+                    items = variant.get("items", {})
+                    if items.get("type") == "string":
+                        items["minLength"] = 1
+                    elif items.get("type") == "integer":
+                        items.update(minimum=0, maximum=vocab_size - 1)
+            for variant in _variants(properties.get("stop")):
+                if variant.get("type") == "array":
+                    variant["maxItems"] = 4
+            for variant in _variants(properties.get("prompt")):
+                if variant.get("type") == "array" and variant.get("items", {}).get("type") == "string":
+                    variant["maxItems"] = 1
+            schemas[model.__name__] = schema
+        if secured:
+            document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, operations in document["paths"].items():
+                if path.startswith("/v1/"):
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi
+
+
+def _variants(field: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The alternatives of a JSON schema (its anyOf), or the schema itself."""
+    if field is None:
+        return []
+    return list(field.get("anyOf", [field]))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gonogo")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 # -- the `gonogo serve` command ---------------------------------------------------------------

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gonogo.data.tokenizer import ByteTokenizer
-from gonogo.infer.engine import Engine, EngineSettings, QueueFull, Request
+from gonogo.infer import engine as engine_module
+from gonogo.infer.engine import Engine, EngineSettings, EngineStopped, QueueFull, Request, RequestFailed
 from gonogo.infer.sampling import SamplingParams
 
 from .conftest import tiny_model
@@ -160,5 +161,128 @@ def test_end_of_sequence_stops_unless_ignore_eos():
         assert stopped.finish_reason == "stop" and stopped.token_ids == free[:free.index(free[3])]
         ignored = engine.generate(prompt, SamplingParams(max_tokens=10, ignore_eos=True, **GREEDY))[0]
         assert ignored.finish_reason == "length" and ignored.token_ids == free
+    finally:
+        engine.stop()
+
+
+def rigged_sampling(monkeypatch, fail_on_call: int):
+    """Sampling that raises on a chosen call for requests marked with top_k=7, as a numerical bug would."""
+    real = engine_module.sample_next
+    calls = [0]
+
+    def sample(logits, params, generator):
+        if params.top_k == 7:
+            calls[0] += 1
+            if calls[0] == fail_on_call:
+                raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "sample_next", sample)
+
+
+@pytest.mark.parametrize("fail_on_call", [1, 4], ids=["in the prefill", "in a decode step"])
+def test_a_request_failing_in_sampling_fails_alone_and_the_batch_carries_on(engine, monkeypatch, fail_on_call):
+    healthy_prompt, bad_prompt = prompts(2)
+    healthy_params = SamplingParams(max_tokens=40, **GREEDY)
+    healthy_alone = engine.generate(healthy_prompt, healthy_params)[0].token_ids
+    rigged_sampling(monkeypatch, fail_on_call)
+
+    healthy_events: queue.Queue = queue.Queue()
+    engine.submit(Request(healthy_prompt, healthy_params, healthy_events.put))
+    tokens = []
+    while len(tokens) < 3:  # the healthy request is decoding when the bad one joins
+        tokens += healthy_events.get(timeout=30).token_ids
+    with pytest.raises(RequestFailed, match="generation failed: RuntimeError: probability tensor"):
+        engine.generate(bad_prompt, SamplingParams(max_tokens=20, temperature=1.0, top_k=7, n=2, seed=1))
+    while True:
+        event = healthy_events.get(timeout=60)
+        tokens += event.token_ids
+        if event.done:
+            break
+    assert event.error is None and event.finish_reason == "length" and tokens == healthy_alone
+    assert engine.restarts == 0 and engine.health()[0]
+    assert engine.generate(bad_prompt, SamplingParams(max_tokens=5, **GREEDY))[0].finish_reason == "length"
+
+
+def test_sampling_parameters_the_numerics_cannot_take_are_refused_before_the_engine_thread():
+    engine = Engine(tiny_model(), ByteTokenizer(), EngineSettings(max_batch=2))  # not started: nothing may run
+    for params in (SamplingParams(seed=1 << 64), SamplingParams(seed=-(1 << 63) - 1),
+                   SamplingParams(seed=(1 << 64) - 1, n=2), SamplingParams(temperature=float("nan")),
+                   SamplingParams(top_p=0.0), SamplingParams(temperature=float("inf"))):
+        with pytest.raises(ValueError):
+            engine.submit(Request([65, 66], params, lambda event: None))
+    assert engine.num_waiting == 0
+
+
+def test_the_engine_restarts_after_a_failed_step_and_gives_up_after_its_limit(monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from gonogo.infer.server import create_app
+
+    engine = Engine(tiny_model(), ByteTokenizer(), EngineSettings(max_batch=2, max_restarts=1))
+    failures = [1]   # the next decode steps that raise
+    real_step = engine._decode_step
+
+    def step():
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise RuntimeError("CUDA error: an illegal memory access")  # not any one request's fault
+        real_step()
+
+    monkeypatch.setattr(engine, "_decode_step", step)
+    engine.start()
+    http = TestClient(create_app(engine, model_name="gonogo"))
+    try:
+        params = SamplingParams(max_tokens=8, **GREEDY)
+        with pytest.raises(RequestFailed, match="the engine failed while serving this request .*illegal memory"):
+            engine.generate(prompts(1)[0], params, timeout=30)
+        assert engine.generate(prompts(1)[0], params, timeout=30)[0].finish_reason == "length"  # restarted
+        health = http.get("/health")
+        assert health.status_code == 200 and health.json()["engine_restarts"] == 1
+        assert "illegal memory access" in health.json()["last_engine_error"]
+
+        failures[0] = 1  # the second failure is beyond max_restarts=1: the engine stops, and says so
+        with pytest.raises(RequestFailed):
+            engine.generate(prompts(1)[0], params, timeout=30)
+        deadline = time.monotonic() + 10
+        while engine.alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+        health = http.get("/health")
+        assert health.status_code == 503 and health.json()["code"] == "engine_failed"
+        assert "restarted 1 times" in health.json()["reason"]
+        with pytest.raises(EngineStopped, match="the engine failed .*restart the server"):
+            engine.submit(Request(prompts(1)[0], params, lambda event: None))
+        refused = http.post("/v1/completions", json={"model": "gonogo", "prompt": "hi", "max_tokens": 2})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_failed"
+        assert "shutting down" not in refused.json()["error"]["message"]
+    finally:
+        engine.stop()
+
+
+def test_an_engine_thread_that_ends_unexpectedly_is_started_again_and_health_says_so(monkeypatch):
+    engine = Engine(tiny_model(), ByteTokenizer(), EngineSettings(max_batch=2, max_restarts=1))
+    real_supervise = engine._supervise
+    monkeypatch.setattr(engine, "_supervise", lambda: None)  # a thread that just ends, as if killed
+    engine.start()
+    engine._thread.join(timeout=10)
+    monkeypatch.setattr(engine, "_supervise", real_supervise)
+    try:
+        serving, detail = engine.health()  # notices, restarts it, and says so
+        assert serving and detail["engine_restarts"] == 1
+        assert detail["last_engine_error"] == "the engine thread ended unexpectedly"
+        params = SamplingParams(max_tokens=4, **GREEDY)
+        assert engine.generate(prompts(1)[0], params, timeout=30)[0].finish_reason == "length"
+
+        monkeypatch.setattr(engine, "_supervise", lambda: None)
+        engine._stopping = True   # end the running thread, then pretend it ended on its own again
+        engine._thread.join(timeout=10)
+        engine._stopping = False
+        engine._thread = threading.Thread(target=lambda: None)
+        engine._thread.start()
+        engine._thread.join(timeout=10)
+        serving, detail = engine.health()  # beyond max_restarts: not restarted, and said so
+        assert not serving and detail["code"] == "engine_failed" and "restart the server" in detail["reason"]
+        with pytest.raises(EngineStopped):
+            engine.submit(Request(prompts(1)[0], params, lambda event: None))
     finally:
         engine.stop()

@@ -26,6 +26,33 @@ def test_same_seed_same_samples():
     assert [sample_next(logits, params, generator) for _ in range(10)] == first
 
 
+def test_tiny_temperature_and_tiny_top_p_sample_the_top_token_without_nan():
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(1)) * 30
+    top = int(logits.argmax())
+    for params in (SamplingParams(temperature=1e-40), SamplingParams(temperature=5e-324),
+                   SamplingParams(top_p=1e-300), SamplingParams(top_p=1e-300, top_k=3, temperature=2.0)):
+        assert {sample_next(logits, params, make_generator(seed)) for seed in range(20)} == {top}
+
+
+def test_non_finite_logits_raise_instead_of_sampling_garbage():
+    import pytest
+
+    for bad in (float("nan"), float("inf")):
+        logits = torch.zeros(10)
+        logits[3] = bad
+        for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.7)):
+            with pytest.raises(FloatingPointError, match="non-finite logits"):
+                sample_next(logits, params, make_generator(0))
+
+
+def test_seeds_must_fit_the_generator_for_every_choice():
+    assert SamplingParams(seed=(1 << 64) - 1).problem() is None
+    assert SamplingParams(seed=-(1 << 63), n=8).problem() is None
+    for params in (SamplingParams(seed=1 << 64), SamplingParams(seed=-(1 << 63) - 1),
+                   SamplingParams(seed=(1 << 64) - 1, n=2)):
+        assert params.problem().startswith("seed=")
+
+
 def _feed(text, stop):
     tracker = TextTracker(lambda ids: bytes(ids).decode("utf-8", errors="replace"), stop)
     pieces = []
