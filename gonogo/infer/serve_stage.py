@@ -4,6 +4,9 @@ The server outlives its stage: later stages (loadtest, canary) read its URL from
 stages/<name>/server.json. It is stopped when the plan's process exits (atexit), and it stops
 itself when that process dies without running atexit (the --parent-pid watch).
 ``keep_alive = false`` stops it at the end of the stage instead.
+
+``engine`` chooses the server (gonogo's own, vLLM, or a command; see gonogo/infer/engines/):
+the checks and the later stages are the same whichever engine serves.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from __future__ import annotations
 import time
 from typing import Literal, Optional
 
+from pydantic import Field
+
+from gonogo.infer.engines.launch import EngineSettings, preflight
 from gonogo.stages.base import StageKind, StageSettings
 
 
@@ -21,42 +27,34 @@ class ServeSettings(StageSettings):
     max_batch: int = 16
     max_waiting: int = 64
     api_key_env: Optional[str] = None
-    startup_timeout_s: float = 180.0
+    startup_timeout_s: Optional[float] = None  # default: 180 s for gonogo, 900 s for vLLM / a command
     keep_alive: bool = True               # False: stop the server at the end of this stage
+    engine: EngineSettings = Field(default_factory=EngineSettings)  # "gonogo" | "vllm" | {name="command", ...}
 
 
 def _stage_run(ctx, settings: ServeSettings) -> dict:
     import atexit
     import json
     import os
-    import subprocess
-    import sys
 
     import httpx
 
     from gonogo.errors import StageFailed
-    from gonogo.procs import stop_group
+    from gonogo.infer.engines.launch import default_startup_timeout, start_engine
     from gonogo.rundir import write_json_atomic
 
     checkpoint = ctx.resolve_model(settings.checkpoint) or str(ctx.run_dir.root)
-    ready = ctx.stage_dir / "ready.json"
-    ready.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "gonogo", "serve", "--checkpoint", checkpoint, "--port", "0",
-            "--model-name", settings.model_name, "--dtype", settings.dtype, "--max-batch", str(settings.max_batch),
-            "--max-waiting", str(settings.max_waiting), "--ready-file", str(ready), "--parent-pid", str(os.getpid())]
     headers = {}
     if settings.api_key_env:
-        argv += ["--api-key-env", settings.api_key_env]
         headers["Authorization"] = f"Bearer {os.environ.get(settings.api_key_env, '')}"
-    log_path = ctx.stage_dir / "server.log"
-    started = time.monotonic()
-    with log_path.open("a") as log_file:
-        process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+    server = start_engine(settings.engine, checkpoint, ctx.stage_dir, name="server", model_name=settings.model_name,
+                          dtype=settings.dtype, api_key_env=settings.api_key_env,
+                          gonogo_args=("--max-batch", str(settings.max_batch),
+                                       "--max-waiting", str(settings.max_waiting)))
     try:
-        url = wait_healthy(process, ready, log_path, settings.startup_timeout_s)
-        startup_seconds = time.monotonic() - started
-        ctx.progress(f"serving {url}")
+        url = server.wait_healthy(settings.startup_timeout_s or default_startup_timeout(settings.engine))
+        startup_seconds = server.startup_seconds
+        ctx.progress(f"serving {url} ({settings.engine.label})")
         payload = {"model": settings.model_name, "max_tokens": 32, "temperature": 0,
                    "messages": [{"role": "user", "content": "12+34="}]}
         with httpx.Client(timeout=120.0, headers=headers) as client:
@@ -72,44 +70,17 @@ def _stage_run(ctx, settings: ServeSettings) -> dict:
                         for choice in json.loads(line[6:])["choices"]:
                             streamed += choice["delta"].get("content") or ""
         write_json_atomic(ctx.stage_dir / "server.json", {
-            "url": url, "pid": process.pid, "model": settings.model_name, "checkpoint": checkpoint,
-            "api_key_env": settings.api_key_env, "keep_alive": settings.keep_alive})
+            "url": url, "pid": server.pid, "model": settings.model_name, "checkpoint": checkpoint,
+            "api_key_env": settings.api_key_env, "keep_alive": settings.keep_alive, "engine": settings.engine.name})
     except BaseException:
-        stop_group(process)
+        server.stop()
         raise
     if settings.keep_alive:
-        atexit.register(stop_group, process)
+        atexit.register(server.stop)
     else:
-        stop_group(process)
+        server.stop()
     return {"startup_seconds": startup_seconds, "healthy": True, "first_response_ms": first_response_ms,
             "stream_matches": streamed == plain.json()["choices"][0]["message"]["content"]}
-
-
-def wait_healthy(process, ready, log_path, timeout: float) -> str:
-    """The URL of a `gonogo serve --ready-file` child once it answers /health (bounded by ``timeout``).
-
-    StageFailed with the tail of its log if the child exits first, or when the time is up.
-    """
-    import json
-
-    import httpx
-
-    from gonogo.errors import StageFailed
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-1500:]
-            raise StageFailed(f"the server exited with code {process.returncode} during start-up:\n{tail}")
-        if ready.is_file():
-            url = json.loads(ready.read_text())["url"]
-            try:
-                if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                    return url
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.2)
-    raise StageFailed(f"the server did not answer /health within {timeout:.0f} s; see {log_path}")
 
 
 STAGE = StageKind(
@@ -119,4 +90,5 @@ STAGE = StageKind(
     metrics=lambda settings: {"startup_seconds", "healthy", "first_response_ms", "stream_matches"},
     run=_stage_run,
     devices=lambda settings: 1,
+    preflight=lambda settings: preflight(settings.engine),
 )
