@@ -7,7 +7,13 @@
    side in one process (same threads, greedy, fixed token counts, best of a few repeats).
 2. Aggregate tokens/s of 8 concurrent streams through `gonogo serve` vs the same 8 sent one after
    another.
+3. Engines side by side on one `gonogo export` of that model: the gonogo engine and vLLM (when
+   `gonogo engine install vllm` has been run) as OpenAI servers, transformers' generate in
+   process — decode tokens/s at 1 stream, aggregate tokens/s at 8 concurrent streams, and TTFT
+   p50/p95 under a fixed Poisson arrival rate.
 Ratios only: absolute numbers depend on the machine.
+
+    python bench/serve.py --only engines --quick --out /tmp/serve.md   # a smoke run of part 3
 """
 
 from __future__ import annotations
@@ -182,6 +188,73 @@ def server_aggregate(model: Decoder, workdir: Path, dtype: str) -> tuple[float, 
     return tokens / sequential, tokens / concurrent
 
 
+ENGINE_RATE = 2.0          # requests/s of the fixed-rate TTFT run
+ENGINE_REQUESTS = 20
+
+
+def engines_side_by_side(workdir: Path, new_tokens: int, requests: int) -> dict:
+    """Each engine on the same export: {engine: {decode_1, aggregate_8, ttft_p50_ms, ttft_p95_ms, startup_s}}."""
+    from conftest import write_checkpoint
+
+    from gonogo.export.hf import export_hf
+    from gonogo.infer.engines.install import engine_status
+    from gonogo.infer.engines.launch import EngineSettings, start_engine
+    from gonogo.infer.loadgen import LoadSettings, run_load
+
+    checkpoint = workdir / "step-00000001"
+    write_checkpoint(checkpoint, bench_model())
+    export = export_hf(checkpoint, workdir / "export")
+    results: dict = {}
+    engines = ["gonogo"] + (["vllm"] if engine_status("vllm")["ready"] else [])
+    if "vllm" not in engines:
+        print("vLLM is not installed (gonogo engine install vllm): left out", flush=True)
+    for name in engines:
+        server = start_engine(EngineSettings(name=name), str(export), workdir / name, name="server",
+                              model_name="bench", dtype="bfloat16")
+        try:
+            url = server.wait_healthy(900.0)
+            base = dict(url=url, endpoint="completions", model="bench", max_tokens=new_tokens, ignore_eos=True,
+                        warmup=1)
+            one = run_load(LoadSettings(**base, max_concurrency=1, num_requests=3))
+            eight = run_load(LoadSettings(**base, max_concurrency=8, num_requests=16))
+            paced = run_load(LoadSettings(**base, rate=ENGINE_RATE, num_requests=requests))
+            results[name] = {"startup_s": server.startup_seconds,
+                             "decode_1": 1000.0 / one["median_tpot_ms"] if one["median_tpot_ms"] else None,
+                             "aggregate_8": eight["output_throughput"],
+                             "ttft_p50_ms": paced["median_ttft_ms"], "ttft_p95_ms": paced["p95_ttft_ms"],
+                             "failed": one["failed"] + eight["failed"] + paced["failed"]}
+        finally:
+            server.stop()
+        print(f"engine {name}: {results[name]}", flush=True)
+    model = bench_model()
+    hf = to_transformers(model)
+    for batch, key in ((1, "decode_1"), (8, "aggregate_8")):
+        wall = min(timed(lambda: run_transformers(hf, batch))[0] for _ in range(2))
+        results.setdefault("transformers", {})[key] = batch * NEW_TOKENS / wall
+    print(f"engine transformers: {results['transformers']}", flush=True)
+    return results
+
+
+def engines_table(results: dict, new_tokens: int, requests: int) -> list[str]:
+    def cell(value, digits=0):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        "## Engines side by side on one export", "",
+        f"The same weights exported with `gonogo export` (bf16 servers), streaming /v1/completions of "
+        f"{new_tokens} tokens (ignore_eos), client in this process. Decode = 1000 / median TPOT of one "
+        f"stream; aggregate = output tokens/s with 8 requests in flight; TTFT under {ENGINE_RATE:g} "
+        f"requests/s Poisson arrivals, {requests} requests. transformers is generate() in process "
+        f"({NEW_TOKENS} tokens, batch 1 and 8): no server, so no TTFT.", "",
+        "| engine | start (s) | decode tok/s, 1 stream | aggregate tok/s, 8 streams | TTFT p50 ms | TTFT p95 ms | "
+        "failed requests |", "|---|---|---|---|---|---|---|"]
+    for name, row in results.items():
+        lines.append(f"| {name} | {cell(row.get('startup_s'), 1)} | {cell(row.get('decode_1'))} | "
+                     f"{cell(row.get('aggregate_8'))} | {cell(row.get('ttft_p50_ms'))} | "
+                     f"{cell(row.get('ttft_p95_ms'))} | {row.get('failed', '-')} |")
+    return lines + [""]
+
+
 def measure(threads: int, workdir: Path) -> dict:
     torch.set_num_threads(threads)
     model = bench_model()
@@ -216,17 +289,26 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2", help="torch intra-op thread counts to measure, e.g. 1,2")
+    parser.add_argument("--only", choices=["engines"], help="only the engines side by side (part 3)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few tokens and requests")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.md")
     args = parser.parse_args()
     torch.manual_seed(0)
+    load_before = os.getloadavg()
     runs = []
-    for threads in [int(part) for part in args.threads.split(",")]:
-        with tempfile.TemporaryDirectory() as workdir:
-            runs.append(measure(threads, Path(workdir)))
+    if args.only is None:
+        for threads in [int(part) for part in args.threads.split(",")]:
+            with tempfile.TemporaryDirectory() as workdir:
+                runs.append(measure(threads, Path(workdir)))
+    new_tokens, requests = (16, 4) if args.quick else (NEW_TOKENS, ENGINE_REQUESTS)
+    with tempfile.TemporaryDirectory() as workdir:
+        side_by_side = engines_side_by_side(Path(workdir), new_tokens, requests)
     load = os.getloadavg()
     lines = [
         "# Serving speed (bench/serve.py)", "",
         f"Machine: {os.cpu_count()} cores ({platform.machine()}), torch {torch.__version__}, transformers "
-        f"{transformers.__version__}; load average during the run {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+        f"{transformers.__version__}; load average before the run {load_before[0]:.1f}, after it "
+        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
         "(other jobs shared the cores: absolute numbers are noisy, the ratios were measured side by side). "
         f"Model: 4 layers, d=256, 4 heads, SwiGLU 1024, vocab 384, random weights. Prompt {PROMPT_TOKENS} "
         f"tokens, {NEW_TOKENS} new tokens per sequence, greedy, best of {REPEATS} interleaved rounds; tokens/s "
@@ -259,6 +341,7 @@ def main() -> None:
         for dtype, (sequential, concurrent) in served.items():
             lines.append(f"| {dtype} | {sequential:.0f} | {concurrent:.0f} | {concurrent / sequential:.2f}x |")
         lines.append("")
+    lines += engines_table(side_by_side, new_tokens, requests)
     lines += [
         "Targets: >= 2x transformers at batch 1 (aim 3x), >= 1.5x at batch 8, >= 4x aggregate with 8 "
         "concurrent streams vs sequential.", "",
@@ -270,7 +353,7 @@ def main() -> None:
         "server, waking the event loop from the engine thread per token cost 18% of the engine thread (GIL "
         "hand-off); the loop now collects events every 2 ms instead.", "",
     ]
-    out = ROOT / "bench" / "results" / "serve.md"
+    out = args.out
     out.write_text("\n".join(lines))
     print(json.dumps({"written": str(out)}))
 
