@@ -229,7 +229,7 @@ def engines_side_by_side(workdir: Path, new_tokens: int, requests: int) -> dict:
     model = bench_model()
     hf = to_transformers(model)
     for batch, key in ((1, "decode_1"), (8, "aggregate_8")):
-        wall = min(timed(lambda: run_transformers(hf, batch))[0] for _ in range(2))
+        wall = min(timed(lambda batch=batch: run_transformers(hf, batch))[0] for _ in range(2))
         results.setdefault("transformers", {})[key] = batch * NEW_TOKENS / wall
     print(f"engine transformers: {results['transformers']}", flush=True)
     return results

@@ -103,7 +103,10 @@ def _is_chat_checkpoint(spec: str) -> bool:
 
 
 def open_sides(settings: CanarySettings, directory: Path) -> tuple[Side, Side]:
-    """Start or attach to both servers; started ones are stopped by their Side.stop."""
+    """Start or attach to both servers; started ones are stopped by their Side.stop and recorded in
+    <side>-server.json (url, pid, engine, startup_seconds)."""
+    from gonogo.rundir import write_json_atomic
+
     started: dict[str, ServerProcess] = {}
     try:
         for name in ("stable", "canary"):
@@ -116,8 +119,11 @@ def open_sides(settings: CanarySettings, directory: Path) -> tuple[Side, Side]:
             spec = getattr(settings, name)
             if name in started:
                 server = started[name]
-                url = server.wait_healthy(settings.startup_timeout_s
-                                          or default_startup_timeout(getattr(settings, f"{name}_engine")))
+                engine = getattr(settings, f"{name}_engine")
+                url = server.wait_healthy(settings.startup_timeout_s or default_startup_timeout(engine))
+                write_json_atomic(directory / f"{name}-server.json", {
+                    "url": url, "pid": server.pid, "engine": engine.name,
+                    "startup_seconds": round(server.startup_seconds, 2)})
                 stop = (lambda server=server: server.stop(grace=5.0))
             else:
                 url, stop = spec.rstrip("/"), None

@@ -100,10 +100,11 @@ def install(engine: str, device: Optional[str] = None, force: bool = False, on_l
     if engine not in INSTALLABLE:
         raise UserError(f"unknown engine {engine!r} to install; installable: {', '.join(INSTALLABLE)}")
     status = engine_status(engine)
+    # a ready install is kept unless another device is asked for (no torch import: a fast no-op)
+    if status["ready"] and not force and device in (None, status.get("device")):
+        return {**status, "already": True}
     device = device or detect_device()
     package = PACKAGES[device]
-    if status["ready"] and status.get("package") == package and not force:
-        return {**status, "already": True}
     home = engine_home(engine)
     if home.exists():  # a half-finished or different install: start over, never patch it
         shutil.rmtree(home)
