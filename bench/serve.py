@@ -88,12 +88,12 @@ def prompts(batch: int) -> torch.Tensor:
     return torch.randint(0, 256, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(batch))
 
 
-def run_transformers(hf, batch: int) -> None:
+def run_transformers(hf, batch: int, new_tokens: int = NEW_TOKENS) -> None:
     tokens = prompts(batch)
     with torch.inference_mode():
-        out = hf.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=NEW_TOKENS,
-                          min_new_tokens=NEW_TOKENS, do_sample=False)
-    assert out.shape == (batch, PROMPT_TOKENS + NEW_TOKENS)
+        out = hf.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False)
+    assert out.shape == (batch, PROMPT_TOKENS + new_tokens)
 
 
 def run_engine(engine: Engine, batch: int) -> None:
@@ -229,8 +229,8 @@ def engines_side_by_side(workdir: Path, new_tokens: int, requests: int) -> dict:
     model = bench_model()
     hf = to_transformers(model)
     for batch, key in ((1, "decode_1"), (8, "aggregate_8")):
-        wall = min(timed(lambda batch=batch: run_transformers(hf, batch))[0] for _ in range(2))
-        results.setdefault("transformers", {})[key] = batch * NEW_TOKENS / wall
+        wall = min(timed(lambda batch=batch: run_transformers(hf, batch, new_tokens))[0] for _ in range(2))
+        results.setdefault("transformers", {})[key] = batch * new_tokens / wall
     print(f"engine transformers: {results['transformers']}", flush=True)
     return results
 
@@ -245,7 +245,7 @@ def engines_table(results: dict, new_tokens: int, requests: int) -> list[str]:
         f"{new_tokens} tokens (ignore_eos), client in this process. Decode = 1000 / median TPOT of one "
         f"stream; aggregate = output tokens/s with 8 requests in flight; TTFT under {ENGINE_RATE:g} "
         f"requests/s Poisson arrivals, {requests} requests. transformers is generate() in process "
-        f"({NEW_TOKENS} tokens, batch 1 and 8): no server, so no TTFT.", "",
+        f"(batch 1 and 8, prefill included): no server, so no TTFT.", "",
         "| engine | start (s) | decode tok/s, 1 stream | aggregate tok/s, 8 streams | TTFT p50 ms | TTFT p95 ms | "
         "failed requests |", "|---|---|---|---|---|---|---|"]
     for name, row in results.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -149,3 +150,34 @@ def test_engine_status_and_an_install_that_is_already_done(tmp_path):
     assert again.returncode == 0 and "is ready" in again.stdout, again.stdout + again.stderr
     assert time.monotonic() - started < 30
     assert not (engines / "vllm" / "install.log").exists()  # pip never ran
+
+
+@pytest.mark.timeout(120)
+def test_gonogo_serve_with_another_engine_runs_it_until_stopped(checkpoint_dir, tmp_path):
+    import httpx
+
+    template = " ".join(GONOGO_SERVE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gonogo", "serve", "--checkpoint", str(checkpoint_dir), "--port", "0",
+         "--engine", "command", "--engine-command", template, "--model-name", "tiny"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), start_new_session=True)
+    try:
+        first = json.loads(process.stdout.readline())   # printed once the engine answers /health
+        assert first["engine"] == "command" and first["serving"].startswith("http://127.0.0.1:")
+        models = httpx.get(f"{first['serving']}/v1/models", timeout=10).json()
+        assert [model["id"] for model in models["data"]] == ["tiny"]
+        process.send_signal(signal.SIGTERM)                # Ctrl-C / SIGTERM stops the engine with it
+        assert process.wait(timeout=30) != 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{first['serving']}/health", timeout=1)
+            except httpx.HTTPError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the engine still answers after gonogo serve stopped")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
