@@ -42,6 +42,7 @@ class EngineSettings(Strict):
     kv_cache_gib: float = Field(1.0, gt=0)    # vLLM on CPU: VLLM_CPU_KVCACHE_SPACE
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None  # default: the stage's dtype
     image: Optional[str] = None               # container image in generated Kubernetes manifests
+    python: Optional[str] = None              # vLLM: a Python that has vLLM (default: `gonogo engine install`'s)
 
     @model_validator(mode="before")
     @classmethod
@@ -58,6 +59,8 @@ class EngineSettings(Strict):
                 raise ValueError("the engine command must contain {port} (gonogo picks a free loopback port)")
         elif self.command:
             raise ValueError(f'command is only for engine "command", not {self.name!r}')
+        if self.python and self.name != "vllm":
+            raise ValueError(f'python is only for engine "vllm", not {self.name!r}')
         return self
 
     @property
@@ -72,9 +75,20 @@ class EngineSettings(Strict):
 def preflight(engine: EngineSettings) -> None:
     """Before anything runs: the user's one-line error when the engine cannot be started here."""
     if engine.name == "vllm":
-        from gonogo.infer.engines.install import require_ready
+        vllm_python(engine)
 
-        require_ready("vllm")
+
+def vllm_python(engine: EngineSettings) -> Path:
+    """The Python that runs vLLM: the configured one, else the venv of `gonogo engine install vllm`."""
+    if engine.python:
+        python = Path(engine.python).expanduser()
+        if not python.is_file():
+            raise UserError(f"engine python {engine.python!r}: no such file (give a Python that has vLLM, "
+                            f"or leave it out to use `gonogo engine install vllm`)")
+        return python
+    from gonogo.infer.engines.install import require_ready
+
+    return require_ready("vllm")
 
 
 def hf_model_dir(model: str, directory: Path) -> Path:
@@ -126,9 +140,7 @@ def start_engine(engine: EngineSettings, model: str, directory: Path, *, name: s
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
     hf_dir = hf_model_dir(model, directory / name)
     if engine.name == "vllm":
-        from gonogo.infer.engines.install import require_ready
-
-        python = require_ready("vllm")
+        python = vllm_python(engine)
         argv = [str(python), "-m", VLLM_SERVER_MODULE, "--model", str(hf_dir), "--served-model-name", model_name,
                 "--host", host, "--port", str(port), "--dtype", engine.dtype or dtype,
                 "--uvicorn-log-level", "warning"]

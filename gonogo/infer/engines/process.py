@@ -135,9 +135,3 @@ class ServerProcess:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-
-def wait_healthy(process: subprocess.Popen, ready: Path, log_path: Path, timeout: float) -> str:
-    """The URL of an already started `gonogo serve --ready-file` child once it answers /health."""
-    server = ServerProcess([], log_path, ready_file=ready)
-    server.process, server._started_at = process, time.monotonic()
-    return server.wait_healthy(timeout)

@@ -104,9 +104,9 @@ def test_a_server_that_never_answers_times_out_and_is_stopped(checkpoint_dir, tm
     assert server.process.poll() is not None and _gone(server.pid)
 
 
-def test_engine_settings_say_what_is_missing():
+def test_engine_settings_say_what_is_missing(tmp_path):
     from gonogo.config import validate
-    from gonogo.infer.engines.launch import EngineSettings
+    from gonogo.infer.engines.launch import EngineSettings, preflight
 
     assert validate(EngineSettings, "vllm", "test").name == "vllm"
     with pytest.raises(UserError, match="needs command"):
@@ -115,6 +115,11 @@ def test_engine_settings_say_what_is_missing():
         validate(EngineSettings, {"name": "command", "command": ["server", "--model", "{model}"]}, "test")
     with pytest.raises(UserError, match="name"):
         validate(EngineSettings, "tgi", "test")
+    # a configured Python for vLLM must exist; it is checked before anything starts
+    with pytest.raises(UserError, match="no such file"):
+        preflight(validate(EngineSettings, {"name": "vllm", "python": str(tmp_path / "nope")}, "test"))
+    with pytest.raises(UserError, match="only for engine"):
+        validate(EngineSettings, {"name": "gonogo", "python": sys.executable}, "test")
 
 
 def test_a_plan_naming_vllm_stops_before_running_when_it_is_not_installed(tmp_path):
