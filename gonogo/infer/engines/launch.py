@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 EngineName = Literal["gonogo", "vllm", "command"]
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+PLACEHOLDERS = ("model", "port", "host", "model_name")
 # what a cluster runs for each engine (a command engine names its own image)
 DEFAULT_IMAGES = {"gonogo": "gonogo:latest", "vllm": "vllm/vllm-openai:latest"}
 
@@ -57,6 +58,12 @@ class EngineSettings(Strict):
                                  '"{port}"]')
             if not any("{port}" in part for part in self.command):
                 raise ValueError("the engine command must contain {port} (gonogo picks a free loopback port)")
+            try:
+                [part.format(**{field: "" for field in PLACEHOLDERS}) for part in self.command]
+            except (KeyError, IndexError, ValueError) as error:
+                known = ", ".join("{" + field + "}" for field in PLACEHOLDERS)
+                raise ValueError(f"the engine command has an unknown placeholder {error}; use {known} "
+                                 "(and {{ }} for literal braces)") from None
         elif self.command:
             raise ValueError(f'command is only for engine "command", not {self.name!r}')
         if self.python and self.name != "vllm":
@@ -153,11 +160,7 @@ def start_engine(engine: EngineSettings, model: str, directory: Path, *, name: s
         return ServerProcess(argv, log_path, url=url, env=env, health_path=health_path,
                              name=f"{name} (vllm)", die_with_parent=True).start()
     fields = {"model": str(hf_dir), "port": str(port), "host": host, "model_name": model_name}
-    try:
-        argv = [part.format(**fields) for part in engine.command or []]
-    except (KeyError, IndexError, ValueError) as error:
-        raise UserError(f"engine command {engine.command}: unknown placeholder {error}; use {{model}}, {{port}}, "
-                        f"{{host}}, {{model_name}}") from None
+    argv = [part.format(**fields) for part in engine.command or []]  # placeholders checked by EngineSettings
     return ServerProcess(argv, log_path, url=url, health_path=health_path, name=f"{name} ({engine.label})",
                          die_with_parent=True).start()
 

@@ -113,6 +113,8 @@ def test_engine_settings_say_what_is_missing(tmp_path):
         validate(EngineSettings, {"name": "command"}, "test")
     with pytest.raises(UserError, match="must contain {port}"):
         validate(EngineSettings, {"name": "command", "command": ["server", "--model", "{model}"]}, "test")
+    with pytest.raises(UserError, match="unknown placeholder 'path'"):
+        validate(EngineSettings, {"name": "command", "command": ["server", "{path}", "--port", "{port}"]}, "test")
     with pytest.raises(UserError, match="name"):
         validate(EngineSettings, "tgi", "test")
     # a configured Python for vLLM must exist; it is checked before anything starts
