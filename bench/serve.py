@@ -7,7 +7,13 @@
    side in one process (same threads, greedy, fixed token counts, best of a few repeats).
 2. Aggregate tokens/s of 8 concurrent streams through `gonogo serve` vs the same 8 sent one after
    another.
+3. Engines side by side on one `gonogo export` of that model: the gonogo engine and vLLM (when
+   `gonogo engine install vllm` has been run) as OpenAI servers, transformers' generate in
+   process — decode tokens/s at 1 stream, aggregate tokens/s at 8 concurrent streams, and TTFT
+   p50/p95 under a fixed Poisson arrival rate.
 Ratios only: absolute numbers depend on the machine.
+
+    python bench/serve.py --only engines --quick --out /tmp/serve.md   # a smoke run of part 3
 """
 
 from __future__ import annotations
@@ -82,12 +88,12 @@ def prompts(batch: int) -> torch.Tensor:
     return torch.randint(0, 256, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(batch))
 
 
-def run_transformers(hf, batch: int) -> None:
+def run_transformers(hf, batch: int, new_tokens: int = NEW_TOKENS) -> None:
     tokens = prompts(batch)
     with torch.inference_mode():
-        out = hf.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=NEW_TOKENS,
-                          min_new_tokens=NEW_TOKENS, do_sample=False)
-    assert out.shape == (batch, PROMPT_TOKENS + NEW_TOKENS)
+        out = hf.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False)
+    assert out.shape == (batch, PROMPT_TOKENS + new_tokens)
 
 
 def run_engine(engine: Engine, batch: int) -> None:
@@ -182,6 +188,73 @@ def server_aggregate(model: Decoder, workdir: Path, dtype: str) -> tuple[float, 
     return tokens / sequential, tokens / concurrent
 
 
+ENGINE_RATE = 2.0          # requests/s of the fixed-rate TTFT run
+ENGINE_REQUESTS = 20
+
+
+def engines_side_by_side(workdir: Path, new_tokens: int, requests: int) -> dict:
+    """Each engine on the same export: {engine: {decode_1, aggregate_8, ttft_p50_ms, ttft_p95_ms, startup_s}}."""
+    from conftest import write_checkpoint
+
+    from gonogo.export.hf import export_hf
+    from gonogo.infer.engines.install import engine_status
+    from gonogo.infer.engines.launch import EngineSettings, start_engine
+    from gonogo.infer.loadgen import LoadSettings, run_load
+
+    checkpoint = workdir / "step-00000001"
+    write_checkpoint(checkpoint, bench_model())
+    export = export_hf(checkpoint, workdir / "export")
+    results: dict = {}
+    engines = ["gonogo"] + (["vllm"] if engine_status("vllm")["ready"] else [])
+    if "vllm" not in engines:
+        print("vLLM is not installed (gonogo engine install vllm): left out", flush=True)
+    for name in engines:
+        server = start_engine(EngineSettings(name=name), str(export), workdir / name, name="server",
+                              model_name="bench", dtype="bfloat16")
+        try:
+            url = server.wait_healthy(900.0)
+            base = dict(url=url, endpoint="completions", model="bench", max_tokens=new_tokens, ignore_eos=True,
+                        warmup=1)
+            one = run_load(LoadSettings(**base, max_concurrency=1, num_requests=3))
+            eight = run_load(LoadSettings(**base, max_concurrency=8, num_requests=16))
+            paced = run_load(LoadSettings(**base, rate=ENGINE_RATE, num_requests=requests))
+            results[name] = {"startup_s": server.startup_seconds,
+                             "decode_1": 1000.0 / one["median_tpot_ms"] if one["median_tpot_ms"] else None,
+                             "aggregate_8": eight["output_throughput"],
+                             "ttft_p50_ms": paced["median_ttft_ms"], "ttft_p95_ms": paced["p95_ttft_ms"],
+                             "failed": one["failed"] + eight["failed"] + paced["failed"]}
+        finally:
+            server.stop()
+        print(f"engine {name}: {results[name]}", flush=True)
+    model = bench_model()
+    hf = to_transformers(model)
+    for batch, key in ((1, "decode_1"), (8, "aggregate_8")):
+        wall = min(timed(lambda batch=batch: run_transformers(hf, batch, new_tokens))[0] for _ in range(2))
+        results.setdefault("transformers", {})[key] = batch * new_tokens / wall
+    print(f"engine transformers: {results['transformers']}", flush=True)
+    return results
+
+
+def engines_table(results: dict, new_tokens: int, requests: int) -> list[str]:
+    def cell(value, digits=0):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        "## Engines side by side on one export", "",
+        f"The same weights exported with `gonogo export` (bf16 servers), streaming /v1/completions of "
+        f"{new_tokens} tokens (ignore_eos), client in this process. Decode = 1000 / median TPOT of one "
+        f"stream; aggregate = output tokens/s with 8 requests in flight; TTFT under {ENGINE_RATE:g} "
+        f"requests/s Poisson arrivals, {requests} requests. transformers is generate() in process "
+        f"(batch 1 and 8, prefill included): no server, so no TTFT.", "",
+        "| engine | start (s) | decode tok/s, 1 stream | aggregate tok/s, 8 streams | TTFT p50 ms | TTFT p95 ms | "
+        "failed requests |", "|---|---|---|---|---|---|---|"]
+    for name, row in results.items():
+        lines.append(f"| {name} | {cell(row.get('startup_s'), 1)} | {cell(row.get('decode_1'))} | "
+                     f"{cell(row.get('aggregate_8'))} | {cell(row.get('ttft_p50_ms'))} | "
+                     f"{cell(row.get('ttft_p95_ms'))} | {row.get('failed', '-')} |")
+    return lines + [""]
+
+
 def measure(threads: int, workdir: Path) -> dict:
     torch.set_num_threads(threads)
     model = bench_model()
@@ -215,13 +288,20 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2", help="torch intra-op thread counts to measure, e.g. 1,2")
+    parser.add_argument("--only", choices=["engines"], help="only the engines side by side (part 3)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few tokens and requests")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.md")
     args = parser.parse_args()
     torch.manual_seed(0)
     runs = []
-    for threads in [int(part) for part in args.threads.split(",")]:
-        with tempfile.TemporaryDirectory() as workdir, LoadWatch() as watch:
-            runs.append(measure(threads, Path(workdir)))
-        runs[-1]["watch"] = watch
+    if args.only is None:
+        for threads in [int(part) for part in args.threads.split(",")]:
+            with tempfile.TemporaryDirectory() as workdir, LoadWatch() as watch:
+                runs.append(measure(threads, Path(workdir)))
+            runs[-1]["watch"] = watch
+    new_tokens, requests = (16, 4) if args.quick else (NEW_TOKENS, ENGINE_REQUESTS)
+    with tempfile.TemporaryDirectory() as workdir, LoadWatch() as engines_watch:
+        side_by_side = engines_side_by_side(Path(workdir), new_tokens, requests)
     lines = [
         "# Serving speed (bench/serve.py)", "",
         f"Machine: {machine()}, transformers {transformers.__version__}. "
@@ -267,6 +347,8 @@ def main() -> None:
                   f"{verdict(best.get(1, 0) >= 2, watch)} ({best.get(1, 0):.2f}x); >= 1.5x at batch 8: "
                   f"{verdict(best.get(8, 0) >= 1.5, watch)} ({best.get(8, 0):.2f}x); >= 4x aggregate with 8 "
                   f"concurrent streams vs sequential: {verdict(streams >= 4, watch)} ({streams:.2f}x).", ""]
+    lines += [f"Machine during the engines side by side: {engines_watch.describe()}.", ""]
+    lines += engines_table(side_by_side, new_tokens, requests)
     lines += [
         "Targets: >= 2x transformers at batch 1 (aim 3x), >= 1.5x at batch 8, >= 4x aggregate with 8 "
         "concurrent streams vs sequential.", "",
@@ -278,7 +360,7 @@ def main() -> None:
         "server, waking the event loop from the engine thread per token cost 18% of the engine thread (GIL "
         "hand-off); the loop now collects events every 2 ms instead.", "",
     ]
-    out = ROOT / "bench" / "results" / "serve.md"
+    out = args.out
     out.write_text("\n".join(lines))
     print(json.dumps({"written": str(out)}))
 

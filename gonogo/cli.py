@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("gonogo.report.build", "re-render summary.json and report.html of a run directory"),
     "capacity": ("gonogo.capacity.command", "estimate memory, step time, time-to-train, GPU-hours and cost at large scale"),
     "serve": ("gonogo.infer.server", "OpenAI-compatible server (completions, chat, streaming) for a checkpoint"),
+    "engine": ("gonogo.infer.engines.install", "install a serving engine (vLLM) into its own venv; which engines are ready"),
     "loadtest": ("gonogo.infer.loadgen", "load test an OpenAI-compatible server: TTFT/TPOT/ITL/E2EL percentiles, goodput"),
     "quantize": ("gonogo.infer.quantize_stage", "FP8 / NVFP4 weight quantization of a checkpoint: bytes, val loss and accuracy against bf16"),
     "canary": ("gonogo.rollout.stage", "staged canary rollout with metric and quality checks and automatic rollback"),

@@ -127,6 +127,10 @@ def check_stage_names(plan: Plan, only: Optional[set[str]], skip: Optional[set[s
         if unknown:
             raise UserError(f"{flag}: no stage named {unknown[0]!r} in plan {plan.name!r}; "
                             f"stages: {', '.join(s.name for s in plan.stages)}")
+    # and what the chosen stages need from this machine, before the run directory exists
+    for stage in plan.stages:
+        if (only is None or stage.name in only) and stage.name not in (skip or set()):
+            stage.kind.preflight(stage.settings)
 
 
 def run_plan(

@@ -181,8 +181,16 @@ def inventory(nvml: Any = None) -> dict[str, Any]:
         "gpu_count": gpu_count,
         "torch": torch_view,
         "nvml": nvml_view,
+        "engines": engines_view(),
         "warnings": warnings,
     }
+
+
+def engines_view() -> list[dict[str, Any]]:
+    """Which serving engines can start here (vLLM: its venv is installed and checked)."""
+    from gonogo.infer.engines.install import engines_report
+
+    return engines_report()
 
 
 def diagnose(storage_path: Path, size_MB: int, nvml: Any = None) -> dict[str, Any]:
@@ -268,6 +276,14 @@ def inventory_rows(document: dict[str, Any]) -> list[dict[str, str]]:
     for device in torch_view["devices"]:
         rows.append((f"cuda:{device['index']}", f"{device['name']}, {device['memory_GB']} GB, "
                                                f"compute capability {device['compute_capability']}"))
+    for engine in document.get("engines", []):
+        if engine["ready"]:
+            detail = f"ready ({engine['package']} {engine['version']})" if engine.get("package") else "ready"
+        elif engine["ready"] is None:
+            detail = f"unknown: {engine['reason']}"
+        else:
+            detail = f"not ready: {engine['reason']} (`gonogo engine install {engine['engine']}`)"
+        rows.append((f"engine {engine['engine']}", detail))
     storage = document.get("storage")
     if storage:
         cache = "" if storage["page_cache_dropped"] else f" ({storage.get('read_note', 'page cache not dropped')})"

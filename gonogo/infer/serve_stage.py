@@ -4,6 +4,9 @@ The server outlives its stage: later stages (loadtest, canary) read its URL from
 stages/<name>/server.json. It is stopped when the plan's process exits (atexit), and it stops
 itself when that process dies without running atexit (the --parent-pid watch).
 ``keep_alive = false`` stops it at the end of the stage instead.
+
+``engine`` chooses the server (gonogo's own, vLLM, or a command; see gonogo/infer/engines/):
+the checks and the later stages are the same whichever engine serves.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from __future__ import annotations
 import time
 from typing import Literal, Optional
 
+from pydantic import Field
+
+from gonogo.infer.engines.launch import EngineSettings, preflight
 from gonogo.stages.base import StageKind, StageSettings
 
 
@@ -22,58 +28,50 @@ class ServeSettings(StageSettings):
     max_batch: int = 16
     max_waiting: int = 64
     api_key_env: Optional[str] = None
-    startup_timeout_s: float = 180.0
+    startup_timeout_s: Optional[float] = None  # default: 180 s for gonogo, 900 s for vLLM / a command
     keep_alive: bool = True               # False: stop the server at the end of this stage
+    engine: EngineSettings = Field(default_factory=EngineSettings)  # "gonogo" | "vllm" | {name="command", ...}
 
 
 def _stage_run(ctx, settings: ServeSettings) -> dict:
     import atexit
     import os
-    import subprocess
-    import sys
 
     import httpx
 
-    from gonogo.procs import stop_group
+    from gonogo.infer.engines.launch import default_startup_timeout, start_engine
     from gonogo.rundir import write_json_atomic
 
     checkpoint = ctx.resolve_model(settings.checkpoint) or str(ctx.run_dir.root)
-    ready = ctx.stage_dir / "ready.json"
-    ready.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "gonogo", "serve", "--checkpoint", checkpoint, "--port", "0",
-            "--model-name", settings.model_name, "--device", settings.device, "--max-batch", str(settings.max_batch),
-            "--max-waiting", str(settings.max_waiting), "--ready-file", str(ready), "--parent-pid", str(os.getpid())]
-    if settings.dtype:
-        argv += ["--dtype", settings.dtype]
     headers = {}
     if settings.api_key_env:
-        argv += ["--api-key-env", settings.api_key_env]
         headers["Authorization"] = f"Bearer {os.environ.get(settings.api_key_env, '')}"
-    log_path = ctx.stage_dir / "server.log"
-    started = time.monotonic()
-    with log_path.open("a") as log_file:
-        process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+    server = start_engine(settings.engine, checkpoint, ctx.stage_dir, name="server", model_name=settings.model_name,
+                          dtype=settings.dtype, api_key_env=settings.api_key_env,
+                          gonogo_args=("--device", settings.device, "--max-batch", str(settings.max_batch),
+                                       "--max-waiting", str(settings.max_waiting)))
     try:
-        url = wait_healthy(process, ready, log_path, settings.startup_timeout_s)
-        startup_seconds = time.monotonic() - started
-        ctx.progress(f"serving {url}")
+        url = server.wait_healthy(settings.startup_timeout_s or default_startup_timeout(settings.engine))
+        startup_seconds = server.startup_seconds
+        ctx.progress(f"serving {url} ({settings.engine.label})")
         with httpx.Client(timeout=120.0, headers=headers) as client:
-            checks, first_response_ms, streamed, plain = health_checks(client, url, settings.model_name)
-        checks["process alive after the checks"] = process.poll() is None
+            checks, first_response_ms, streamed, plain = health_checks(
+                client, url, settings.model_name, settings.engine.health_path or "/health")
+        checks["process alive after the checks"] = server.alive()
         write_json_atomic(ctx.stage_dir / "health.json", checks)
         healthy = all(checks.values())
         if healthy:
             write_json_atomic(ctx.stage_dir / "server.json", {
-                "url": url, "pid": process.pid, "model": settings.model_name, "checkpoint": checkpoint,
-                "api_key_env": settings.api_key_env, "keep_alive": settings.keep_alive})
+                "url": url, "pid": server.pid, "model": settings.model_name, "checkpoint": checkpoint,
+                "api_key_env": settings.api_key_env, "keep_alive": settings.keep_alive,
+                "engine": settings.engine.name})
     except BaseException:
-        stop_group(process)
+        server.stop()
         raise
     if settings.keep_alive and healthy:
-        atexit.register(stop_group, process)
+        atexit.register(server.stop)
     else:
-        stop_group(process)  # an unhealthy server is not left for later stages
+        server.stop()  # an unhealthy server is not left for later stages
     metrics: dict = {"startup_seconds": startup_seconds, "healthy": healthy, "first_response_ms": first_response_ms,
                      "stream_matches": None if plain is None or streamed is None else streamed == plain,
                      "health_checks_failed": [name for name, passed in checks.items() if not passed]}
@@ -87,7 +85,7 @@ def _stage_run(ctx, settings: ServeSettings) -> dict:
     return metrics
 
 
-def health_checks(client, url: str, model_name: str):
+def health_checks(client, url: str, model_name: str, health_path: str = "/health"):
     """The serve stage's health: each check by name -> passed, measured against the running server.
 
     /health says ok, /v1/models lists the model, a chat completion answers 200 with text, and the
@@ -106,9 +104,10 @@ def health_checks(client, url: str, model_name: str):
         except httpx.HTTPError:
             return None
 
-    health = get("/health")
-    checks["/health answers ok"] = bool(health is not None and health.status_code == 200
-                                        and _json(health).get("status") == "ok")
+    health = get(health_path)
+    # vLLM answers 200 with an empty body; gonogo's server says {"status": "ok", ...}
+    checks[f"{health_path} answers ok"] = bool(health is not None and health.status_code == 200
+                                               and _json(health).get("status", "ok") == "ok")
     models = get("/v1/models")
     listed = [entry.get("id") for entry in _json(models).get("data", [])] if models is not None else []
     checks["/v1/models lists the model"] = model_name in listed
@@ -153,33 +152,6 @@ def _json(response) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def wait_healthy(process, ready, log_path, timeout: float) -> str:
-    """The URL of a `gonogo serve --ready-file` child once it answers /health (bounded by ``timeout``).
-
-    StageFailed with the tail of its log if the child exits first, or when the time is up.
-    """
-    import json
-
-    import httpx
-
-    from gonogo.errors import StageFailed
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-1500:]
-            raise StageFailed(f"the server exited with code {process.returncode} during start-up:\n{tail}")
-        if ready.is_file():
-            url = json.loads(ready.read_text())["url"]
-            try:
-                if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                    return url
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.2)
-    raise StageFailed(f"the server did not answer /health within {timeout:.0f} s; see {log_path}")
-
-
 STAGE = StageKind(
     name="serve",
     description="start the OpenAI-compatible server on a loopback port, check it, keep it for later stages",
@@ -188,4 +160,5 @@ STAGE = StageKind(
                               "health_checks_failed"},
     run=_stage_run,
     devices=lambda settings: 1,
+    preflight=lambda settings: preflight(settings.engine),
 )

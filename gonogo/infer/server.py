@@ -589,6 +589,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads for the engine (default: torch's; 1 leaves a core for HTTP)")
     parser.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask")
+    parser.add_argument("--engine", choices=["gonogo", "vllm", "command"], default="gonogo",
+                        help="serve with gonogo's engine, vLLM (`gonogo engine install vllm`) or --engine-command")
+    parser.add_argument("--engine-command", metavar="TEMPLATE",
+                        help="any OpenAI-compatible server's command line with {model} and {port}")
     parser.add_argument("--ready-file", help=argparse.SUPPRESS)   # {"url", "pid"} once listening
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # exit when it is gone
 
@@ -617,6 +621,10 @@ def command(args) -> int:
     from gonogo.rundir import write_json_atomic
     from pathlib import Path
 
+    if getattr(args, "engine", "gonogo") != "gonogo":  # another engine, as a child of this command
+        from gonogo.infer.engines.launch import serve_foreground
+
+        return serve_foreground(args)
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env) or None

@@ -16,6 +16,11 @@ Mapping (local → cluster):
     steady load                  → ``gonogo loadtest`` against the canary service during each interval
     webhooks                     → Flagger webhooks of the same names
 
+The Deployment both target (deployment.yaml) runs the canary side's engine: the rollout moves
+traffic onto that pod template. With ``canary_engine = "vllm"`` it is vLLM's OpenAI server image
+with its arguments (an engine migration when the stable side ran gonogo), and the latency queries
+of each side read that engine's own histograms (``vllm:...`` or ``gonogo_...``).
+
 Differences worth knowing: Flagger counts failed checks across metrics like the local controller;
 Argo's failureLimit is per metric. The Prometheus queries assume pod labels are exported
 (``pod``, and ``rollouts_pod_template_hash`` for Argo), as kube-prometheus does.
@@ -30,6 +35,55 @@ from typing import Any
 from gonogo.names import check_dns_label, check_pattern
 
 PORT = 8000
+MODEL_PATH = "/models/model"
+# (time to first token, end-to-end latency) histograms each engine exports on /metrics
+HISTOGRAMS = {"gonogo": ("gonogo_time_to_first_token_seconds", "gonogo_e2e_request_latency_seconds"),
+              "vllm": ("vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds")}
+
+
+def _histograms(engine) -> tuple[str, str]:
+    # a command engine's metric names are unknown: gonogo's names are the documented default
+    return HISTOGRAMS.get(engine.name, HISTOGRAMS["gonogo"])
+
+
+def container(engine, *, name: str, model_name: str) -> dict[str, Any]:
+    """The serving container for ``engine``: image and arguments, port PORT, model under /models."""
+    from gonogo.errors import UserError
+
+    image = engine.container_image
+    if image is None:
+        raise UserError(f'engine {engine.label}: set image = "..." to emit Kubernetes manifests for it')
+    if engine.name == "vllm":
+        args = ["--model", MODEL_PATH, "--served-model-name", model_name, "--host", "0.0.0.0", "--port", str(PORT)]
+        if engine.dtype:
+            args += ["--dtype", engine.dtype]
+        if engine.max_model_len:
+            args += ["--max-model-len", str(engine.max_model_len)]
+        spec: dict[str, Any] = {"args": args + list(engine.args)}
+    elif engine.name == "gonogo":
+        spec = {"command": ["gonogo", "serve"], "args": [
+            "--checkpoint", MODEL_PATH, "--host", "0.0.0.0", "--port", str(PORT), "--model-name", model_name]}
+    else:
+        fields = {"model": MODEL_PATH, "port": str(PORT), "host": "0.0.0.0", "model_name": model_name}
+        spec = {"command": [part.format(**fields) for part in engine.command]}
+    return {"name": name, "image": image, **spec, "ports": [{"name": "http", "containerPort": PORT}],
+            "readinessProbe": {"httpGet": {"path": engine.health_path or "/health", "port": PORT}},
+            "volumeMounts": [{"name": "models", "mountPath": "/models"}]}
+
+
+def deployment_manifest(settings, *, name: str, namespace: str) -> dict[str, Any]:
+    """The Deployment that Flagger's targetRef and Argo's workloadRef name, running the canary's engine."""
+    labels = {"app": name}
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels, "annotations": {
+            "gonogo/stable-engine": settings.stable_engine.label,
+            "gonogo/canary-engine": settings.canary_engine.label}},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
+            "metadata": {"labels": labels},
+            "spec": {"containers": [container(settings.canary_engine, name="server", model_name=settings.model_name)],
+                     "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": f"{name}-models"}}]}}},
+    }
 
 
 def _seconds(value: float) -> str:
@@ -93,12 +147,13 @@ def flagger_manifests(settings, *, name: str, namespace: str) -> list[dict[str, 
         metrics.append({"name": metric_name, "interval": interval, "thresholdRange": bound,
                         "templateRef": {"name": f"{name}-{metric_name}", "namespace": namespace}})
 
+    canary_ttft, canary_e2el = _histograms(settings.canary_engine)
+    stable_e2el = _histograms(settings.stable_engine)[1]
     if t.ttft_p99_ms is not None:
-        template("ttft-p99", _histogram_p99("gonogo_time_to_first_token_seconds", canary_pods, "{{ interval }}"),
-                 {"max": t.ttft_p99_ms})
+        template("ttft-p99", _histogram_p99(canary_ttft, canary_pods, "{{ interval }}"), {"max": t.ttft_p99_ms})
     if t.latency_ratio is not None:
-        canary = _histogram_p99("gonogo_e2e_request_latency_seconds", canary_pods, "{{ interval }}")
-        primary = _histogram_p99("gonogo_e2e_request_latency_seconds", primary_pods, "{{ interval }}")
+        canary = _histogram_p99(canary_e2el, canary_pods, "{{ interval }}")
+        primary = _histogram_p99(stable_e2el, primary_pods, "{{ interval }}")
         template("latency-ratio", f"({canary}) / ({primary})", {"max": t.latency_ratio})
     loadtester = f"http://flagger-loadtester.{namespace}/"
     canary_url = f"http://{name}-canary.{namespace}:{PORT}"
@@ -153,15 +208,17 @@ def argo_manifests(settings, *, name: str, namespace: str) -> list[dict[str, Any
                           f'sum(rate(gonogo_requests{{{canary_pods},status!~"5.."}}[{interval}])) / '
                           f'sum(rate(gonogo_requests{{{canary_pods}}}[{interval}]))',
                           f"result[0] >= {t.success_rate:g}")
+    canary_ttft, canary_e2el = _histograms(settings.canary_engine)
+    stable_e2el = _histograms(settings.stable_engine)[1]
     if t.e2el_p99_ms is not None:
-        prometheus_metric("e2el-p99", _histogram_p99("gonogo_e2e_request_latency_seconds", canary_pods, interval),
+        prometheus_metric("e2el-p99", _histogram_p99(canary_e2el, canary_pods, interval),
                           f"result[0] <= {t.e2el_p99_ms:g}")
     if t.ttft_p99_ms is not None:
-        prometheus_metric("ttft-p99", _histogram_p99("gonogo_time_to_first_token_seconds", canary_pods, interval),
+        prometheus_metric("ttft-p99", _histogram_p99(canary_ttft, canary_pods, interval),
                           f"result[0] <= {t.ttft_p99_ms:g}")
     if t.latency_ratio is not None:
-        canary = _histogram_p99("gonogo_e2e_request_latency_seconds", canary_pods, interval)
-        stable = _histogram_p99("gonogo_e2e_request_latency_seconds", stable_pods, interval)
+        canary = _histogram_p99(canary_e2el, canary_pods, interval)
+        stable = _histogram_p99(stable_e2el, stable_pods, interval)
         prometheus_metric("latency-ratio", f"({canary}) / ({stable})", f"result[0] <= {t.latency_ratio:g}")
     if t.needs_quality:
         command = _quality_command(settings, f"http://{name}-canary.{namespace}:{PORT}",
@@ -200,7 +257,8 @@ def argo_manifests(settings, *, name: str, namespace: str) -> list[dict[str, Any
 
 
 def write_k8s(directory: Path, settings, *, name: str = "gonogo", namespace: str = "default") -> list[Path]:
-    """Write flagger-canary.yaml and argo-rollout.yaml under ``directory``; returns their paths."""
+    """Write flagger-canary.yaml, argo-rollout.yaml and the deployment.yaml they target under
+    ``directory``; returns their paths."""
     import yaml
 
     check_inputs(settings, name=name, namespace=namespace)
@@ -208,7 +266,8 @@ def write_k8s(directory: Path, settings, *, name: str = "gonogo", namespace: str
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for file_name, documents in (("flagger-canary.yaml", flagger_manifests(settings, name=name, namespace=namespace)),
-                                 ("argo-rollout.yaml", argo_manifests(settings, name=name, namespace=namespace))):
+                                 ("argo-rollout.yaml", argo_manifests(settings, name=name, namespace=namespace)),
+                                 ("deployment.yaml", [deployment_manifest(settings, name=name, namespace=namespace)])):
         path = directory / file_name
         path.write_text(yaml.safe_dump_all(documents, sort_keys=False), encoding="utf-8")
         written.append(path)

@@ -1,7 +1,7 @@
 """`gonogo canary`, the stage kind `canary`, and the canary drill (`run_canary_drill`).
 
-A rollout: start (checkpoint → `gonogo serve` child on a free loopback port) or attach to (URL)
-the stable and canary servers, put the router in front of them, drive a steady load through it,
+A rollout: start (checkpoint → a server child on a free loopback port, on the side's engine:
+gonogo, vLLM or a command) or attach to (URL) the stable and canary servers, put the router in front of them, drive a steady load through it,
 and let the controller step the weight, analyse each interval and promote or roll back. Outputs
 (in the stage or --out directory): timeline.json (decision, every interval, weight changes,
 webhook calls) and, for the command, metrics.json.
@@ -16,9 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import subprocess
-import sys
+import shlex
 import threading
 import time
 from pathlib import Path
@@ -28,6 +26,8 @@ from pydantic import Field
 
 from gonogo.config import Strict
 from gonogo.errors import StageFailed, UserError
+from gonogo.infer.engines.launch import EngineSettings, default_startup_timeout, preflight, start_engine
+from gonogo.infer.engines.process import ServerProcess
 from gonogo.rollout.analysis import CHECKS, Analysis, check_consistent, parse_check
 from gonogo.rollout.controller import Controller, Side, Webhooks
 from gonogo.stages.base import ReportItem, StageKind, StageSettings
@@ -54,7 +54,10 @@ class CanarySettings(StageSettings):
     webhooks: Webhooks = Field(default_factory=Webhooks)
     load: Load = Field(default_factory=Load)
     model_name: str = "gonogo"               # for servers we start
-    startup_timeout_s: float = Field(180.0, gt=0)
+    # the engine each started side runs on: gonogo -> vllm on one checkpoint is an engine migration
+    stable_engine: EngineSettings = Field(default_factory=EngineSettings)
+    canary_engine: EngineSettings = Field(default_factory=EngineSettings)
+    startup_timeout_s: Optional[float] = Field(None, gt=0)   # default: per engine (180 s gonogo, 900 s vLLM)
     drain_timeout_s: float = Field(30.0, gt=0)
 
 
@@ -64,27 +67,16 @@ def is_url(spec: str) -> bool:
     return spec.startswith(("http://", "https://"))
 
 
-def start_server(checkpoint: str, name: str, directory: Path, model_name: str) -> tuple[subprocess.Popen, Path]:
-    """`gonogo serve` on a free loopback port as a child in its own process group (not yet waited for)."""
+def start_server(checkpoint: str, name: str, directory: Path, model_name: str,
+                 engine: Optional[EngineSettings] = None) -> ServerProcess:
+    """``checkpoint`` on ``engine`` (default gonogo) on a free loopback port, started, not yet waited for;
+    its log is directory/<name>-server.log."""
     from gonogo.train.checkpoint import resolve_checkpoint
 
     resolve_checkpoint(checkpoint)  # a wrong path is the user's one-line error, before anything starts
-    ready = directory / f"{name}-server.ready.json"
-    ready.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "gonogo", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
-            "--port", "0", "--model-name", model_name, "--threads", "1", "--ready-file", str(ready),
-            "--parent-pid", str(os.getpid())]
-    with (directory / f"{name}-server.log").open("a") as log_file:
-        process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
-    return process, ready
-
-
-def wait_ready(process: subprocess.Popen, ready: Path, timeout: float) -> str:
-    """A server started by ``start_server`` once it answers /health (its log is beside the ready file)."""
-    from gonogo.infer.serve_stage import wait_healthy
-
-    return wait_healthy(process, ready, ready.with_name(ready.name.replace(".ready.json", ".log")), timeout)
+    # one thread each: stable and canary share the machine's cores
+    return start_engine(engine or EngineSettings(), str(checkpoint), directory, name=f"{name}-server",
+                        model_name=model_name, gonogo_args=("--threads", "1"))
 
 
 def model_of(url: str, timeout: float = 10.0) -> str:
@@ -111,30 +103,36 @@ def _is_chat_checkpoint(spec: str) -> bool:
 
 
 def open_sides(settings: CanarySettings, directory: Path) -> tuple[Side, Side]:
-    """Start or attach to both servers; started ones are stopped by their Side.stop."""
-    from gonogo.procs import stop_group
+    """Start or attach to both servers; started ones are stopped by their Side.stop and recorded in
+    <side>-server.json (url, pid, engine, startup_seconds)."""
+    from gonogo.rundir import write_json_atomic
 
-    started: dict[str, tuple[subprocess.Popen, Path]] = {}
+    started: dict[str, ServerProcess] = {}
     try:
         for name in ("stable", "canary"):
             spec = getattr(settings, name)
             if not is_url(spec):
-                started[name] = start_server(spec, name, directory, settings.model_name)
+                started[name] = start_server(spec, name, directory, settings.model_name,
+                                             getattr(settings, f"{name}_engine"))
         sides = {}
         for name in ("stable", "canary"):
             spec = getattr(settings, name)
             if name in started:
-                process, ready = started[name]
-                url = wait_ready(process, ready, settings.startup_timeout_s)
-                stop = (lambda process=process: stop_group(process, grace=5.0))
+                server = started[name]
+                engine = getattr(settings, f"{name}_engine")
+                url = server.wait_healthy(settings.startup_timeout_s or default_startup_timeout(engine))
+                write_json_atomic(directory / f"{name}-server.json", {
+                    "url": url, "pid": server.pid, "engine": engine.name,
+                    "startup_seconds": round(server.startup_seconds, 2)})
+                stop = (lambda server=server: server.stop(grace=5.0))
             else:
                 url, stop = spec.rstrip("/"), None
             sides[name] = Side(url=url, model=model_of(url), stop=stop,
                                chat=name in started and _is_chat_checkpoint(spec))
         return sides["stable"], sides["canary"]
     except BaseException:
-        for process, _ in started.values():
-            stop_group(process, grace=5.0)
+        for server in started.values():
+            server.stop(grace=5.0)
         raise
 
 
@@ -240,9 +238,10 @@ def run_canary(settings: CanarySettings, directory: Path, **callbacks: Any) -> d
     from gonogo.train.checkpoint import resolve_checkpoint
 
     check_consistent(settings.analysis, "canary")
-    for spec in (settings.stable, settings.canary):
-        if not is_url(spec):
-            resolve_checkpoint(spec)   # a wrong path is a one-line error before anything is created
+    for name in ("stable", "canary"):
+        if not is_url(getattr(settings, name)):
+            resolve_checkpoint(getattr(settings, name))  # a wrong path: one line before anything is created
+            preflight(getattr(settings, f"{name}_engine"))
     directory.mkdir(parents=True, exist_ok=True)
     stable, canary = open_sides(settings, directory)
     try:
@@ -320,6 +319,8 @@ STAGE = StageKind(
     report=report,
     # each server this stage starts holds a device; attached URLs are someone else's
     devices=lambda settings: sum(not is_url(getattr(settings, side)) for side in ("stable", "canary")),
+    preflight=lambda settings: [preflight(getattr(settings, f"{side}_engine")) for side in ("stable", "canary")
+                                if not is_url(getattr(settings, side))],
 )
 
 
@@ -328,6 +329,11 @@ STAGE = StageKind(
 def add_arguments(parser) -> None:
     parser.add_argument("--stable", help="checkpoint / run dir, or URL of a running OpenAI-compatible server")
     parser.add_argument("--canary", help="checkpoint / run dir, or URL of the new version's server")
+    for side in ("stable", "canary"):
+        parser.add_argument(f"--{side}-engine", choices=["gonogo", "vllm", "command"], default="gonogo",
+                            help=f"engine that serves the {side} checkpoint (gonogo -> vllm: an engine migration)")
+    parser.add_argument("--engine-command", metavar="TEMPLATE",
+                        help='for engine "command": the server\'s command line with {model} and {port}')
     parser.add_argument("--steps", default="10,25,50,100", help="canary weights in percent, increasing, ending at 100")
     parser.add_argument("--interval", type=float, default=10.0, help="seconds each step is held and analysed")
     parser.add_argument("--threshold", type=int, default=2, help="failed checks (cumulative) that roll back")
@@ -367,6 +373,10 @@ def settings_from_args(args) -> CanarySettings:
             "webhooks": {"pre_rollout": args.webhook_pre_rollout, "confirm_promotion": args.webhook_confirm_promotion,
                          "rollback": args.webhook_rollback},
             "load": {"rate": args.load_rate, "concurrency": args.load_concurrency}}
+    for side in ("stable", "canary"):
+        engine = getattr(args, f"{side}_engine", "gonogo")
+        command = shlex.split(args.engine_command) if engine == "command" and getattr(args, "engine_command", None) else None
+        data[f"{side}_engine"] = {"name": engine, "command": command}
     settings = validate(CanarySettings, data, source="gonogo canary")
     check_consistent(settings.analysis, "gonogo canary")
     return settings
@@ -419,7 +429,6 @@ def run_canary_drill(out_dir: Path, checkpoint: str | Path, *, steps: tuple[int,
     to ``degrade_bits`` bits, only the quality check can see it) and a good one (the same model).
     The bad ones must be rolled back and the good one promoted. Writes out_dir/<drill>/timeline.json
     and out_dir/drill.json; returns {"passed", "drills": {name: metrics + expected}}."""
-    from gonogo.procs import stop_group
     from gonogo.rollout.faults import FaultProxy, write_degraded_checkpoint
     from gonogo.rundir import write_json_atomic
 
@@ -451,7 +460,7 @@ def run_canary_drill(out_dir: Path, checkpoint: str | Path, *, steps: tuple[int,
             wanted["degraded"] = degraded_dir
         for name, path in wanted.items():
             processes[name] = start_server(str(path), name, out_dir, settings.model_name)
-        urls = {name: wait_ready(process, ready, startup_timeout_s) for name, (process, ready) in processes.items()}
+        urls = {name: server.wait_healthy(startup_timeout_s) for name, server in processes.items()}
         stable = Side(url=urls["stable"], model=model_of(urls["stable"]))
         good_model = model_of(urls["good"])
         outcomes = {}
@@ -465,10 +474,10 @@ def run_canary_drill(out_dir: Path, checkpoint: str | Path, *, steps: tuple[int,
                 canary = Side(url=proxy.url, model=good_model, stop=proxy.stop)
             elif drill == "degraded":
                 canary = Side(url=urls["degraded"], model=model_of(urls["degraded"]),
-                              stop=lambda: stop_group(processes["degraded"][0], grace=5.0))
+                              stop=lambda: processes["degraded"].stop(grace=5.0))
             else:
                 canary = Side(url=urls["good"], model=good_model)
-            stable.stop = (lambda: stop_group(processes["stable"][0], grace=5.0)) if drill == "good" else None
+            stable.stop = (lambda: processes["stable"].stop(grace=5.0)) if drill == "good" else None
             directory = out_dir / drill
             directory.mkdir(exist_ok=True)
             log.info("canary drill %s", drill)
@@ -481,8 +490,8 @@ def run_canary_drill(out_dir: Path, checkpoint: str | Path, *, steps: tuple[int,
             outcomes[drill] = {**metrics, "expected": expected,
                                "as_expected": bool(metrics[expected]) and metrics["client_errors_router"] == 0}
     finally:
-        for process, _ in processes.values():
-            stop_group(process, grace=5.0)
+        for server in processes.values():
+            server.stop(grace=5.0)
     result = {"passed": all(o["as_expected"] for o in outcomes.values()), "drills": outcomes}
     write_json_atomic(out_dir / "drill.json", result)
     return result

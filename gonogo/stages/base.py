@@ -51,6 +51,8 @@ class StageKind:
     report: Optional[Callable[[Path, Metrics], list[ReportItem]]] = None
     # how many devices the stage occupies, for the device-hour budget
     devices: Callable[[Any], int] = lambda settings: 1
+    # before anything of the plan runs: raise UserError for what cannot work here (a missing engine)
+    preflight: Callable[[Any], None] = lambda settings: None
 
 
 @dataclass

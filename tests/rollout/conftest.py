@@ -17,7 +17,8 @@ QUALITY_PROMPTS = 4
 CHUNK_GAP_S = 0.25
 
 
-def train_memorising_checkpoint(directory: Path, problems, steps: int = 300, seed: int = 0) -> Path:
+def train_memorising_checkpoint(directory: Path, problems, steps: int = 300, seed: int = 0, config=None,
+                                lr: float = 1e-2) -> Path:
     import torch
     import torch.nn.functional as F
     from safetensors.torch import save_file
@@ -31,7 +32,7 @@ def train_memorising_checkpoint(directory: Path, problems, steps: int = 300, see
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core: other tests share the machine, and tiny matmuls gain nothing from two
     tokenizer = ByteTokenizer()
-    config = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128)
+    config = config or ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128)
     model = Decoder(config)
     model.init_weights(seed)
     sequences = [tokenizer.encode(p.text, eos=True) for p in problems]
@@ -41,7 +42,7 @@ def train_memorising_checkpoint(directory: Path, problems, steps: int = 300, see
         tokens[row, :len(ids)] = torch.tensor(ids)
     targets = tokens[:, 1:].clone()
     targets[targets == tokenizer.pad_id] = -100
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     for _ in range(steps):
         logits = model(tokens[:, :-1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from gonogo.cli import main
@@ -73,3 +74,40 @@ def test_hostile_strings_reach_the_manifests_quoted_or_are_refused(tmp_path):
     with pytest.raises(UserError, match="webhook rollback"):
         write_k8s(tmp_path / "refused", hooked)
     assert not (tmp_path / "refused").exists()
+
+
+def test_emit_k8s_names_the_vllm_image_and_arguments_for_an_engine_migration(tmp_path):
+    code = main(["canary", "--emit-k8s", str(tmp_path), "--name", "llm", "--stable-engine", "gonogo",
+                 "--canary-engine", "vllm", "--max-ttft-p99-ms", "200", "--max-latency-ratio", "1.5"])
+    assert code == 0
+    (deployment,) = yaml.safe_load_all((tmp_path / "deployment.yaml").read_text())
+    assert deployment["kind"] == "Deployment" and deployment["metadata"]["name"] == "llm"
+    assert deployment["metadata"]["annotations"] == {"gonogo/stable-engine": "gonogo", "gonogo/canary-engine": "vllm"}
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"].startswith("vllm/vllm-openai")
+    assert container["args"][:4] == ["--model", "/models/model", "--served-model-name", "gonogo"]
+    assert "--port" in container["args"] and container["readinessProbe"]["httpGet"]["path"] == "/health"
+    # each side's latency is read from its own engine's histograms
+    flagger = list(yaml.safe_load_all((tmp_path / "flagger-canary.yaml").read_text()))
+    queries = {doc["metadata"]["name"]: doc["spec"]["query"] for doc in flagger if doc["kind"] == "MetricTemplate"}
+    assert "vllm:time_to_first_token_seconds" in queries["llm-ttft-p99"]
+    ratio = queries["llm-latency-ratio"]
+    assert "vllm:e2e_request_latency_seconds" in ratio and "gonogo_e2e_request_latency_seconds" in ratio
+
+
+def test_emit_k8s_for_a_command_engine_needs_an_image(tmp_path):
+    from gonogo.config import validate
+    from gonogo.errors import UserError
+    from gonogo.rollout.k8s import write_k8s
+    from gonogo.rollout.stage import CanarySettings
+
+    settings = validate(CanarySettings, {"stable": "", "canary": "", "canary_engine": {
+        "name": "command", "command": ["sglang", "--model-path", "{model}", "--port", "{port}"]}}, "test")
+    with pytest.raises(UserError, match="set image"):
+        write_k8s(tmp_path / "out", settings)
+    assert not (tmp_path / "out" / "flagger-canary.yaml").exists()
+    settings.canary_engine = settings.canary_engine.model_copy(update={"image": "lmsysorg/sglang:latest"})
+    write_k8s(tmp_path / "out", settings)
+    (deployment,) = yaml.safe_load_all((tmp_path / "out" / "deployment.yaml").read_text())
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["sglang", "--model-path", "/models/model", "--port", "8000"]
