@@ -188,12 +188,15 @@ def write_k8s(directory: Path, settings, *, name: str = "gonogo", namespace: str
     """Write flagger-canary.yaml and argo-rollout.yaml under ``directory``; returns their paths."""
     import yaml
 
+    from gonogo.files import check_output_dir, write_atomic
+
     directory = Path(directory)
+    check_output_dir(directory, "--emit-k8s")
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for file_name, documents in (("flagger-canary.yaml", flagger_manifests(settings, name=name, namespace=namespace)),
                                  ("argo-rollout.yaml", argo_manifests(settings, name=name, namespace=namespace))):
         path = directory / file_name
-        path.write_text(yaml.safe_dump_all(documents, sort_keys=False), encoding="utf-8")
+        write_atomic(path, yaml.safe_dump_all(documents, sort_keys=False))
         written.append(path)
     return written
