@@ -377,7 +377,12 @@ def continue_run_dir(out: Path, stage: str, steps: int) -> RunDir:
     attempt = 1
     while (stage_dir.parent / f"{stage}.attempt-{attempt}").exists():
         attempt += 1
-    stage_dir.rename(stage_dir.parent / f"{stage}.attempt-{attempt}")
+    kept = stage_dir.parent / f"{stage}.attempt-{attempt}"
+    stage_dir.rename(kept)
+    if stage == "train" and run_dir.mlperf_log_path.is_file():  # rewritten if the continuation starts at step 0
+        import shutil
+
+        shutil.copy2(run_dir.mlperf_log_path, kept / run_dir.mlperf_log_path.name)
     return run_dir
 
 

@@ -39,6 +39,7 @@ def test_a_finished_run_is_refused_with_the_same_steps_and_continued_with_more(t
     assert train(run, "tiny-dense", 1, "train.steps=3", *STEPS) == 0
     kept = run / "stages" / "train.attempt-1"
     assert {name: (kept / name).read_bytes() for name in finished} == finished
+    assert (kept / "mlperf.log").read_bytes() == everything[run / "mlperf.log"]
     continued = json.loads((stage / "metrics.json").read_text())
     assert continued["resumed_from_step"] == 2 and continued["steps_completed"] == 3
     assert continued["tokens_per_second"] is not None
