@@ -138,10 +138,11 @@ def read_json_file(path: Union[str, Path], fix: str) -> Any:
 
 # errors that reading a damaged or foreign file raises from json, safetensors, torch and our own
 # parsers (a missing key, a list where an object belongs, a tensor of the wrong shape)
-_UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError)
+_UNREADABLE: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, TypeError, AttributeError,
+                                                IndexError, RuntimeError)
 
 
-def _safetensors_error() -> tuple[type, ...]:
+def _safetensors_error() -> tuple[type[BaseException], ...]:
     try:
         from safetensors import SafetensorError
     except ImportError:  # pragma: no cover - safetensors is a dependency
