@@ -11,7 +11,6 @@ from typing import Any
 from gonogo.gates import format_value
 from gonogo.plan import load_plan
 from gonogo.report.summary import summarize
-from gonogo.files import write_atomic
 from gonogo.rundir import RunDir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -81,6 +80,8 @@ def build_report(run_dir: RunDir) -> dict[str, Any]:
     html = environment.get_template("report.html.j2").render(
         s=summary, sections=_sections(plan, run_dir, summary), files=_files(run_dir, summary),
         fmt=_fmt, fmt_seconds=_fmt_seconds)
+    from gonogo.files import write_atomic
+
     write_atomic(run_dir.report_path, html)
     return summary
 

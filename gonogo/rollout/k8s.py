@@ -188,9 +188,9 @@ def write_k8s(directory: Path, settings, *, name: str = "gonogo", namespace: str
     """Write flagger-canary.yaml and argo-rollout.yaml under ``directory``; returns their paths."""
     import yaml
 
+    directory = Path(directory)
     from gonogo.files import check_output_dir, write_atomic
 
-    directory = Path(directory)
     check_output_dir(directory, "--emit-k8s")
     directory.mkdir(parents=True, exist_ok=True)
     written = []
