@@ -549,25 +549,19 @@ def load_for_inference(path: str | Path):
     A gonogo checkpoint: reads only meta.json and model.safetensors (safetensors never runs code
     from the file). A Hugging Face export directory: imported by ``gonogo.export.hf``.
     """
-    from gonogo.files import unreadable_input
-
-    directory = resolve_checkpoint(path)
-    # a damaged export or config is the user's one line, not a traceback
-    with unreadable_input(directory):
-        return _load_resolved(directory)
-
-
-def _load_resolved(directory: Path):
     import torch
     from safetensors.torch import load_file
 
     from gonogo.config import validate
     from gonogo.model.config import ModelConfig
 
+    directory = resolve_checkpoint(path)
     if not (directory / manifest.META_NAME).is_file():
         from gonogo.export.hf import load_hf_dir
+        from gonogo.files import unreadable_input
 
-        return load_hf_dir(directory)
+        with unreadable_input(directory):  # no manifest vouches for it: a damaged export is one line
+            return load_hf_dir(directory)
     if (directory / "quantization.json").is_file():
         from gonogo.infer.quantize import load_quantized
 
