@@ -34,6 +34,23 @@ def assert_one_line_exit_2(completed, *expected: str) -> str:
     return lines[0]
 
 
+def cli(capsys, *argv) -> tuple[int, str]:
+    """The real command line in this process (the module imports are paid once): exit code, stderr."""
+    from gonogo.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    return code, captured.err
+
+
+def assert_one_error_line(code: int, err: str, *expected: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
 # -- the helpers --------------------------------------------------------------------------------------
 
 def test_an_output_under_a_file_is_refused_and_nothing_is_created(tmp_path):
@@ -130,6 +147,23 @@ def test_an_unwritable_output_is_one_line_before_any_work(argv, tmp_path, damage
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # no run directory, no runs/, no temp
 
 
+@pytest.mark.parametrize("argv", [
+    ["scale", "tiny-dense", "--nproc", "1", "--out", "afile/sub"],
+    ["drill", "kill", "--out", "afile/sub"],
+    ["collectives", "--nproc", "2", "--json", "afile/rows.json"],
+    ["collectives", "--nproc", "2", "--out", "afile/sub"],
+    ["capacity", "--model", "llama3-8b", "--gpu", "h100", "--gpus", "8", "--json", "afile/estimate.json"],
+    ["launch", "tiny-dense", "--target", "slurm", "--nodes", "1", "--gpus-per-node", "1", "--out", "afile/sub"],
+    ["canary", "--emit-k8s", "afile/sub"],
+], ids=lambda argv: "-".join(argv[:1] + [a for a in argv if a.startswith("--") and a in ("--json", "--out")]))
+def test_the_other_writing_commands_refuse_an_unwritable_output_first(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("not a directory")
+    code, err = cli(capsys, *argv)
+    assert_one_error_line(code, err, "afile/", "afile is a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 class _CountingHandler(http.server.BaseHTTPRequestHandler):
     requests: list[str] = []
 
@@ -194,23 +228,6 @@ def _damage(hf: Path, target: Path, how: str) -> Path:
         config["intermediate_size"] *= 2
         (target / "config.json").write_text(json.dumps(config))
     return target
-
-
-def cli(capsys, *argv) -> tuple[int, str]:
-    """The real command line in this process (the module imports are paid once): exit code, stderr."""
-    from gonogo.cli import main
-
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err + captured.out
-    return code, captured.err
-
-
-def assert_one_error_line(code: int, err: str, *expected: str) -> None:
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1, err
-    for text in expected:
-        assert text in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("how", ["truncated-safetensors", "broken-config", "config-without-sizes",
