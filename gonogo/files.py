@@ -110,6 +110,29 @@ def write_atomic(path: Union[str, Path], data: Union[bytes, str], mode: int = 0o
         raise
 
 
+@contextlib.contextmanager
+def new_directory(final: Union[str, Path]) -> Iterator[Path]:
+    """A directory made whole or not at all: the block fills a hidden sibling (``.tmp-<name>``),
+    which becomes ``final`` when the block ends and is removed when it fails or is interrupted."""
+    import shutil
+
+    final = Path(final)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise UserError(f"{final}: already exists and is not empty; choose another --out")
+    temporary = final.with_name(f".tmp-{final.name}")
+    if temporary.exists():  # left by a process that was killed outright
+        shutil.rmtree(temporary)
+    temporary.mkdir(parents=True)
+    try:
+        yield temporary
+        if final.exists():
+            final.rmdir()  # empty (checked above)
+        temporary.rename(final)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
 def json_default(value: Any) -> Any:
     if hasattr(value, "item"):  # numpy / torch scalars
         return value.item()

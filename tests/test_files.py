@@ -102,6 +102,23 @@ def test_an_interrupt_during_the_write_leaves_no_temporary_file(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_new_directory_appears_whole_or_not_at_all(tmp_path):
+    from gonogo.files import new_directory
+
+    with pytest.raises(KeyboardInterrupt):
+        with new_directory(tmp_path / "quantized") as temporary:
+            (temporary / "model.safetensors").write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []  # neither the directory nor its .tmp- sibling
+    with new_directory(tmp_path / "quantized") as temporary:
+        (temporary / "model.safetensors").write_bytes(b"whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["quantized"]
+    with pytest.raises(UserError, match="already exists and is not empty"):
+        with new_directory(tmp_path / "quantized"):
+            pass
+    assert (tmp_path / "quantized" / "model.safetensors").read_bytes() == b"whole"
+
+
 def test_unreadable_input_names_the_source_in_one_line():
     with pytest.raises(UserError) as caught:
         with unreadable_input("ckpt/hf"):
