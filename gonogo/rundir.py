@@ -15,25 +15,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gonogo.errors import UserError
+from gonogo.files import check_output_dir, read_json_file, write_json_atomic
+from gonogo.files import json_default as _json_default
 
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so a reader never sees half a file: temporary file, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=False, default=_json_default)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+__all__ = ["RunDir", "append_jsonl", "utc_stamp", "write_json_atomic"]
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -73,6 +58,7 @@ class RunDir:
                 raise UserError(
                     f"{root}: already exists and is not empty; a run directory is never overwritten "
                     f"(choose another --out, or add --resume to continue that run)")
+        check_output_dir(root)  # before any work, not when the first result is written
         root.mkdir(parents=True, exist_ok=True)
         (root / "stages").mkdir(exist_ok=True)
         return cls(root)
@@ -82,6 +68,7 @@ class RunDir:
         root = Path(path)
         if not (root / "plan.toml").is_file():
             raise UserError(f"{root}: not a gonogo run directory (no plan.toml in it)")
+        check_output_dir(root, flag="")  # a resumed run and a re-rendered report write into it
         return cls(root)
 
     @classmethod
@@ -130,7 +117,11 @@ class RunDir:
     def read_state(self) -> dict[str, Any]:
         if not self.state_path.is_file():
             return {"stages": {}}
-        return json.loads(self.state_path.read_text(encoding="utf-8"))
+        fix = "the run directory is damaged; move state.json away to start its record afresh, or use another run"
+        state = read_json_file(self.state_path, fix)
+        if not isinstance(state, dict) or not isinstance(state.get("stages", {}), dict):
+            raise UserError(f"{self.state_path}: not a gonogo state (no stages table); {fix}")
+        return state
 
     def write_state(self, state: dict[str, Any]) -> None:
         write_json_atomic(self.state_path, state)
@@ -143,4 +134,8 @@ class RunDir:
         path = self.stage_dir(name, create=False) / "metrics.json"
         if not path.is_file():
             return {}
-        return json.loads(path.read_text(encoding="utf-8"))
+        metrics = read_json_file(path, "the stage's results are damaged; run the stage again (--resume) "
+                                       "or move the file away")
+        if not isinstance(metrics, dict):
+            raise UserError(f"{path}: not a table of metrics; run the stage again or move the file away")
+        return metrics

@@ -27,6 +27,7 @@ from gonogo import __version__
 from gonogo.errors import StageFailed, UserError
 from gonogo.gates import GateResult, format_value
 from gonogo.plan import Plan, Stage, load_plan
+from gonogo.files import write_atomic
 from gonogo.rundir import RunDir, write_json_atomic
 from gonogo.stages.base import StageContext
 
@@ -149,7 +150,7 @@ def run_plan(
     state.setdefault("stages", {})
     state.update({"plan": plan.name, "plan_dir": str(plan.path.parent.resolve())})
     if not resume:
-        run_dir.plan_path.write_text(resolved_plan_toml(plan), encoding="utf-8")
+        write_atomic(run_dir.plan_path, resolved_plan_toml(plan))
         write_json_atomic(run_dir.root / "environment.json", environment())
     state["attempts"] = state.get("attempts", 0) + 1
     run_dir.write_state(state)

@@ -80,6 +80,10 @@ def command(args: argparse.Namespace) -> int:
     if args.gpu == THIS_MACHINE:
         raise UserError("--gpu this-machine works inside a plan (after doctor, collectives and train "
                         "stages); on the command line name a GPU kind: " + ", ".join(gpu_names()))
+    if args.json and args.json != "-":
+        from gonogo.files import check_output_file
+
+        check_output_file(args.json, "--json")
     result = estimate(settings_from_args(args))
     if args.json == "-":
         json.dump(result, sys.stdout, indent=2)
@@ -90,10 +94,7 @@ def command(args: argparse.Namespace) -> int:
 
         from gonogo.rundir import write_json_atomic
 
-        path = Path(args.json)
-        if not path.parent.is_dir():
-            raise UserError(f"--json {path}: folder {path.parent} does not exist; create it or choose another path")
-        write_json_atomic(path, result)
+        write_json_atomic(Path(args.json), result)
     print_estimate(result)
     return 0
 

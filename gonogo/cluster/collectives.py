@@ -32,6 +32,7 @@ from pydantic import Field, field_validator, model_validator
 
 from gonogo.config import validate
 from gonogo.errors import StageFailed, UserError
+from gonogo.files import check_output_dir, check_output_file
 from gonogo.rundir import write_json_atomic
 from gonogo.stages.base import ReportItem, StageContext, StageKind, StageSettings
 
@@ -506,12 +507,13 @@ def settings_from_args(args: argparse.Namespace) -> CollectivesSettings:
 def command(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     json_path = Path(args.json) if args.json else None
-    if json_path and not json_path.parent.is_dir():
-        raise UserError(f"--json {json_path}: directory {json_path.parent} does not exist")
+    if json_path:
+        check_output_file(json_path, "--json")
     if args.out:
         work_dir = Path(args.out)
         if work_dir.exists() and (not work_dir.is_dir() or any(work_dir.iterdir())):
             raise UserError(f"--out {work_dir}: already exists and is not empty; choose a new directory")
+        check_output_dir(work_dir)
     else:
         work_dir = Path(tempfile.mkdtemp(prefix="gonogo-collectives-"))
     try:

@@ -246,20 +246,23 @@ def indexed_job(spec: LaunchSpec) -> list[dict[str, Any]]:
 def write_launch_files(target: str, spec: LaunchSpec, out: Path) -> list[Path]:
     import yaml
 
+    from gonogo.files import check_output_dir, write_atomic
+
     spec.validate(target)
+    check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if target == "slurm":
         path = out / f"{spec.name}.sbatch"
-        path.write_text(slurm_script(spec), encoding="utf-8")
+        write_atomic(path, slurm_script(spec))
         path.chmod(0o755)
         written.append(path)
     else:
         path = out / f"{spec.name}.pytorchjob.yaml"
-        path.write_text(yaml.safe_dump(pytorchjob(spec), sort_keys=False), encoding="utf-8")
+        write_atomic(path, yaml.safe_dump(pytorchjob(spec), sort_keys=False))
         written.append(path)
         path = out / f"{spec.name}.job.yaml"
-        path.write_text(yaml.safe_dump_all(indexed_job(spec), sort_keys=False), encoding="utf-8")
+        write_atomic(path, yaml.safe_dump_all(indexed_job(spec), sort_keys=False))
         written.append(path)
     return written
 

@@ -309,6 +309,7 @@ def command(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from gonogo.config import format_validation_error
+    from gonogo.files import check_output_file
     from gonogo.train.checkpoint import resolve_checkpoint
 
     try:
@@ -321,6 +322,8 @@ def command(args: argparse.Namespace) -> int:
     compare = resolve_checkpoint(args.compare_to) if args.compare_to else None
     if args.data is not None and not args.data.is_file():
         raise UserError(f"--data {args.data}: no such file (give a JSONL file of {{\"prompt\", \"answer\"}} lines)")
+    if args.json:
+        check_output_file(args.json, "--json")  # before the evaluation, not after it
     run_dir = RunDir.create(args.out, plan_name="eval")
     stage_dir = run_dir.stage_dir("eval")
     console = Console(stderr=True)

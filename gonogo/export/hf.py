@@ -233,9 +233,7 @@ def _load_source(checkpoint: str | Path):
     directory = resolve_checkpoint(checkpoint)
     if is_quantized_dir(directory):
         return load_quantized(directory)  # exports the dequantized weights
-    if not (directory / "meta.json").is_file():
-        return load_hf_dir(directory)
-    return load_for_inference(directory)
+    return load_for_inference(directory)  # gonogo or Hugging Face; damaged files: one line
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -> Path:
@@ -423,9 +421,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from gonogo.files import check_output_dir
     from gonogo.rundir import utc_stamp
 
     out = args.out or Path("runs") / f"export-{utc_stamp()}"
+    check_output_dir(out)  # before the checkpoint is read
     directory = export_hf(args.checkpoint, out, args.dtype)
     architecture = json.loads((directory / "config.json").read_text(encoding="utf-8"))["architectures"][0]
     size = (directory / WEIGHTS_NAME).stat().st_size

@@ -434,6 +434,10 @@ def command(args) -> int:
         ignore_eos=args.ignore_eos, goodput=parse_goodput(args.goodput), api_key=_api_key(args.api_key_env),
         request_timeout=args.request_timeout, seed=args.seed)
     _check(settings)
+    if args.json:
+        from gonogo.files import check_output_file
+
+        check_output_file(args.json, "--json")  # before the load test, so its result is not lost at the end
     console = Console()
     with Progress(TextColumn("load test"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:

@@ -292,38 +292,28 @@ class QuantizedModel:
 
     def save(self, directory: str | Path) -> Path:
         """Write a committed, verifiable quantized checkpoint directory (temporary dir, then rename)."""
-        import shutil
-
         from safetensors.torch import save_file
 
+        from gonogo.files import new_directory
         from gonogo.train import manifest
 
         directory = Path(directory)
-        if directory.exists() and any(directory.iterdir()):
-            raise UserError(f"{directory}: already exists and is not empty; choose another --out")
-        temporary = directory.with_name(f".tmp-{directory.name}")
-        if temporary.exists():
-            shutil.rmtree(temporary)
-        temporary.mkdir(parents=True)
-        tensors: dict[str, torch.Tensor] = {}
-        for name, q in self.quantized.items():
-            tensors.update({key: value.contiguous() for key, value in q.stored(name).items()})
-        for name, tensor in self.kept.items():
-            assert name not in tensors, name
-            # a tied head shares storage with the embedding in a state dict; store each on its own
-            tensors[name] = tensor.clone()
-        save_file(tensors, str(temporary / WEIGHTS_NAME), metadata={"producer": "gonogo", "format": self.format})
-        (temporary / FORMAT_NAME).write_text(json.dumps(self.describe(), indent=2) + "\n", encoding="utf-8")
-        meta = dict(self.meta)
-        meta["model"] = self.config.model_dump(mode="json")
-        meta.setdefault("tokenizer", "byte-v1")
-        meta["quantization"] = {"format": self.format, "file": FORMAT_NAME}
-        (temporary / manifest.META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        manifest.commit(temporary)
-        if directory.exists():
-            directory.rmdir()  # empty (checked above)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        temporary.rename(directory)
+        with new_directory(directory) as temporary:  # an interrupted save leaves no .tmp- directory
+            tensors: dict[str, torch.Tensor] = {}
+            for name, q in self.quantized.items():
+                tensors.update({key: value.contiguous() for key, value in q.stored(name).items()})
+            for name, tensor in self.kept.items():
+                assert name not in tensors, name
+                # a tied head shares storage with the embedding in a state dict; store each on its own
+                tensors[name] = tensor.clone()
+            save_file(tensors, str(temporary / WEIGHTS_NAME), metadata={"producer": "gonogo", "format": self.format})
+            (temporary / FORMAT_NAME).write_text(json.dumps(self.describe(), indent=2) + "\n", encoding="utf-8")
+            meta = dict(self.meta)
+            meta["model"] = self.config.model_dump(mode="json")
+            meta.setdefault("tokenizer", "byte-v1")
+            meta["quantization"] = {"format": self.format, "file": FORMAT_NAME}
+            (temporary / manifest.META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            manifest.commit(temporary)
         log.info("wrote %s weights to %s (%d bytes of tensors)", self.format, directory, self.byte_counts()["total_bytes"])
         return directory
 

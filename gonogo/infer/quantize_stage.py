@@ -180,16 +180,13 @@ def _dtype_name(model) -> Literal["float32", "bfloat16"]:
 
 
 def _load_source(checkpoint: str | Path):
-    from gonogo.export.hf import load_hf_dir
     from gonogo.infer.quantize import is_quantized_dir
     from gonogo.train.checkpoint import load_for_inference, resolve_checkpoint
 
     directory = resolve_checkpoint(checkpoint)
     if is_quantized_dir(directory):
         raise UserError(f"{directory}: is already quantized; give the bf16/fp32 checkpoint it came from")
-    if not (directory / "meta.json").is_file():
-        return directory, *load_hf_dir(directory)
-    return directory, *load_for_inference(directory)
+    return directory, *load_for_inference(directory)  # gonogo or Hugging Face; damaged files: one line
 
 
 def quantize_and_evaluate(checkpoint: str | Path, out: Path, settings: QuantizeSettings,
@@ -340,12 +337,16 @@ def command(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from gonogo.config import validate
+    from gonogo.files import check_output_dir
     from gonogo.rundir import utc_stamp, write_json_atomic
 
     settings = validate(QuantizeSettings, {"format": args.format, "eval_problems": args.eval_problems,
                                            "val_batches": args.val_batches, "seed": args.seed,
                                            "device": args.device}, source="arguments")
     out = args.out or Path("runs") / f"quantize-{args.format}-{utc_stamp()}"
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists and is not empty; choose another --out")
+    check_output_dir(out)  # before the quantization and the evaluation, not after them
     console = Console(stderr=True)
     with console.status("quantizing") as status:
         metrics = quantize_and_evaluate(args.checkpoint, out, settings, lambda text: status.update(text))

@@ -80,9 +80,9 @@ def build_report(run_dir: RunDir) -> dict[str, Any]:
     html = environment.get_template("report.html.j2").render(
         s=summary, sections=_sections(plan, run_dir, summary), files=_files(run_dir, summary),
         fmt=_fmt, fmt_seconds=_fmt_seconds)
-    tmp = run_dir.report_path.with_suffix(".html.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(run_dir.report_path)
+    from gonogo.files import write_atomic
+
+    write_atomic(run_dir.report_path, html)
     return summary
 
 

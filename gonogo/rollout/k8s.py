@@ -263,12 +263,15 @@ def write_k8s(directory: Path, settings, *, name: str = "gonogo", namespace: str
 
     check_inputs(settings, name=name, namespace=namespace)
     directory = Path(directory)
+    from gonogo.files import check_output_dir, write_atomic
+
+    check_output_dir(directory, "--emit-k8s")
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for file_name, documents in (("flagger-canary.yaml", flagger_manifests(settings, name=name, namespace=namespace)),
                                  ("argo-rollout.yaml", argo_manifests(settings, name=name, namespace=namespace)),
                                  ("deployment.yaml", [deployment_manifest(settings, name=name, namespace=namespace)])):
         path = directory / file_name
-        path.write_text(yaml.safe_dump_all(documents, sort_keys=False), encoding="utf-8")
+        write_atomic(path, yaml.safe_dump_all(documents, sort_keys=False))
         written.append(path)
     return written

@@ -386,6 +386,7 @@ def command(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from gonogo.files import check_output_dir
     from gonogo.rundir import utc_stamp, write_json_atomic
 
     settings = settings_from_args(args)
@@ -399,8 +400,9 @@ def command(args) -> int:
     if not args.stable or not args.canary:
         raise UserError("give both --stable and --canary (a checkpoint directory or a server URL)")
     out = args.out or Path("runs") / f"canary-{utc_stamp()}"
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists and is not empty; choose another --out")
+    check_output_dir(out)  # before the rollout, not after it
     with console.status("starting the canary rollout") as status:
         metrics = run_canary(settings, out, on_progress=lambda text: status.update(text))
     write_json_atomic(out / "metrics.json", metrics)

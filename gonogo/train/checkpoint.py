@@ -615,8 +615,10 @@ def _load_on_cpu(path: str | Path):
     directory = resolve_checkpoint(path)
     if not (directory / manifest.META_NAME).is_file():
         from gonogo.export.hf import load_hf_dir
+        from gonogo.files import unreadable_input
 
-        return load_hf_dir(directory)
+        with unreadable_input(directory):  # no manifest vouches for it: a damaged export is one line
+            return load_hf_dir(directory)
     if (directory / "quantization.json").is_file():
         from gonogo.infer.quantize import load_quantized
 

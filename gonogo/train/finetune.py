@@ -26,6 +26,7 @@ from pydantic import Field
 
 from gonogo.config import apply_overrides, load_toml, resolve_preset, validate
 from gonogo.errors import StageFailed, UserError
+from gonogo.files import check_output_dir, write_atomic
 from gonogo.rundir import RunDir, write_json_atomic
 from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
 from gonogo.train import stage as train_stage
@@ -211,6 +212,8 @@ def command(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise UserError(f"--nproc {args.nproc}: must be at least 1")
+    if args.out is not None:  # before the pretrained model is read, not after
+        check_output_dir(args.out)
     preset, overrides = split_items(args.items)
     config, path, checkpoint = load_finetune_config(preset, args.checkpoint, overrides)
     if config.data.source not in ("synthetic", "stdlib"):  # the workers may run elsewhere than this cwd
@@ -218,16 +221,16 @@ def command(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"data": config.data.model_copy(update={"source": source})})
     train_stage.preflight(config, args.nproc, args.resume)
     if args.out is not None and (args.out / "stages").is_dir() and args.resume != "never":
-        run_dir = RunDir(args.out)
+        run_dir = train_stage.continue_run_dir(args.out, "finetune", config.train.steps)
     else:
         run_dir = RunDir.create(args.out, plan_name=f"finetune-{Path(preset).stem}")
     if not run_dir.plan_path.exists():
         # a one-stage plan, so `gonogo report` and `gonogo run --resume` understand the run
-        run_dir.plan_path.write_text(
+        write_atomic(
+            run_dir.plan_path,
             f'[plan]\nname = "finetune"\n\n[[stage]]\nname = "finetune"\nkind = "finetune"\n'
             f'config = {json.dumps(str(path.resolve()))}\ncheckpoint = {json.dumps(str(checkpoint.resolve()))}\n'
-            f'nproc = {args.nproc}\noverrides = [{", ".join(json.dumps(item) for item in overrides)}]\n',
-            encoding="utf-8")
+            f'nproc = {args.nproc}\noverrides = [{", ".join(json.dumps(item) for item in overrides)}]\n')
     stage_dir = run_dir.stage_dir("finetune")
     console = Console(stderr=True)
     console.print(f"run directory: {run_dir.root}  (from {checkpoint})")
@@ -248,17 +251,13 @@ def command(args: argparse.Namespace) -> int:
         metrics = finetune(config, path, args.nproc, run_dir=run_dir, stage="finetune", stage_dir=stage_dir,
                            resume=args.resume, timeout_s=args.timeout, run_command=run_command,
                            on_update=on_update)
+    except KeyboardInterrupt:  # the run directory says so; the CLI prints one line and exits 130
+        train_stage.record_state(run_dir, "finetune", args.nproc, time.monotonic() - started, interrupted=True)
+        raise
     except StageFailed as error:
         failure = str(error)
     seconds = time.monotonic() - started
-    from gonogo.runner import FAILED, PASSED
-
-    state = run_dir.read_state()
-    state.setdefault("stages", {})["finetune"] = {
-        "kind": "finetune", "status": FAILED if failure else PASSED, "reason": failure or "",
-        "wall_seconds": seconds, "device_hours": seconds / 3600.0 * args.nproc, "gates": []}
-    state["plan"] = "finetune"
-    run_dir.write_state(state)
+    train_stage.record_state(run_dir, "finetune", args.nproc, seconds, failure=failure)
     if failure:
         console.print(f"[red]failed:[/red] {failure}")
         return 1

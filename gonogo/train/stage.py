@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Union
 from pydantic import Field
 
 from gonogo.errors import StageFailed, UserError
+from gonogo.files import write_atomic
 from gonogo.rundir import RunDir, write_json_atomic
 from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
 from gonogo.train.config import TrainConfig, check_world, load_train_config, overrides_list
@@ -345,10 +346,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_multinode_arguments(parser)
 
 
-def _open_run_dir(out: Optional[Path], resume: str, preset: str) -> RunDir:
+def _open_run_dir(out: Optional[Path], resume: str, preset: str, steps: int) -> RunDir:
     if out is not None and out.is_dir() and (out / "stages").is_dir() and resume != "never":
-        return RunDir(out)
+        return continue_run_dir(out, "train", steps)
     return RunDir.create(out, plan_name=f"train-{Path(preset).stem}")
+
+
+def continue_run_dir(out: Path, stage: str, steps: int) -> RunDir:
+    """An existing run directory given to ``train`` / ``finetune`` again, checked before any work.
+
+    An unfinished stage (interrupted, failed) is resumed from its newest checkpoint. A finished one
+    is continued only when ``train.steps`` now asks for more steps than it completed; its results
+    then move to ``stages/<stage>.attempt-N/`` (as the plan runner keeps an earlier attempt), so
+    the new ones never replace them. Otherwise: UserError, nothing touched.
+    """
+    from gonogo.files import check_output_dir
+
+    check_output_dir(out)
+    run_dir = RunDir(out)
+    run_dir.read_state()  # a damaged state.json: one line now, not after the training
+    stage_dir = run_dir.stage_dir(stage, create=False)
+    metrics_path = stage_dir / "metrics.json"
+    if not metrics_path.is_file():
+        return run_dir
+    try:
+        finished = json.loads(metrics_path.read_text(encoding="utf-8"))
+        done = finished.get("steps_completed", finished.get("steps"))
+    except (OSError, ValueError, AttributeError):
+        done = None
+    if not isinstance(done, int):
+        raise UserError(f"{out}: its {stage} finished, but {metrics_path} does not say after how many steps; "
+                        f"move that file away to continue the run, or choose another --out")
+    if done >= steps:
+        raise UserError(f"{out}: its {stage} already finished {done} steps (results in {metrics_path}); "
+                        f"set train.steps above {done} to continue it, or choose another --out")
+    attempt = 1
+    while (stage_dir.parent / f"{stage}.attempt-{attempt}").exists():
+        attempt += 1
+    kept = stage_dir.parent / f"{stage}.attempt-{attempt}"
+    stage_dir.rename(kept)
+    if stage == "train" and run_dir.mlperf_log_path.is_file():  # rewritten if the continuation starts at step 0
+        import shutil
+
+        shutil.copy2(run_dir.mlperf_log_path, kept / run_dir.mlperf_log_path.name)
+    return run_dir
 
 
 def _write_plan(run_dir: RunDir, args: argparse.Namespace, config_path: Path) -> None:
@@ -356,22 +397,29 @@ def _write_plan(run_dir: RunDir, args: argparse.Namespace, config_path: Path) ->
     if run_dir.plan_path.exists():
         return
     overrides = ", ".join(json.dumps(item) for item in args.overrides)
-    run_dir.plan_path.write_text(
+    write_atomic(
+        run_dir.plan_path,
         f'[plan]\nname = "train"\n\n[[stage]]\nname = "train"\nkind = "train"\n'
         f'config = {json.dumps(str(config_path.resolve()))}\nnproc = {args.nproc}\n'
-        f'overrides = [{overrides}]\ndeterministic = {str(args.deterministic).lower()}\n',
-        encoding="utf-8")
+        f'overrides = [{overrides}]\ndeterministic = {str(args.deterministic).lower()}\n')
 
 
-def _record_state(run_dir: RunDir, nproc: int, seconds: float, failure: Optional[str] = None) -> None:
+def record_state(run_dir: RunDir, stage: str, nproc: int, seconds: float, failure: Optional[str] = None,
+                 interrupted: bool = False) -> None:
     """The stage's record in state.json, as the plan runner writes it (for `gonogo report`)."""
-    from gonogo.runner import FAILED, PASSED
+    from gonogo.runner import FAILED, INTERRUPTED, PASSED
 
+    if interrupted:
+        status = INTERRUPTED
+        failure = (f"interrupted (Ctrl-C or SIGTERM); run the same command with --out {run_dir.root} "
+                   f"to continue from the newest checkpoint")
+    else:
+        status = FAILED if failure else PASSED
     state = run_dir.read_state()
-    state.setdefault("stages", {})["train"] = {
-        "kind": "train", "status": FAILED if failure else PASSED, "reason": failure or "",
+    state.setdefault("stages", {})[stage] = {
+        "kind": stage, "status": status, "reason": failure or "",
         "wall_seconds": seconds, "device_hours": seconds / 3600.0 * nproc, "gates": []}
-    state["plan"] = "train"
+    state["plan"] = stage
     run_dir.write_state(state)
 
 
@@ -387,7 +435,7 @@ def command(args: argparse.Namespace) -> int:
     config, path = load_train_config(args.config, args.overrides, args.deterministic)
     preflight(config, args.nproc, args.resume)
     rendezvous = rendezvous_options(args)
-    run_dir = _open_run_dir(args.out, args.resume, args.config)
+    run_dir = _open_run_dir(args.out, args.resume, args.config, config.train.steps)
     _write_plan(run_dir, args, path)
     stage_dir = run_dir.stage_dir("train")
     console = Console(stderr=True)
@@ -418,8 +466,11 @@ def command(args: argparse.Namespace) -> int:
             metrics = launch(config, path.name, args.nproc, run_dir=run_dir, stage="train", stage_dir=stage_dir,
                              resume=args.resume, timeout_s=args.timeout, run_command=run_command,
                              on_update=on_update, rendezvous=rendezvous)
+    except KeyboardInterrupt:  # the run directory says so; the CLI prints one line and exits 130
+        record_state(run_dir, "train", args.nproc, time.monotonic() - started, interrupted=True)
+        raise
     except StageFailed as error:
-        _record_state(run_dir, args.nproc, time.monotonic() - started, failure=str(error))
+        record_state(run_dir, "train", args.nproc, time.monotonic() - started, failure=str(error))
         from rich.markup import escape
 
         console.print(f"[red]failed:[/red] {escape(str(error))}")
@@ -429,7 +480,7 @@ def command(args: argparse.Namespace) -> int:
         return 0
     metrics["stage_wall_seconds"] = round(time.monotonic() - started, 3)
     write_json_atomic(stage_dir / "metrics.json", metrics)
-    _record_state(run_dir, args.nproc, time.monotonic() - started)
+    record_state(run_dir, "train", args.nproc, time.monotonic() - started)
 
     table = Table(title=f"gonogo train {args.config}")
     table.add_column("metric")
