@@ -108,7 +108,7 @@ def summarize(plan: Plan, run_dir: RunDir) -> dict[str, Any]:
             reasons.append("nothing that ran failed, but the plan is not proved; run the missing stages with "
                            "gonogo run --resume --out " + str(run_dir.root))
     budget = plan.header.budget_device_hours
-    return {
+    summary = {
         "verdict": verdict,
         "reasons": reasons,
         "notes": notes,
@@ -125,6 +125,10 @@ def summarize(plan: Plan, run_dir: RunDir) -> dict[str, Any]:
         "environment": _environment(run_dir),
         "run_dir": str(run_dir.root),
     }
+    from gonogo.report.ops import operations
+
+    summary.update(operations(plan, run_dir, summary))
+    return summary
 
 
 def _budget(budget: Budget, device_hours: float, state: dict[str, Any]) -> dict[str, Any]:

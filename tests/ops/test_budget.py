@@ -50,6 +50,9 @@ def test_a_money_budget_too_small_stops_the_plan_at_the_kill(write_plan, tmp_pat
     assert names == ["budget_alarm", "budget_kill"]
     register = {row["key"]: row["status"] for row in summary["assumptions"]}
     assert register == {"budget_alarm": "refuted", "budget_kill": "refuted"}
+    rules = {r["rule"]: r for r in summary["rollback_policy"]}
+    assert rules["budget kill"]["fired"] is True and rules["budget kill"]["detail"] == summary["reasons"][0]
+    assert {c["key"]: c["status"] for c in summary["checklist"]}["cost-alarms"] == "not ticked"
     html = (out / "report.html").read_text()
     assert "Cost alarms" in html and "budget kill during stage" in html
 
