@@ -22,6 +22,7 @@ _KIND_MODULES = {
     "loadtest": "gonogo.infer.loadgen",
     "quantize": "gonogo.infer.quantize_stage",
     "canary": "gonogo.rollout.stage",
+    "soak": "gonogo.train.soak",
 }
 
 _loaded: dict[str, StageKind] = {}
