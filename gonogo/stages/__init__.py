@@ -23,6 +23,7 @@ _KIND_MODULES = {
     "quantize": "gonogo.infer.quantize_stage",
     "canary": "gonogo.rollout.stage",
     "soak": "gonogo.train.soak",
+    "autoscale": "gonogo.rollout.autoscale",
 }
 
 _loaded: dict[str, StageKind] = {}
