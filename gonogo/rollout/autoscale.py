@@ -32,6 +32,7 @@ from typing import Any, Callable, Literal, Optional
 from pydantic import Field, model_validator
 
 from gonogo.config import Strict
+from gonogo.stages.base import StageKind, StageSettings
 
 log = logging.getLogger(__name__)
 
@@ -700,7 +701,7 @@ GATES = ("scaled_up == true", "max_replicas_seen >= 2", "scaled_down == true", "
 def run_stage(ctx: Any, settings: DrillSettings) -> dict[str, Any]:
     if settings.checkpoint:
         settings = settings.model_copy(update={"checkpoint": ctx.resolve_model(settings.checkpoint)})
-    metrics = run_drill(settings, ctx.stage_dir, on_event=lambda **fields: ctx.event(event="autoscale", **fields),
+    metrics = run_drill(settings, ctx.stage_dir, on_event=lambda **fields: ctx.event(**fields),
                         on_progress=ctx.progress)
     write_manifests(ctx.stage_dir / "k8s", settings.autoscale)
     metrics["manifests_valid"] = True  # write_manifests raised otherwise
@@ -737,66 +738,55 @@ def report(stage_dir: Path, metrics: dict[str, Any]) -> list:
     return items
 
 
-STAGE = None  # set below (StageKind needs the settings class)
+class AutoscaleStageSettings(DrillSettings, StageSettings):
+    """The drill's settings as a plan stage's."""
 
 
-def _stage():
-    from gonogo.stages.base import StageKind
-
-    return StageKind(
-        name="autoscale",
-        description="a replica pool behind the router with an autoscaler, driven by a ramp of arrivals; KEDA/HPA manifests",
-        settings=_StageSettings, metrics=lambda settings: METRICS | {"manifests_valid"}, run=run_stage, report=report)
-
-
-def _settings_class():
-    from gonogo.stages.base import StageSettings
-
-    class AutoscaleStageSettings(DrillSettings, StageSettings):
-        pass
-
-    return AutoscaleStageSettings
-
-
-_StageSettings = _settings_class()
-STAGE = _stage()
+STAGE = StageKind(
+    name="autoscale",
+    description="a replica pool behind a router with an autoscaler, driven by a ramp of arrivals; KEDA/HPA manifests",
+    settings=AutoscaleStageSettings, metrics=lambda settings: METRICS | {"manifests_valid"}, run=run_stage,
+    report=report)
 
 
 def drill_command(args: Any) -> int:
-    """``gonogo drill autoscale``: the ramp, the timings printed, the manifests written and validated."""
+    """``gonogo drill autoscale``: a one-stage plan with the drill's gates, the timings printed."""
+    import tomli_w
     from rich.console import Console
 
-    from gonogo.gates import parse_gate
-    from gonogo.rundir import RunDir, write_json_atomic
+    from gonogo.plan import load_plan
+    from gonogo.rundir import RunDir
+    from gonogo.runner import run_plan
 
-    settings = DrillSettings(checkpoint=args.checkpoint)
-    run_dir = RunDir.create(args.out, plan_name="drill-autoscale")
-    stage_dir = run_dir.stage_dir("autoscale")
-    console = Console(stderr=True)
-    console.print(f"run directory: {run_dir.root}")
-    with console.status("autoscale drill") as status:
-        metrics = run_drill(settings, stage_dir, on_event=lambda **f: run_dir.event("autoscale", **f),
-                            on_progress=lambda text: status.update(text))
-    paths = write_manifests(stage_dir / "k8s", settings.autoscale)
-    metrics["manifests_valid"] = True
-    write_json_atomic(stage_dir / "metrics.json", metrics)
-    timeline = json.loads((stage_dir / "autoscale.json").read_text(encoding="utf-8"))
+    stage: dict[str, Any] = {"name": "autoscale", "kind": "autoscale", "gates": list(GATES) + ["manifests_valid == true"]}
+    if args.checkpoint:
+        stage["checkpoint"] = str(Path(args.checkpoint).resolve())
+    run_dir = RunDir.create(args.out, "drill-autoscale")
+    plan_file = run_dir.root / "drill-plan.toml"
+    plan_file.write_text(tomli_w.dumps({"plan": {"name": "drill-autoscale"}, "stage": [stage]}), encoding="utf-8")
+    Console(stderr=True).print(f"run directory: {run_dir.root}")
+    outcome = run_plan(load_plan(plan_file), run_dir)
+    entry = outcome.summary["stages"][0]
     out = Console()
-    for event in timeline["events"]:
-        out.print(f"  {event['t']:7.2f} s  {event['event']:22} {event.get('replica', '')}"
-                  + (f"  signal {event['signal']:.2f}" if isinstance(event.get("signal"), (int, float)) else ""))
+    path = run_dir.stage_dir("autoscale", create=False) / "autoscale.json"
+    if path.is_file():
+        for event in json.loads(path.read_text(encoding="utf-8"))["events"]:
+            signal = event.get("signal")
+            out.print(f"  {event['t']:7.2f} s  {event['event']:22} {event.get('replica', '')}"
+                      + (f"  signal {signal:.2f}" if isinstance(signal, (int, float)) else ""))
+    metrics = entry["metrics"]
     for key in ("time_to_scale_up_s", "breach_to_ready_s", "time_to_scale_down_s", "ttft_p95_before_ms",
                 "ttft_p95_peak_ms", "ttft_p95_after_scale_up_ms", "max_replicas_seen", "final_replicas", "requests",
                 "failed_requests"):
         value = metrics.get(key)
         out.print(f"  {key:28} {'—' if value is None else (f'{value:.3g}' if isinstance(value, float) else value)}")
-    failed = []
-    for text in GATES:
-        result = parse_gate(text).evaluate(metrics)
-        out.print(f"  gate {text:32} {'pass' if result.passed else 'FAIL'}")
-        if not result.passed:
-            failed.append(text)
-    for path in paths:
-        out.print(f"  manifest {path} (validated)")
-    out.print("[bold]" + ("GO" if not failed else "NO-GO") + "[/bold]")
-    return 0 if not failed else 1
+    for gate in entry["gates"]:
+        out.print(f"  gate {gate['expression']:32} {gate['status']}")
+    for name in ("keda-scaledobject.yaml", "hpa.yaml"):
+        manifest = run_dir.stage_dir("autoscale", create=False) / "k8s" / name
+        if manifest.is_file():
+            out.print(f"  manifest {manifest} (validated)")
+    out.print(f"[bold]{outcome.verdict}[/bold]  report: {run_dir.report_path}")
+    for reason in outcome.reasons:
+        out.print(f"  {reason}")
+    return outcome.exit_code

@@ -133,3 +133,12 @@ def test_drill_autoscale_scales_one_two_one_with_no_failed_request(tmp_path):
     assert "replica_ready" in result.stdout and "replica_removed" in result.stdout
     for name in ("keda-scaledobject.yaml", "hpa.yaml"):
         assert (out / "stages" / "autoscale" / "k8s" / name).is_file()
+    # through the plan runner: the stage kind, its gates, the report's plot and the checklist item
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["verdict"] == ("GO" if result.returncode == 0 else "NO-GO")
+    assert {c["key"]: c["status"] for c in summary["checklist"]}["autoscaling"] == (
+        "ticked" if result.returncode == 0 else "not ticked")
+    assert "replicas, load and TTFT p95 over the ramp" in (out / "report.html").read_text()
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events if e["stage"] == "autoscale" and e["event"].startswith("replica_")] == [
+        "replica_ready", "replica_removed"]
