@@ -544,6 +544,19 @@ def run_drill(settings: DrillSettings, directory: Path, *, on_event: Callable[..
     return metrics
 
 
+def slo_breach(records: list[Record], t0: float, slo_s: float, window_s: float) -> Optional[float]:
+    """When users first saw the SLO broken: the start (seconds after t0) of the first request at
+    which the TTFT p95 of the requests started in the window before it is above the SLO. By start
+    time, not completion: a queued request shows its wait only when it ends, seconds later."""
+    started = sorted((r.started, r.ttft) for r in records if r.ttft is not None)
+    for index, (moment, _) in enumerate(started):
+        window = [ttft for begun, ttft in started[:index + 1] if moment - window_s <= begun]
+        value = percentile(window, 95)
+        if value is not None and value > slo_s:
+            return round(moment - t0, 3)
+    return None
+
+
 def analyse_drill(settings: DrillSettings, autoscaler: Autoscaler, pool: Pool, load: RampLoad,
                   marks: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
     t0, events, scale = autoscaler.t0, autoscaler.events, settings.autoscale
@@ -557,8 +570,7 @@ def analyse_drill(settings: DrillSettings, autoscaler: Autoscaler, pool: Pool, l
         value = percentile(values, 95)
         return None if value is None else value * 1000.0
 
-    breach = next((s["t"] for s in autoscaler.samples if s["ttft_p95_ms"] is not None
-                   and s["ttft_p95_ms"] > settings.slo_ttft_p95_ms), None)
+    breach = slo_breach(records, t0, settings.slo_ttft_p95_ms / 1000.0, scale.window_s)
     failures = [r for r in load.results if not r.success] if load is not None else []
     replicas_seen = [s["replicas"] for s in autoscaler.samples]
     unknown: dict[str, str] = {}

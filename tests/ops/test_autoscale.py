@@ -142,3 +142,13 @@ def test_drill_autoscale_scales_one_two_one_with_no_failed_request(tmp_path):
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events if e["stage"] == "autoscale" and e["event"].startswith("replica_")] == [
         "replica_ready", "replica_removed"]
+
+
+def test_the_slo_breach_is_dated_by_request_start_not_completion():
+    from gonogo.rollout.autoscale import Record, slo_breach
+
+    # fast requests, then from t=5 s on requests that wait 3 s in the queue (they end at 8 s +)
+    records = [Record(started=100.0 + t, ended=100.0 + t + 0.05, ttft=0.05, ok=True) for t in range(5)]
+    records += [Record(started=105.0 + t / 10, ended=108.0 + t / 10, ttft=3.0, ok=True) for t in range(5)]
+    assert slo_breach(records, 100.0, slo_s=1.0, window_s=3.0) == 5.0
+    assert slo_breach(records[:5], 100.0, slo_s=1.0, window_s=3.0) is None    # never broken: unknown
