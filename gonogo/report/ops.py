@@ -147,7 +147,7 @@ def _restore(stage: Stage) -> bool:
         return any(gate.metric == "stopped_and_resumed" for gate in stage.gates)
     if stage.kind.name == "drill":
         return bool(RESTORE_DRILLS & set(stage.settings.kinds))
-    return stage.kind.name == "soak"
+    return False
 
 
 def _canary_drill(stage: Stage) -> bool:
@@ -159,7 +159,7 @@ CHECKLIST: list[tuple[str, str, list[Part]]] = [
     ("collectives", "collective smoke test", [Part("a collectives stage", _kind("collectives"))]),
     ("pretrain", "pretraining POC with checkpoint/restore", [
         Part("a train stage", _kind("train")),
-        Part("a restore proof (a train stop_and_resumed gate, a kill/torn-checkpoint drill or a soak)", _restore)]),
+        Part("a restore proof (a train stop_and_resumed gate or a kill/torn-checkpoint drill)", _restore)]),
     ("finetune", "finetune and benchmark report", [
         Part("a finetune stage", _kind("finetune")), Part("an eval stage", _kind("eval"))]),
     ("canary", "canary plan with gates and rollback rules", [
@@ -191,6 +191,9 @@ def checklist(plan: Plan, summary: dict[str, Any]) -> list[dict[str, Any]]:
                     f"{stage.name} {by_name[stage.name]['status']}" for stage in stages))
             failed.extend(f"{stage.name} {by_name[stage.name]['status']}" for stage in ran
                           if by_name[stage.name]["status"] != PASSED)
+            # a stage with no gate measured nothing it could fail on: it proves no item
+            missing.extend(f"{stage.name} has no gates" for stage in ran
+                           if by_name[stage.name]["status"] == PASSED and not stage.gates)
         status = NOT_TICKED if failed else OPEN if missing else TICKED
         why = "; ".join(failed + missing) or "every covering stage passed its gates: " + ", ".join(evidence)
         items.append({"key": key, "item": title, "status": status, "why": why, "stages": evidence,

@@ -34,6 +34,11 @@ gates = ["promoted == true"]
 name = "collectives"
 kind = "collectives"
 gates = ["wrong_total == 0"]
+
+[[stage]]
+name = "finetune"
+kind = "finetune"
+checkpoint = "@pretrain"
 '''
 
 
@@ -58,7 +63,7 @@ def make_run(root, statuses, metrics, events, budget=None):
 
 def test_the_report_lists_the_rollback_policy_with_what_fired_and_ticks_the_checklist(tmp_path):
     run = make_run(tmp_path / "run", {"doctor": "passed", "pretrain": "passed", "canary": "failed",
-                                      "collectives": "not run"},
+                                      "collectives": "not run", "finetune": "passed"},
                    {"pretrain": {"rollbacks": 1, "stopped_and_resumed": True},
                     "canary": {"rolled_back": True, "promoted": False, "failed_checks": 3}},
                    [{"stage": "pretrain", "event": "loss_guard", "step": 7, "reason": "loss is nan",
@@ -67,7 +72,7 @@ def test_the_report_lists_the_rollback_policy_with_what_fired_and_ticks_the_chec
     result = run_gonogo("report", run)
     assert result.returncode == 1, result.stdout + result.stderr
     summary = json.loads((run / "summary.json").read_text())
-    rules = {r["rule"]: r for r in summary["rollback_policy"]}
+    rules = {r["rule"]: r for r in summary["rollback_policy"] if r["stage"] != "finetune"}
     assert rules["canary rollback"]["fired"] is True
     assert "after 3 failed checks" in rules["canary rollback"]["policy"]
     assert "success_rate >= 0.95" in rules["canary rollback"]["policy"]
@@ -75,6 +80,8 @@ def test_the_report_lists_the_rollback_policy_with_what_fired_and_ticks_the_chec
     guard = rules["training loss-guard rollback"]
     assert guard["fired"] is True and "5× the running median" in guard["policy"] and "step 7" in guard["detail"]
     assert rules["budget kill"]["fired"] is False and "10 USD at 2 per device-hour" in rules["budget kill"]["policy"]
+    finetune = next(r for r in summary["rollback_policy"] if r["stage"] == "finetune")
+    assert finetune["rule"] == "training loss-guard rollback" and finetune["fired"] is None  # no job.json, no count
     items = {c["key"]: c for c in summary["checklist"]}
     assert [c["key"] for c in summary["checklist"]] == [
         "hardware", "collectives", "pretrain", "finetune", "canary", "autoscaling", "retention", "cost-alarms"]
@@ -82,7 +89,8 @@ def test_the_report_lists_the_rollback_policy_with_what_fired_and_ticks_the_chec
     assert items["pretrain"]["status"] == "ticked"             # the train stage's stop-and-resume gate passed
     assert items["collectives"]["status"] == "open" and "not run" in items["collectives"]["why"]
     assert items["canary"]["status"] == "not ticked" and "canary failed" in items["canary"]["why"]
-    assert items["finetune"]["status"] == "open" and "no stage of this plan" in items["finetune"]["why"]
+    assert items["finetune"]["status"] == "open" and "finetune has no gates" in items["finetune"]["why"]
+    assert "no stage of this plan: an eval stage" in items["finetune"]["why"]
     assert items["cost-alarms"]["status"] == "ticked"
     html = (run / "report.html").read_text()
     assert "Rollback policy" in html and "Operational checklist" in html
@@ -91,11 +99,11 @@ def test_the_report_lists_the_rollback_policy_with_what_fired_and_ticks_the_chec
 
 def test_nothing_recorded_is_unknown_not_quiet(tmp_path):
     run = make_run(tmp_path / "run", {"doctor": "passed", "pretrain": "failed", "canary": "not run",
-                                      "collectives": "passed"}, {}, [],
+                                      "collectives": "passed", "finetune": "not run"}, {}, [],
                    budget={"kill": {"stage": "pretrain", "reason": "budget kill during stage 'pretrain': x"}})
     run_gonogo("report", run)
     summary = json.loads((run / "summary.json").read_text())
-    rules = {r["rule"]: r for r in summary["rollback_policy"]}
+    rules = {r["rule"]: r for r in summary["rollback_policy"] if r["stage"] != "finetune"}
     assert rules["training loss-guard rollback"]["fired"] is None   # no rollback count: unknown, not "not fired"
     assert rules["canary rollback"]["fired"] is None and "not run" in rules["canary rollback"]["detail"]
     assert rules["budget kill"]["fired"] is True
