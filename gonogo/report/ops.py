@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from gonogo.plan import Plan, Stage
@@ -66,6 +67,22 @@ def _canary_rule(stage: Stage, entry: dict[str, Any], events: list[dict[str, Any
             "evidence": _anchor(stage.name)}
 
 
+def _planned_train_settings(base: str, stage: Stage) -> dict[str, Any]:
+    """The [train] table the stage would run with, from its config and overrides (a stage that
+    did not run has no job.json; its rule is still known)."""
+    from gonogo.train.config import load_train_config, overrides_list
+
+    config = stage.settings.config
+    if (config.endswith(".toml") or "/" in config) and not Path(config).is_absolute():
+        config = str(Path(base) / config)  # relative to the original plan's folder, as the stage read it
+    try:
+        loaded, _ = load_train_config(config, overrides_list(stage.settings.overrides))
+    except Exception as error:  # the preset moved since the run: the rule is unknown, said so
+        log.info("train settings of stage %s unreadable: %s", stage.name, error)
+        return {}
+    return loaded.train.model_dump()
+
+
 def _loss_guard_rule(stage: Stage, entry: dict[str, Any], run_dir: RunDir,
                      events: list[dict[str, Any]]) -> dict[str, Any]:
     job_path = run_dir.stage_dir(stage.name, create=False) / "job.json"
@@ -75,9 +92,12 @@ def _loss_guard_rule(stage: Stage, entry: dict[str, Any], run_dir: RunDir,
             train = json.loads(job_path.read_text(encoding="utf-8"))["config"]["train"]
         except (json.JSONDecodeError, KeyError, TypeError):
             train = {}
+    if not train:
+        train = _planned_train_settings(run_dir.read_state().get("plan_dir", "."), stage)
     spike, most = train.get("spike_factor"), train.get("max_rollbacks")
     if spike is None:
-        policy = "loss NaN or a spike → roll back to the newest committed checkpoint (settings unknown: no job.json)"
+        policy = ("loss NaN or a spike → roll back to the newest committed checkpoint (settings unknown: no job.json "
+                  "and the stage's config could not be read)")
     elif spike == 0:
         policy = "loss guard off (train.spike_factor = 0): NaN losses only"
     else:
