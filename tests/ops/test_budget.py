@@ -4,6 +4,8 @@ import json
 import sys
 import time
 
+import pytest
+
 from tests.conftest import run_gonogo
 
 PY = sys.executable
@@ -88,3 +90,12 @@ def test_capacity_takes_the_plans_price(write_plan):
     assert result.returncode == 0, result.stderr
     estimate = json.loads(result.stdout)
     assert estimate["price_per_gpu_hour"] == 7 and estimate["cost_usd"] == estimate["gpu_hours"] * 7
+
+
+def test_a_capacity_stage_prices_with_its_plans_price(write_plan, tmp_path):
+    plan = write_plan('[plan]\nprice_per_device_hour = 7\n\n[[stage]]\nname = "cap"\nkind = "capacity"\n'
+                      'model = "llama3-8b"\ngpu = "h100"\ngpus = 8\ngates = ["fits == true"]\n')
+    result = run_gonogo("run", plan, "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((tmp_path / "run" / "stages" / "cap" / "metrics.json").read_text())
+    assert metrics["cost_usd"] == pytest.approx(metrics["gpu_hours"] * 7)
