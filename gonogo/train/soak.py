@@ -380,6 +380,20 @@ def report(stage_dir: Path, metrics: Metrics) -> list[ReportItem]:
             {"window": w["index"], "seconds": w["seconds"], "steps": w["steps"], "busy share": w["busy_share"],
              "utilisation %": w.get("utilization_pct"), "checkpoint p50 s": w.get("checkpoint_p50_s"),
              "drift": w.get("drift"), "RSS MB": w.get("rss_MB")} for w in windows]))
+    events = []
+    events_path = stage_dir.parent.parent / "events.jsonl"
+    if events_path.is_file():
+        for line in events_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("stage") == stage_dir.name and str(record.get("event", "")).startswith("soak_"):
+                fields = {k: v for k, v in record.items() if k not in ("time", "stage", "rank", "event")}
+                events.append({"event": record["event"], "details": ", ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())[:160]})
+    if events:
+        items.append(ReportItem(f"events ({len(events)})", table=events[:300]))
     probes = timeline["probes"]
     if probes:
         figure, axes = new_figure()

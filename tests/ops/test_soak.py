@@ -34,6 +34,7 @@ def test_a_soak_with_a_slowed_checkpoint_store_fails_its_drift_gate(tmp_path):
     for title in ("checkpoint duration over the soak", "utilisation per window", "scheduled loss probe"):
         assert title in html
     assert html.count("data:image/png;base64") >= 3
+    assert "soak_checkpoint" in html and "slow_store_s=2" in html      # every event, in the report
     assert {c["key"]: c["status"] for c in summary["checklist"]}["retention"] == "not ticked"
 
 
