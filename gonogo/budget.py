@@ -23,7 +23,6 @@ from typing import Any, Callable, Optional
 
 log = logging.getLogger(__name__)
 
-ALARM_EVENT, KILL_EVENT = "budget_alarm", "budget_kill"
 POLL_SECONDS = 0.1
 
 

@@ -24,7 +24,7 @@ from typing import Any, Optional, Protocol
 import tomli_w
 
 from gonogo import __version__
-from gonogo.budget import ALARM_EVENT, KILL_EVENT, Budget, Watchdog
+from gonogo.budget import Budget, Watchdog
 from gonogo.errors import StageFailed, UserError
 from gonogo.gates import GateResult, format_value
 from gonogo.plan import Plan, Stage, load_plan
@@ -216,7 +216,7 @@ def _budget_kill(run_dir: RunDir, state: dict[str, Any], budget: Budget, spent: 
     when = "before" if before else "during"
     reason = f"budget kill {when} stage {stage!r}: {budget.describe(spent)} (the plan's {budget.binding} budget)"
     if not state.get("budget", {}).get("kill"):
-        run_dir.event("plan", event=KILL_EVENT, at_stage=stage, reason=reason, **budget.event_fields(spent))
+        run_dir.event("plan", event="budget_kill", at_stage=stage, reason=reason, **budget.event_fields(spent))
         state.setdefault("budget", {})["kill"] = {"stage": stage, "reason": reason, "time": time.time(),
                                                   **budget.event_fields(spent)}
         run_dir.write_state(state)
@@ -230,7 +230,7 @@ def _watchdog(run_dir: RunDir, state: dict[str, Any], budget: Budget, used: floa
 
     def on_alarm(spent: float) -> None:
         fraction = budget.fraction(spent)
-        run_dir.event("plan", event=ALARM_EVENT, at_stage=stage.name, alarm_fraction=budget.alarm_fraction,
+        run_dir.event("plan", event="budget_alarm", at_stage=stage.name, alarm_fraction=budget.alarm_fraction,
                       reason=f"cost alarm: {budget.describe(spent)}, past {budget.alarm_fraction:.0%} of the budget",
                       **budget.event_fields(spent))
         budget_state["alarm"] = {"stage": stage.name, "time": time.time(), "fraction": fraction,
