@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "loadtest": ("gonogo.infer.loadgen", "load test an OpenAI-compatible server: TTFT/TPOT/ITL/E2EL percentiles, goodput"),
     "quantize": ("gonogo.infer.quantize_stage", "FP8 / NVFP4 weight quantization of a checkpoint: bytes, val loss and accuracy against bf16"),
     "canary": ("gonogo.rollout.stage", "staged canary rollout with metric and quality checks and automatic rollback"),
+    "soak": ("gonogo.train.soak", "training held for a wall-clock window: checkpoint drift, utilisation per window, loss probes, memory, retention"),
     "export": ("gonogo.export.hf", "export a checkpoint to Hugging Face format (Llama / Mixtral / Qwen2-MoE safetensors)"),
 }
 

@@ -22,7 +22,7 @@ from gonogo.stages.base import StageKind, StageSettings
 DEFAULT_PLAN = "laptop"
 RUNNER_KEYS = {"name", "kind", "gates", "continue_on_fail", "description"}
 # metrics the runner itself measures for the whole plan (usable in [assumptions])
-PLAN_METRICS = {"device_hours", "wall_seconds"}
+PLAN_METRICS = {"device_hours", "wall_seconds", "cost", "budget_used_fraction"}
 # metrics the runner adds to every stage's metrics
 STAGE_RUNNER_METRICS = {"stage_wall_seconds", "stage_device_hours"}
 
@@ -32,6 +32,11 @@ class PlanHeader(Strict):
     description: str = ""
     budget_device_hours: Optional[float] = Field(default=None, gt=0)
     requires_gpus: int = Field(default=0, ge=0)   # CUDA GPUs the plan needs; checked before anything runs
+    # cost alarms (gonogo.budget): money = device-hours x price; the tighter budget is the kill
+    price_per_device_hour: Optional[float] = Field(default=None, ge=0)
+    budget_money: Optional[float] = Field(default=None, gt=0)
+    currency: str = "USD"
+    budget_alarm_fraction: float = Field(default=0.8, gt=0, lt=1)
 
     @field_validator("name")
     @classmethod
@@ -111,6 +116,9 @@ def load_plan(path: Path) -> Plan:
         bad = sorted(unknown_tables)[0]
         raise UserError(f"{source}{_line_of(text, bad)}: unknown table {bad!r}; a plan has [plan], [[stage]] and [assumptions]")
     header = validate(PlanHeader, data.get("plan", {}), f"{source} [plan]")
+    if header.budget_money is not None and not header.price_per_device_hour:
+        raise UserError(f"{source}{_line_of(text, 'budget_money')} [plan]: budget_money needs a price_per_device_hour "
+                        f"above 0 (money per device-hour, e.g. 2.5) to turn the device-hours stages use into money")
     raw_stages = data.get("stage", [])
     if not isinstance(raw_stages, list) or not raw_stages:
         raise UserError(f"{source}: a plan needs at least one [[stage]] table")

@@ -24,6 +24,7 @@ from typing import Any, Optional, Protocol
 import tomli_w
 
 from gonogo import __version__
+from gonogo.budget import Budget, Watchdog
 from gonogo.errors import StageFailed, UserError
 from gonogo.gates import GateResult, format_value
 from gonogo.plan import Plan, Stage, load_plan
@@ -156,6 +157,7 @@ def run_plan(
     run_dir.write_state(state)
 
     cleanups: list = []
+    budget = Budget.of(plan.header)
     interrupted = False
     stopped_by: Optional[str] = None
     plan_started = time.monotonic()
@@ -174,17 +176,21 @@ def run_plan(
                     if previous.get("status") != PASSED:
                         state["stages"][stage.name] = {**previous, "status": SKIPPED}
                     continue
-                used = sum(s.get("device_hours", 0.0) for s in state["stages"].values())
-                budget = plan.header.budget_device_hours
-                if budget is not None and used >= budget:
-                    stopped_by = f"device-hour budget spent ({used:.3f} of {budget} device-hours) before this stage"
+                used = sum(float(s.get("device_hours") or 0.0) for s in state["stages"].values())
+                limit = budget.limit_hours
+                if limit is not None and used >= limit:
+                    stopped_by = _budget_kill(run_dir, state, budget, used, stage.name, before=True)
                     state["stages"][stage.name] = {"status": NOT_RUN, "reason": stopped_by}
                     continue
                 record = _run_stage(plan, stage, index, run_dir, observer, cleanups,
-                                    None if budget is None else budget - used, previous)
+                                    None if limit is None else limit - used, previous,
+                                    _watchdog(run_dir, state, budget, used, stage))
                 state["stages"][stage.name] = record
                 run_dir.write_state(state)
                 observer.stage_finished(stage, record)
+                if record.get("budget_kill"):
+                    stopped_by = record["reason"]
+                    continue
                 if record["status"] == INTERRUPTED:
                     interrupted = True
                     break
@@ -209,8 +215,47 @@ def run_plan(
     return Outcome(verdict, summary["reasons"], run_dir, exit_code, summary)
 
 
+def _budget_kill(run_dir: RunDir, state: dict[str, Any], budget: Budget, spent: float, stage: str, *,
+                 before: bool) -> str:
+    """Record the kill (event + state); the reason every later stage is not run for."""
+    when = "before" if before else "during"
+    reason = f"budget kill {when} stage {stage!r}: {budget.describe(spent)} (the plan's {budget.binding} budget)"
+    if not state.get("budget", {}).get("kill"):
+        run_dir.event("plan", event="budget_kill", at_stage=stage, reason=reason, **budget.event_fields(spent))
+        state.setdefault("budget", {})["kill"] = {"stage": stage, "reason": reason, "time": time.time(),
+                                                  **budget.event_fields(spent)}
+        run_dir.write_state(state)
+    log.warning("%s", reason)
+    return reason
+
+
+def _watchdog(run_dir: RunDir, state: dict[str, Any], budget: Budget, used: float, stage: Stage) -> Watchdog:
+    """The budget watch over one stage: the alarm event at the fraction, the kill at the limit."""
+    budget_state = state.setdefault("budget", {})
+
+    def on_alarm(spent: float) -> None:
+        fraction = budget.fraction(spent)
+        run_dir.event("plan", event="budget_alarm", at_stage=stage.name, alarm_fraction=budget.alarm_fraction,
+                      reason=f"cost alarm: {budget.describe(spent)}, past {budget.alarm_fraction:.0%} of the budget",
+                      **budget.event_fields(spent))
+        budget_state["alarm"] = {"stage": stage.name, "time": time.time(), "fraction": fraction,
+                                 **budget.event_fields(spent)}
+
+    def on_kill(spent: float) -> None:
+        _budget_kill(run_dir, state, budget, spent, stage.name, before=False)
+
+    watchdog = Watchdog(budget, used, stage.kind.devices(stage.settings), alarm_raised="alarm" in budget_state,
+                        on_alarm=on_alarm, on_kill=on_kill)
+    if budget.limit_hours is not None and "alarm" not in budget_state \
+            and used >= budget.alarm_fraction * budget.limit_hours:
+        watchdog.alarm_raised = True
+        on_alarm(used)
+    return watchdog
+
+
 def _run_stage(plan: Plan, stage: Stage, index: int, run_dir: RunDir, observer: Observer,
-               cleanups: list, budget_left: Optional[float], previous: dict[str, Any]) -> dict[str, Any]:
+               cleanups: list, budget_left: Optional[float], previous: dict[str, Any],
+               watchdog: Optional[Watchdog] = None) -> dict[str, Any]:
     stage_dir = run_dir.stage_dir(stage.name, create=False)
     if stage_dir.exists() and any(stage_dir.iterdir()):
         # an earlier attempt's files are kept, never overwritten
@@ -222,17 +267,26 @@ def _run_stage(plan: Plan, stage: Stage, index: int, run_dir: RunDir, observer: 
 
     context = StageContext(
         name=stage.name, kind=stage.kind.name, run_dir=run_dir, stage_dir=stage_dir,
-        budget_left_hours=budget_left, plan_dir=plan.path.parent.resolve(),
+        budget_left_hours=budget_left, price_per_device_hour=plan.header.price_per_device_hour,
+        plan_dir=plan.path.parent.resolve(),
         on_progress=lambda text: observer.stage_progress(stage, text), plan_cleanups=cleanups)
     observer.stage_started(stage, index, len(plan.stages))
     run_dir.event(stage.name, event="stage_start", kind=stage.kind.name)
     started = time.monotonic()
     record: dict[str, Any] = {"kind": stage.kind.name, "started": time.time()}
     metrics: dict[str, Any] = {}
+    if watchdog is not None:
+        watchdog.start()
     try:
-        metrics = dict(stage.kind.run(context, stage.settings) or {})
-        status, reason = PASSED, ""
+        try:
+            metrics = dict(stage.kind.run(context, stage.settings) or {})
+            status, reason = PASSED, ""
+        finally:
+            if watchdog is not None:
+                watchdog.disarm()
     except KeyboardInterrupt:
+        if watchdog is not None:
+            watchdog.disarm()  # again: a kill arriving inside the first one cut it short
         status, reason = INTERRUPTED, "interrupted (Ctrl-C or SIGTERM); continue with --resume"
     except UserError as error:
         status, reason = ERROR, str(error)
@@ -242,6 +296,10 @@ def _run_stage(plan: Plan, stage: Stage, index: int, run_dir: RunDir, observer: 
     except Exception as error:
         (stage_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
         status, reason = ERROR, f"{type(error).__name__}: {error} (traceback in {stage_dir / 'error.log'})"
+    killed = watchdog is not None and watchdog.fired
+    if killed:
+        # the kill, however the stage took it (stopped mid-way, or ended on its own meanwhile)
+        status, reason = FAILED, run_dir.read_state().get("budget", {}).get("kill", {}).get("reason", "budget kill")
     seconds = time.monotonic() - started
     device_hours = seconds / 3600.0 * max(1, stage.kind.devices(stage.settings))
     metrics["stage_wall_seconds"] = round(seconds, 3)
@@ -251,7 +309,7 @@ def _run_stage(plan: Plan, stage: Stage, index: int, run_dir: RunDir, observer: 
                   metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float, bool, str))})
 
     gate_results: list[GateResult] = [gate.evaluate(metrics) for gate in stage.gates]
-    if status == PASSED and not all(result.passed for result in gate_results):
+    if not killed and status == PASSED and not all(result.passed for result in gate_results):
         status = FAILED
         failed = [r for r in gate_results if not r.passed]
         reason = "; ".join(
@@ -264,6 +322,8 @@ def _run_stage(plan: Plan, stage: Stage, index: int, run_dir: RunDir, observer: 
     })
     if stage.continue_on_fail:
         record["continue_on_fail"] = True
+    if killed:
+        record["budget_kill"] = True
     return record
 
 

@@ -16,7 +16,7 @@ gates = ["score >= 1"]
 
 
 def test_builtin_plans_validate():
-    for name in ("laptop", "quick"):
+    for name in ("laptop", "quick", "ops"):
         plan = load_plan(resolve_plan_path(name))
         assert plan.stages and plan.name == name
 

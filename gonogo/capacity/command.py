@@ -44,8 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's max_seq_len)")
     parser.add_argument("--tokens", type=parse_count, default=None,
                         help="tokens to train on, e.g. 15.6T (default: 20 per active parameter)")
-    parser.add_argument("--price-per-gpu-hour", type=float, default=None,
-                        help="USD per GPU-hour (default: the table's assumed price)")
+    parser.add_argument("--price-per-gpu-hour", "--price-per-device-hour", dest="price_per_gpu_hour", type=float,
+                        default=None, help="USD per GPU-hour (default: --plan's price_per_device_hour, "
+                        "else the table's assumed price)")
+    parser.add_argument("--plan", default=None, metavar="PLAN",
+                        help="take the price from this plan's [plan] price_per_device_hour (the price its "
+                             "cost alarms use)")
     parser.add_argument("--mfu", type=float, default=None,
                         help="assumed MFU of the compute term (default: 0.50 bf16, 0.35 fp8, 0.25 nvfp4)")
     parser.add_argument("--activation-checkpointing", choices=["none", "full", "selective"], default="selective")
@@ -59,8 +63,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="F", default=None, help="write the full estimate as JSON to F ('-' = stdout)")
 
 
+def plan_price(plan_arg: str) -> float:
+    """A plan's price_per_device_hour, for ``--plan``: one price for the estimate and the cost alarms."""
+    from gonogo.plan import load_plan, resolve_plan_path
+
+    plan = load_plan(resolve_plan_path(plan_arg))
+    if plan.header.price_per_device_hour is None:
+        raise UserError(f"--plan {plan_arg}: plan {plan.name!r} sets no price_per_device_hour in its [plan] table; "
+                        f"add one, or give --price-per-gpu-hour")
+    return plan.header.price_per_device_hour
+
+
 def settings_from_args(args: argparse.Namespace):
     from gonogo.capacity.planner import CapacitySettings
+
+    if getattr(args, "plan", None) and args.price_per_gpu_hour is None:
+        args.price_per_gpu_hour = plan_price(args.plan)
 
     data: dict[str, Any] = {
         "model": args.model, "gpu": args.gpu, "gpus": args.gpus, "tp": args.tp, "pp": args.pp,

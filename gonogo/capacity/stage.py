@@ -73,7 +73,11 @@ def run_stage(ctx: StageContext, settings: CapacityStageSettings) -> Metrics:
     if model_name.endswith(".toml") or "/" in model_name:
         model_name = str(ctx.resolve_path(model_name))
     gpu = this_machine_spec(ctx.run_dir, **stages) if settings.gpu == THIS_MACHINE else None
-    result = estimate(settings.capacity_settings(), model=load_model(model_name), gpu=gpu)
+    capacity = settings.capacity_settings()
+    if capacity.price_per_gpu_hour is None and ctx.price_per_device_hour is not None:
+        # the plan's price_per_device_hour, the one its cost alarms use
+        capacity = capacity.model_copy(update={"price_per_gpu_hour": ctx.price_per_device_hour})
+    result = estimate(capacity, model=load_model(model_name), gpu=gpu)
     metrics: dict[str, Any] = gate_metrics(result)
     document: dict[str, Any] = {"estimate": result}
 

@@ -124,7 +124,8 @@ STAGE = StageKind(
 # -- the command ------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", help=f"drill kind(s), comma separated: {', '.join(KINDS)}")
+    parser.add_argument("kind", help=f"drill kind(s), comma separated: {', '.join(KINDS)}; or autoscale "
+                        f"(the serving fleet: a ramp through an autoscaled replica pool)")
     parser.add_argument("config", nargs="?", default="tiny-dense", help="train preset or TOML (default: tiny-dense)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: runs/drill-<time>)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each kind (random fault step each time)")
@@ -146,6 +147,10 @@ def command(args: argparse.Namespace) -> int:
     from gonogo.drills.runner import run_drills
     from gonogo.rundir import RunDir, write_json_atomic
 
+    if args.kind.strip() == "autoscale":  # the serving fleet's drill (gonogo.rollout.autoscale)
+        from gonogo.rollout.autoscale import drill_command
+
+        return drill_command(args)
     settings = validate(DrillSettings, {"kinds": [k.strip() for k in args.kind.split(",") if k.strip()],
                                         "config": args.config, "nproc": args.nproc, "steps": args.steps,
                                         "checkpoint_every": args.checkpoint_every, "repeat": args.repeat,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from gonogo.budget import Budget
 from gonogo.gates import UNKNOWN_KEY, format_value
 from gonogo.plan import Plan
 from gonogo.rundir import RunDir
@@ -61,7 +62,10 @@ def summarize(plan: Plan, run_dir: RunDir) -> dict[str, Any]:
             reasons.append(f"stage {stage.name!r} {status}: {detail}")
 
     device_hours = sum(float(r.get("device_hours") or 0.0) for r in records.values())
-    plan_metrics = {"device_hours": device_hours, "wall_seconds": state.get("wall_seconds")}
+    budget = Budget.of(plan.header)
+    budget_section = _budget(budget, device_hours, state)
+    plan_metrics = {"device_hours": device_hours, "wall_seconds": state.get("wall_seconds"),
+                    "cost": budget_section["cost"], "budget_used_fraction": budget_section["used_fraction"]}
     assumptions = []
     by_name = {s["name"]: s for s in stages}
     for assumption in plan.assumptions:
@@ -80,6 +84,9 @@ def summarize(plan: Plan, run_dir: RunDir) -> dict[str, Any]:
                     f"stage {source!r} {by_name[source]['status']}" if by_name[source]["status"] != PASSED
                     else f"stage {source!r} did not measure it")
         assumptions.append(assumption.evaluate(measured, source or "plan", why))
+    assumptions.extend(_budget_assumptions(budget, budget_section))
+    if budget_section["kill"]:
+        reasons.insert(0, budget_section["kill"]["reason"])
 
     statuses = [s["status"] for s in stages]
     if INTERRUPTED in statuses:
@@ -101,7 +108,7 @@ def summarize(plan: Plan, run_dir: RunDir) -> dict[str, Any]:
             reasons.append("nothing that ran failed, but the plan is not proved; run the missing stages with "
                            "gonogo run --resume --out " + str(run_dir.root))
     budget = plan.header.budget_device_hours
-    return {
+    summary = {
         "verdict": verdict,
         "reasons": reasons,
         "notes": notes,
@@ -111,12 +118,48 @@ def summarize(plan: Plan, run_dir: RunDir) -> dict[str, Any]:
             "device_hours_used": device_hours, "wall_seconds": state.get("wall_seconds"),
             "attempts": state.get("attempts", 1),
         },
+        "budget": budget_section,
         "gates": gates,
         "assumptions": assumptions,
         "stages": stages,
         "environment": _environment(run_dir),
         "run_dir": str(run_dir.root),
     }
+    from gonogo.report.ops import operations
+
+    summary.update(operations(plan, run_dir, summary))
+    return summary
+
+
+def _budget(budget: Budget, device_hours: float, state: dict[str, Any]) -> dict[str, Any]:
+    """The cost alarms as run: limits, spend, and the alarm and kill events (from state.json)."""
+    recorded = state.get("budget", {})
+    return {
+        "price_per_device_hour": budget.price, "currency": budget.currency, "budget_money": budget.money,
+        "budget_device_hours": budget.device_hours, "limit_device_hours": budget.limit_hours,
+        "binding": budget.binding, "alarm_fraction": budget.alarm_fraction,
+        "cost": budget.cost(device_hours), "used_fraction": budget.fraction(device_hours),
+        "alarm": recorded.get("alarm"), "kill": recorded.get("kill"),
+    }
+
+
+def _budget_assumptions(budget: Budget, section: dict[str, Any]) -> list[dict[str, Any]]:
+    """The alarm and the kill as rows of the assumptions register: "the plan stays under them"."""
+    if budget.limit_hours is None:
+        return []
+    rows = []
+    unit = f"{budget.binding} budget"
+    for key, threshold, event, note in (
+            ("budget_alarm", budget.alarm_fraction, section["alarm"],
+             f"cost alarm at {budget.alarm_fraction:.0%} of the {unit} ([plan] budget_alarm_fraction)"),
+            ("budget_kill", 1.0, section["kill"], f"kill at 100% of the {unit}: the plan stops")):
+        used = section["used_fraction"]
+        status = "refuted" if event else "validated"
+        rows.append({"key": key, "hypothesis": f"budget_used_fraction < {threshold:g}",
+                     "measured": None if used is None else round(used, 4), "source_stage": "plan",
+                     "status": status, "note": note,
+                     "reason": (event or {}).get("reason") or (f"fired at stage {event['stage']!r}" if event else "")})
+    return rows
 
 
 def describe_gate(entry: dict[str, Any]) -> str:

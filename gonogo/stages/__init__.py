@@ -22,6 +22,8 @@ _KIND_MODULES = {
     "loadtest": "gonogo.infer.loadgen",
     "quantize": "gonogo.infer.quantize_stage",
     "canary": "gonogo.rollout.stage",
+    "soak": "gonogo.train.soak",
+    "autoscale": "gonogo.rollout.autoscale",
 }
 
 _loaded: dict[str, StageKind] = {}

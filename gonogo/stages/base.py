@@ -62,6 +62,8 @@ class StageContext:
     run_dir: RunDir
     stage_dir: Path
     budget_left_hours: Optional[float] = None
+    # the plan's [plan] price_per_device_hour (cost alarms; the capacity stage's default price)
+    price_per_device_hour: Optional[float] = None
     plan_dir: Path = field(default_factory=Path.cwd)
     on_progress: Callable[[str], None] = lambda text: None
     started: float = field(default_factory=time.monotonic)
