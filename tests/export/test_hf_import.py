@@ -1,0 +1,95 @@
+"""Importing real Hugging Face checkpoints: every supported architecture computes transformers' logits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from gonogo.errors import UserError
+from gonogo.export.hf import load_hf_dir
+from tests.hf_models import ARCHITECTURE_NAMES
+
+
+def _transformers_logits(directory, tokens):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.mark.parametrize("name", ARCHITECTURE_NAMES)
+def test_imported_model_computes_transformers_logits(tiny_hf_models, name):
+    directory = tiny_hf_models[name]
+    tokens = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(0))
+    model, config, meta = load_hf_dir(directory)
+    assert meta["source"]["architecture"] == json.loads((directory / "config.json").read_text())["architectures"][0]
+    assert next(model.parameters()).dtype == torch.float32  # the checkpoint's dtype
+    with torch.no_grad():
+        ours = model(tokens)
+    expected = _transformers_logits(directory, tokens)
+    assert ours.shape == expected.shape
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+
+
+def test_the_features_each_architecture_brings(tiny_hf_models):
+    configs = {name: load_hf_dir(tiny_hf_models[name])[1] for name in ("llama", "qwen2", "qwen3", "qwen2moe", "mistral")}
+    assert configs["llama"].rope_scaling is not None and not configs["llama"].tie_embeddings
+    assert configs["qwen2"].qkv_bias and configs["qwen2"].tie_embeddings
+    assert configs["qwen3"].qk_norm and configs["qwen3"].head_dim == 32
+    assert configs["mistral"].head_dim == 32
+    moe = configs["qwen2moe"].moe
+    assert moe.shared_expert_gate and moe.shared_expert_ffn_dim == 48 and moe.first_dense_layers == 1
+    assert (tiny_hf_models["llama"] / "model.safetensors.index.json").is_file()  # the sharded one
+
+
+def test_dtype_is_the_checkpoints_unless_told(tmp_path, tiny_hf_models):
+    from transformers import AutoModelForCausalLM
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_hf_models["qwen3"], dtype=torch.bfloat16).save_pretrained(bf16)
+    model, _, meta = load_hf_dir(bf16)
+    assert next(model.parameters()).dtype == torch.bfloat16 and meta["source"]["dtype"] == "bfloat16"
+    model32, _, _ = load_hf_dir(bf16, dtype=torch.float32)
+    assert next(model32.parameters()).dtype == torch.float32
+
+
+def _edited(tmp_path, source, **changes):
+    directory = tmp_path / "edited"
+    shutil.copytree(source, directory)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(changes)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.mark.parametrize("name, changes, message", [
+    ("mistral", {"sliding_window": 16}, "sliding_window: sliding-window attention"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0,
+               "layer_types": ["sliding_attention", "sliding_attention"]}, "use_sliding_window"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}}, "rope_scaling type 'yarn'"),
+    ("llama", {"attention_bias": True}, "attention_bias"),
+    ("llama", {"mlp_bias": True}, "mlp_bias"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ("qwen3", {"architectures": ["GptOssForCausalLM"]}, "architectures 'GptOssForCausalLM'"),
+    ("qwen3moe", {"mlp_only_layers": [1], "num_hidden_layers": 4}, "MoE layers at \\[0, 2, 3\\]"),
+    ("qwen3", {"num_hidden_layers": 1}, "tensor model.layers.1"),
+    ("qwen3", {"head_dim": 16}, "has shape"),
+])
+def test_what_gonogo_cannot_honour_is_named(tmp_path, tiny_hf_models, name, changes, message):
+    with pytest.raises(UserError, match=message):
+        load_hf_dir(_edited(tmp_path, tiny_hf_models[name], **changes))
+
+
+def test_a_truncated_shard_is_a_user_error(tmp_path, tiny_hf_models):
+    directory = _edited(tmp_path, tiny_hf_models["llama"])
+    shard = sorted(directory.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:50])
+    with pytest.raises(UserError, match="cannot read"):
+        load_hf_dir(directory)
+    shard.unlink()
+    with pytest.raises(UserError, match="is missing"):
+        load_hf_dir(directory)
