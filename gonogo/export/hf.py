@@ -479,7 +479,7 @@ def _checkpoint_dtype(hf: dict, source: str):
 
 
 def _tokenizer_name(directory: Path) -> Optional[str]:
-    """'byte-v1' when the directory's tokenizer.json is gonogo's byte tokenizer."""
+    """'byte-v1' when the directory's tokenizer.json is gonogo's byte tokenizer, 'hf' for another one."""
     from gonogo.data.tokenizer import ByteTokenizer
 
     path = directory / "tokenizer.json"
@@ -490,7 +490,7 @@ def _tokenizer_name(directory: Path) -> Optional[str]:
         content = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:
         raise UserError(f"{path}: not valid JSON ({error})") from None
-    return tokenizer.name if content == tokenizer.hf_tokenizer_json() else "other"
+    return tokenizer.name if content == tokenizer.hf_tokenizer_json() else "hf"
 
 
 def load_hf_dir(path: str | Path, *, device: Any = "cpu", dtype: Any = None):
@@ -553,8 +553,10 @@ def load_hf_dir(path: str | Path, *, device: Any = "cpu", dtype: Any = None):
     if missing:
         raise UserError(f"{directory}: weight {missing[0]} is missing"
                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    tokenizer = _tokenizer_name(directory)
     meta = {"step": (hf.get("gonogo") or {}).get("step"), "model": config.model_dump(mode="json"),
-            "tokenizer": _tokenizer_name(directory), "world_size": 1, "train": {},
+            "tokenizer": tokenizer, "tokenizer_dir": str(directory) if tokenizer == "hf" else None,
+            "world_size": 1, "train": {},
             "source": {"format": "huggingface", "architecture": architecture, "path": str(directory),
                        "dtype": str(target_dtype).removeprefix("torch.")}}
     log.info("imported %s (%s) from %s", architecture, meta["source"]["dtype"], directory)

@@ -350,12 +350,10 @@ class Engine:
 
 def load_engine(checkpoint: str | Path, settings: EngineSettings | None = None) -> Engine:
     """An engine (not yet started) for a gonogo checkpoint, run directory or HF export."""
-    from gonogo.data.tokenizer import ByteTokenizer
+    from gonogo.data.hf_tokenizer import load_tokenizer
     from gonogo.train.checkpoint import load_for_inference, resolve_checkpoint
 
     model, _config, meta = load_for_inference(resolve_checkpoint(Path(checkpoint)))
-    tokenizer_name = meta.get("tokenizer", "byte-v1") if isinstance(meta, dict) else "byte-v1"
-    if tokenizer_name != "byte-v1":
-        from gonogo.errors import UserError
-        raise UserError(f"{checkpoint}: tokenizer {tokenizer_name!r} is not supported (only byte-v1)")
-    return Engine(model, ByteTokenizer(), settings)
+    tokenizer = load_tokenizer(meta)
+    # a model's own tokenizer stops on every eos id of its generation_config.json
+    return Engine(model, tokenizer, settings, stop_token_ids=getattr(tokenizer, "stop_ids", None))

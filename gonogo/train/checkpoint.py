@@ -559,7 +559,7 @@ def load_for_inference(path: str | Path):
     if not (directory / manifest.META_NAME).is_file():
         from gonogo.export.hf import load_hf_dir
 
-        return load_hf_dir(directory)
+        return load_hf_dir(directory, device="cpu", dtype=torch.float32)
     if (directory / "quantization.json").is_file():
         from gonogo.infer.quantize import load_quantized
 
