@@ -41,15 +41,25 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 ARCHITECTURES = ("LlamaForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM")
-MODEL_TYPES = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe"}
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+               "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+               "Qwen3MoeForCausalLM": "qwen3_moe"}
 DTYPES = ("float32", "bfloat16")
 
 
 # -- choosing the architecture -------------------------------------------------------------
 
-def choose_architecture(config, weights: dict[str, Any]) -> str:
-    """The transformers architecture that computes exactly what our model does (or UserError)."""
+def choose_architecture(config, weights: dict[str, Any], source_architecture: Optional[str] = None) -> str:
+    """The transformers architecture that computes exactly what our model does (or UserError).
+
+    A model imported from Hugging Face (``source_architecture``) goes back to its own architecture.
+    """
     moe = config.moe
+    if source_architecture is not None:
+        return _check_source_architecture(config, source_architecture)
+    if config.qkv_bias or config.qk_norm or (moe is not None and moe.shared_expert_gate):
+        raise UserError("this model has Qwen features (q/k/v biases, QK-norm or a gated shared expert) but no "
+                        "recorded source architecture; export the checkpoint it was imported from")
     if moe is None:
         return "LlamaForCausalLM"
     problems = []
@@ -71,12 +81,48 @@ def choose_architecture(config, weights: dict[str, Any]) -> str:
     return "Qwen2MoeForCausalLM"
 
 
+def _check_source_architecture(config, architecture: str) -> str:
+    """UserError when the (finetuned) model no longer fits the architecture it was imported as."""
+    moe = config.moe
+    wants_moe = architecture in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+    problems = []
+    if wants_moe != (moe is not None):
+        problems.append("MoE layers" if moe is not None else "no MoE layers")
+    if config.qkv_bias and architecture not in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM"):
+        problems.append("q/k/v biases")
+    if not config.qkv_bias and architecture == "Qwen2ForCausalLM":
+        problems.append("no q/k/v biases")
+    if config.qk_norm != (architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")):
+        problems.append("QK-norm" if config.qk_norm else "no QK-norm")
+    if moe is not None and (moe.score_func != "softmax" or moe.capacity_factor is not None):
+        problems.append("score_func/capacity_factor other than a dropless softmax router")
+    if problems:
+        raise UserError(f"the model cannot be exported as {architecture}, the architecture it was imported as: "
+                        f"it has {', '.join(problems)}")
+    return architecture
+
+
 # -- config.json ---------------------------------------------------------------------------
 
-def hf_config(config, architecture: str, dtype: str) -> dict[str, Any]:
+def _rope_parameters(config) -> dict[str, Any]:
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        rope.update(config.rope_scaling.model_dump(mode="json"))
+    return rope
+
+
+def hf_config(config, architecture: str, dtype: str, special_ids: Optional[dict] = None) -> dict[str, Any]:
+    """config.json for ``architecture``; ``special_ids`` (bos/eos/pad) default to the byte tokenizer's."""
     from gonogo.data.tokenizer import ByteTokenizer
 
-    tokenizer = ByteTokenizer()
+    if special_ids is None:
+        tokenizer = ByteTokenizer()
+        special_ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                       "pad_token_id": tokenizer.pad_id}
+        tokenizer_name = tokenizer.name
+    else:
+        tokenizer_name = "hf"
+    rope = _rope_parameters(config)
     common = {
         "architectures": [architecture],
         "model_type": MODEL_TYPES[architecture],
@@ -88,39 +134,48 @@ def hf_config(config, architecture: str, dtype: str) -> dict[str, Any]:
         "head_dim": config.head_dim,
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
-        # transformers 5 reads rope_parameters, 4.x and vLLM read rope_theta
+        # transformers 5 reads rope_parameters, 4.x and vLLM read rope_theta / rope_scaling
         "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_parameters": rope,
+        **({"rope_scaling": rope} if config.rope_scaling is not None else {}),
         "hidden_act": "silu",
         "tie_word_embeddings": config.tie_embeddings,
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
         "use_cache": True,
-        "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": tokenizer.eos_id,
-        "pad_token_id": tokenizer.pad_id,
+        **special_ids,
         "torch_dtype": dtype,
-        "gonogo": {"model": config.model_dump(mode="json"), "tokenizer": tokenizer.name},
+        "gonogo": {"model": config.model_dump(mode="json"), "tokenizer": tokenizer_name},
     }
     moe = config.moe
+    no_window = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layers,
+                 "layer_types": ["full_attention"] * config.n_layers}
     if architecture == "LlamaForCausalLM":
         return {**common, "intermediate_size": config.ffn_dim, "attention_bias": False, "mlp_bias": False}
+    if architecture == "MistralForCausalLM":
+        return {**common, "intermediate_size": config.ffn_dim, "sliding_window": None}
+    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        return {**common, "intermediate_size": config.ffn_dim, "attention_bias": False, **no_window}
     if architecture == "MixtralForCausalLM":
         return {**common, "intermediate_size": moe.expert_ffn_dim, "num_local_experts": moe.n_experts,
                 "num_experts_per_tok": moe.top_k, "router_aux_loss_coef": moe.aux_loss_coef,
                 "output_router_logits": False, "router_jitter_noise": 0.0, "sliding_window": None}
     dense_layers = [layer for layer in range(config.n_layers) if not config.is_moe_layer(layer)]
-    return {**common, "intermediate_size": config.ffn_dim, "moe_intermediate_size": moe.expert_ffn_dim,
-            "shared_expert_intermediate_size": _shared_width(config),
-            "num_experts": moe.n_experts, "num_experts_per_tok": moe.top_k, "norm_topk_prob": moe.route_norm,
-            "decoder_sparse_step": 1, "mlp_only_layers": dense_layers, "qkv_bias": True,
-            "router_aux_loss_coef": moe.aux_loss_coef, "output_router_logits": False,
-            "use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layers}
+    moe_fields = {"intermediate_size": config.ffn_dim, "moe_intermediate_size": moe.expert_ffn_dim,
+                  "num_experts": moe.n_experts, "num_experts_per_tok": moe.top_k, "norm_topk_prob": moe.route_norm,
+                  "decoder_sparse_step": 1, "mlp_only_layers": dense_layers,
+                  "router_aux_loss_coef": moe.aux_loss_coef, "output_router_logits": False, **no_window}
+    if architecture == "Qwen3MoeForCausalLM":
+        if moe.n_shared_experts:
+            raise UserError("Qwen3MoeForCausalLM has no shared expert; this model has one")
+        return {**common, **moe_fields, "attention_bias": False}
+    return {**common, **moe_fields, "shared_expert_intermediate_size": _shared_width(config), "qkv_bias": True}
 
 
 def _shared_width(config) -> int:
     """Qwen2-MoE always has a shared expert: ours, or a width-1 placeholder of zeros."""
-    return config.moe.n_shared_experts * config.moe.expert_ffn_dim or 1
+    moe = config.moe
+    return moe.shared_expert_ffn_dim or moe.n_shared_experts * moe.expert_ffn_dim or 1
 
 
 # -- weights: our names -> the standard on-disk Hugging Face names -------------------------------
@@ -142,9 +197,14 @@ def to_hf_weights(weights: dict, config, architecture: str) -> dict:
         out[f"{hf}.post_attention_layernorm.weight"] = weights[f"{ours}.ffn_norm.weight"]
         for our_name, hf_name in _ATTENTION.items():
             out[f"{hf}.self_attn.{hf_name}.weight"] = weights[f"{ours}.attention.{our_name}.weight"]
-            if architecture == "Qwen2MoeForCausalLM" and our_name != "wo":
+            if config.qkv_bias and our_name != "wo":
+                out[f"{hf}.self_attn.{hf_name}.bias"] = weights[f"{ours}.attention.{our_name}.bias"]
+            elif architecture == "Qwen2MoeForCausalLM" and our_name != "wo":
                 rows = weights[f"{ours}.attention.{our_name}.weight"].shape[0]
                 out[f"{hf}.self_attn.{hf_name}.bias"] = torch.zeros(rows, dtype=weights["norm.weight"].dtype)
+        if config.qk_norm:
+            out[f"{hf}.self_attn.q_norm.weight"] = weights[f"{ours}.attention.q_norm.weight"]
+            out[f"{hf}.self_attn.k_norm.weight"] = weights[f"{ours}.attention.k_norm.weight"]
         if not config.is_moe_layer(layer):
             for our_name, hf_name in _MLP.items():
                 out[f"{hf}.mlp.{hf_name}.weight"] = weights[f"{ours}.feed_forward.{our_name}.weight"]
@@ -161,7 +221,14 @@ def to_hf_weights(weights: dict, config, architecture: str) -> dict:
         for expert in range(config.moe.n_experts):
             for name, stacked in experts.items():
                 out[f"{hf}.mlp.experts.{expert}.{_MLP[name]}.weight"] = stacked[expert]
+        if architecture == "Qwen3MoeForCausalLM":
+            continue
         dtype = router.dtype
+        if config.moe.shared_expert_gate:
+            out[f"{hf}.mlp.shared_expert_gate.weight"] = weights[f"{ours}.moe.shared_expert_gate.weight"]
+            for name, hf_name in _MLP.items():
+                out[f"{hf}.mlp.shared_expert.{hf_name}.weight"] = weights[f"{ours}.moe.shared_expert.{name}.weight"]
+            continue
         out[f"{hf}.mlp.shared_expert_gate.weight"] = torch.zeros(1, config.d_model, dtype=dtype)
         if config.moe.n_shared_experts:
             for name, hf_name in _MLP.items():
@@ -204,10 +271,12 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists and is not empty; choose another --out")
     model, config, meta = _load_source(checkpoint)
-    if meta.get("tokenizer", "byte-v1") != "byte-v1":
-        raise UserError(f"{checkpoint}: tokenizer {meta.get('tokenizer')!r} cannot be exported (only byte-v1)")
+    from gonogo.data.hf_tokenizer import HFTokenizer, load_tokenizer
+
+    own_tokenizer = load_tokenizer(meta)
+    own_tokenizer = own_tokenizer if isinstance(own_tokenizer, HFTokenizer) else None
     weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}
-    architecture = choose_architecture(config, weights)
+    architecture = choose_architecture(config, weights, (meta.get("source") or {}).get("architecture"))
     torch_dtype = getattr(torch, dtype)
     tensors = {name: tensor.to(torch_dtype).contiguous().clone()
                for name, tensor in to_hf_weights(weights, config, architecture).items()}
@@ -217,17 +286,25 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -
         shutil.rmtree(temporary)
     temporary.mkdir(parents=True)
     save_file(tensors, str(temporary / WEIGHTS_NAME), metadata={"format": "pt"})
-    config_json = hf_config(config, architecture, dtype)
+    if own_tokenizer is not None:
+        special_ids = {"bos_token_id": own_tokenizer.bos_id, "eos_token_id": own_tokenizer.eos_ids,
+                       "pad_token_id": own_tokenizer.pad_id}
+        generation = dict(special_ids)
+    else:
+        tokenizer = ByteTokenizer()
+        special_ids = None
+        generation = {"bos_token_id": tokenizer.bos_id,
+                      "eos_token_id": [tokenizer.eos_id, tokenizer.end_id],  # <|end|> closes a chat turn
+                      "pad_token_id": tokenizer.pad_id}
+    config_json = hf_config(config, architecture, dtype, special_ids)
     if meta.get("step") is not None:
         config_json["gonogo"]["step"] = meta["step"]
     _write_json(temporary / "config.json", config_json)
-    tokenizer = ByteTokenizer()
-    _write_json(temporary / "generation_config.json", {
-        "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": [tokenizer.eos_id, tokenizer.end_id],  # <|end|> closes a chat turn
-        "pad_token_id": tokenizer.pad_id,
-    })
-    tokenizer.save_hf(temporary)
+    _write_json(temporary / "generation_config.json", generation)
+    if own_tokenizer is not None:
+        own_tokenizer.save(temporary)  # the model's own tokenizer files, chat template included
+    else:
+        tokenizer.save_hf(temporary)
     if out.exists():
         out.rmdir()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -323,7 +400,8 @@ def _model_config_from_hf(hf: dict, source: str):
         raise UserError(f"{source}: architectures {architecture!r} cannot be imported; "
                         f"supported: {', '.join(IMPORT_ARCHITECTURES)}")
     saved = (hf.get("gonogo") or {}).get("model") or {}
-    own_export = bool(saved)  # written by export_hf: its Qwen2-MoE extras are neutral placeholders
+    # written by export_hf from one of gonogo's own models: its Qwen2-MoE extras are neutral placeholders
+    own_export = bool(saved) and not saved.get("qkv_bias") and not (saved.get("moe") or {}).get("shared_expert_gate")
     if hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (gonogo's MLP is SwiGLU with silu)")
     if hf.get("mlp_bias"):

@@ -93,3 +93,27 @@ def test_a_truncated_shard_is_a_user_error(tmp_path, tiny_hf_models):
     shard.unlink()
     with pytest.raises(UserError, match="is missing"):
         load_hf_dir(directory)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURE_NAMES)
+def test_export_goes_back_to_the_same_architecture_with_equal_logits(tmp_path, tiny_hf_models, name):
+    from transformers import AutoTokenizer
+
+    from gonogo.export.hf import export_hf
+
+    directory = tiny_hf_models[name]
+    out = export_hf(directory, tmp_path / "out")
+    original, exported = (json.loads((path / "config.json").read_text()) for path in (directory, out))
+    assert exported["architectures"] == original["architectures"]
+    tokens = torch.randint(0, 320, (1, 24), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(_transformers_logits(out, tokens), _transformers_logits(directory, tokens),
+                               atol=1e-4, rtol=0)
+    # the model's own tokenizer, chat template and stop ids travel with it
+    chat = [{"role": "user", "content": "hi 🙂 你好"}]
+    assert (AutoTokenizer.from_pretrained(out).apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            == AutoTokenizer.from_pretrained(directory).apply_chat_template(chat, tokenize=False,
+                                                                           add_generation_prompt=True))
+    generation = [json.loads((path / "generation_config.json").read_text()) for path in (directory, out)]
+    assert generation[1]["eos_token_id"] == generation[0]["eos_token_id"]
+    again, _, _ = load_hf_dir(out)  # and gonogo imports its own export of it
+    assert again.config == load_hf_dir(directory)[1]
