@@ -115,6 +115,8 @@ class HFTokenizer:
         from tokenizers import Tokenizer
 
         self.directory = Path(directory)
+        if self.directory.is_file() and self.directory.name == "tokenizer.json":
+            self.directory = self.directory.parent
         path = self.directory / "tokenizer.json"
         if not path.is_file():
             raise UserError(f"{self.directory}: no tokenizer.json (gonogo reads a model's tokenizer with the "
@@ -253,3 +255,24 @@ def load_tokenizer(meta: dict):
     if directory is None:
         raise UserError(f"tokenizer {name!r}: the directory holding its tokenizer.json is unknown")
     return HFTokenizer(directory)
+
+
+class TokenizedSource:
+    """A text source read through a model's own tokenizer: each document is its ids and EOS, all trained.
+
+    The packed loader takes (ids, mask) documents as they are, so the byte tokenizer's path is untouched.
+    """
+
+    def __init__(self, source, tokenizer: HFTokenizer):
+        self.source = source
+        self.tokenizer = tokenizer
+        self.name = f"{source.name}+{tokenizer.name}"
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def document(self, index: int, epoch: int) -> tuple[list[int], list[bool]]:
+        document = self.source.document(index, epoch)
+        text = document if isinstance(document, str) else bytes(document).decode("utf-8", errors="replace")
+        ids = self.tokenizer.encode(text) + [self.tokenizer.eos_id]
+        return ids, [True] * len(ids)

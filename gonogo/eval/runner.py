@@ -192,7 +192,7 @@ def generate_all(engine, prompts: list[list[int]], params_of: Callable[[int], An
 def run_model(checkpoint: str | Path, questions: list[Question], options: Options, *,
               greedy_only: bool = False, prompt_format: str = "auto") -> dict[str, Any]:
     """Generate for every question with one checkpoint; the raw completions and timing."""
-    from gonogo.data.tokenizer import ByteTokenizer
+    from gonogo.data.hf_tokenizer import load_tokenizer
     from gonogo.infer.engine import Engine, EngineSettings
     from gonogo.infer.sampling import SamplingParams
     from gonogo.train.checkpoint import load_for_inference, resolve_checkpoint
@@ -200,7 +200,7 @@ def run_model(checkpoint: str | Path, questions: list[Question], options: Option
     resolved = resolve_checkpoint(Path(checkpoint))
     model, _config, meta = load_for_inference(resolved)
     chat = checkpoint_is_chat(meta) if prompt_format == "auto" else prompt_format == "chat"
-    tokenizer = ByteTokenizer()
+    tokenizer = load_tokenizer(meta)  # the byte tokenizer, or a model's own
     n = max(options.samples)
     requests = (1 if greedy_only else 2) * len(questions)
     engine = Engine(model, tokenizer, EngineSettings(max_batch=max(options.max_batch, n), max_waiting=requests + 1))

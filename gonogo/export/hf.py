@@ -276,7 +276,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32") -
     own_tokenizer = load_tokenizer(meta)
     own_tokenizer = own_tokenizer if isinstance(own_tokenizer, HFTokenizer) else None
     weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}
-    architecture = choose_architecture(config, weights, (meta.get("source") or {}).get("architecture"))
+    architecture = choose_architecture(config, weights, config.hf_architecture)
     torch_dtype = getattr(torch, dtype)
     tensors = {name: tensor.to(torch_dtype).contiguous().clone()
                for name, tensor in to_hf_weights(weights, config, architecture).items()}
@@ -426,6 +426,10 @@ def _model_config_from_hf(hf: dict, source: str):
     }
     if head_dim * heads != hidden:
         fields["attention_head_dim"] = head_dim
+    # gonogo's own model exported as Llama/Mixtral/Qwen2-MoE keeps no architecture (export picks one)
+    hf_architecture = saved.get("hf_architecture") if own_export else architecture
+    if hf_architecture is not None:
+        fields["hf_architecture"] = hf_architecture
     if qkv_bias:
         fields["qkv_bias"] = True
     if architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):

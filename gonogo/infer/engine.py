@@ -120,7 +120,8 @@ class Engine:
             n_layers=config.n_layers, max_batch=settings.max_batch, n_kv_heads=config.n_kv_heads,
             max_len=self.max_len, head_dim=config.head_dim, dtype=self.dtype, device=device)
         if stop_token_ids is None:
-            stop_token_ids = {tokenizer.eos_id}
+            # a model's own tokenizer stops on every eos id of its generation_config.json
+            stop_token_ids = set(getattr(tokenizer, "stop_ids", None) or {tokenizer.eos_id})
             end_id = getattr(tokenizer, "end_id", None)
             if end_id is not None:
                 stop_token_ids.add(end_id)
@@ -354,6 +355,4 @@ def load_engine(checkpoint: str | Path, settings: EngineSettings | None = None) 
     from gonogo.train.checkpoint import load_for_inference, resolve_checkpoint
 
     model, _config, meta = load_for_inference(resolve_checkpoint(Path(checkpoint)))
-    tokenizer = load_tokenizer(meta)
-    # a model's own tokenizer stops on every eos id of its generation_config.json
-    return Engine(model, tokenizer, settings, stop_token_ids=getattr(tokenizer, "stop_ids", None))
+    return Engine(model, load_tokenizer(meta), settings)

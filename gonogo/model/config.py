@@ -71,6 +71,8 @@ class ModelConfig(Strict):
     rope_scaling: Optional[RopeScaling] = None
     qkv_bias: bool = False                    # biases on q, k, v (Qwen2); never on the output projection
     qk_norm: bool = False                     # RMSNorm of each q and k head before RoPE (Qwen3)
+    # the transformers architecture the weights were imported from (export goes back to it)
+    hf_architecture: Optional[str] = None
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":

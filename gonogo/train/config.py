@@ -31,18 +31,35 @@ class DataConfig(Strict):
     # only on the assistant's tokens; "text": plain documents (pretraining)
     format: Literal["text", "chat"] = "text"
     min_good_fraction: float = Field(default=0.9, ge=0.0, le=1.0)  # chat JSONL: below this, refuse the file
+    # a model's own tokenizer: a directory holding tokenizer.json (or the file itself), e.g. one made
+    # by `gonogo tokenizer train`; None = gonogo's byte tokenizer. finetune sets it from the checkpoint
+    tokenizer: Optional[str] = None
+
+    def make_tokenizer(self):
+        """The HFTokenizer of ``tokenizer``, or None for the byte tokenizer."""
+        if self.tokenizer is None:
+            return None
+        from gonogo.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(self.tokenizer)
 
     def open_source(self, split: str):
         """This data's source for ``split`` ("train" or "val"); UserError for a bad path or file."""
+        tokenizer = self.make_tokenizer()
         if self.format == "chat":
             from gonogo.data.sft import make_sft_source
 
             return make_sft_source(self.source, split, seed=self.seed, min_good_fraction=self.min_good_fraction,
-                                   val_percent=self.val_percent)
+                                   val_percent=self.val_percent, tokenizer=tokenizer)
         from gonogo.data.sources import make_source
 
-        return make_source(self.source, split, seed=self.seed, text_field=self.text_field,
-                           val_percent=self.val_percent)
+        source = make_source(self.source, split, seed=self.seed, text_field=self.text_field,
+                             val_percent=self.val_percent)
+        if tokenizer is None:
+            return source
+        from gonogo.data.hf_tokenizer import TokenizedSource
+
+        return TokenizedSource(source, tokenizer)
 
 
 class TrainSettings(Strict):

@@ -63,6 +63,18 @@ def checkpoint_model(checkpoint: Path) -> dict[str, Any]:
     return config.model_dump()
 
 
+def checkpoint_tokenizer_dir(checkpoint: Path) -> Optional[str]:
+    """The directory of the model's own tokenizer (a Hugging Face model, or a checkpoint trained
+    with one); None for gonogo's byte tokenizer."""
+    from gonogo.export.hf import _tokenizer_name
+    from gonogo.train import manifest
+
+    meta_path = checkpoint / manifest.META_NAME
+    if meta_path.is_file():
+        return json.loads(meta_path.read_text(encoding="utf-8")).get("tokenizer_dir")
+    return str(checkpoint.resolve()) if _tokenizer_name(checkpoint) == "hf" else None
+
+
 def load_finetune_config(preset: str | Path, checkpoint: str | Path,
                          overrides: list[str]) -> tuple[TrainConfig, Path, Path]:
     """-> (the validated config, its TOML path, the resolved checkpoint directory)."""
@@ -76,6 +88,9 @@ def load_finetune_config(preset: str | Path, checkpoint: str | Path,
     resolved = resolve_checkpoint(Path(checkpoint))
     data["model"] = checkpoint_model(resolved)
     data.setdefault("data", {}).setdefault("format", "chat")
+    tokenizer_dir = checkpoint_tokenizer_dir(resolved)
+    if tokenizer_dir is not None:
+        data["data"].setdefault("tokenizer", tokenizer_dir)  # the model's own tokenizer and chat template
     data.setdefault("train", {})["init_from"] = str(resolved.resolve())
     return validate(TrainConfig, data, source=str(path)), path, resolved
 
