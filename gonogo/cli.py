@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "loadtest": ("gonogo.infer.loadgen", "load test an OpenAI-compatible server: TTFT/TPOT/ITL/E2EL percentiles, goodput"),
     "quantize": ("gonogo.infer.quantize_stage", "FP8 / NVFP4 weight quantization of a checkpoint: bytes, val loss and accuracy against bf16"),
     "canary": ("gonogo.rollout.stage", "staged canary rollout with metric and quality checks and automatic rollback"),
+    "tokenizer": ("gonogo.data.tokenizer_train", "train a byte-level BPE tokenizer on your text (for [data] tokenizer)"),
     "export": ("gonogo.export.hf", "export a checkpoint to Hugging Face format (Llama / Mixtral / Qwen2-MoE safetensors)"),
 }
 

@@ -125,6 +125,11 @@ class TrainConfig(Strict):
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
                              f"{self.model.max_seq_len}; lower train.seq_len or raise model.max_seq_len")
+        if self.data.tokenizer is not None:
+            size = self.data.make_tokenizer().vocab_size
+            if size > self.model.vocab_size:
+                raise ValueError(f"data.tokenizer has {size} ids but model.vocab_size={self.model.vocab_size}; "
+                                 f"raise model.vocab_size to at least {size}")
         return self
 
 
