@@ -583,7 +583,6 @@ def load_hf_dir(path: str | Path, *, device: Any = "cpu", dtype: Any = None):
     peak memory is the model plus one shard's mapped pages, never a second full copy.
     """
     import torch
-    from safetensors import safe_open
 
     from gonogo.model.decoder import Decoder
 
@@ -612,25 +611,16 @@ def load_hf_dir(path: str | Path, *, device: Any = "cpu", dtype: Any = None):
             moe.expert_bias.zero_()  # to_empty left it uninitialised; imported routers have no bias
             moe.reset_state()
         for file in files:
-            try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
-            except Exception as error:  # safetensors raises its own error type for a corrupt header
-                raise UserError(f"{file}: cannot read safetensors ({error})") from None
-            with handle:
-                for key in handle.keys():
+            with _SafetensorsFile(file) as reader:
+                for key in reader.names():
                     target = names.get(key)
                     if target is None:
                         if key.endswith(_IGNORED_SUFFIXES) or (key == "lm_head.weight" and config.tie_embeddings):
                             continue
                         raise UserError(f"{file}: tensor {key} has no place in a {architecture} of this config "
                                         "(gonogo would compute a different model without it)")
-                    try:
-                        tensor = handle.get_tensor(key)
-                    except Exception as error:
-                        raise UserError(f"{file}: cannot read tensor {key} ({error})") from None
-                    _place(tensor, target, key, parameters, str(directory))
+                    _place(reader, target, key, parameters, str(directory))
                     filled.add(key)
-                    del tensor
     missing = [key for key in names if key not in filled]
     if missing:
         raise UserError(f"{directory}: weight {missing[0]} is missing"
@@ -645,17 +635,100 @@ def load_hf_dir(path: str | Path, *, device: Any = "cpu", dtype: Any = None):
     return model.eval(), config, meta
 
 
-def _place(tensor, target: _Target, key: str, parameters: dict, source: str) -> None:
+def _place(reader: "_SafetensorsFile", target: _Target, key: str, parameters: dict, source: str) -> None:
     if target.kind == "zero":
-        if bool(tensor.ne(0).any()):
+        if bool(reader.read(key).ne(0).any()):
             raise UserError(f"{source}: {key} is not zero; gonogo's export wrote it as a zero placeholder "
                             "and nothing in the model computes it")
         return
     parameter = parameters[target.name]
     destination = parameter[target.expert] if target.expert is not None else parameter
-    if tuple(tensor.shape) != tuple(destination.shape):
-        raise UserError(f"{source}: {key} has shape {list(tensor.shape)}, the config says {list(destination.shape)}")
+    shape = reader.shape(key)
+    if shape != tuple(destination.shape):
+        raise UserError(f"{source}: {key} has shape {list(shape)}, the config says {list(destination.shape)}")
+    if target.kind == "copy" and reader.read_into(key, destination):
+        return  # read straight into the parameter's memory: no copy of the tensor at all
+    tensor = reader.read(key)
     destination.copy_(tensor / 2 if target.kind == "half" else tensor)
+
+
+class _SafetensorsFile:
+    """A safetensors file read tensor by tensor with plain reads (no mmap): a tensor of the model's
+    dtype goes straight into its parameter, so loading holds the model and nothing more; another
+    dtype passes through one temporary tensor. The header is checked against the file's size."""
+
+    DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> "_SafetensorsFile":
+        import struct
+
+        self.handle = open(self.path, "rb")
+        size = self.path.stat().st_size
+        try:
+            raw = self.handle.read(8)
+            if len(raw) != 8:
+                raise ValueError("shorter than its 8-byte header length")
+            (length,) = struct.unpack("<Q", raw)
+            if length > size - 8:
+                raise ValueError(f"header length {length} exceeds the file")
+            header = json.loads(self.handle.read(length))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            header.pop("__metadata__", None)
+            self.entries = {}
+            for name, entry in header.items():
+                start, end = entry["data_offsets"]
+                shape = tuple(int(n) for n in entry["shape"])
+                dtype = self.DTYPES.get(entry["dtype"])
+                if dtype is None:
+                    raise ValueError(f"tensor {name} has dtype {entry['dtype']} (supported: F32, F16, BF16)")
+                if not 0 <= start <= end <= size - 8 - length:
+                    raise ValueError(f"tensor {name} lies beyond the end of the file")
+                self.entries[name] = (shape, dtype, 8 + length + start, end - start)
+        except (ValueError, KeyError, TypeError) as error:
+            self.handle.close()
+            raise UserError(f"{self.path}: cannot read safetensors ({error})") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple:
+        return self.entries[name][0]
+
+    def _read_exactly(self, name: str, view: memoryview) -> None:
+        shape, dtype, offset, nbytes = self.entries[name]
+        if view.nbytes != nbytes:
+            raise UserError(f"{self.path}: tensor {name} holds {nbytes} bytes, not the {view.nbytes} its "
+                            f"shape {list(shape)} and dtype {dtype} need")
+        self.handle.seek(offset)
+        if self.handle.readinto(view) != nbytes:
+            raise UserError(f"{self.path}: tensor {name} is cut short (the file is truncated)")
+
+    def read_into(self, name: str, destination) -> bool:
+        """Read ``name`` into ``destination`` (a CPU tensor of the same dtype); False if it cannot."""
+        import torch
+
+        if (destination.device.type != "cpu" or not destination.is_contiguous()
+                or destination.dtype != getattr(torch, self.entries[name][1]) or not destination.numel()):
+            return False
+        self._read_exactly(name, memoryview(destination.view(-1).view(torch.uint8).numpy()))
+        return True
+
+    def read(self, name: str):
+        import torch
+
+        shape, dtype, _offset, _nbytes = self.entries[name]
+        tensor = torch.empty(shape, dtype=getattr(torch, dtype))
+        if tensor.numel():
+            self._read_exactly(name, memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+        return tensor
 
 
 # -- the command -------------------------------------------------------------------------------------
