@@ -72,3 +72,33 @@ def test_model_reference_must_name_an_earlier_stage(write_plan):
     fine = GOOD_STAGE + GOOD_STAGE.replace('name = "probe"', 'name = "second"').replace(
         'argv = ["python", "-c", "pass"]', 'argv = ["python", "-c", "pass", "@probe"]')
     assert len(load_plan(write_plan(fine)).stages) == 2
+
+
+def test_plan_parameters_are_substituted_and_checked(tmp_path, write_plan):
+    from gonogo.plan import parse_parameters
+
+    model = tmp_path / "model"
+    model.mkdir()
+    plan = load_plan(resolve_plan_path("byo-model"), {"model": str(model), "data": "chats.jsonl"})
+    finetune, canary = plan.stage("finetune"), plan.stage("canary")
+    assert finetune.settings.checkpoint == str(model.resolve()) and canary.settings.stable == str(model.resolve())
+    assert "data.source=chats.jsonl" in finetune.settings.overrides  # no such file: left as given
+    with pytest.raises(UserError, match="needs parameter 'model' \\(a Hugging Face model directory.*model=\\.\\.\\."):
+        load_plan(resolve_plan_path("byo-model"), {"data": "x"})
+    with pytest.raises(UserError, match="no parameter 'modle'; its parameters are data, model"):
+        load_plan(resolve_plan_path("byo-model"), {"modle": "x", "model": "y", "data": "z"})
+    undeclared = GOOD_STAGE.replace('argv = ["python", "-c", "pass"]', 'argv = ["python", "${oops}"]')
+    with pytest.raises(UserError, match="\\$\\{oops\\} is used but \\[plan\\] parameters does not declare 'oops'"):
+        load_plan(write_plan("[plan]\nname = 'p'\n" + undeclared))
+    assert parse_parameters(["model=a=b", "data="]) == {"model": "a=b", "data": ""}
+    for bad in (["model"], ["1x=2"], ["a=1", "a=2"]):
+        with pytest.raises(UserError):
+            parse_parameters(bad)
+
+
+def test_run_names_a_missing_parameter_in_one_line(tmp_path):
+    from tests.conftest import run_gonogo
+
+    result = run_gonogo("run", "byo-model", "data=x.jsonl", "--out", tmp_path / "run", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "needs parameter 'model'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -123,10 +123,8 @@ def is_correct(completion: str, reference: str) -> bool:
 
 
 def normal_answer(answer: Optional[str]) -> Optional[str]:
-    """One spelling per answer for the vote: "0432" and "+432" are both 432."""
-    if answer is not None and answer.lstrip("+-").isdigit():
-        return str(int(answer))
-    return answer
+    """One spelling per answer for the vote: "0432", "+432" and "432.0" are all 432."""
+    return synthetic.canonical_answer(answer)
 
 
 def prompt_ids(question: Question, tokenizer, chat: bool) -> list[int]:
