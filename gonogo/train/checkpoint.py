@@ -360,6 +360,12 @@ class Checkpointer:
         with ThreadPoolExecutor(max_workers=1) as pool:
             # the DCP files are hashed while the consolidated weights are being written
             shard_hashes = pool.submit(manifest.hash_files, temporary, shards)
+            from gonogo.train import lora
+
+            if lora.is_lora_state(full_weights):  # the consolidated weights are merged (gonogo.train.lora)
+                train = meta_record.get("train") or {}
+                full_weights, adapters = lora.merge(full_weights, train["lora_rank"], train["lora_alpha"])
+                _write_safetensors(temporary / lora.ADAPTERS_NAME, adapters)
             _write_safetensors(temporary / WEIGHTS_NAME, full_weights)
             manifest.write_json_durable(temporary / TRAIN_STATE_NAME, train_state)
             manifest.write_json_durable(temporary / manifest.META_NAME, meta_record)

@@ -90,6 +90,10 @@ class TrainSettings(Strict):
     checkpoint_every: int = 0                # 0: only at the end
     checkpoint: bool = True                  # False: never write a checkpoint
     init_from: Optional[str] = None          # a checkpoint whose weights start the run (finetune)
+    # LoRA through peft (gonogo.train.lora): rank 0 = full finetuning; adapters on these linear layers
+    lora_rank: int = Field(default=0, ge=0)
+    lora_alpha: float = Field(default=16.0, gt=0)
+    lora_targets: list[str] = Field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
     init_timeout_s: float = 120.0            # bound on process-group set-up and every collective
     # resilience (gonogo.train.guards; docs/resilience.md)
     max_restarts: int = 2                    # torchrun restarts of a failed attempt (each resumes by itself)

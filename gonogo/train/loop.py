@@ -76,6 +76,10 @@ def build_model(model_config: ModelConfig, config: TrainConfig, world: World) ->
     model.init_weights(config.train.seed)
     if config.train.init_from:
         load_initial_weights(model, config.train.init_from)
+    if config.train.lora_rank:
+        from gonogo.train.lora import add_lora
+
+        model = add_lora(model, config.train.lora_rank, config.train.lora_alpha, config.train.lora_targets)
     return parallelize(model, config, world)
 
 
