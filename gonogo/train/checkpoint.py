@@ -185,6 +185,12 @@ def _check_same_model(directory: Path, saved: dict, model_config: Any) -> None:
     if model_config is None:
         return
     current = _config_dict(model_config)
+    try:  # fields added to ModelConfig since the checkpoint was written count as their defaults
+        from gonogo.model.config import ModelConfig
+
+        saved = ModelConfig.model_validate(saved).model_dump(mode="json")
+    except ValueError:
+        pass  # not a ModelConfig the running code knows: compare as saved
     differences = [f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
                    for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
     if differences:
