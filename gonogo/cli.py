@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("gonogo.infer.quantize_stage", "FP8 / NVFP4 weight quantization of a checkpoint: bytes, val loss and accuracy against bf16"),
     "canary": ("gonogo.rollout.stage", "staged canary rollout with metric and quality checks and automatic rollback"),
     "tokenizer": ("gonogo.data.tokenizer_train", "train a byte-level BPE tokenizer on your text (for [data] tokenizer)"),
-    "export": ("gonogo.export.hf", "export a checkpoint to Hugging Face format (Llama / Mixtral / Qwen2-MoE safetensors)"),
+    "export": ("gonogo.export.hf", "export a checkpoint to Hugging Face format (an imported model goes back to its own architecture)"),
 }
 
 

@@ -117,3 +117,26 @@ def test_export_goes_back_to_the_same_architecture_with_equal_logits(tmp_path, t
     assert generation[1]["eos_token_id"] == generation[0]["eos_token_id"]
     again, _, _ = load_hf_dir(out)  # and gonogo imports its own export of it
     assert again.config == load_hf_dir(directory)[1]
+
+
+@pytest.mark.parametrize("name", ARCHITECTURE_NAMES)
+def test_the_engines_cached_decode_computes_the_imported_models_logits(tiny_hf_models, name):
+    """Prefill and a decode step through the KV cache (and the fused path where it applies)."""
+    from gonogo.infer.cache import KVCache
+    from gonogo.infer.fast_decode import maybe_fast
+
+    model, config, _ = load_hf_dir(tiny_hf_models[name])
+    forward = maybe_fast(model, True)
+    cache = KVCache(n_layers=config.n_layers, max_batch=1, n_kv_heads=config.n_kv_heads, max_len=64,
+                    head_dim=config.head_dim)
+    tokens = torch.randint(0, 320, (1, 13), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cache.begin(0, 1, 12)
+        prefill = forward(tokens[:, :12], positions=torch.arange(12)[None], cache=cache)
+        cache.commit()
+        cache.begin(0, 1, 1)
+        step = forward(tokens[:, 12:], positions=torch.tensor([[12]]), cache=cache)
+        cache.commit()
+        full = model(tokens)
+    torch.testing.assert_close(prefill[0, -1], full[0, 11], atol=1e-4, rtol=0)
+    torch.testing.assert_close(step[0, -1], full[0, 12], atol=1e-4, rtol=0)
