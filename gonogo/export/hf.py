@@ -575,6 +575,25 @@ def _tokenizer_name(directory: Path) -> Optional[str]:
     return tokenizer.name if content == tokenizer.hf_tokenizer_json() else "hf"
 
 
+def _read_config(directory: Path) -> dict:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{directory}: no config.json; not a Hugging Face model directory")
+    try:
+        hf = json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise UserError(f"{config_path}: not valid JSON ({error})") from None
+    if not isinstance(hf, dict):
+        raise UserError(f"{config_path}: not a JSON object")
+    return hf
+
+
+def hf_model_config(path: str | Path):
+    """The ModelConfig of a Hugging Face directory from its config.json alone (UserError if it does not map)."""
+    directory = Path(path)
+    return _model_config_from_hf(_read_config(directory), str(directory / "config.json"))[1]
+
+
 def load_hf_dir(path: str | Path, *, device: Any = "cpu", dtype: Any = None):
     """-> (Decoder in eval mode, ModelConfig, meta) from a Hugging Face directory.
 
@@ -588,14 +607,7 @@ def load_hf_dir(path: str | Path, *, device: Any = "cpu", dtype: Any = None):
 
     directory = Path(path)
     config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{directory}: no config.json; not a Hugging Face model directory")
-    try:
-        hf = json.loads(config_path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise UserError(f"{config_path}: not valid JSON ({error})") from None
-    if not isinstance(hf, dict):
-        raise UserError(f"{config_path}: not a JSON object")
+    hf = _read_config(directory)
     architecture, config, own_export = _model_config_from_hf(hf, str(config_path))
     files = _weight_files(directory)
     target_dtype = dtype if dtype is not None else _checkpoint_dtype(hf, str(config_path))

@@ -57,10 +57,9 @@ def checkpoint_model(checkpoint: Path) -> dict[str, Any]:
     meta_path = checkpoint / manifest.META_NAME
     if meta_path.is_file():
         return json.loads(meta_path.read_text(encoding="utf-8"))["model"]
-    from gonogo.train.checkpoint import load_for_inference
+    from gonogo.export.hf import hf_model_config
 
-    _model, config, _meta = load_for_inference(checkpoint)
-    return config.model_dump()
+    return hf_model_config(checkpoint).model_dump()  # config.json only: the weights load in the workers
 
 
 def checkpoint_tokenizer_dir(checkpoint: Path) -> Optional[str]:
