@@ -250,8 +250,12 @@ def load_tokenizer(meta: dict):
 
     name = meta.get("tokenizer") if isinstance(meta, dict) else None
     directory = meta.get("tokenizer_dir") if isinstance(meta, dict) else None
-    if name in (None, NAME) and directory is None:
+    if name == NAME and directory is None:
         return ByteTokenizer()
+    if name is None and directory is None:
+        source = (meta.get("source") or {}).get("path") if isinstance(meta, dict) else None
+        raise UserError(f"{source or 'the model'}: has no tokenizer.json; gonogo needs the model's own tokenizer "
+                        "(tokenizer.json with tokenizer_config.json) next to its weights to encode text")
     if directory is None:
         raise UserError(f"tokenizer {name!r}: the directory holding its tokenizer.json is unknown")
     return HFTokenizer(directory)

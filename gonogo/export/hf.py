@@ -637,7 +637,8 @@ def load_hf_dir(path: str | Path, *, device: Any = "cpu", dtype: Any = None):
     if missing:
         raise UserError(f"{directory}: weight {missing[0]} is missing"
                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    tokenizer = _tokenizer_name(directory)
+    # no tokenizer.json: gonogo's own export still names its byte tokenizer; anyone else's has none
+    tokenizer = _tokenizer_name(directory) or (hf.get("gonogo") or {}).get("tokenizer")
     meta = {"step": (hf.get("gonogo") or {}).get("step"), "model": config.model_dump(mode="json"),
             "tokenizer": tokenizer, "tokenizer_dir": str(directory) if tokenizer == "hf" else None,
             "world_size": 1, "train": {},

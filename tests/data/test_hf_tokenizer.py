@@ -93,3 +93,17 @@ def test_streaming_keeps_sentencepiece_word_spaces(tmp_path):
     assert ours.decode(ids) == text
     assert ours.decode(ids[1:2]) == ours.decode(ids[1:2]).lstrip()  # a word alone loses its space
     assert _streamed(ours, ids) == text
+
+
+def test_a_model_without_its_tokenizer_is_refused_not_given_the_byte_tokenizer(tmp_path, tiny_hf_models):
+    import shutil
+
+    from gonogo.data.hf_tokenizer import load_tokenizer
+    from gonogo.export.hf import load_hf_dir
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_hf_models["qwen2"], bare)
+    (bare / "tokenizer.json").unlink()
+    _model, _config, meta = load_hf_dir(bare)  # the weights alone still load (finetune, export)
+    with pytest.raises(UserError, match="has no tokenizer.json"):
+        load_tokenizer(meta)
