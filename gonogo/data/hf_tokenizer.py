@@ -111,6 +111,8 @@ def _plain_messages(messages: Sequence[dict]) -> list[dict]:
 class HFTokenizer:
     """The tokenizer of a Hugging Face model directory, with ByteTokenizer's interface."""
 
+    decode_in_context = True  # streaming decodes new ids after a few earlier ones (gonogo.infer.sampling)
+
     def __init__(self, directory: str | Path):
         from tokenizers import Tokenizer
 

@@ -67,8 +67,8 @@ class TextTracker:
 
     MAX_CHARACTER_TOKENS = 4   # a UTF-8 character is at most 4 bytes
     # A model's own tokenizer may decode a token differently at the start of a text (SentencePiece
-    # drops the leading space of "▁word"): pending ids are decoded after a few final ones and only
-    # the new text is kept. The byte tokenizer decodes the same either way.
+    # drops the leading space of "▁word"): for one that says so (``decode_in_context``), pending ids
+    # are decoded after a few final ones and only the new text is kept. The byte tokenizer needs not.
     CONTEXT_TOKENS = 4
 
     def __init__(self, decode: Callable[[list[int]], str], stop: list[str]):
@@ -77,6 +77,7 @@ class TextTracker:
         self.longest_stop = max((len(text) for text in self.stop), default=0)
         self.pending: list[int] = []   # ids whose text is not final yet (a partial character)
         self.context: list[int] = []   # the last final ids, decoded before the pending ones
+        self.in_context = bool(getattr(getattr(decode, "__self__", None), "decode_in_context", False))
         self.text = ""
         self.sent = 0                  # characters already handed out
         self.stopped = False
@@ -87,7 +88,8 @@ class TextTracker:
         piece = self._decode_pending()
         if piece.endswith("\ufffd") and len(self.pending) < self.MAX_CHARACTER_TOKENS:
             return ""  # wait for the rest of the character
-        self.context = (self.context + self.pending)[-self.CONTEXT_TOKENS:]
+        if self.in_context:
+            self.context = (self.context + self.pending)[-self.CONTEXT_TOKENS:]
         self.pending = []
         search_from = max(0, len(self.text) - self.longest_stop + 1)
         self.text += piece
