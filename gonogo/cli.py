@@ -63,7 +63,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(selected if selected in COMMANDS else None)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # `gonogo run PLAN --out DIR name=value`: plan parameters may follow the options too
+        if isinstance(getattr(args, "parameters", None), list) and not any(word.startswith("-") for word in unknown):
+            args.parameters += unknown
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not args.command:
         parser.print_help()
         return 2

@@ -99,6 +99,7 @@ def test_plan_parameters_are_substituted_and_checked(tmp_path, write_plan):
 def test_run_names_a_missing_parameter_in_one_line(tmp_path):
     from tests.conftest import run_gonogo
 
-    result = run_gonogo("run", "byo-model", "data=x.jsonl", "--out", tmp_path / "run", cwd=tmp_path, timeout=120)
+    # parameters may come after the options too
+    result = run_gonogo("run", "byo-model", "--out", tmp_path / "run", "data=x.jsonl", cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and "needs parameter 'model'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
