@@ -36,7 +36,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("gonogo.infer.quantize_stage", "FP8 / NVFP4 weight quantization of a checkpoint: bytes, val loss and accuracy against bf16"),
     "canary": ("gonogo.rollout.stage", "staged canary rollout with metric and quality checks and automatic rollback"),
     "soak": ("gonogo.train.soak", "training held for a wall-clock window: checkpoint drift, utilisation per window, loss probes, memory, retention"),
-    "export": ("gonogo.export.hf", "export a checkpoint to Hugging Face format (Llama / Mixtral / Qwen2-MoE safetensors)"),
+    "tokenizer": ("gonogo.data.tokenizer_train", "train a byte-level BPE tokenizer on your text (for [data] tokenizer)"),
+    "export": ("gonogo.export.hf", "export a checkpoint to Hugging Face format (an imported model goes back to its own architecture)"),
 }
 
 
@@ -64,7 +65,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(selected if selected in COMMANDS else None)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # `gonogo run PLAN --out DIR name=value`: plan parameters may follow the options too
+        if isinstance(getattr(args, "parameters", None), list) and not any(word.startswith("-") for word in unknown):
+            args.parameters += unknown
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not args.command:
         parser.print_help()
         return 2

@@ -7,9 +7,10 @@ one line naming the file (and line, where it can be found) and the reason; exit 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from pydantic import Field, field_validator
 
@@ -37,6 +38,8 @@ class PlanHeader(Strict):
     budget_money: Optional[float] = Field(default=None, gt=0)
     currency: str = "USD"
     budget_alarm_fraction: float = Field(default=0.8, gt=0, lt=1)
+    # what `gonogo run PLAN name=value ...` must give: name -> what it is; ${name} in any value is replaced
+    parameters: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -105,9 +108,69 @@ def resolve_plan_path(plan: Optional[str]) -> Path:
     return resolve_preset(plan or DEFAULT_PLAN, directory=PLANS_DIR, what="plan")
 
 
-def load_plan(path: Path) -> Plan:
+_PARAMETER = re.compile(r"\$\{([^}]*)\}")
+
+
+def parse_parameters(items: Sequence[str]) -> dict[str, str]:
+    """``name=value`` words of the command line -> {name: value} (UserError for anything else)."""
+    parameters: dict[str, str] = {}
+    for item in items:
+        name, equals, value = item.partition("=")
+        if not equals or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise UserError(f"{item!r}: plan parameters are name=value (e.g. model=/path/to/model)")
+        if name in parameters:
+            raise UserError(f"parameter {name!r} is given twice")
+        parameters[name] = value
+    return parameters
+
+
+def substitute_parameters(data: dict, given: dict[str, str], source: str) -> dict:
+    """``data`` with every ``${name}`` in a string value replaced by its parameter's value.
+
+    The plan declares its parameters in ``[plan] parameters``; a parameter it does not declare, a
+    ``${name}`` it does not declare, or a declared one that is used but not given is a UserError.
+    A value that names an existing file or directory is made absolute (the plan's own relative
+    paths are relative to the plan; the user's are relative to where they typed the command).
+    """
+    declared = (data.get("plan") or {}).get("parameters") or {}
+    if not isinstance(declared, dict):
+        raise UserError(f"{source}: [plan] parameters must be a table of name = \"what it is\"")
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        takes = f"its parameters are {', '.join(sorted(declared))}" if declared else "it takes none"
+        raise UserError(f"{source}: the plan has no parameter {unknown[0]!r}; {takes}")
+    values = {name: str(Path(value).resolve()) if value and Path(value).exists() else value
+              for name, value in given.items()}
+
+    def replace(match: "re.Match[str]") -> str:
+        name = match.group(1)
+        if name not in declared:
+            raise UserError(f"{source}: ${{{name}}} is used but [plan] parameters does not declare {name!r}")
+        if name not in values:
+            usage = " ".join(f"{key}=..." for key in sorted(declared))
+            raise UserError(f"{source}: the plan needs parameter {name!r} ({declared[name]}); "
+                            f"give it on the command line: gonogo run PLAN {usage}")
+        return values[name]
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, str):
+            return _PARAMETER.sub(replace, value)
+        if isinstance(value, list):
+            return [walk(item) for item in value]
+        if isinstance(value, dict):
+            return {key: walk(item) for key, item in value.items()}
+        return value
+
+    header = data.get("plan")
+    result = walk({key: value for key, value in data.items() if key != "plan"})
+    if header is not None:
+        result["plan"] = header
+    return result
+
+
+def load_plan(path: Path, parameters: Optional[dict[str, str]] = None) -> Plan:
     path = Path(path)
-    data = load_toml(path)
+    data = substitute_parameters(load_toml(path), parameters or {}, str(path))
     text = path.read_text(encoding="utf-8")
     source = str(path)
 

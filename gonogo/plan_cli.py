@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from gonogo.plan import Stage
+from gonogo.plan import Stage, parse_parameters
 from gonogo.runner import cli_run
 
 STATUS_STYLE = {"passed": "green", "failed": "red", "error": "red", "interrupted": "yellow",
@@ -26,6 +26,8 @@ def _names(text: Optional[str]) -> Optional[set[str]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("plan", nargs="?", help="a plan: a built-in name (laptop, quick, ...) or a TOML path (default: laptop)")
+    parser.add_argument("parameters", nargs="*", metavar="NAME=VALUE",
+                        help="the plan's parameters, e.g. gonogo run byo-model model=DIR data=FILE")
     parser.add_argument("--out", type=Path, help="the run directory (default: a new folder under runs/)")
     parser.add_argument("--only", help="run only these stages (comma-separated names)")
     parser.add_argument("--skip", help="skip these stages (comma-separated names)")
@@ -95,7 +97,8 @@ class LiveView:
 def command(args: argparse.Namespace) -> int:
     console = Console()
     with LiveView(console) as view:
-        outcome = cli_run(args.plan, args.out, _names(args.only), _names(args.skip), args.resume, observer=view)
+        outcome = cli_run(args.plan, args.out, _names(args.only), _names(args.skip), args.resume, observer=view,
+                          parameters=parse_parameters(args.parameters))
     style = {"GO": "bold green", "NO-GO": "bold red", "ERROR": "bold red"}.get(outcome.verdict, "bold yellow")
     console.print(f"[{style}]{outcome.verdict}[/]  plan {outcome.summary['plan']['name']!r}")
     for reason in outcome.reasons:

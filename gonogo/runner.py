@@ -342,15 +342,17 @@ def check_gpus(plan: Plan) -> None:
 
 
 def cli_run(plan_arg: Optional[str], out: Optional[Path], only: Optional[set[str]], skip: Optional[set[str]],
-            resume: bool, observer: Optional[Observer] = None) -> Outcome:
-    """What ``gonogo run`` does, minus the printing."""
+            resume: bool, observer: Optional[Observer] = None,
+            parameters: Optional[dict[str, str]] = None) -> Outcome:
+    """What ``gonogo run`` does, minus the printing. ``parameters``: the plan's name=value words
+    (a resumed run needs none: its plan.toml holds the values it ran with)."""
     from gonogo.plan import resolve_plan_path
 
     if resume:
         if out is not None:
             run_dir = RunDir.open(out)
         else:
-            name = load_plan(resolve_plan_path(plan_arg)).name
+            name = load_plan(resolve_plan_path(plan_arg), parameters).name
             run_dir = RunDir.newest(name)
         state = run_dir.read_state()
         plan_source = Path(state.get("plan_dir", ".")) / "plan.toml"
@@ -359,7 +361,7 @@ def cli_run(plan_arg: Optional[str], out: Optional[Path], only: Optional[set[str
         # relative paths in the plan are relative to the original plan's folder
         plan.path = plan_source
         return run_plan(plan, run_dir, only=only, skip=skip, resume=True, observer=observer)
-    plan = load_plan(resolve_plan_path(plan_arg))
+    plan = load_plan(resolve_plan_path(plan_arg), parameters)
     check_stage_names(plan, only, skip)
     check_gpus(plan)
     run_dir = RunDir.create(out, plan.name)

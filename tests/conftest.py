@@ -26,3 +26,11 @@ def write_plan(tmp_path):
         path.write_text(textwrap.dedent(text), encoding="utf-8")
         return path
     return write
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_models(tmp_path_factory):
+    """{architecture: directory} of tiny random Hugging Face models (tests/hf_models.py), made once."""
+    from tests.hf_models import make_models
+
+    return make_models(tmp_path_factory.mktemp("hf-models"))

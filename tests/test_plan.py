@@ -136,3 +136,34 @@ def test_a_gpu_plan_passes_the_check_where_torch_sees_the_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(UserError, match="needs 1 CUDA GPU"):
         check_gpus(plan)
+
+
+def test_plan_parameters_are_substituted_and_checked(tmp_path, write_plan):
+    from gonogo.plan import parse_parameters
+
+    model = tmp_path / "model"
+    model.mkdir()
+    plan = load_plan(resolve_plan_path("byo-model"), {"model": str(model), "data": "chats.jsonl"})
+    finetune, canary = plan.stage("finetune"), plan.stage("canary")
+    assert finetune.settings.checkpoint == str(model.resolve()) and canary.settings.stable == str(model.resolve())
+    assert "data.source=chats.jsonl" in finetune.settings.overrides  # no such file: left as given
+    with pytest.raises(UserError, match="needs parameter 'model' \\(a Hugging Face model directory.*model=\\.\\.\\."):
+        load_plan(resolve_plan_path("byo-model"), {"data": "x"})
+    with pytest.raises(UserError, match="no parameter 'modle'; its parameters are data, model"):
+        load_plan(resolve_plan_path("byo-model"), {"modle": "x", "model": "y", "data": "z"})
+    undeclared = GOOD_STAGE.replace('argv = ["python", "-c", "pass"]', 'argv = ["python", "${oops}"]')
+    with pytest.raises(UserError, match="\\$\\{oops\\} is used but \\[plan\\] parameters does not declare 'oops'"):
+        load_plan(write_plan("[plan]\nname = 'p'\n" + undeclared))
+    assert parse_parameters(["model=a=b", "data="]) == {"model": "a=b", "data": ""}
+    for bad in (["model"], ["1x=2"], ["a=1", "a=2"]):
+        with pytest.raises(UserError):
+            parse_parameters(bad)
+
+
+def test_run_names_a_missing_parameter_in_one_line(tmp_path):
+    from tests.conftest import run_gonogo
+
+    # parameters may come after the options too
+    result = run_gonogo("run", "byo-model", "--out", tmp_path / "run", "data=x.jsonl", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "needs parameter 'model'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -42,12 +42,12 @@ class SyntheticChatSource:
     """The reasoning corpus as chats; fresh problems every epoch, as for pretraining."""
 
     def __init__(self, split: str = "train", seed: int = 0, epoch_size: int = 1_000_000,
-                 families: Optional[Sequence[str]] = None) -> None:
+                 families: Optional[Sequence[str]] = None, tokenizer=None) -> None:
         self.split = "heldout" if split == "val" else split
         self.seed = seed
         self.epoch_size = epoch_size
         self.families = tuple(families) if families else None
-        self.tokenizer = ByteTokenizer()
+        self.tokenizer = tokenizer or ByteTokenizer()  # or a model's own (gonogo.data.hf_tokenizer)
         synthetic.problem_at(self.split, seed, 0, self.families)  # fail now on a bad split/family
         self.name = f"synthetic-chat:{self.split}:{seed}"
 
@@ -62,12 +62,12 @@ class SyntheticChatSource:
 class ChatSource:
     """Chats held in memory, tokenised when the loader asks for one."""
 
-    def __init__(self, examples: Sequence[Messages], name: str) -> None:
+    def __init__(self, examples: Sequence[Messages], name: str, tokenizer=None) -> None:
         if not examples:
             raise UserError(f"{name}: no chat examples")
         self.examples = list(examples)
         self.name = name
-        self.tokenizer = ByteTokenizer()
+        self.tokenizer = tokenizer or ByteTokenizer()
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -173,14 +173,14 @@ def _in_val(messages: Messages, val_percent: float) -> bool:
 
 def make_sft_source(spec: str | Path = "synthetic", split: str = "train", *, seed: int = 0,
                     min_good_fraction: float = 0.9, val_percent: float = 5.0,
-                    families: Optional[Sequence[str]] = None):
+                    families: Optional[Sequence[str]] = None, tokenizer=None):
     """``synthetic`` (the reasoning chats) or a JSONL path; ``split`` is ``train`` or ``val``
     (a user file is split by a hash of each example)."""
     if split not in ("train", "val"):
         raise ValueError(f"unknown split {split!r}; use train or val")
     if str(spec) == "synthetic":
         try:
-            return SyntheticChatSource(split, seed=seed, families=families)
+            return SyntheticChatSource(split, seed=seed, families=families, tokenizer=tokenizer)
         except ValueError as error:
             raise UserError(str(error)) from None
     data = read_sft_jsonl(spec, min_good_fraction)
@@ -188,7 +188,7 @@ def make_sft_source(spec: str | Path = "synthetic", split: str = "train", *, see
     if not examples:
         raise UserError(f"{data.path}: no examples in the {split!r} split ({val_percent:g}% go to validation); "
                         f"add more examples or change the validation percentage")
-    return ChatSource(examples, name=f"{data.path}:{split}")
+    return ChatSource(examples, name=f"{data.path}:{split}", tokenizer=tokenizer)
 
 
 def sft_loader(source, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> PackedLoader:

@@ -28,6 +28,7 @@ import hashlib
 import random
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable, Iterator, Optional, Sequence
 
 SPLITS = ("train", "heldout")
@@ -185,22 +186,74 @@ def stream(split: str, seed: int, start: int = 0, families: Optional[Sequence[st
 _ANSWER = re.compile(re.escape(ANSWER_MARK) + r"[ \t]*([^\s;]+)")
 
 
+BOXED = "\\boxed{"
+
+
 def extract_answer(text: str) -> Optional[str]:
-    """The first word after the first ``####`` (None when there is no answer mark or no word)."""
+    """The first word after the first ``####`` (GSM8K style); without one, the content of the last
+    ``\\boxed{...}`` (MATH style, nested braces allowed). None when there is neither."""
     match = _ANSWER.search(text)
-    return match.group(1) if match else None
+    if match:
+        return match.group(1)
+    if ANSWER_MARK in text:
+        return None
+    return _last_boxed(text)
+
+
+def _last_boxed(text: str) -> Optional[str]:
+    start = text.rfind(BOXED)
+    if start == -1:
+        return None
+    depth, begin = 1, start + len(BOXED)
+    for index in range(begin, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[index], 0)
+        if depth == 0:
+            return text[begin:index].strip() or None
+    return None  # unbalanced: the answer was cut off
+
+
+_NUMBER = re.compile(r"[+-]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?|[+-]?\.\d+")
+
+
+def _answer_value(answer: str) -> Optional[Fraction]:
+    """The value of a numeric answer ("1,234", "$42.50", "-3/4", "0.75", "50%"), else None."""
+    text = answer.strip().removeprefix("$").removesuffix(".").strip()
+    percent = text.endswith("%")
+    text = text.removesuffix("%").strip()
+    text = re.sub(r"^\\frac\{([^{}]+)\}\{([^{}]+)\}$", r"\1/\2", text)  # \frac{3}{4}
+    numerator, slash, denominator = text.partition("/")
+    try:
+        if slash:
+            if not (_NUMBER.fullmatch(numerator.strip()) and _NUMBER.fullmatch(denominator.strip())):
+                return None
+            value = Fraction(numerator.strip().replace(",", "")) / Fraction(denominator.strip().replace(",", ""))
+        elif _NUMBER.fullmatch(text):
+            value = Fraction(text.replace(",", ""))
+        else:
+            return None
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value / 100 if percent else value
+
+
+def canonical_answer(answer: Optional[str]) -> Optional[str]:
+    """One spelling per answer (for comparing and voting): numbers by value ("0432", "+432" and
+    "432.0" are "432"; "0.75" and "3/4" are "3/4"), anything else as written, stripped."""
+    if answer is None:
+        return None
+    value = _answer_value(answer)
+    return str(value) if value is not None else answer.strip()
 
 
 def _normalise(answer: str) -> str:
-    answer = answer.strip()
-    if re.fullmatch(r"[+-]?\d+", answer):
-        return str(int(answer))  # "0432" and "+432" both mean 432
-    return answer
+    return canonical_answer(answer)
 
 
 def verify(problem: Problem, answer_text: str) -> bool:
-    """Whether ``answer_text`` (a bare answer, or a completion containing ``#### answer``) is right."""
-    candidate = extract_answer(answer_text) if ANSWER_MARK in answer_text else answer_text.strip()
+    """Whether ``answer_text`` (a bare answer, or a completion with ``#### answer`` or
+    ``\\boxed{answer}``) is right; numeric answers are compared by value."""
+    marked = ANSWER_MARK in answer_text or BOXED in answer_text
+    candidate = extract_answer(answer_text) if marked else answer_text.strip()
     if not candidate:
         return False
     return _normalise(candidate) == _normalise(problem.answer)

@@ -126,10 +126,8 @@ def is_correct(completion: str, reference: str) -> bool:
 
 
 def normal_answer(answer: Optional[str]) -> Optional[str]:
-    """One spelling per answer for the vote: "0432" and "+432" are both 432."""
-    if answer is not None and answer.lstrip("+-").isdigit():
-        return str(int(answer))
-    return answer
+    """One spelling per answer for the vote: "0432", "+432" and "432.0" are all 432."""
+    return synthetic.canonical_answer(answer)
 
 
 def prompt_ids(question: Question, tokenizer, chat: bool) -> list[int]:
@@ -195,7 +193,7 @@ def generate_all(engine, prompts: list[list[int]], params_of: Callable[[int], An
 def run_model(checkpoint: str | Path, questions: list[Question], options: Options, *,
               greedy_only: bool = False, prompt_format: str = "auto") -> dict[str, Any]:
     """Generate for every question with one checkpoint; the raw completions and timing."""
-    from gonogo.data.tokenizer import ByteTokenizer
+    from gonogo.data.hf_tokenizer import load_tokenizer
     from gonogo.infer.engine import Engine, EngineSettings
     from gonogo.infer.sampling import SamplingParams
     from gonogo.train.checkpoint import load_for_inference, resolve_checkpoint
@@ -203,7 +201,7 @@ def run_model(checkpoint: str | Path, questions: list[Question], options: Option
     resolved = resolve_checkpoint(Path(checkpoint))
     model, _config, meta = load_for_inference(resolved)
     chat = checkpoint_is_chat(meta) if prompt_format == "auto" else prompt_format == "chat"
-    tokenizer = ByteTokenizer()
+    tokenizer = load_tokenizer(meta)  # the byte tokenizer, or a model's own
     n = max(options.samples)
     rounds = 0 if greedy_only else options.sample_seeds
     requests = (1 + rounds) * len(questions)

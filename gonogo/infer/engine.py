@@ -145,7 +145,8 @@ class Engine:
             n_layers=config.n_layers, max_batch=settings.max_batch, n_kv_heads=config.n_kv_heads,
             max_len=self.max_len, head_dim=config.head_dim, dtype=self.dtype, device=device)
         if stop_token_ids is None:
-            stop_token_ids = {tokenizer.eos_id}
+            # a model's own tokenizer stops on every eos id of its generation_config.json
+            stop_token_ids = set(getattr(tokenizer, "stop_ids", None) or {tokenizer.eos_id})
             end_id = getattr(tokenizer, "end_id", None)
             if end_id is not None:
                 stop_token_ids.add(end_id)
@@ -505,12 +506,8 @@ class Engine:
 
 def load_engine(checkpoint: str | Path, settings: EngineSettings | None = None) -> Engine:
     """An engine (not yet started) for a gonogo checkpoint, run directory or HF export."""
-    from gonogo.data.tokenizer import ByteTokenizer
+    from gonogo.data.hf_tokenizer import load_tokenizer
     from gonogo.train.checkpoint import load_for_inference, resolve_checkpoint
 
     model, _config, meta = load_for_inference(resolve_checkpoint(Path(checkpoint)))
-    tokenizer_name = meta.get("tokenizer", "byte-v1") if isinstance(meta, dict) else "byte-v1"
-    if tokenizer_name != "byte-v1":
-        from gonogo.errors import UserError
-        raise UserError(f"{checkpoint}: tokenizer {tokenizer_name!r} is not supported (only byte-v1)")
-    return Engine(model, ByteTokenizer(), settings)
+    return Engine(model, load_tokenizer(meta), settings)

@@ -35,7 +35,7 @@ class FastDecoder:
         self.output = model.tok_embeddings.weight if config.tie_embeddings else model.output.weight
         # cos/sin of every position once (the same function the Decoder calls per forward)
         every_position = torch.arange(config.max_seq_len, device=self.embedding.device)[None]
-        cos, sin = rope_cos_sin(every_position, config.head_dim, config.rope_theta, torch.float32)
+        cos, sin = rope_cos_sin(every_position, config.head_dim, config.rope_theta, torch.float32, config.rope_scaling)
         self.rope_cos, self.rope_sin = cos[0, 0], sin[0, 0]  # [max_seq_len, head_dim]
         self.layers = []
         with torch.no_grad():
@@ -102,10 +102,13 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 def maybe_fast(model: Decoder, enabled: bool) -> Any:
-    """The fused path for a plain Decoder; anything else (or disabled) runs as it is."""
+    """The fused path for a plain Decoder; anything else (or disabled) runs as it is.
+
+    Attention biases and QK-norm (imported Qwen models) are not fused here: the Decoder runs them.
+    """
     # the fused path reads plain weights; FP8 GEMM layers (gonogo/infer/fp8_gemm.py) have none
     plain = isinstance(model, Decoder) and all(isinstance(block.attention.wq, torch.nn.Linear) for block in model.layers)
-    if enabled and plain:
+    if enabled and plain and not (model.config.qkv_bias or model.config.qk_norm):
         return FastDecoder(model)
     return model
 

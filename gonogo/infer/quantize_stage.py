@@ -78,15 +78,21 @@ def bf16_reference(model):
     return reference.eval()
 
 
-def validation_loss(model, seed: int, seq_len: int, batch_size: int, num_batches: int) -> float:
-    """Mean next-token cross entropy (nats per token) on the synthetic held-out batches."""
+def validation_loss(model, seed: int, seq_len: int, batch_size: int, num_batches: int, tokenizer=None) -> float:
+    """Mean next-token cross entropy (nats per token) on the synthetic held-out batches
+    (tokenized by ``tokenizer``, a model's own; None = the byte tokenizer)."""
     import torch
     import torch.nn.functional as F
 
     from gonogo.data.loader import ValidationBatches
     from gonogo.data.sources import make_source
 
-    batches = ValidationBatches(make_source("synthetic", "val", seed=seed), seq_len, batch_size, num_batches)
+    source = make_source("synthetic", "val", seed=seed)
+    if tokenizer is not None:
+        from gonogo.data.hf_tokenizer import TokenizedSource
+
+        source = TokenizedSource(source, tokenizer)
+    batches = ValidationBatches(source, seq_len, batch_size, num_batches)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.no_grad():
@@ -130,7 +136,8 @@ def forward_tokens_per_second(model, seed: int, seq_len: int, batch_size: int, n
     return repeats * sum(inputs.numel() for inputs in batches) / seconds
 
 
-def greedy_accuracy(model, problems: list, max_new_tokens: int, timeout_s: float, chat: bool = False) -> float:
+def greedy_accuracy(model, problems: list, max_new_tokens: int, timeout_s: float, chat: bool = False,
+                    tokenizer=None) -> float:
     """Share of ``problems`` whose greedy completion carries the right ``#### answer``.
 
     A finetuned (chat) model is asked through the chat template, as the eval stage asks it; a
@@ -144,7 +151,7 @@ def greedy_accuracy(model, problems: list, max_new_tokens: int, timeout_s: float
     from gonogo.infer.engine import Engine, EngineSettings
     from gonogo.infer.sampling import SamplingParams
 
-    tokenizer = ByteTokenizer()
+    tokenizer = tokenizer or ByteTokenizer()
 
     def prompt_ids(problem) -> list[int]:
         if chat:
@@ -195,12 +202,15 @@ def quantize_and_evaluate(checkpoint: str | Path, out: Path, settings: QuantizeS
     from gonogo.data.synthetic import generate
     from gonogo.infer.quantize import QuantizedModel, load_quantized
 
+    from gonogo.data.hf_tokenizer import HFTokenizer, load_tokenizer
+
     source, model, config, meta = _load_source(checkpoint)
-    if meta.get("tokenizer", "byte-v1") != "byte-v1":
-        raise UserError(f"{source}: tokenizer {meta.get('tokenizer')!r} is not supported (only byte-v1)")
+    tokenizer = load_tokenizer(meta)
+    tokenizer = tokenizer if isinstance(tokenizer, HFTokenizer) else None  # None: the byte tokenizer
     progress(f"quantizing to {settings.format}")
+    own = {"tokenizer": "hf", "tokenizer_dir": str(tokenizer.directory)} if tokenizer else {"tokenizer": "byte-v1"}
     quantized = QuantizedModel.from_model(
-        model, settings.format, meta={"step": meta.get("step"), "tokenizer": "byte-v1", "source": str(source)})
+        model, settings.format, meta={"step": meta.get("step"), **own, "source": str(source)})
     quantized.save(out)
     # measure what was written, not what is in memory: the bytes on disk must round-trip
     emulated, _, _ = load_quantized(out)
@@ -222,7 +232,7 @@ def quantize_and_evaluate(checkpoint: str | Path, out: Path, settings: QuantizeS
     if seq_len > config.max_seq_len:
         raise UserError(f"val_seq_len={seq_len} is longer than the model's max_seq_len={config.max_seq_len}")
     progress("validation loss")
-    val_args = (settings.seed, seq_len, settings.val_batch_size, settings.val_batches)
+    val_args = (settings.seed, seq_len, settings.val_batch_size, settings.val_batches, tokenizer)
     val_loss_bf16 = validation_loss(reference, *val_args)
     val_loss = validation_loss(emulated, *val_args)
     speed: dict[str, Any] = {}
@@ -237,9 +247,9 @@ def quantize_and_evaluate(checkpoint: str | Path, out: Path, settings: QuantizeS
     from gonogo.eval.runner import checkpoint_is_chat
 
     chat = checkpoint_is_chat(meta)
-    accuracy_bf16 = greedy_accuracy(reference, problems, settings.max_new_tokens, settings.timeout_s, chat)
+    accuracy_bf16 = greedy_accuracy(reference, problems, settings.max_new_tokens, settings.timeout_s, chat, tokenizer)
     progress(f"greedy accuracy on {len(problems)} held-out problems ({settings.format})")
-    accuracy = greedy_accuracy(emulated, problems, settings.max_new_tokens, settings.timeout_s, chat)
+    accuracy = greedy_accuracy(emulated, problems, settings.max_new_tokens, settings.timeout_s, chat, tokenizer)
 
     log.info("%s: val loss %.4f (bf16 %.4f), accuracy %.3f (bf16 %.3f)",
              settings.format, val_loss, val_loss_bf16, accuracy, accuracy_bf16)

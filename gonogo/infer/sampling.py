@@ -102,12 +102,18 @@ class TextTracker:
     """
 
     MAX_CHARACTER_TOKENS = 4   # a UTF-8 character is at most 4 bytes
+    # A model's own tokenizer may decode a token differently at the start of a text (SentencePiece
+    # drops the leading space of "▁word"): for one that says so (``decode_in_context``), pending ids
+    # are decoded after a few final ones and only the new text is kept. The byte tokenizer needs not.
+    CONTEXT_TOKENS = 4
 
     def __init__(self, decode: Callable[[list[int]], str], stop: list[str]):
         self.decode = decode
         self.stop = [text for text in stop if text]
         self.longest_stop = max((len(text) for text in self.stop), default=0)
         self.pending: list[int] = []   # ids whose text is not final yet (a partial character)
+        self.context: list[int] = []   # the last final ids, decoded before the pending ones
+        self.in_context = bool(getattr(getattr(decode, "__self__", None), "decode_in_context", False))
         self.text = ""
         self.sent = 0                  # characters already handed out
         self.stopped = False
@@ -115,9 +121,11 @@ class TextTracker:
     def add(self, token_id: int) -> str:
         """Add one token; return the text that became final (possibly empty)."""
         self.pending.append(token_id)
-        piece = self.decode(self.pending)
+        piece = self._decode_pending()
         if piece.endswith("\ufffd") and len(self.pending) < self.MAX_CHARACTER_TOKENS:
             return ""  # wait for the rest of the character
+        if self.in_context:
+            self.context = (self.context + self.pending)[-self.CONTEXT_TOKENS:]
         self.pending = []
         search_from = max(0, len(self.text) - self.longest_stop + 1)
         self.text += piece
@@ -139,9 +147,16 @@ class TextTracker:
     def flush(self) -> str:
         """At the end of the sequence everything left is final."""
         if self.pending and not self.stopped:
-            self.text += self.decode(self.pending)
+            self.text += self._decode_pending()
             self.pending = []
         return self._release(len(self.text))
+
+    def _decode_pending(self) -> str:
+        if not self.context:
+            return self.decode(self.pending)
+        before = self.decode(self.context)
+        both = self.decode(self.context + self.pending)
+        return both[len(before):] if both.startswith(before) else self.decode(self.pending)
 
     def _release(self, upto: int) -> str:
         if upto <= self.sent:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gonogo.model.config import ModelConfig
+from gonogo.model.config import ModelConfig, RopeScaling
 from gonogo.model.moe import MoE
 
 INIT_STD = 0.02
@@ -42,16 +42,31 @@ class RMSNorm(nn.Module):
         return self.weight * normed.type_as(x)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                 scaling: Optional[RopeScaling] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles at ``positions`` [B, T], each shaped [B, 1, T, head_dim].
 
     Computed per forward from the positions (no cached table): it is B·T·head_dim/2 work, and a
     buffer would have to be rebuilt after every meta-device build.
     """
     inverse_frequency = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inverse_frequency = _llama3_frequencies(inverse_frequency, scaling)
     angles = positions.float()[..., None] * inverse_frequency  # [B, T, head_dim/2]
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, T, head_dim]
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _llama3_frequencies(inverse_frequency: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.x: long wavelengths slowed by ``factor``, short ones kept, a smooth blend between."""
+    context = scaling.original_max_position_embeddings
+    wavelength = 2 * math.pi / inverse_frequency
+    slow = wavelength > context / scaling.low_freq_factor
+    fast = wavelength < context / scaling.high_freq_factor
+    smooth = (context / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * inverse_frequency / scaling.factor + smooth * inverse_frequency
+    scaled = torch.where(slow, inverse_frequency / scaling.factor, inverse_frequency)
+    return torch.where(~slow & ~fast, blended, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -80,16 +95,22 @@ class Attention(nn.Module):
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
-        self.wq = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
+        bias = config.qkv_bias
+        self.wq = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
 
@@ -170,7 +191,7 @@ class Decoder(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         h = self.tok_embeddings(tokens)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype, self.config.rope_scaling)
         for layer in self.layers:
             h = layer(h, cos, sin, cache)
         h = self.norm(h)
@@ -220,6 +241,9 @@ class Decoder(nn.Module):
             name = _canonical_name(module_path)
             if name.endswith("norm.weight"):
                 _copy_into(parameter, torch.ones(parameter.shape))
+                continue
+            if name.endswith(".bias"):
+                _copy_into(parameter, torch.zeros(parameter.shape))
                 continue
             std = residual_std if _is_residual_projection(name) else INIT_STD
             generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))

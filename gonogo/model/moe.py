@@ -78,9 +78,12 @@ class MoE(nn.Module):
         if config.n_shared_experts:
             from gonogo.model.decoder import FeedForward  # the dense SwiGLU; imported late (cycle)
 
-            self.shared_expert = FeedForward(dim, config.n_shared_experts * config.expert_ffn_dim)
+            width = config.shared_expert_ffn_dim or config.n_shared_experts * config.expert_ffn_dim
+            self.shared_expert = FeedForward(dim, width)
         else:
             self.shared_expert = None
+        # Qwen2-MoE scales the shared expert's output by sigmoid(gate · x), per token
+        self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if config.shared_expert_gate else None
         # steers expert selection only; saved with the model, never trained by gradients
         self.register_buffer("expert_bias", torch.zeros(config.n_experts), persistent=True)
         self.last_token_counts: Optional[torch.Tensor] = None
@@ -147,7 +150,10 @@ class MoE(nn.Module):
         per_assignment = tokens.new_zeros(N * k, D).index_copy(0, order, expert_outputs.to(tokens.dtype))
         out = (per_assignment.view(N, k, D) * weights.to(tokens.dtype).unsqueeze(-1)).sum(dim=1)
         if self.shared_expert is not None:
-            out = out + self.shared_expert(tokens)
+            shared = self.shared_expert(tokens)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+            out = out + shared
         return out.view(B, T, D)
 
     @torch.no_grad()

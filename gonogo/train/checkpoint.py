@@ -185,6 +185,12 @@ def _check_same_model(directory: Path, saved: dict, model_config: Any) -> None:
     if model_config is None:
         return
     current = _config_dict(model_config)
+    try:  # fields added to ModelConfig since the checkpoint was written count as their defaults
+        from gonogo.model.config import ModelConfig
+
+        saved = ModelConfig.model_validate(saved).model_dump(mode="json")
+    except ValueError:
+        pass  # not a ModelConfig the running code knows: compare as saved
     differences = [f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
                    for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
     if differences:
@@ -360,6 +366,12 @@ class Checkpointer:
         with ThreadPoolExecutor(max_workers=1) as pool:
             # the DCP files are hashed while the consolidated weights are being written
             shard_hashes = pool.submit(manifest.hash_files, temporary, shards)
+            from gonogo.train import lora
+
+            if lora.is_lora_state(full_weights):  # the consolidated weights are merged (gonogo.train.lora)
+                train = meta_record.get("train") or {}
+                full_weights, adapters = lora.merge(full_weights, train["lora_rank"], train["lora_alpha"])
+                _write_safetensors(temporary / lora.ADAPTERS_NAME, adapters)
             _write_safetensors(temporary / WEIGHTS_NAME, full_weights)
             manifest.write_json_durable(temporary / TRAIN_STATE_NAME, train_state)
             manifest.write_json_durable(temporary / manifest.META_NAME, meta_record)
@@ -618,7 +630,7 @@ def _load_on_cpu(path: str | Path):
         from gonogo.files import unreadable_input
 
         with unreadable_input(directory):  # no manifest vouches for it: a damaged export is one line
-            return load_hf_dir(directory)
+            return load_hf_dir(directory, device="cpu", dtype=torch.float32)
     if (directory / "quantization.json").is_file():
         from gonogo.infer.quantize import load_quantized
 

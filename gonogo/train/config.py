@@ -31,18 +31,35 @@ class DataConfig(Strict):
     # only on the assistant's tokens; "text": plain documents (pretraining)
     format: Literal["text", "chat"] = "text"
     min_good_fraction: float = Field(default=0.9, ge=0.0, le=1.0)  # chat JSONL: below this, refuse the file
+    # a model's own tokenizer: a directory holding tokenizer.json (or the file itself), e.g. one made
+    # by `gonogo tokenizer train`; None = gonogo's byte tokenizer. finetune sets it from the checkpoint
+    tokenizer: Optional[str] = None
+
+    def make_tokenizer(self):
+        """The HFTokenizer of ``tokenizer``, or None for the byte tokenizer."""
+        if self.tokenizer is None:
+            return None
+        from gonogo.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(self.tokenizer)
 
     def open_source(self, split: str):
         """This data's source for ``split`` ("train" or "val"); UserError for a bad path or file."""
+        tokenizer = self.make_tokenizer()
         if self.format == "chat":
             from gonogo.data.sft import make_sft_source
 
             return make_sft_source(self.source, split, seed=self.seed, min_good_fraction=self.min_good_fraction,
-                                   val_percent=self.val_percent)
+                                   val_percent=self.val_percent, tokenizer=tokenizer)
         from gonogo.data.sources import make_source
 
-        return make_source(self.source, split, seed=self.seed, text_field=self.text_field,
-                           val_percent=self.val_percent)
+        source = make_source(self.source, split, seed=self.seed, text_field=self.text_field,
+                             val_percent=self.val_percent)
+        if tokenizer is None:
+            return source
+        from gonogo.data.hf_tokenizer import TokenizedSource
+
+        return TokenizedSource(source, tokenizer)
 
 
 class TrainSettings(Strict):
@@ -76,6 +93,10 @@ class TrainSettings(Strict):
     # background process and the checkpoint is committed once they are written (docs/checkpoint.md)
     checkpoint_async: bool = False
     init_from: Optional[str] = None          # a checkpoint whose weights start the run (finetune)
+    # LoRA through peft (gonogo.train.lora): rank 0 = full finetuning; adapters on these linear layers
+    lora_rank: int = Field(default=0, ge=0)
+    lora_alpha: float = Field(default=16.0, gt=0)
+    lora_targets: list[str] = Field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
     init_timeout_s: float = 120.0            # bound on process-group set-up and every collective
     # resilience (gonogo.train.guards; docs/resilience.md)
     max_restarts: int = 2                    # torchrun restarts of a failed attempt (each resumes by itself)
@@ -111,6 +132,11 @@ class TrainConfig(Strict):
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
                              f"{self.model.max_seq_len}; lower train.seq_len or raise model.max_seq_len")
+        if self.data.tokenizer is not None:
+            size = self.data.make_tokenizer().vocab_size
+            if size > self.model.vocab_size:
+                raise ValueError(f"data.tokenizer has {size} ids but model.vocab_size={self.model.vocab_size}; "
+                                 f"raise model.vocab_size to at least {size}")
         return self
 
 

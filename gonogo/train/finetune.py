@@ -58,10 +58,21 @@ def checkpoint_model(checkpoint: Path) -> dict[str, Any]:
     meta_path = checkpoint / manifest.META_NAME
     if meta_path.is_file():
         return json.loads(meta_path.read_text(encoding="utf-8"))["model"]
-    from gonogo.train.checkpoint import load_for_inference
+    from gonogo.export.hf import hf_model_config
 
-    _model, config, _meta = load_for_inference(checkpoint)
-    return config.model_dump()
+    return hf_model_config(checkpoint).model_dump()  # config.json only: the weights load in the workers
+
+
+def checkpoint_tokenizer_dir(checkpoint: Path) -> Optional[str]:
+    """The directory of the model's own tokenizer (a Hugging Face model, or a checkpoint trained
+    with one); None for gonogo's byte tokenizer."""
+    from gonogo.export.hf import _tokenizer_name
+    from gonogo.train import manifest
+
+    meta_path = checkpoint / manifest.META_NAME
+    if meta_path.is_file():
+        return json.loads(meta_path.read_text(encoding="utf-8")).get("tokenizer_dir")
+    return str(checkpoint.resolve()) if _tokenizer_name(checkpoint) == "hf" else None
 
 
 def load_finetune_config(preset: str | Path, checkpoint: str | Path,
@@ -77,6 +88,9 @@ def load_finetune_config(preset: str | Path, checkpoint: str | Path,
     resolved = resolve_checkpoint(Path(checkpoint))
     data["model"] = checkpoint_model(resolved)
     data.setdefault("data", {}).setdefault("format", "chat")
+    tokenizer_dir = checkpoint_tokenizer_dir(resolved)
+    if tokenizer_dir is not None:
+        data["data"].setdefault("tokenizer", tokenizer_dir)  # the model's own tokenizer and chat template
     data.setdefault("train", {})["init_from"] = str(resolved.resolve())
     return validate(TrainConfig, data, source=str(path)), path, resolved
 

@@ -77,7 +77,20 @@ def build_model(model_config: ModelConfig, config: TrainConfig, world: World) ->
     model.init_weights(config.train.seed)
     if config.train.init_from:
         load_initial_weights(model, config.train.init_from)
+    if config.train.lora_rank:
+        from gonogo.train.lora import add_lora
+
+        model = add_lora(model, config.train.lora_rank, config.train.lora_alpha, config.train.lora_targets)
     return parallelize(model, config, world)
+
+
+def tokenizer_meta(data) -> dict:
+    """meta.json's tokenizer entries: a model's own tokenizer is named with the directory holding it."""
+    if data.tokenizer is None:
+        return {}
+    directory = Path(data.tokenizer)
+    directory = directory.parent if directory.is_file() else directory
+    return {"tokenizer": "hf", "tokenizer_dir": str(directory.resolve())}
 
 
 def load_initial_weights(model: nn.Module, path: str) -> None:
@@ -85,8 +98,15 @@ def load_initial_weights(model: nn.Module, path: str) -> None:
     from safetensors.torch import load_file
 
     from gonogo.train.checkpoint import WEIGHTS_NAME, resolve_checkpoint
+    from gonogo.train.manifest import META_NAME
 
-    weights = load_file(str(resolve_checkpoint(path) / WEIGHTS_NAME), device="cpu")
+    directory = resolve_checkpoint(path)
+    if not (directory / META_NAME).is_file():  # a Hugging Face directory: its own names and layout
+        from gonogo.export.hf import load_hf_dir
+
+        weights = load_hf_dir(directory, device="cpu", dtype=torch.float32)[0].state_dict()
+    else:
+        weights = load_file(str(directory / WEIGHTS_NAME), device="cpu")
     missing, unexpected = model.load_state_dict({name: tensor.float() for name, tensor in weights.items()},
                                                 strict=False)
     if missing or unexpected:
@@ -417,7 +437,8 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
                 # an async save first waits for the previous one to commit: that wait is blocked time too
                 saved = checkpointer.save(step, model, optimizer, scheduler, loader.state_dict(),
                                           extra={"loss": last_loss, "val_loss": last_val}, model_config=config.model,
-                                          meta={"train": config.train.model_dump(), "data": config.data.model_dump()})
+                                          meta={"train": config.train.model_dump(), "data": config.data.model_dump(),
+                                                **tokenizer_meta(config.data)})
             blocked = time.perf_counter() - save_started
             blocked_per_save.append(blocked)
             if world.rank == 0:

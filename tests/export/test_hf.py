@@ -125,9 +125,13 @@ def test_import_refuses_what_does_not_map(tmp_path):
     config, _ = CASES["llama"]
     out = export_hf(write_checkpoint(tmp_path / "step-00000010", random_model(config)), tmp_path / "hf")
     hf = json.loads((out / "config.json").read_text())
+    hf["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0}
+    (out / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(UserError, match="rope_scaling type 'yarn'"):
+        load_hf_dir(out)
     hf["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}
     (out / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(UserError, match="RoPE scaling 'llama3'"):
+    with pytest.raises(UserError, match="'llama3' lacks low_freq_factor"):
         load_hf_dir(out)
     hf["architectures"] = ["GPT2LMHeadModel"]
     (out / "config.json").write_text(json.dumps(hf))

@@ -1,0 +1,63 @@
+"""LoRA finetuning through ``peft``: low-rank adapters on the decoder's linear layers, base frozen.
+
+``train.lora_rank > 0`` injects peft's LoRA layers into the named linear modules (default: every
+attention and MLP projection, ``wq wk wv wo w1 w2 w3``; the stacked MoE experts are not
+``nn.Linear`` and stay frozen) after the initial weights are loaded, and freezes everything else,
+so the optimizer holds (and FSDP2 reduces gradients for) the adapters only. The adapters start at
+zero (peft initialises B to 0): step 0 computes exactly the base model.
+
+A checkpoint keeps the adapters in its sharded state (resume continues them), and its consolidated
+``model.safetensors`` holds the merged weights W + (alpha / r) · B·A under gonogo's own names, so
+serve, eval, quantize and export read it like any checkpoint (export = merged adapters). The
+adapters alone are written beside it as ``lora_adapters.safetensors``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ADAPTERS_NAME = "lora_adapters.safetensors"
+_BASE = ".base_layer."
+_A, _B = ".lora_A.default.weight", ".lora_B.default.weight"
+
+
+def add_lora(model, rank: int, alpha: float, targets: list[str]):
+    """Inject LoRA adapters into ``model`` (in place) and freeze every other parameter."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from gonogo.errors import UserError
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = sorted(set(targets) - names)
+    if missing:
+        raise UserError(f"train.lora_targets: no module named {missing[0]!r} in the model "
+                        "(the decoder's linear layers are wq wk wv wo w1 w2 w3)")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=list(targets))
+    model = inject_adapter_in_model(config, model)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = ".lora_" in name
+    return model
+
+
+def is_lora_state(weights: dict) -> bool:
+    return any(_BASE in name for name in weights)
+
+
+def merge(weights: dict[str, Any], rank: int, alpha: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(merged weights under the decoder's own names, the adapters alone) of a LoRA state dict."""
+    scale = alpha / rank
+    merged, adapters = {}, {}
+    for name, tensor in weights.items():
+        if ".lora_" in name:
+            adapters[name] = tensor
+        elif _BASE in name:
+            prefix, suffix = name.split(_BASE)
+            own = f"{prefix}.{suffix}"
+            if suffix == "weight" and f"{prefix}{_A}" in weights:
+                down, up = weights[f"{prefix}{_A}"].float(), weights[f"{prefix}{_B}"].float()
+                merged[own] = (tensor.float() + scale * (up @ down)).to(tensor.dtype)
+            else:
+                merged[own] = tensor
+        else:
+            merged[name] = tensor
+    return merged, adapters
