@@ -92,8 +92,11 @@ def declared_metrics() -> set[str]:
     from gonogo.stages import get_kind, kind_names
 
     names = set(PLAN_METRICS) | set(STAGE_RUNNER_METRICS)
+    from gonogo.config import load_toml
+
     for plan in sorted(PLANS_DIR.glob("*.toml")):
-        for stage in load_plan(plan).stages:
+        declared = load_toml(plan).get("plan", {}).get("parameters", {})  # byo-model: any value validates
+        for stage in load_plan(plan, {name: "placeholder" for name in declared}).stages:
             names |= stage.metrics
     train = get_kind("train")
     for preset in sorted((ROOT / "gonogo" / "configs").glob("*.toml")):  # MoE presets add MoE metrics
