@@ -258,6 +258,13 @@ class SectionTimer:
         self._profiled_steps = max(1, self.steps - self._profiled_from)
         self._profiler = None
 
+    def close(self) -> None:
+        """Stop a profiler still recording (CUDA): a process that exits with one running can crash
+        in the profiler's teardown (seen: SIGSEGV at interpreter exit)."""
+        if self._profiler is not None:
+            self._profiler.stop()
+            self._profiler = None
+
     def take(self) -> list[float]:
         """Mean seconds per step of each section (SECTIONS order), then reset."""
         if self._profiler is not None:

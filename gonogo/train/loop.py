@@ -458,6 +458,7 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
             break
 
     watchdog.stop()
+    timer.close()
     train_seconds = time.perf_counter() - train_started
     final_wait = None
     if checkpointer is not None:

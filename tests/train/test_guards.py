@@ -261,6 +261,8 @@ def test_cuda_section_timer_profiles_the_first_step_of_every_window():
     assert timer.take() == pytest.approx([5e-6, 2e-3, 1e-4])  # one step's kernels, per step
     timer.take()
     assert [(p.started, p.stopped) for p in made] == [(1, 1), (1, 1), (1, 0)]
+    timer.close()  # the loop's end: nothing left recording
+    assert [(p.started, p.stopped) for p in made] == [(1, 1), (1, 1), (1, 1)]
 
 
 def test_section_timer_reads_a_real_profiler():
@@ -276,3 +278,4 @@ def test_section_timer_reads_a_real_profiler():
     timer.steps = 1
     assert timer.take() == [0.0, 0.0, 0.0] and timer.collective_means == [0.0, 0.0, 0.0]
     assert timer.take() == [0.0, 0.0, 0.0]
+    timer.close()  # a profiler left running crashes the interpreter at exit (SIGSEGV)

@@ -73,7 +73,7 @@ def test_peak_is_the_best_probe_so_far(tmp_path, monkeypatch):
 
 
 def test_real_gemm_probe_measures_a_positive_rate():
-    assert peak.probe_gemm("cpu", "fp32", sizes=(128,), seconds=0.05, window=0.01) > 1e8
+    assert peak.probe_gemm("cpu", "fp32", sizes=(128,), seconds=0.05, window=0.01) > 1e7  # 10 MFLOP/s: alive even on a loaded machine
 
 
 def test_known_gpu_peaks_match_the_longest_name():
