@@ -48,7 +48,7 @@ def gate(summary: dict[str, Any], metric: str) -> dict[str, Any]:
 
 def test_every_built_in_stage_kind_has_a_degraded_test():
     tested = {"doctor", "collectives", "train", "drill", "scale", "finetune", "quantize", "serve", "loadtest",
-              "canary", "capacity",
+              "canary", "capacity", "soak", "autoscale",
               "eval"}  # eval: tests/eval (its gates belong to the eval stage's verifier and scaling work)
     assert BUILT_IN_KINDS <= tested, BUILT_IN_KINDS - tested
 
@@ -265,3 +265,21 @@ def test_capacity_with_half_the_gpus_is_no_go(tmp_path):
     summary = run_degraded(tmp_path, "laptop", "capacity-405b", gpus=8192)
     days = gate(summary, "time_to_train_days")
     assert not days["passed"] and days["measured"] > 120
+
+
+# -- soak: a checkpoint store slowed on purpose after the first window ------------------------------
+
+def test_soak_with_a_slowed_checkpoint_store_is_no_go(tmp_path):
+    summary = run_degraded(tmp_path, "laptop", "soak", duration_s=15, window_s=5, checkpoint_every_s=1,
+                           probe_every_s=5, probe_tokens=4096, slow_store_s=2)
+    drift = gate(summary, "checkpoint_drift_max")
+    assert not drift["passed"] and drift["measured"] > 2.0
+
+
+# -- autoscale: a fleet that cannot grow (max_replicas = min_replicas) -------------------------------
+
+def test_autoscale_with_a_fleet_that_cannot_grow_is_no_go(tmp_path):
+    built_in = load_plan(resolve_plan_path("laptop")).stage("autoscale").raw["autoscale"]
+    summary = run_degraded(tmp_path, "laptop", "autoscale", autoscale={**built_in, "max_replicas": 1},
+                           low_s=2, high_max_s=8, down_max_s=5)
+    assert not gate(summary, "scaled_up")["passed"] and not gate(summary, "max_replicas_seen")["passed"]
