@@ -192,6 +192,7 @@ def analyse(kind: str, fault, run: dict[str, Any], twin: dict[str, Any], steps: 
         hangs = [e for e in events if e["event"] == "hang_detected"]
         detect_time = min(e["time"] for e in hangs) if hangs else None
         outcome["detected_by_ranks"] = sorted({e["rank"] for e in hangs})
+        outcome.update(triage_outcome(run["run_dir"], fault))
     elif kind == "nan":
         guarded = [e for e in events if e["event"] == "loss_guard"]
         detect_time = guarded[0]["time"] if guarded else None
@@ -236,6 +237,22 @@ def analyse(kind: str, fault, run: dict[str, Any], twin: dict[str, Any], steps: 
     return outcome
 
 
+def triage_outcome(run_dir: Path, fault) -> dict[str, Any]:
+    """Whether the hang's triage bundle (gonogo.train.triage) names the injected rank and the frame
+    the fault hangs in (``Injector.after_step``), and its "what hung" line."""
+    from gonogo.train.triage import bundles
+
+    found = bundles(run_dir, "train")
+    if not found:
+        return {"triage_bundle": None, "triage_named": False}
+    first = found[0]
+    diagnosis = first.get("diagnosis") or {}
+    frame = diagnosis.get("frame_detail") or {}
+    named = (diagnosis.get("rank") == fault.rank and frame.get("function") == "after_step"
+             and Path(frame.get("file", "")).name == "faults.py" and diagnosis.get("step") == fault.step)
+    return {"triage_bundle": first["folder"], "what_hung": first.get("what_hung"), "triage_named": named}
+
+
 def summarize(kind: str, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
     """One kind's figures over its repeats."""
     detect = [o["detect_seconds"] for o in outcomes if o.get("detect_seconds") is not None]
@@ -254,6 +271,9 @@ def summarize(kind: str, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
         summary["bitwise_equal_count"] = sum(e is True for e in equal)
         summary["bitwise_expected"] = BITWISE_EXPECTED[kind]
         summary["resumed_bitwise_equal"] = all(e is True for e in equal)
+    if kind == "hang":
+        summary["triage_named_count"] = sum(bool(o.get("triage_named")) for o in outcomes)
+        summary["triage_named"] = all(o.get("triage_named") for o in outcomes)
     if kind == "straggler":
         summary["straggler_detected_count"] = sum(bool(o.get("straggler_detected")) for o in outcomes)
         summary["straggler_detected"] = all(o.get("straggler_detected") for o in outcomes)
@@ -324,6 +344,7 @@ def stage_metrics(summaries: dict[str, Any], outcomes: dict[str, list]) -> dict[
         "steps_lost": max(lost) if lost else None,
         "resumed_bitwise_equal": all(bitwise) if bitwise else None,
         "straggler_detected": summaries["straggler"]["straggler_detected"] if "straggler" in summaries else None,
+        "triage_named": summaries["hang"]["triage_named"] if "hang" in summaries else None,
         "drills": summaries,
     }
     for kind, summary in summaries.items():

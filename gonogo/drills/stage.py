@@ -19,7 +19,8 @@ from pydantic import Field, field_validator, model_validator
 from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
 
 KINDS = ("kill", "hang", "straggler", "nan", "torn-checkpoint", "corrupt-checkpoint", "canary")
-METRICS = {"recovered", "detect_seconds", "steps_lost", "resumed_bitwise_equal", "straggler_detected"}
+METRICS = {"recovered", "detect_seconds", "steps_lost", "resumed_bitwise_equal", "straggler_detected",
+           "triage_named"}
 
 
 class DrillSettings(StageSettings):
@@ -80,7 +81,9 @@ def report_table(metrics: Metrics) -> list[dict[str, Any]]:
                                         + ("" if summary.get("bitwise_expected") else " (not expected: batch skipped)")
                                         if "bitwise_equal_count" in summary else "-"),
                      "straggler named": (f"{summary['straggler_detected_count']}/{summary['repeats']}"
-                                         if "straggler_detected_count" in summary else "-")})
+                                         if "straggler_detected_count" in summary else "-"),
+                     "triage names rank+frame": (f"{summary['triage_named_count']}/{summary['repeats']}"
+                                                 if "triage_named_count" in summary else "-")})
     return rows
 
 
@@ -175,4 +178,10 @@ def command(args: argparse.Namespace) -> int:
     for kind, summary in metrics["drills"].items():
         if summary.get("note"):
             console.print(f"{kind}: {summary['note']}")
-    return 0 if metrics["recovered"] and metrics.get("straggler_detected") is not False else 1
+    outcomes = json.loads((stage_dir / "drills" / "drills.json").read_text(encoding="utf-8")).get("outcomes", {})
+    for number, outcome in enumerate(outcomes.get("hang", []), 1):
+        console.print(f"hang #{number}: {outcome.get('what_hung') or 'no triage bundle'}"
+                      + (f" ({outcome['triage_bundle']})" if outcome.get("triage_bundle") else ""))
+    passed = (metrics["recovered"] and metrics.get("straggler_detected") is not False
+              and metrics.get("triage_named") is not False)
+    return 0 if passed else 1

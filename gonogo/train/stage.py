@@ -102,7 +102,14 @@ def launch(config: TrainConfig, config_filename: str, nproc: int, *, run_dir: Ru
         if update is not None:
             on_update(update)
 
-    code = run_command(argv, timeout=timeout_s, log_name=LOG_NAME, env=torchrun_env(extra), on_line=on_line)
+    from gonogo.train import triage
+
+    extra = {**triage.worker_env(stage_dir), **extra}
+    try:
+        code = run_command(argv, timeout=timeout_s, log_name=LOG_NAME, env=torchrun_env(extra), on_line=on_line)
+    finally:
+        # a hang, a collective timeout or a crash in any attempt left records: complete the bundle
+        triage.finish(run_dir.root, stage, stage_dir)
     if code == 0 and not result_path.is_file() and str(rendezvous.get("nnodes", "1")) != "1":
         return {"rank0_elsewhere": True}  # rank 0 ran on another node: it writes the metrics
     if code != 0 and _rendezvous_failed(stage_dir / LOG_NAME):

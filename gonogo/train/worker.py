@@ -53,7 +53,13 @@ def main(argv=None) -> int:
     job = read_job(args.job)
     world = init_distributed(job.config.train.init_timeout_s)
     try:
-        result = train(job, world)
+        try:
+            result = train(job, world)
+        except BaseException as error:
+            from gonogo.train import triage
+
+            triage.on_exception(error)
+            raise
         if result is not None:
             write_json_atomic(job.result_path, result)
         # leave together: a rank that tears its gloo pairs down while a peer still uses them can
