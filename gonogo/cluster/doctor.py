@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from pydantic import Field
 
-from gonogo.cluster import gpu_health
+from gonogo.cluster import gpu_health, topology
 from gonogo.cluster.storage import probe_storage
 from gonogo.rundir import write_json_atomic
 from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
@@ -35,6 +35,8 @@ DEFAULT_CLI_STORAGE_PATH = Path("runs")
 METRIC_NAMES = frozenset({
     "healthy", "gpu_count", "cpu_count", "memory_GB", "storage_write_GBps", "storage_read_GBps",
     "disk_free_GB", "ecc_errors", "gpu_max_temperature_C", "gpu_throttled", "nvlink_links_down",
+    # topology (gonogo.cluster.topology)
+    "sockets", "numa_nodes", "nvlink_pairs", "gpus_on_local_nic", "gpus_without_local_nic",
 })
 
 
@@ -181,6 +183,7 @@ def inventory(nvml: Any = None) -> dict[str, Any]:
         "gpu_count": gpu_count,
         "torch": torch_view,
         "nvml": nvml_view,
+        "topology": topology.topology(nvml),
         "warnings": warnings,
     }
 
@@ -219,6 +222,9 @@ def metrics_of(document: dict[str, Any]) -> Metrics:
         **gpu_health.summary_metrics(document["nvml"]),
     }
     unknown = dict(metrics.pop("unknown", {}))
+    placed = dict(document["topology"]["metrics"])
+    unknown.update(placed.pop("unknown", {}))
+    metrics.update(placed)
     if document["healthy"] is None:
         unknown["healthy"] = "; ".join(document["unknowns"])
     if document["gpu_count"] is None:
@@ -345,6 +351,18 @@ def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]
         items.append(ReportItem(title="GPU health (NVML)", table=rows))
     else:
         items.append(ReportItem(title="GPU health (NVML)", text=document["nvml"]["reason"] or "no GPU"))
+    if document.get("topology"):
+        rows = topology.matrix_rows(document["topology"])
+        items.append(ReportItem(title="Topology: GPU links (nvidia-smi topo -m legend) and NUMA affinity",
+                                table=rows) if rows else
+                     ReportItem(title="Topology: GPU links (nvidia-smi topo -m legend) and NUMA affinity",
+                                text=document["topology"]["gpu"].get("reason") or "no GPU"))
+        items.append(ReportItem(title="Topology: sockets, NUMA nodes, caches, NICs",
+                                table=topology.cpu_rows(document["topology"])))
+        try:
+            items.append(ReportItem(title="Topology picture", png=topology.picture(document["topology"])))
+        except ImportError as error:  # matplotlib is a dependency; a broken install loses only the picture
+            log.warning("topology picture not drawn: %s", error)
     unknowns = document.get("unknowns", [])
     verdict = "; ".join(document["problems"] + [f"unknown: {u}" for u in unknowns]) or "all health checks passed"
     notes = " ".join(document["warnings"])
@@ -402,6 +420,15 @@ def _print_tables(document: dict[str, Any]) -> None:
         for row in rows:
             health.add_row(*(row.get(column, "") for column in rows[0]))
         console.print(health)
+    for title, rows in (("topology: GPU links", topology.matrix_rows(document["topology"])),
+                        ("topology: CPU, NUMA, caches, NICs", topology.cpu_rows(document["topology"]))):
+        if rows:
+            view = Table(title=title)
+            for column in rows[0]:
+                view.add_column(column)
+            for row in rows:
+                view.add_row(*(row.get(column, "") for column in rows[0]))
+            console.print(view)
     for warning in document["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
     for problem in document["problems"]:
