@@ -224,16 +224,27 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
+def _triage_items(stage_dir: Path) -> list[ReportItem]:
+    """First in the stage's report: what hung in each attempt that left a triage bundle."""
+    from gonogo.train.triage import bundles
+
+    found = bundles(stage_dir.parent.parent, stage_dir.name)  # <run>/stages/<name>
+    rows = [{"attempt": Path(bundle["folder"]).name, "what hung": bundle["what_hung"], "bundle": bundle["folder"]}
+            for bundle in found]
+    return [ReportItem(title="Triage: what hung", table=rows)] if rows else []
+
+
 def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
     rows = _rank0_lines(stage_dir)
+    triage_items = _triage_items(stage_dir)
     if not rows:
-        return None
+        return triage_items or None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    items = []
+    items = triage_items
     steps = [r["step"] for r in rows]
     figure, axes = plt.subplots(figsize=(6, 3.2))
     axes.plot(steps, [r["loss"] for r in rows], label="train loss")
