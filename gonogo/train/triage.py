@@ -8,7 +8,9 @@ Inside every rank (``install``):
   This is gonogo's own record on gloo; on NCCL, PyTorch's flight recorder records the same and
   more (``TORCH_NCCL_TRACE_BUFFER_SIZE``, dumped on a timeout, see ``worker_env``).
 - Python fatal errors (a segfault, an abort in C++) are written by ``faulthandler`` to
-  ``<stage>/heartbeats/rank-N.fatal.txt``, opened before they can happen.
+  ``<stage>/heartbeats/rank-N.attempt-K.fatal.txt``, opened before they can happen; the parent
+  turns a non-empty one into an incident of that attempt (the crashed rank wrote no record, so
+  its frame is read from the dump).
 - When the watchdog ends a rank, or an exception leaves the loop, the rank writes
   ``triage/<stage>-attempt-K/rank-N.json`` (step, last heartbeat, the collective it was in, its
   last collectives, its main thread's stack) and ``rank-N.stack.txt`` (faulthandler's dump of
@@ -164,7 +166,7 @@ class Triage:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._fatal = None
-        self.fatal_path = Path(stage_dir) / "heartbeats" / f"rank-{rank:05d}.fatal.txt"
+        self.fatal_path = Path(stage_dir) / "heartbeats" / f"rank-{rank:05d}.attempt-{attempt}.fatal.txt"
 
     def _step(self) -> Optional[int]:
         return self.watchdog.state()["step"] if self.watchdog is not None else None
@@ -333,7 +335,10 @@ def diagnose(records: dict[int, dict[str, Any]], world_size: int) -> dict[str, A
     counts = {rank: (record.get("collectives") or {}).get("count", 0) for rank, record in records.items()}
     raised = [rank for rank, record in sorted(records.items()) if record.get("exception")]
     why = ""
-    if missing:
+    crashed = [rank for rank, record in sorted(records.items()) if record.get("reason") == "fatal error"]
+    if crashed:
+        culprits, why = crashed, "crashed in native code (faulthandler's dump)"
+    elif missing:
         culprits = missing
         why = "wrote no record (dead, or stuck in native code holding the interpreter)"
     elif raised:
@@ -380,10 +385,30 @@ def diagnose(records: dict[int, dict[str, Any]], world_size: int) -> dict[str, A
     return diagnosis
 
 
+FAULTHANDLER_FRAME = re.compile(r'^\s+File "(?P<file>.+)", line (?P<line>\d+) in (?P<function>\S+)')
+
+
+def fatal_record(path: Path, rank: int) -> dict[str, Any]:
+    """A crashed rank's record from faulthandler's dump: the crashing thread's frames, innermost last."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("Current thread")), None)
+    frames = []
+    for line in lines[start + 1:] if start is not None else []:
+        match = FAULTHANDLER_FRAME.match(line)
+        if not match:
+            break
+        frames.append({"file": match["file"], "line": int(match["line"]), "function": match["function"]})
+    error = next((line for line in lines if line.startswith("Fatal Python error")), "fatal error")
+    return {"rank": rank, "reason": "fatal error", "exception": error, "watchdog": None,
+            "exception_frames": list(reversed(frames)), "stacks": {"main": list(reversed(frames))},
+            "collectives": None}
+
+
 def what_hung_line(diagnosis: dict[str, Any], reason: str) -> str:
     if diagnosis.get("rank") is None:
         return f"What hung ({reason}): no single rank: {diagnosis['why']}"
-    line = (f"What hung ({reason}): rank {diagnosis['rank']} at step {diagnosis['step']}, "
+    step = f"step {diagnosis['step']}" if diagnosis.get("step") is not None else "an unknown step"
+    line = (f"What hung ({reason}): rank {diagnosis['rank']} at {step}, "
             f"{diagnosis['operation']}, frame {diagnosis['frame']}")
     if diagnosis.get("exception"):
         line += f": {diagnosis['exception']}"
@@ -440,6 +465,18 @@ def bundles(run_dir: Path, stage: Optional[str] = None) -> list[dict[str, Any]]:
 def finish(run_dir: Path, stage: str, stage_dir: Path) -> list[Path]:
     """Complete every incident folder of ``stage`` that has records and no report yet; their reports."""
     root = Path(run_dir) / TRIAGE_DIR
+    # a rank that crashed in native code left only faulthandler's dump: that attempt is an incident too
+    for path in sorted((Path(stage_dir) / "heartbeats").glob("rank-*.attempt-*.fatal.txt")):
+        match = re.match(r"rank-(\d+)\.attempt-(\d+)\.fatal\.txt", path.name)
+        if not match or not path.stat().st_size:
+            continue
+        folder = incident_dir(run_dir, stage, int(match.group(2)))
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / REQUEST_NAME).exists() and not (folder / REPORT_NAME).exists():
+            first = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[:1]
+            (folder / REQUEST_NAME).write_text(json.dumps({"rank": int(match.group(1)), "reason": "fatal error",
+                                                           "detail": first[0] if first else "fatal error",
+                                                           "time": path.stat().st_mtime}), encoding="utf-8")
     reports = []
     for folder in sorted(root.glob(f"{stage}-attempt-*")) if root.is_dir() else []:
         if (folder / REPORT_NAME).is_file() or not folder.is_dir():
@@ -457,15 +494,20 @@ def _finish_incident(folder: Path, stage_dir: Path) -> Path:
         if "rank" in record:
             records[int(record["rank"])] = record
     request = _read_json(folder / REQUEST_NAME)
-    world_size = max([record.get("world_size", 0) for record in records.values()] + [len(records)])
-    diagnosis = diagnose(records, world_size)
     reason = request.get("reason", "unknown")
     # fatal-error dumps, NCCL logs and flight-recorder dumps written by this attempt's ranks
     copied = []
-    for path in sorted((stage_dir / "heartbeats").glob("rank-*.fatal.txt")):
+    attempt = folder.name.rsplit("-", 1)[-1]
+    for path in sorted((stage_dir / "heartbeats").glob(f"rank-*.attempt-{attempt}.fatal.txt")):
         if path.stat().st_size:
             shutil.copy2(path, folder / path.name)
             copied.append(path.name)
+            rank = int(path.name[5:10])
+            if rank not in records:  # the crashed rank: its record is the dump
+                records[rank] = fatal_record(path, rank)
+    world_size = max([record.get("world_size") or 0 for record in records.values()] + [len(records)]
+                     + [rank + 1 for rank in records])
+    diagnosis = diagnose(records, world_size)
     nccl = stage_dir / "nccl"
     nccl_files = []
     if nccl.is_dir():

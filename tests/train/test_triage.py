@@ -132,3 +132,41 @@ def test_drill_outcome_with_another_rank_or_no_bundle_is_not_named(tmp_path):
     assert runner.triage_outcome(tmp_path / "none", Fault("hang", 1, 6)) == {"triage_bundle": None,
                                                                            "triage_named": False}
     assert runner.summarize("hang", [{"triage_named": False}])["triage_named"] is False
+
+
+CRASH = """
+import ctypes, sys
+from pathlib import Path
+from gonogo.train.triage import Triage
+
+Triage(run_dir=Path(sys.argv[1]), stage="train", stage_dir=Path(sys.argv[2]), rank=1, world_size=2, attempt=0).start()
+
+
+def crash_here():
+    ctypes.string_at(0)
+
+
+crash_here()
+"""
+
+
+def test_a_segfault_leaves_a_bundle_naming_the_crashed_frame(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH)
+    stage_dir = tmp_path / "stages" / "train"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), str(stage_dir)], capture_output=True,
+                          timeout=120, check=False)
+    assert done.returncode < 0  # killed by SIGSEGV
+    reports = triage.finish(tmp_path, "train", stage_dir)
+    first = reports[0].read_text().splitlines()[0]
+    assert first.startswith("# What hung (fatal error): rank 1 at an unknown step")
+    # the innermost Python frame is ctypes' (the native crash is below it); the caller is next
+    assert "ctypes/__init__.py" in first and "in string_at" in first and "Segmentation fault" in first
+    bundle = json.loads((reports[0].parent / "triage.json").read_text())
+    assert bundle["diagnosis"]["why"].startswith("crashed in native code")
+    assert "crash.py:10 in crash_here" in (reports[0].parent / "rank-00001.attempt-0.fatal.txt").read_text().replace(
+        '", line ', ":")
+    assert (reports[0].parent / "rank-00001.attempt-0.fatal.txt").is_file()
