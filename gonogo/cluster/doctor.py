@@ -21,8 +21,9 @@ from typing import Any, Optional
 
 from pydantic import Field
 
-from gonogo.cluster import gpu_health
+from gonogo.cluster import gpu_health, topology
 from gonogo.cluster.storage import probe_storage
+from gonogo.errors import UserError
 from gonogo.rundir import write_json_atomic
 from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
 
@@ -35,6 +36,8 @@ DEFAULT_CLI_STORAGE_PATH = Path("runs")
 METRIC_NAMES = frozenset({
     "healthy", "gpu_count", "cpu_count", "memory_GB", "storage_write_GBps", "storage_read_GBps",
     "disk_free_GB", "ecc_errors", "gpu_max_temperature_C", "gpu_throttled", "nvlink_links_down",
+    # topology (gonogo.cluster.topology)
+    "sockets", "numa_nodes", "nvlink_pairs", "gpus_on_local_nic", "gpus_without_local_nic",
 })
 
 
@@ -182,6 +185,7 @@ def inventory(nvml: Any = None) -> dict[str, Any]:
         "torch": torch_view,
         "nvml": nvml_view,
         "engines": engines_view(),
+        "topology": topology.topology(nvml),
         "warnings": warnings,
     }
 
@@ -227,6 +231,9 @@ def metrics_of(document: dict[str, Any]) -> Metrics:
         **gpu_health.summary_metrics(document["nvml"]),
     }
     unknown = dict(metrics.pop("unknown", {}))
+    placed = dict(document["topology"]["metrics"])
+    unknown.update(placed.pop("unknown", {}))
+    metrics.update(placed)
     if document["healthy"] is None:
         unknown["healthy"] = "; ".join(document["unknowns"])
     if document["gpu_count"] is None:
@@ -361,6 +368,18 @@ def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]
         items.append(ReportItem(title="GPU health (NVML)", table=rows))
     else:
         items.append(ReportItem(title="GPU health (NVML)", text=document["nvml"]["reason"] or "no GPU"))
+    if document.get("topology"):
+        rows = topology.matrix_rows(document["topology"])
+        items.append(ReportItem(title="Topology: GPU links (nvidia-smi topo -m legend) and NUMA affinity",
+                                table=rows) if rows else
+                     ReportItem(title="Topology: GPU links (nvidia-smi topo -m legend) and NUMA affinity",
+                                text=document["topology"]["gpu"].get("reason") or "no GPU"))
+        items.append(ReportItem(title="Topology: sockets, NUMA nodes, caches, NICs",
+                                table=topology.cpu_rows(document["topology"])))
+        try:
+            items.append(ReportItem(title="Topology picture", png=topology.picture(document["topology"])))
+        except ImportError as error:  # matplotlib is a dependency; a broken install loses only the picture
+            log.warning("topology picture not drawn: %s", error)
     unknowns = document.get("unknowns", [])
     verdict = "; ".join(document["problems"] + [f"unknown: {u}" for u in unknowns]) or "all health checks passed"
     notes = " ".join(document["warnings"])
@@ -387,16 +406,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory whose storage speed to probe, e.g. the checkpoint folder (default: ./runs)")
     parser.add_argument("--size-MB", dest="size_MB", type=int, default=256,
                         help="MB (1e6 bytes) to write and read back in the storage probe (default: 256)")
+    group = parser.add_argument_group("many nodes (run the same command on every node)")
+    group.add_argument("--nnodes", type=int, default=1, help="nodes whose inventories to gather into one table")
+    group.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                       help="where the nodes meet: the first node to bind it hosts the table (with --nnodes > 1)")
+    group.add_argument("--node-rank", type=int, default=None, help="this node's rank (default: the order of joining)")
+    group.add_argument("--join-timeout", type=float, default=120.0,
+                       help="seconds to wait for every node to answer (default: 120)")
 
 
 def command(args: argparse.Namespace) -> int:
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        raise UserError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (where the nodes meet)")
+    if args.nnodes > 1:
+        from gonogo.cluster import nodes
+
+        nodes.parse_endpoint(args.rdzv_endpoint)  # a typo is found before the storage probe runs
     document = diagnose(args.path, args.size_MB)
+    if args.nnodes > 1:
+        return _many_nodes(args, document)
     if args.json:
         json.dump(document, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         _print_tables(document)
     return 0 if document["healthy"] is True else 1
+
+
+def _many_nodes(args: argparse.Namespace, document: dict[str, Any]) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from gonogo.cluster import nodes
+
+    view = nodes.gather(document, nnodes=args.nnodes, endpoint=args.rdzv_endpoint, node_rank=args.node_rank,
+                        join_timeout_s=args.join_timeout)
+    if args.json:
+        json.dump({"node": document, "cluster": view}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0 if view["go"] else 1
+    console = Console()
+    rows = nodes.node_rows(view)
+    table = Table(title=f"gonogo doctor: {view['metrics']['nodes_answered']} of {args.nnodes} nodes")
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)
+    for problem in view["problems"]:
+        console.print(f"NO-GO: {problem}", markup=False)
+    if view["go"]:
+        console.print("GO: every node answered, all healthy, identical driver / CUDA / NCCL / torch versions")
+    elif not view["problems"]:
+        console.print("NO-GO: health unknown on some node (not counted as passed)")
+    return 0 if view["go"] else 1
 
 
 def _print_tables(document: dict[str, Any]) -> None:
@@ -418,6 +481,15 @@ def _print_tables(document: dict[str, Any]) -> None:
         for row in rows:
             health.add_row(*(row.get(column, "") for column in rows[0]))
         console.print(health)
+    for title, rows in (("topology: GPU links", topology.matrix_rows(document["topology"])),
+                        ("topology: CPU, NUMA, caches, NICs", topology.cpu_rows(document["topology"]))):
+        if rows:
+            view = Table(title=title)
+            for column in rows[0]:
+                view.add_column(column)
+            for row in rows:
+                view.add_row(*(row.get(column, "") for column in rows[0]))
+            console.print(view)
     for warning in document["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
     for problem in document["problems"]:

@@ -32,7 +32,7 @@ from gonogo.rundir import RunDir, write_json_atomic
 log = logging.getLogger(__name__)
 
 TRAINING_KINDS = ("kill", "hang", "straggler", "nan", "torn-checkpoint", "corrupt-checkpoint")
-KINDS = TRAINING_KINDS + ("canary",)
+KINDS = TRAINING_KINDS + ("shrink", "canary")
 # where the fault leaves the math unchanged, the resumed run must end with the twin's weights
 BITWISE_EXPECTED = {"kill": True, "hang": True, "straggler": True, "nan": False,
                     "torn-checkpoint": True, "corrupt-checkpoint": True}
@@ -76,17 +76,19 @@ class Drill:
         self._twin: Optional[dict[str, Any]] = None
 
     # -- running one training ------------------------------------------------------------------
-    def train(self, name: str, env: Optional[dict[str, str]] = None) -> dict[str, Any]:
-        """Train once into out_dir/name; {"run_dir", "code", "metrics" (None when it failed)}."""
+    def train(self, name: str, env: Optional[dict[str, str]] = None, *, nproc: Optional[int] = None,
+              config=None, resume: str = "never", fresh: bool = True) -> dict[str, Any]:
+        """Train once into out_dir/name; {"run_dir", "code", "metrics" (None when it failed)}.
+        ``fresh=False`` continues the run directory already there (the shrink drill's second part)."""
         from gonogo.procs import ProcessTimeout, run_process
         from gonogo.train.stage import launch
 
         root = self.out_dir / name
-        if root.exists():
+        if fresh and root.exists():
             import shutil
 
             shutil.rmtree(root)  # our own earlier attempt of this drill (out_dir is the drill's)
-        run_dir = RunDir.create(root, plan_name=name)
+        run_dir = RunDir.create(root, plan_name=name) if fresh else RunDir(root)
         stage_dir = run_dir.stage_dir("train")
 
         def run_command(argv, *, timeout, log_name, env=None, on_line=None) -> int:
@@ -97,8 +99,8 @@ class Drill:
 
         started = time.time()
         try:
-            metrics = launch(self.config, self.config_path.name, self.nproc, run_dir=run_dir, stage="train",
-                             stage_dir=stage_dir, resume="never", timeout_s=self.timeout_s,
+            metrics = launch(config or self.config, self.config_path.name, nproc or self.nproc, run_dir=run_dir,
+                             stage="train", stage_dir=stage_dir, resume=resume, timeout_s=self.timeout_s,
                              run_command=self._run_command or run_command, on_update=lambda update: None, env=env)
             error = None
         except StageFailed as failure:
@@ -122,9 +124,33 @@ class Drill:
         candidates = [s for s in range(every + 1, self.steps - 1) if s % every]
         return self.rng.choice(candidates)
 
+    def run_shrink(self, index: int) -> dict[str, Any]:
+        """One rank is lost for good: the job fails on N ranks (no restart), then resumes from the
+        last committed checkpoint on N-1 ranks (DCP reshards it) and must continue the twin's loss curve."""
+        from gonogo.train.faults import Fault
+
+        if self.nproc < 2:
+            raise UserError(f"the shrink drill needs at least 2 processes (nproc={self.nproc}): it continues on one fewer")
+        twin = self.twin()
+        # in the first half, so the resumed part logs a few windows to measure its throughput on
+        every = self.checkpoint_every
+        step = self.rng.choice([s for s in range(every + 1, self.steps // 2 + 1) if s % every] or [every + 1])
+        fault = Fault(kind="kill", rank=self.rng.randrange(self.nproc), step=step)
+        name = f"shrink-{index + 1}"
+        no_restart = self.config.model_copy(update={"train": self.config.train.model_copy(update={"max_restarts": 0})})
+        lost = self.train(name, env=fault.to_env(), config=no_restart)
+        resumed = self.train(name, nproc=self.nproc - 1, resume="auto", fresh=False)
+        seconds = lost["seconds"] + resumed["seconds"]
+        outcome = analyse_shrink(fault, lost, resumed, twin, self.steps, self.nproc)
+        outcome["seconds"] = round(seconds, 2)
+        log.info("drill shrink #%d: %s", index + 1, outcome)
+        return outcome
+
     def run_once(self, kind: str, index: int) -> dict[str, Any]:
         from gonogo.train.faults import Fault
 
+        if kind == "shrink":
+            return self.run_shrink(index)
         if kind not in TRAINING_KINDS:
             raise UserError(f"unknown drill {kind!r}; known: {', '.join(KINDS)}")
         if kind == "straggler" and self.nproc < 2:
@@ -192,6 +218,7 @@ def analyse(kind: str, fault, run: dict[str, Any], twin: dict[str, Any], steps: 
         hangs = [e for e in events if e["event"] == "hang_detected"]
         detect_time = min(e["time"] for e in hangs) if hangs else None
         outcome["detected_by_ranks"] = sorted({e["rank"] for e in hangs})
+        outcome.update(triage_outcome(run["run_dir"], fault))
     elif kind == "nan":
         guarded = [e for e in events if e["event"] == "loss_guard"]
         detect_time = guarded[0]["time"] if guarded else None
@@ -236,6 +263,78 @@ def analyse(kind: str, fault, run: dict[str, Any], twin: dict[str, Any], steps: 
     return outcome
 
 
+def _loss_lines(run_dir: Path) -> list[dict[str, Any]]:
+    """Rank 0's logged windows (step, loss, tokens/s, time), in the order written."""
+    path = Path(run_dir) / "events.jsonl"
+    lines = []
+    for text in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(text)
+        except ValueError:
+            continue
+        if "event" not in record and record.get("rank") == 0 and "loss" in record:
+            lines.append(record)
+    return lines
+
+
+LOSS_CONTINUITY_TOLERANCE = 0.02  # relative; same batches, only the reduction order differs
+
+
+def analyse_shrink(fault, lost: dict[str, Any], resumed: dict[str, Any], twin: dict[str, Any], steps: int,
+                   nproc: int) -> dict[str, Any]:
+    events = _events(resumed["run_dir"])
+    starts = [e for e in events if e["event"] == "attempt_started"]
+    second = starts[-1] if len(starts) >= 2 else None
+    resumed_step = second["step"] if second else None
+    lines = _loss_lines(resumed["run_dir"])
+    before = [r for r in lines if second is None or r["time"] < second["time"]]
+    after = [r for r in lines if second is not None and r["time"] >= second["time"]]
+    twin_loss = {r["step"]: r["loss"] for r in _loss_lines(twin["run_dir"])}
+    compared = [(r["step"], r["loss"], twin_loss[r["step"]]) for r in after if r["step"] in twin_loss]
+    worst = max((abs(mine - theirs) / abs(theirs) for _, mine, theirs in compared), default=None)
+    metrics = resumed["metrics"] or {}
+
+    def median_rate(rows):
+        # a part's first window holds its start-up (allocation, the resumed checkpoint's load)
+        rows = rows[1:] if len(rows) > 1 else rows
+        rates = [r["tokens_per_second"] for r in rows if r.get("tokens_per_second")]
+        return round(statistics.median(rates), 1) if rates else None
+
+    outcome: dict[str, Any] = {
+        "kind": "shrink", "fault_rank": fault.rank, "fault_step": fault.step, "ranks_before": nproc,
+        "ranks_after": nproc - 1, "first_part_failed": lost["metrics"] is None,
+        "completed": resumed["metrics"] is not None, "error": resumed["error"],
+        "resumed_from": second.get("resumed_from") if second else None, "resumed_step": resumed_step,
+        "steps_lost": fault.step - resumed_step if resumed_step is not None else None,
+        "tokens_per_second_before": median_rate(before), "tokens_per_second_after": median_rate(after),
+        "loss_vs_twin": [{"step": step, "loss": round(mine, 6), "twin_loss": round(theirs, 6)}
+                         for step, mine, theirs in compared],
+        "loss_max_relative_diff": float(f"{worst:.3g}") if worst is not None else None,
+    }
+    outcome["loss_continuous"] = worst is not None and worst <= LOSS_CONTINUITY_TOLERANCE
+    outcome["detected"] = outcome["first_part_failed"]
+    outcome["recovered"] = bool(outcome["completed"] and resumed_step is not None and outcome["loss_continuous"]
+                                and metrics.get("steps_completed") == steps and metrics.get("world_size") == nproc - 1)
+    outcome["detect_seconds"] = None  # the first part ends when torchrun stops; nothing is timed here
+    return outcome
+
+
+def triage_outcome(run_dir: Path, fault) -> dict[str, Any]:
+    """Whether the hang's triage bundle (gonogo.train.triage) names the injected rank and the frame
+    the fault hangs in (``Injector.after_step``), and its "what hung" line."""
+    from gonogo.train.triage import bundles
+
+    found = bundles(run_dir, "train")
+    if not found:
+        return {"triage_bundle": None, "triage_named": False}
+    first = found[0]
+    diagnosis = first.get("diagnosis") or {}
+    frame = diagnosis.get("frame_detail") or {}
+    named = (diagnosis.get("rank") == fault.rank and frame.get("function") == "after_step"
+             and Path(frame.get("file", "")).name == "faults.py" and diagnosis.get("step") == fault.step)
+    return {"triage_bundle": first["folder"], "what_hung": first.get("what_hung"), "triage_named": named}
+
+
 def summarize(kind: str, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
     """One kind's figures over its repeats."""
     detect = [o["detect_seconds"] for o in outcomes if o.get("detect_seconds") is not None]
@@ -254,6 +353,13 @@ def summarize(kind: str, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
         summary["bitwise_equal_count"] = sum(e is True for e in equal)
         summary["bitwise_expected"] = BITWISE_EXPECTED[kind]
         summary["resumed_bitwise_equal"] = all(e is True for e in equal)
+    if kind == "shrink":
+        summary["loss_continuous"] = all(o.get("loss_continuous") for o in outcomes)
+        summary["tokens_per_second_before"] = outcomes[-1].get("tokens_per_second_before")
+        summary["tokens_per_second_after"] = outcomes[-1].get("tokens_per_second_after")
+    if kind == "hang":
+        summary["triage_named_count"] = sum(bool(o.get("triage_named")) for o in outcomes)
+        summary["triage_named"] = all(o.get("triage_named") for o in outcomes)
     if kind == "straggler":
         summary["straggler_detected_count"] = sum(bool(o.get("straggler_detected")) for o in outcomes)
         summary["straggler_detected"] = all(o.get("straggler_detected") for o in outcomes)
@@ -324,6 +430,7 @@ def stage_metrics(summaries: dict[str, Any], outcomes: dict[str, list]) -> dict[
         "steps_lost": max(lost) if lost else None,
         "resumed_bitwise_equal": all(bitwise) if bitwise else None,
         "straggler_detected": summaries["straggler"]["straggler_detected"] if "straggler" in summaries else None,
+        "triage_named": summaries["hang"]["triage_named"] if "hang" in summaries else None,
         "drills": summaries,
     }
     for kind, summary in summaries.items():

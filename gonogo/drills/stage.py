@@ -18,8 +18,9 @@ from pydantic import Field, field_validator, model_validator
 
 from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
 
-KINDS = ("kill", "hang", "straggler", "nan", "torn-checkpoint", "corrupt-checkpoint", "canary")
-METRICS = {"recovered", "detect_seconds", "steps_lost", "resumed_bitwise_equal", "straggler_detected"}
+KINDS = ("kill", "hang", "straggler", "nan", "torn-checkpoint", "corrupt-checkpoint", "shrink", "canary")
+METRICS = {"recovered", "detect_seconds", "steps_lost", "resumed_bitwise_equal", "straggler_detected",
+           "triage_named"}
 
 
 class DrillSettings(StageSettings):
@@ -47,6 +48,8 @@ class DrillSettings(StageSettings):
     def _straggler_needs_two(self) -> "DrillSettings":
         if "straggler" in self.kinds and self.nproc < 2:
             raise ValueError("the straggler drill needs nproc >= 2: a slow rank is named against the others")
+        if "shrink" in self.kinds and self.nproc < 2:
+            raise ValueError("the shrink drill needs nproc >= 2: it continues on one rank fewer")
         return self
 
 
@@ -80,7 +83,31 @@ def report_table(metrics: Metrics) -> list[dict[str, Any]]:
                                         + ("" if summary.get("bitwise_expected") else " (not expected: batch skipped)")
                                         if "bitwise_equal_count" in summary else "-"),
                      "straggler named": (f"{summary['straggler_detected_count']}/{summary['repeats']}"
-                                         if "straggler_detected_count" in summary else "-")})
+                                         if "straggler_detected_count" in summary else "-"),
+                     "triage names rank+frame": (f"{summary['triage_named_count']}/{summary['repeats']}"
+                                                 if "triage_named_count" in summary else "-")})
+    return rows
+
+
+def shrink_line(number: int, outcome: dict[str, Any]) -> str:
+    return (f"shrink #{number}: rank {outcome['fault_rank']} lost for good at step {outcome['fault_step']}; resumed "
+            f"on {outcome['ranks_after']} rank(s) from step {outcome['resumed_step']} (steps lost "
+            f"{outcome['steps_lost']}); tokens/s {outcome['tokens_per_second_before']} on {outcome['ranks_before']} -> "
+            f"{outcome['tokens_per_second_after']} on {outcome['ranks_after']}; loss after the resume vs the "
+            f"{outcome['ranks_before']}-rank twin: max relative difference {outcome['loss_max_relative_diff']} "
+            f"({'continuous' if outcome['loss_continuous'] else 'NOT continuous'})")
+
+
+def _shrink_rows(stage_dir: Path) -> list[dict[str, Any]]:
+    path = stage_dir / "drills" / "drills.json"
+    if not path.is_file():
+        return []
+    rows = []
+    for number, outcome in enumerate(json.loads(path.read_text(encoding="utf-8")).get("outcomes", {}).get("shrink", []), 1):
+        for point in outcome.get("loss_vs_twin", []):
+            rows.append({"drill": f"shrink #{number}", "step": point["step"],
+                         f"loss on {outcome['ranks_after']} rank(s)": point["loss"],
+                         f"twin on {outcome['ranks_before']}": point["twin_loss"]})
     return rows
 
 
@@ -106,12 +133,17 @@ def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]
     if skipped:
         items.append(ReportItem(title="Checkpoints never loaded (torn or corrupt) and what was loaded instead",
                                 table=skipped))
+    shrink = _shrink_rows(stage_dir)
+    if shrink:
+        outcomes = json.loads((stage_dir / "drills" / "drills.json").read_text(encoding="utf-8"))["outcomes"]["shrink"]
+        items.append(ReportItem(title="Restart on fewer ranks: loss after the resume beside the twin's", table=shrink,
+                                text="\n".join(shrink_line(n, o) for n, o in enumerate(outcomes, 1))))
     return items
 
 
 STAGE = StageKind(
     name="drill",
-    description="fault drills: kill / hang / straggler / NaN / torn or corrupt checkpoint / canary, each beside "
+    description="fault drills: kill / hang / straggler / NaN / torn or corrupt checkpoint / shrink / canary, each beside "
                 "a fault-free twin: detected, recovered, steps lost, weights bitwise equal",
     settings=DrillSettings,
     metrics=_metrics,
@@ -180,4 +212,12 @@ def command(args: argparse.Namespace) -> int:
     for kind, summary in metrics["drills"].items():
         if summary.get("note"):
             console.print(f"{kind}: {summary['note']}")
-    return 0 if metrics["recovered"] and metrics.get("straggler_detected") is not False else 1
+    outcomes = json.loads((stage_dir / "drills" / "drills.json").read_text(encoding="utf-8")).get("outcomes", {})
+    for number, outcome in enumerate(outcomes.get("hang", []), 1):
+        console.print(f"hang #{number}: {outcome.get('what_hung') or 'no triage bundle'}"
+                      + (f" ({outcome['triage_bundle']})" if outcome.get("triage_bundle") else ""))
+    for number, outcome in enumerate(outcomes.get("shrink", []), 1):
+        console.print(shrink_line(number, outcome), markup=False)
+    passed = (metrics["recovered"] and metrics.get("straggler_detected") is not False
+              and metrics.get("triage_named") is not False)
+    return 0 if passed else 1

@@ -14,6 +14,7 @@ _KIND_MODULES = {
     "collectives": "gonogo.cluster.collectives",
     "train": "gonogo.train.stage",
     "drill": "gonogo.drills.stage",
+    "memory": "gonogo.train.memory",
     "scale": "gonogo.train.scale",
     "finetune": "gonogo.train.finetune",
     "eval": "gonogo.eval.stage",

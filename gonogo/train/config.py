@@ -107,6 +107,8 @@ class TrainSettings(Strict):
     straggler_threshold: float = 0.75        # a relative or individual score below it names a straggler
     spike_factor: float = 5.0                # a loss above factor x the running median is a spike (0: off)
     max_rollbacks: int = 3                   # NaN/spike rollbacks before the run fails
+    # CPU only: a rank whose peak resident memory goes over it stops as a GPU OOM would (gonogo.train.memory)
+    memory_cap_GB: Optional[float] = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSettings":

@@ -11,7 +11,9 @@ A fault is given to the workers as JSON in the ``GONOGO_FAULT`` environment vari
 - ``torn-checkpoint``: rank 0 is SIGKILLed while the checkpoint of ``step`` is being written
   (its files are written, it is not committed yet);
 - ``corrupt-checkpoint``: after the checkpoint of ``step`` is committed, rank 0 flips bytes in
-  one of its files and SIGKILLs itself, so the restart finds a corrupt newest checkpoint.
+  one of its files and SIGKILLs itself, so the restart finds a corrupt newest checkpoint;
+- ``oom``: after ``step`` the rank fills ``factor`` GB of host memory and keeps it, so the next
+  step's memory check (``train.memory_cap_GB``, CPU) finds the rank over its cap.
 
 Faults that end a process fire only in the first attempt (``TORCHELASTIC_RESTART_COUNT`` = 0),
 so the restarted attempt shows recovery; ``nan`` fires once per process. Every fault writes a
@@ -32,7 +34,7 @@ from typing import Any, Optional
 log = logging.getLogger(__name__)
 
 ENV = "GONOGO_FAULT"
-KINDS = ("kill", "hang", "straggler", "nan", "torn-checkpoint", "corrupt-checkpoint")
+KINDS = ("kill", "hang", "straggler", "nan", "torn-checkpoint", "corrupt-checkpoint", "oom")
 HANG_SECONDS = 900.0  # a hung rank still ends by itself; the watchdog or the stage timeout ends it first
 
 
@@ -117,6 +119,11 @@ class Injector:
         if self.fault.kind == "kill":
             self._record(step)
             os.kill(os.getpid(), signal.SIGKILL)
+        elif self.fault.kind == "oom":
+            import torch
+
+            self._record(step, gigabytes=self.fault.factor)
+            self._ballast = torch.ones(int(self.fault.factor * 1e9), dtype=torch.uint8)  # every page touched
         elif self.fault.kind == "hang":
             self._record(step)
             deadline = time.monotonic() + HANG_SECONDS

@@ -75,6 +75,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.fired = False
+        self.on_fire = None  # called (step, idle seconds) before the rank exits: the triage bundle
 
     def timeout_s(self) -> float:
         """The current limit on the time without progress."""
@@ -84,6 +85,13 @@ class Watchdog:
             if self.fixed_timeout_s > 0:
                 return self.fixed_timeout_s
             return max(self.min_timeout_s, self.factor * self._slowest_step_s)
+
+    def state(self) -> dict[str, Any]:
+        """The last step that finished, when (wall time), and the time since then."""
+        with self._lock:
+            idle = time.monotonic() - self._last_progress
+            return {"step": self._step, "last_progress_time": time.time() - idle,
+                    "seconds_without_progress": round(idle, 3)}
 
     def beat(self, step: int, step_seconds: Optional[float] = None) -> None:
         with self._lock:
@@ -149,6 +157,8 @@ class Watchdog:
         _append_event(self.events_path, {"stage": self.stage, "rank": self.rank, "step": step,
                                          "event": "hang_detected", "seconds_without_progress": round(idle, 3),
                                          "timeout_s": round(timeout, 3)})
+        if self.on_fire is not None:
+            self.on_fire(step, idle)
         self._exit(HANG_EXIT_CODE)
 
 

@@ -29,7 +29,9 @@ from gonogo.model.config import ModelConfig
 from gonogo.train import faults as faults_module
 from gonogo.train import guards
 from gonogo.train import metrics as metrics_module
+from gonogo.train import triage as triage_module
 from gonogo.train.config import TrainConfig, TrainSettings, check_world, gradient_accumulation
+from gonogo.train.memory import MemoryGuard
 from gonogo.train.parallel import (World, autocast, build_meshes, clip_grad_norm, parallelize, reduce_expert_gradients,
                                    set_gradient_sync, unwrap)
 
@@ -282,6 +284,8 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
     watchdog = guards.Watchdog(rank=world.rank, stage=job.stage, stage_dir=job.stage_dir, events_path=events_path,
                                timeout_s=settings.watchdog_timeout_s, min_timeout_s=settings.watchdog_min_timeout_s,
                                factor=settings.watchdog_factor, startup_timeout_s=settings.init_timeout_s).start()
+    triage = triage_module.install(job.run_dir, job.stage, job.stage_dir, world.rank, world.world_size, watchdog)
+    memory_guard = MemoryGuard(world.device.type, settings.memory_cap_GB)
     timer = guards.SectionTimer(world.device.type)
     stragglers = (guards.StragglerDetector(world.world_size, world.device, settings.straggler_threshold)
                   if settings.straggler_every and world.world_size > 1 else None)
@@ -385,6 +389,7 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
         window.seconds += time.perf_counter() - step_started
         window.steps += 1
         watchdog.beat(step, time.perf_counter() - step_started)
+        memory_guard.check(step)  # the CPU cap (train.memory_cap_GB): over it, this rank stops as on an OOM
 
         if stragglers is not None and step % settings.straggler_every == 0:
             report = stragglers.gather(timer)
@@ -459,6 +464,7 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
 
     watchdog.stop()
     timer.close()
+    triage.stop()
     train_seconds = time.perf_counter() - train_started
     final_wait = None
     if checkpointer is not None:

@@ -103,7 +103,15 @@ def launch(config: TrainConfig, config_filename: str, nproc: int, *, run_dir: Ru
         if update is not None:
             on_update(update)
 
-    code = run_command(argv, timeout=timeout_s, log_name=LOG_NAME, env=torchrun_env(extra), on_line=on_line)
+    from gonogo.train import memory, triage
+
+    extra = {**triage.worker_env(stage_dir), **extra}
+    memory.clear_records(stage_dir)
+    try:
+        code = run_command(argv, timeout=timeout_s, log_name=LOG_NAME, env=torchrun_env(extra), on_line=on_line)
+    finally:
+        # a hang, a collective timeout or a crash in any attempt left records: complete the bundle
+        triage.finish(run_dir.root, stage, stage_dir)
     if code == 0 and not result_path.is_file() and str(rendezvous.get("nnodes", "1")) != "1":
         return {"rank0_elsewhere": True}  # rank 0 ran on another node: it writes the metrics
     if code != 0 and _rendezvous_failed(stage_dir / LOG_NAME):
@@ -111,6 +119,9 @@ def launch(config: TrainConfig, config_filename: str, nproc: int, *, run_dir: Ru
                           f"{rendezvous.get('rdzv_endpoint', 'localhost')} with {rendezvous.get('nnodes', 1)} "
                           f"node(s) (did every node start, with the same --rdzv-id, and is the endpoint "
                           f"reachable?); see {stage_dir / LOG_NAME}")
+    oom = memory.oom_message(stage_dir, stage) if code != 0 else None
+    if oom is not None:
+        raise StageFailed(oom)
     if code != 0 or not result_path.is_file():
         raise StageFailed(f"{stage}: training workers exited with code {code}; "
                           f"{_failure_reason(stage_dir / LOG_NAME)} (log: {stage_dir / LOG_NAME})")
@@ -214,16 +225,27 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
+def _triage_items(stage_dir: Path) -> list[ReportItem]:
+    """First in the stage's report: what hung in each attempt that left a triage bundle."""
+    from gonogo.train.triage import bundles
+
+    found = bundles(stage_dir.parent.parent, stage_dir.name)  # <run>/stages/<name>
+    rows = [{"attempt": Path(bundle["folder"]).name, "what hung": bundle["what_hung"], "bundle": bundle["folder"]}
+            for bundle in found]
+    return [ReportItem(title="Triage: what hung", table=rows)] if rows else []
+
+
 def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
     rows = _rank0_lines(stage_dir)
+    triage_items = _triage_items(stage_dir)
     if not rows:
-        return None
+        return triage_items or None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    items = []
+    items = triage_items
     steps = [r["step"] for r in rows]
     figure, axes = plt.subplots(figsize=(6, 3.2))
     axes.plot(steps, [r["loss"] for r in rows], label="train loss")
@@ -343,6 +365,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic kernels, fixed seeds, fp32 (for bitwise comparisons)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped (default: 3600)")
+    parser.add_argument("--find-max-batch", action="store_true",
+                        help="do not train: find the largest micro-batch that fits in memory (GPU memory, or "
+                             "train.memory_cap_GB on CPU) by doubling then bisection")
     add_multinode_arguments(parser)
 
 
@@ -433,6 +458,8 @@ def command(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise UserError(f"--nproc {args.nproc}: must be at least 1")
     config, path = load_train_config(args.config, args.overrides, args.deterministic)
+    if args.find_max_batch:
+        return _find_max_batch(args, config, path)
     preflight(config, args.nproc, args.resume)
     rendezvous = rendezvous_options(args)
     run_dir = _open_run_dir(args.out, args.resume, args.config, config.train.steps)
@@ -490,6 +517,43 @@ def command(args: argparse.Namespace) -> int:
             table.add_row(key, _format(metrics[key]))
     Console().print(table)
     return 0
+
+
+def _find_max_batch(args: argparse.Namespace, config: TrainConfig, path: Path) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from gonogo.procs import ProcessTimeout, run_process
+    from gonogo.train import memory
+
+    run_dir = RunDir.create(args.out, plan_name="memory-probe")
+    stage_dir = run_dir.stage_dir("memory")
+    console = Console(stderr=True)
+    console.print(f"run directory: {run_dir.root}")
+
+    def run_command(argv, *, timeout, log_name, env=None, on_line=None) -> int:
+        try:
+            return run_process(argv, timeout=timeout, log_path=stage_dir / log_name, env=env, on_line=on_line)
+        except ProcessTimeout:
+            raise StageFailed(f"memory probe did not finish within {timeout:.0f} s and was stopped; "
+                              f"see {stage_dir / log_name}") from None
+
+    try:
+        with console.status("memory probe"):
+            result = memory.find_max_batch(config, path.name, args.nproc, run_dir=run_dir.root, stage_dir=stage_dir,
+                                           timeout_s=args.timeout, run_command=run_command)
+    except StageFailed as error:
+        console.print(f"failed: {error}", markup=False)
+        return 1
+    write_json_atomic(stage_dir / "metrics.json", memory.stage_metrics(result))
+    table = Table(title="memory probe")
+    for column in ("micro_batch_size", "fits", "peak GB", "seconds"):
+        table.add_column(column)
+    for trial in result["trials"]:
+        table.add_row(str(trial["micro_batch_size"]), str(trial["fits"]), str(trial["peak_GB"]), str(trial["seconds"]))
+    Console().print(table)
+    console.print(memory.result_line(result), markup=False)
+    return 0 if result["max_micro_batch_size"] is not None else 1
 
 
 def _format(value: Any) -> str:

@@ -53,7 +53,16 @@ def main(argv=None) -> int:
     job = read_job(args.job)
     world = init_distributed(job.config.train.init_timeout_s)
     try:
-        result = train(job, world)
+        try:
+            result = train(job, world)
+        except BaseException as error:
+            from gonogo.train import memory, triage
+
+            if memory.is_oom(error):  # ends this rank and stops the job: no restart, it would run out again
+                memory.handle_oom(error, stage_dir=job.stage_dir, rank=world.rank, device_type=world.device.type,
+                                  micro_batch_size=job.config.train.micro_batch_size)
+            triage.on_exception(error)
+            raise
         if result is not None:
             write_json_atomic(job.result_path, result)
         # leave together: a rank that tears its gloo pairs down while a peer still uses them can

@@ -357,7 +357,9 @@ def test_stage_writes_doctor_json_and_declared_metrics(tmp_path):
 
     items = doctor.STAGE.report(ctx.stage_dir, metrics)
     titles = [item.title for item in items]
-    assert titles == ["Machine inventory and storage", "GPU health (NVML)", "Health verdict"]
+    assert titles == ["Machine inventory and storage", "GPU health (NVML)",
+                      "Topology: GPU links (nvidia-smi topo -m legend) and NUMA affinity",
+                      "Topology: sockets, NUMA nodes, caches, NICs", "Topology picture", "Health verdict"]
     inventory_items = {row["item"] for row in items[0].table}
     assert {"CPU", "memory", "torch", "Python", "accelerator", "storage write", "disk free"} <= inventory_items
 

@@ -1,0 +1,87 @@
+"""Inventory of many nodes: two doctor agents on this machine meet at one endpoint and print one
+table; a node that never joins is a clear NO-GO; differing versions or an unhealthy node too."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gonogo.cluster import nodes
+from gonogo.cluster.torchrun import free_port
+from gonogo.errors import UserError
+from gonogo.gates import parse_gate
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _doctor(tmp_path: Path, name: str, *flags: str) -> subprocess.Popen:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH", "")] if p)
+    argv = [sys.executable, "-m", "gonogo", "doctor", "--size-MB", "2", "--path", str(tmp_path / name), *flags]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _finish(process: subprocess.Popen, timeout: float = 90) -> tuple[int, str, str]:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        out, err = process.communicate()
+        pytest.fail(f"doctor agent timed out:\n{err[-2000:]}")
+    return process.returncode, out, err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_two_agents_one_table_and_a_node_that_never_joins(tmp_path):
+    endpoint = f"127.0.0.1:{free_port()}"
+    agents = [_doctor(tmp_path, f"n{rank}", "--json", "--nnodes", "2", "--rdzv-endpoint", endpoint,
+                      "--node-rank", str(rank), "--join-timeout", "60") for rank in (0, 1)]
+    results = [_finish(agent) for agent in agents]
+    for code, out, err in results:
+        assert code == 0, err[-2000:]
+        view = json.loads(out)["cluster"]
+        assert [node["node_rank"] for node in view["nodes"]] == [0, 1] and view["go"] is True
+        assert view["metrics"]["nodes_answered"] == 2 and view["metrics"]["versions_identical"] is True
+        assert all(node["versions"]["torch"] for node in view["nodes"])
+    # one node alone: it waits its join timeout, then says who answered and who did not
+    lone = f"127.0.0.1:{free_port()}"
+    code, out, err = _finish(_doctor(tmp_path, "lone", "--nnodes", "2", "--rdzv-endpoint", lone, "--node-rank", "0",
+                                     "--join-timeout", "3"))
+    text = " ".join(out.split())
+    assert code == 1
+    assert f"NO-GO: 1 of 2 nodes answered at {lone} within 3 s (missing node rank(s) 1;" in text, text
+
+
+def _node(rank, torch="2.13.0", healthy=True):
+    return {"node_rank": rank, "hostname": f"n{rank}", "time": 1.0, "healthy": healthy,
+            "problems": [] if healthy is not False else ["GPU 0: 3 uncorrected ECC errors"], "unknowns": [],
+            "gpu_count": 8, "cpu_count": 64, "memory_GB": 1000.0,
+            "versions": {"driver": "550.54", "cuda_driver": "12.4", "cuda_build": "12.4", "nccl": "2.21.5",
+                         "torch": torch}}
+
+
+def test_differing_versions_or_an_unhealthy_node_is_no_go():
+    good = nodes.cluster_view([_node(0), _node(1)], 2, "h:1", 5)
+    assert good["go"] and parse_gate("versions_identical == true").evaluate(good["metrics"]).passed
+    mixed = nodes.cluster_view([_node(0), _node(1, torch="2.12.0")], 2, "h:1", 5)
+    assert not mixed["go"] and mixed["metrics"]["versions_identical"] is False
+    assert "torch versions differ: n0 (node 0): 2.13.0, n1 (node 1): 2.12.0" in mixed["problems"]
+    assert not parse_gate("versions_identical == true").evaluate(mixed["metrics"]).passed
+    sick = nodes.cluster_view([_node(0), _node(1, healthy=False)], 2, "h:1", 5)
+    assert not sick["go"] and sick["metrics"]["nodes_all_healthy"] is False
+    assert not parse_gate("nodes_all_healthy == true").evaluate(sick["metrics"]).passed
+    short = nodes.cluster_view([_node(0)], 2, "h:1", 5)
+    assert not parse_gate("nodes_all_answered == true").evaluate(short["metrics"]).passed
+    assert short["metrics"]["nodes_all_healthy"] is None and "unknown" in short["metrics"]
+
+
+def test_endpoint_typo_is_a_user_error():
+    with pytest.raises(UserError, match="expected HOST:PORT"):
+        nodes.parse_endpoint("node0")
