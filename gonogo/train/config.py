@@ -96,7 +96,8 @@ class TrainSettings(Strict):
     # LoRA through peft (gonogo.train.lora): rank 0 = full finetuning; adapters on these linear layers
     lora_rank: int = Field(default=0, ge=0)
     lora_alpha: float = Field(default=16.0, gt=0)
-    lora_targets: list[str] = Field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    # None: every one of wq wk wv wo w1 w2 w3 the model has (an all-MoE model has no dense w1 w2 w3)
+    lora_targets: Optional[list[str]] = None
     init_timeout_s: float = 120.0            # bound on process-group set-up and every collective
     # resilience (gonogo.train.guards; docs/resilience.md)
     max_restarts: int = 2                    # torchrun restarts of a failed attempt (each resumes by itself)

@@ -1,8 +1,8 @@
 """LoRA finetuning through ``peft``: low-rank adapters on the decoder's linear layers, base frozen.
 
 ``train.lora_rank > 0`` injects peft's LoRA layers into the named linear modules (default: every
-attention and MLP projection, ``wq wk wv wo w1 w2 w3``; the stacked MoE experts are not
-``nn.Linear`` and stay frozen) after the initial weights are loaded, and freezes everything else,
+attention and dense MLP projection the model has, of ``wq wk wv wo w1 w2 w3``; the stacked MoE
+experts are not ``nn.Linear`` and stay frozen) after the initial weights are loaded, and freezes everything else,
 so the optimizer holds (and FSDP2 reduces gradients for) the adapters only. The adapters start at
 zero (peft initialises B to 0): step 0 computes exactly the base model.
 
@@ -14,20 +14,26 @@ adapters alone are written beside it as ``lora_adapters.safetensors``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 ADAPTERS_NAME = "lora_adapters.safetensors"
 _BASE = ".base_layer."
 _A, _B = ".lora_A.default.weight", ".lora_B.default.weight"
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
-def add_lora(model, rank: int, alpha: float, targets: list[str]):
-    """Inject LoRA adapters into ``model`` (in place) and freeze every other parameter."""
+def add_lora(model, rank: int, alpha: float, targets: Optional[list[str]]):
+    """Inject LoRA adapters into ``model`` (in place) and freeze every other parameter.
+
+    ``targets`` None: every projection in PROJECTIONS that the model has; a Mixtral or Qwen3-MoE
+    has no dense MLP, so its w1 w2 w3 exist only as stacked experts (not adapted)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     from gonogo.errors import UserError
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if targets is None:
+        targets = [name for name in PROJECTIONS if name in names]
     missing = sorted(set(targets) - names)
     if missing:
         raise UserError(f"train.lora_targets: no module named {missing[0]!r} in the model "

@@ -73,3 +73,25 @@ def test_merged_adapters_compute_what_the_adapted_model_computes():
     with torch.no_grad():
         torch.testing.assert_close(plain(tokens), adapted(tokens), atol=1e-5, rtol=0)
     assert len(adapters) == 2 * 3 * 2  # A and B for 3 targets in 2 layers
+
+
+def test_default_lora_targets_are_the_projections_the_model_has():
+    """An all-MoE model (Mixtral, Qwen3-MoE) has no dense w1 w2 w3; a target named by the user must exist."""
+    import pytest
+
+    from gonogo.errors import UserError
+    from gonogo.model.config import ModelConfig, MoEConfig
+    from gonogo.model.decoder import Decoder
+    from gonogo.train.lora import add_lora
+
+    config = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                         moe=MoEConfig(n_experts=4, top_k=2, expert_ffn_dim=32))
+    adapted = add_lora(Decoder(config), rank=4, alpha=8.0, targets=None)
+    adapted_layers = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name, _ in adapted.named_parameters()
+                      if ".lora_" in name}
+    assert adapted_layers == {"wq", "wk", "wv", "wo"}
+    dense = add_lora(Decoder(config.model_copy(update={"moe": None})), rank=4, alpha=8.0, targets=None)
+    assert {name.split(".lora_")[0].rsplit(".", 1)[-1] for name, _ in dense.named_parameters()
+            if ".lora_" in name} == {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}
+    with pytest.raises(UserError, match="train.lora_targets: no module named 'w1'"):
+        add_lora(Decoder(config), rank=4, alpha=8.0, targets=["wq", "w1"])
