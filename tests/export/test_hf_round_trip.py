@@ -12,7 +12,9 @@ tested in tests/train/test_finetune_hf.py and tests/test_byo_model_plan.py.
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import sys
 from pathlib import Path
 
 import openai
@@ -47,8 +49,13 @@ def _finetune_in_process(source: Path, out: Path, chats: Path, *overrides: str) 
     def run_command(argv, *, timeout, log_name, env=None, on_line=None) -> int:
         return worker_main([argv[-1]])  # the job file: torchrun's last argument to the worker
 
-    metrics = finetune(config, path, 1, run_dir=run_dir, stage="finetune", stage_dir=stage_dir, resume="never",
-                       timeout_s=120, run_command=run_command, on_update=lambda update: None)
+    handler_was_on = faulthandler.is_enabled()
+    try:
+        metrics = finetune(config, path, 1, run_dir=run_dir, stage="finetune", stage_dir=stage_dir, resume="never",
+                           timeout_s=120, run_command=run_command, on_update=lambda update: None)
+    finally:
+        if handler_was_on and not faulthandler.is_enabled():  # the worker's triage turned pytest's off
+            faulthandler.enable(file=sys.__stderr__, all_threads=True)
     assert metrics["steps_completed"] == 2, metrics
     [step] = list((out / "checkpoints" / "finetune").glob("step-*"))
     return step
@@ -122,6 +129,8 @@ def test_finetune_full_and_lora_export_reload_and_serve(tiny_hf_models, chats, t
     assert meta["tokenizer"] == "hf" and meta["model"]["hf_architecture"] == architecture
     moved = _moved(full, original)
     assert any(".wq." in key for key in moved) and any("norm" in key for key in moved), moved
+    if any(".moe." in key for key in original):  # the stacked experts and the router train too
+        assert any(".experts.w2" in key for key in moved) and any(".router." in key for key in moved), moved
     full_export = _export_reloads_with_equal_logits(full, tmp_path / "full-hf", architecture)
 
     lora = _finetune_in_process(source, tmp_path / "lora", chats, "train.lora_rank=4")
