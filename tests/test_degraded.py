@@ -282,4 +282,6 @@ def test_autoscale_with_a_fleet_that_cannot_grow_is_no_go(tmp_path):
     built_in = load_plan(resolve_plan_path("laptop")).stage("autoscale").raw["autoscale"]
     summary = run_degraded(tmp_path, "laptop", "autoscale", autoscale={**built_in, "max_replicas": 1},
                            low_s=2, high_max_s=8, down_max_s=5)
-    assert not gate(summary, "scaled_up")["passed"] and not gate(summary, "max_replicas_seen")["passed"]
+    scaled_up, seen = gate(summary, "scaled_up"), gate(summary, "max_replicas_seen")
+    assert not scaled_up["passed"] and scaled_up["measured"] is False  # measured, not a stage that broke
+    assert not seen["passed"] and seen["measured"] == 1

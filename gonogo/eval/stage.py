@@ -309,8 +309,8 @@ def command(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from gonogo.config import format_validation_error
-    from gonogo.files import check_output_file
-    from gonogo.train.checkpoint import resolve_checkpoint
+    from gonogo.files import check_output_dir, check_output_file
+    from gonogo.train.checkpoint import check_readable, resolve_checkpoint
 
     try:
         settings = EvalSettings(samples=args.samples, num=args.num, seed=args.seed, temperature=args.temperature,
@@ -324,6 +324,11 @@ def command(args: argparse.Namespace) -> int:
         raise UserError(f"--data {args.data}: no such file (give a JSONL file of {{\"prompt\", \"answer\"}} lines)")
     if args.json:
         check_output_file(args.json, "--json")  # before the evaluation, not after it
+    if args.out is not None:
+        check_output_dir(args.out)
+    for model in (checkpoint, compare):
+        if model is not None:
+            check_readable(model)  # before the run directory exists: a damaged model leaves nothing
     run_dir = RunDir.create(args.out, plan_name="eval")
     stage_dir = run_dir.stage_dir("eval")
     console = Console(stderr=True)

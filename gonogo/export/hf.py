@@ -592,6 +592,15 @@ def hf_model_config(path: str | Path):
     return _model_config_from_hf(_read_config(directory), str(directory / "config.json"))[1]
 
 
+def check_hf_weights(path: str | Path) -> None:
+    """UserError unless every safetensors file of a Hugging Face directory has a readable header whose
+    tensors lie inside the file (a truncated download): reads the headers only, so a parent process
+    can refuse a damaged model in one line before its workers start."""
+    for weights in _weight_files(Path(path)):
+        with _SafetensorsFile(weights):
+            pass
+
+
 def load_hf_dir(path: str | Path, *, device: Any = "cpu", dtype: Any = None):
     """-> (Decoder in eval mode, ModelConfig, meta) from a Hugging Face directory.
 

@@ -238,8 +238,8 @@ def quantize_and_evaluate(checkpoint: str | Path, out: Path, settings: QuantizeS
     speed: dict[str, Any] = {}
     if real_gemms:
         progress("forward speed, bf16 against FP8 GEMMs")
-        bf16_rate = forward_tokens_per_second(reference, *val_args, settings.speed_repeats)
-        fp8_rate = forward_tokens_per_second(emulated, *val_args, settings.speed_repeats)
+        bf16_rate = forward_tokens_per_second(reference, *val_args[:4], settings.speed_repeats)
+        fp8_rate = forward_tokens_per_second(emulated, *val_args[:4], settings.speed_repeats)
         speed = {"forward_tokens_per_s_bf16": bf16_rate, "forward_tokens_per_s": fp8_rate,
                  "speedup": fp8_rate / bf16_rate}
     problems = generate("heldout", settings.seed, settings.eval_problems)

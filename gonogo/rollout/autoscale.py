@@ -66,7 +66,7 @@ class AutoscaleSettings(Strict):
 class Replica:
     name: str
     url: str
-    process: Any = None            # subprocess.Popen of a replica we started
+    process: Any = None            # the ServerProcess of a replica we started
     accepting: bool = True
     in_flight: int = 0
 
@@ -454,9 +454,8 @@ def _wait_until(condition: Callable[[], bool], seconds: float) -> bool:
 def run_drill(settings: DrillSettings, directory: Path, *, on_event: Callable[..., None] = lambda **f: None,
               on_progress: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
     """Ramp the arrival rate up and back down through a 1-replica pool; the timings and gates' metrics."""
-    from gonogo.procs import stop_group
     from gonogo.rollout.router import ThreadedServer
-    from gonogo.rollout.stage import start_server, wait_ready
+    from gonogo.rollout.stage import start_server
     from gonogo.errors import StageFailed
     from gonogo.rundir import write_json_atomic
 
@@ -466,15 +465,15 @@ def run_drill(settings: DrillSettings, directory: Path, *, on_event: Callable[..
     started: list[Replica] = []
 
     def start_replica(name: str) -> Replica:
-        process, ready = start_server(checkpoint, name, directory, "gonogo")
+        process = start_server(checkpoint, name, directory, "gonogo")
         replica = Replica(name, "", process)
         started.append(replica)
-        replica.url = wait_ready(process, ready, scale.readiness_timeout_s).rstrip("/")
+        replica.url = process.wait_healthy(scale.readiness_timeout_s).rstrip("/")
         return replica
 
     def stop_replica(replica: Replica) -> None:
         if replica.process is not None:
-            stop_group(replica.process)
+            replica.process.stop()
 
     pool = Pool(scale)
     server = None

@@ -595,6 +595,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return choice
 
 
+def check_readable(directory: Path) -> None:
+    """UserError (one line) if a resolved model directory cannot be loaded: for a Hugging Face
+    directory its config.json and safetensors headers are read (cheap); a gonogo checkpoint was
+    already verified against its manifest by ``resolve_checkpoint``. Commands call it before they
+    create their run directory, so a damaged input leaves nothing behind."""
+    if (directory / manifest.META_NAME).is_file():
+        return
+    from gonogo.export.hf import check_hf_weights, hf_model_config
+    from gonogo.files import unreadable_input
+
+    with unreadable_input(directory):
+        hf_model_config(directory)
+        check_hf_weights(directory)
+
+
 def load_for_inference(path: str | Path, *, device: Any = "cpu", dtype: Any = None):
     """-> (Decoder in eval mode, ModelConfig, meta dict).
 

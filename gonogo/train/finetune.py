@@ -58,9 +58,11 @@ def checkpoint_model(checkpoint: Path) -> dict[str, Any]:
     meta_path = checkpoint / manifest.META_NAME
     if meta_path.is_file():
         return json.loads(meta_path.read_text(encoding="utf-8"))["model"]
-    from gonogo.export.hf import hf_model_config
+    from gonogo.export.hf import check_hf_weights, hf_model_config
 
-    return hf_model_config(checkpoint).model_dump()  # config.json only: the weights load in the workers
+    model = hf_model_config(checkpoint).model_dump()  # config.json; the weights load in the workers,
+    check_hf_weights(checkpoint)                        # but a truncated file is refused here, in one line
+    return model
 
 
 def checkpoint_tokenizer_dir(checkpoint: Path) -> Optional[str]:
