@@ -209,3 +209,28 @@ def test_a_stage_stopped_by_its_own_timeout_leaves_a_bundle_and_the_report_opens
     html = (out / "report.html").read_text()
     first = html.index("What hung (stage timeout): rank 1 at step 2")
     assert first < html.index('<div class="verdict">') < html.index("<h2>Stages</h2>")
+
+
+def test_the_hook_before_a_timeout_stop_runs_while_the_group_lives_and_only_inside_its_block(tmp_path):
+    import sys
+
+    from gonogo.procs import ProcessTimeout, before_timeout_stop, run_process
+
+    marker = tmp_path / "alive"
+    seen = []
+
+    def hook():
+        seen.append(marker.exists())
+
+    argv = [sys.executable, "-c", f"import pathlib, time; pathlib.Path({str(marker)!r}).touch(); time.sleep(60)"]
+    with before_timeout_stop(hook), pytest.raises(ProcessTimeout):
+        run_process(argv, timeout=3)
+    assert seen == [True]
+    with pytest.raises(ProcessTimeout):
+        run_process(argv, timeout=0.5)
+    assert seen == [True]  # outside the block: no hook
+
+
+def test_asking_the_ranks_of_a_stage_that_never_started_one_is_a_no_op(tmp_path):
+    assert triage.ask_ranks(tmp_path, "train", tmp_path / "stages" / "train", "timeout", wait_s=0.1) is None
+    assert not (tmp_path / "triage").exists()
