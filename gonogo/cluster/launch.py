@@ -314,7 +314,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, help="number of nodes (required)")
     parser.add_argument("--gpus-per-node", type=int, help="GPUs per node (required)")
     parser.add_argument("--image", default="", help="container image with gonogo installed (required for k8s)")
-    parser.add_argument("--name", default="gonogo-train", help="job name")
+    parser.add_argument("--name", default=None, help="job name (default: gonogo-train, or gonogo-doctor)")
     parser.add_argument("--shared-dir", default="/shared/gonogo", help="shared storage for runs and checkpoints")
     parser.add_argument("--namespace", default="default")
     parser.add_argument("--pvc", default="gonogo-shared", help="PersistentVolumeClaim mounted at --shared-dir (k8s)")
@@ -337,7 +337,8 @@ def command(args: argparse.Namespace) -> int:
     if missing:
         raise UserError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required "
                         f"(for example: --nodes 2 --gpus-per-node 8)")
-    spec = LaunchSpec(config=args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node, name=args.name,
+    spec = LaunchSpec(config=args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                      name=args.name or ("gonogo-doctor" if args.job == "doctor" else "gonogo-train"),
                       shared_dir=args.shared_dir.rstrip("/"), overrides=list(args.overrides),
                       env=_key_values(args.env, "--env"), image=args.image, namespace=args.namespace, pvc=args.pvc,
                       partition=args.partition, account=args.account, time_limit=args.time_limit,

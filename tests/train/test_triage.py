@@ -192,7 +192,7 @@ def test_a_stage_stopped_by_its_own_timeout_leaves_a_bundle_and_the_report_opens
     name = "train"
     kind = "train"
     nproc = 2
-    timeout_s = 35
+    timeout_s = 45
     overrides = {json.dumps(TINY_TRAIN)}
     gates = ["steps >= 1"]
     """)
