@@ -13,6 +13,8 @@ import signal
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -49,6 +51,21 @@ def _kill_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+_BEFORE_TIMEOUT_STOP: ContextVar[Optional[Callable[[], None]]] = ContextVar("gonogo_before_timeout_stop", default=None)
+
+
+@contextmanager
+def before_timeout_stop(hook: Callable[[], None]):
+    """Within this block, a ``run_process`` that passes its timeout calls ``hook()`` before it stops
+    the group: the train stage asks its ranks for their stacks (the triage bundle) while they live.
+    A context rather than an argument: every ``run_command`` of the stages reaches it unchanged."""
+    token = _BEFORE_TIMEOUT_STOP.set(hook)
+    try:
+        yield
+    finally:
+        _BEFORE_TIMEOUT_STOP.reset(token)
 
 
 def run_process(
@@ -99,6 +116,12 @@ def run_process(
                 break
             except subprocess.TimeoutExpired:
                 if time.monotonic() > deadline:
+                    hook = _BEFORE_TIMEOUT_STOP.get()
+                    if hook is not None:
+                        try:
+                            hook()
+                        except Exception as error:  # the record must never keep the group alive
+                            log.warning("before stopping %s after its timeout: %s", argv[0], error)
                     stop_group(process)
                     raise ProcessTimeout(argv, timeout) from None
         # the leader is gone; make sure no worker it started outlives it

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gonogo.cluster import gpu_health, topology
 from gonogo.cluster.storage import probe_storage
@@ -39,6 +39,9 @@ METRIC_NAMES = frozenset({
     # topology (gonogo.cluster.topology)
     "sockets", "numa_nodes", "nvlink_pairs", "gpus_on_local_nic", "gpus_without_local_nic",
 })
+# with nnodes > 1 (gonogo.cluster.nodes): the cluster's verdict, the same on every node
+NODE_METRIC_NAMES = frozenset({"nodes_expected", "nodes_answered", "nodes_healthy", "nodes_all_answered",
+                               "nodes_all_healthy", "versions_identical"})
 
 
 # -- inventory ----------------------------------------------------------------------------------
@@ -342,6 +345,23 @@ class DoctorSettings(StageSettings):
     storage_path: Optional[str] = Field(
         None, description="directory to probe; default: the run directory's checkpoints/ folder")
     storage_size_MB: int = Field(256, ge=1, description="bytes written and read back, in MB (1e6 bytes)")
+    # many nodes: the same plan runs on every node; they meet at rdzv_endpoint (gonogo.cluster.nodes)
+    nnodes: int = Field(1, ge=1, description="nodes whose inventories to gather into one table")
+    rdzv_endpoint: Optional[str] = Field(None, description="HOST:PORT where the nodes meet; node rank 0 hosts it")
+    node_rank: Optional[int] = Field(None, ge=0, description="this node's rank; default: the order of joining")
+    join_timeout_s: float = Field(120.0, gt=0, description="seconds to wait for every node to answer")
+
+    @model_validator(mode="after")
+    def _many_nodes(self) -> "DoctorSettings":
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"nnodes = {self.nnodes} needs rdzv_endpoint = \"HOST:PORT\" (where the nodes meet)")
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"rdzv_endpoint {self.rdzv_endpoint!r}: expected HOST:PORT, e.g. \"node0:29400\"")
+        if self.node_rank is not None and self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nnodes ({self.nnodes})")
+        return self
 
 
 def run_stage(ctx: StageContext, settings: DoctorSettings) -> Metrics:
@@ -353,8 +373,34 @@ def run_stage(ctx: StageContext, settings: DoctorSettings) -> Metrics:
         log.warning("doctor: %s", problem)
     for unknown in document["unknowns"]:
         log.warning("doctor: %s", unknown)
-    ctx.event(rank=0, step=0, **{k: v for k, v in document["metrics"].items() if k != "unknown"})
-    return document["metrics"]
+    metrics = dict(document["metrics"])
+    if settings.nnodes > 1:
+        metrics = _gather_nodes(ctx, settings, document, metrics)
+    ctx.event(rank=0, step=0, **{k: v for k, v in metrics.items() if k != "unknown"})
+    return metrics
+
+
+def _gather_nodes(ctx: StageContext, settings: DoctorSettings, document: dict[str, Any], metrics: Metrics) -> Metrics:
+    from gonogo.cluster import nodes
+    from gonogo.errors import StageFailed
+
+    ctx.progress(f"waiting for {settings.nnodes} nodes at {settings.rdzv_endpoint} "
+                 f"(at most {settings.join_timeout_s:g} s)")
+    view = nodes.gather(document, nnodes=settings.nnodes, endpoint=settings.rdzv_endpoint,
+                        node_rank=settings.node_rank, join_timeout_s=settings.join_timeout_s,
+                        run_id=f"doctor-stage-{ctx.name}")
+    write_json_atomic(ctx.stage_dir / "cluster.json", view)
+    for problem in view["problems"]:
+        log.warning("doctor: %s", problem)
+    if not view["metrics"]["nodes_all_answered"]:
+        # a node that never joined: no table of N nodes to gate on; the one line says who is missing
+        raise StageFailed(f"{ctx.name}: {view['problems'][0]}")
+    cluster = dict(view["metrics"])
+    unknown = {**metrics.pop("unknown", {}), **cluster.pop("unknown", {})}
+    metrics.update(cluster)
+    if unknown:
+        metrics["unknown"] = unknown
+    return metrics
 
 
 def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
@@ -380,6 +426,17 @@ def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]
             items.append(ReportItem(title="Topology picture", png=topology.picture(document["topology"])))
         except ImportError as error:  # matplotlib is a dependency; a broken install loses only the picture
             log.warning("topology picture not drawn: %s", error)
+    cluster = stage_dir / "cluster.json"
+    if cluster.is_file():
+        from gonogo.cluster import nodes
+
+        view = json.loads(cluster.read_text(encoding="utf-8"))
+        items.insert(0, ReportItem(title=f"Nodes: {view['metrics']['nodes_answered']} of "
+                                         f"{view['metrics']['nodes_expected']} answered",
+                                   table=nodes.node_rows(view)))
+        items.insert(1, ReportItem(title="Nodes verdict", text="; ".join(view["problems"]) or (
+            "every node answered, all healthy, identical driver / CUDA / NCCL / torch versions" if view["go"]
+            else "health unknown on some node (not counted as passed)")))
     unknowns = document.get("unknowns", [])
     verdict = "; ".join(document["problems"] + [f"unknown: {u}" for u in unknowns]) or "all health checks passed"
     notes = " ".join(document["warnings"])
@@ -391,7 +448,7 @@ STAGE = StageKind(
     name="doctor",
     description="inventory (CPU, memory, GPUs, versions), GPU health via NVML, storage write/read speed",
     settings=DoctorSettings,
-    metrics=lambda settings: set(METRIC_NAMES),
+    metrics=lambda settings: set(METRIC_NAMES) | (set(NODE_METRIC_NAMES) if settings.nnodes > 1 else set()),
     run=run_stage,
     report=report_stage,
 )

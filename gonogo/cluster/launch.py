@@ -8,6 +8,10 @@ runs. Every form runs the same command on each node,
 
 which starts torchrun with a c10d rendezvous; a restarted or requeued job resumes from the newest
 committed checkpoint on the shared volume. Exit code 2 (a mistake in the input) is never retried.
+
+``--job doctor`` writes the same forms for the inventory of many nodes instead: every node runs
+``gonogo doctor --nnodes N --node-rank R --rdzv-endpoint HOST:PORT`` (node 0 hosts the table), once
+and never retried: its exit code is the verdict (0 GO, 1 NO-GO), and its log holds the node table.
 """
 
 from __future__ import annotations
@@ -55,12 +59,27 @@ class LaunchSpec:
     account: str = ""
     time_limit: str = "04:00:00"
     max_restarts: int = 3
+    job: str = "train"             # "train" or "doctor" (the inventory of many nodes)
+    join_timeout_s: float = 300.0  # doctor: how long node 0 waits for every node
+    doctor_size_MB: int = 256      # doctor: the storage probe of --shared-dir
+
+    @property
+    def retries(self) -> int:
+        return self.max_restarts if self.job == "train" else 0  # a doctor's NO-GO is its answer
 
     def validate(self, target: str) -> None:
         if self.nodes < 1:
             raise UserError(f"--nodes must be >= 1, got {self.nodes}")
         if self.gpus_per_node < 1:
             raise UserError(f"--gpus-per-node must be >= 1, got {self.gpus_per_node}")
+        if self.job not in ("train", "doctor"):
+            raise UserError(f"--job {self.job!r}: expected train or doctor")
+        if self.job == "train" and not self.config:
+            raise UserError("a training config is required (a preset word or a TOML path), e.g. tiny-dense")
+        if self.job == "doctor" and (self.config or self.overrides):
+            raise UserError("--job doctor takes no training config or overrides; remove them")
+        if self.join_timeout_s <= 0 or self.doctor_size_MB < 1:
+            raise UserError("--join-timeout must be > 0 and --size-MB >= 1")
         if target == "k8s" and not self.image:
             raise UserError("--image is required for --target k8s (the container image that has gonogo installed)")
         self.check_strings()
@@ -105,6 +124,14 @@ class LaunchSpec:
         words += [shlex.quote(item) for item in self.overrides]
         return " ".join(words)
 
+    def node_command(self, node_rank: str, endpoint: str, rdzv_id: str) -> str:
+        """What every node runs: the training job, or the doctor of many nodes."""
+        if self.job == "train":
+            return self.train_command(node_rank, endpoint, rdzv_id)
+        return " ".join(["gonogo", "doctor", "--nnodes", str(self.nodes), "--node-rank", node_rank,
+                         "--rdzv-endpoint", endpoint, "--join-timeout", f"{self.join_timeout_s:g}",
+                         "--path", shlex.quote(self.shared_dir), "--size-MB", str(self.doctor_size_MB)])
+
 
 def slurm_script(spec: LaunchSpec) -> str:
     env_lines = "\n".join(f"export {key}={shlex.quote(value)}" for key, value in spec.environment().items())
@@ -114,18 +141,18 @@ def slurm_script(spec: LaunchSpec) -> str:
     if spec.account:
         optional += f"#SBATCH --account={spec.account}\n"
     # expanded by each node's own shell: SLURM_NODEID differs per node
-    command = spec.train_command('"$SLURM_NODEID"', '"$HEAD_NODE:$RDZV_PORT"', '"$SLURM_JOB_ID"')
+    command = spec.node_command('"$SLURM_NODEID"', '"$HEAD_NODE:$RDZV_PORT"', '"$SLURM_JOB_ID"')
     node_command = shlex.quote(f'cd "$SLURM_SUBMIT_DIR" && {command}')
     non_recoverable = " ".join(str(code) for code in NON_RECOVERABLE_EXITS)
     return f"""#!/bin/bash
-# Written by `gonogo launch --target slurm`: {spec.nodes} node(s) x {spec.gpus_per_node} GPU(s), one torchrun agent per node.
+# Written by `gonogo launch --target slurm --job {spec.job}`: {spec.nodes} node(s) x {spec.gpus_per_node} GPU(s), one {"torchrun agent" if spec.job == "train" else "doctor"} per node.
 #SBATCH --job-name={spec.name}
 #SBATCH --nodes={spec.nodes}
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node={spec.gpus_per_node}
 #SBATCH --cpus-per-task={spec.cpus_per_node}
 #SBATCH --time={spec.time_limit}
-#SBATCH --requeue
+{"#SBATCH --requeue" if spec.job == "train" else "#SBATCH --no-requeue"}
 #SBATCH --open-mode=append
 #SBATCH --output={spec.shared_dir}/logs/%x-%j.out
 {optional}set -uo pipefail
@@ -151,7 +178,7 @@ for fatal in {non_recoverable}; do
     exit {DO_NOT_REQUEUE_EXIT}
   fi
 done
-if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {spec.max_restarts} ]; then
+if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {spec.retries} ]; then
   echo "gonogo: exit code $code; requeueing to resume from the newest committed checkpoint" >&2
   scontrol requeue "$SLURM_JOB_ID"
 fi
@@ -182,12 +209,12 @@ def _volumes(spec: LaunchSpec) -> list[dict[str, Any]]:
 def pytorchjob(spec: LaunchSpec) -> dict[str, Any]:
     """A Kubeflow training-operator PyTorchJob: one Master and nodes-1 Workers, one pod per node."""
     # the operator sets MASTER_ADDR, MASTER_PORT and RANK (the pod's node rank) in every pod
-    command = spec.train_command('"$RANK"', '"$MASTER_ADDR:$MASTER_PORT"', f"{spec.name}")
+    command = spec.node_command('"$RANK"', '"$MASTER_ADDR:$MASTER_PORT"', f"{spec.name}")
 
     def replica(count: int) -> dict[str, Any]:
         return {
             "replicas": count,
-            "restartPolicy": "OnFailure",
+            "restartPolicy": "OnFailure" if spec.retries else "Never",
             "template": {"spec": {"containers": [_container(spec, command)], "volumes": _volumes(spec)}},
         }
 
@@ -198,7 +225,7 @@ def pytorchjob(spec: LaunchSpec) -> dict[str, Any]:
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
         "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": {"app.kubernetes.io/managed-by": "gonogo"}},
-        "spec": {"runPolicy": {"backoffLimit": spec.max_restarts, "cleanPodPolicy": "Running"},
+        "spec": {"runPolicy": {"backoffLimit": spec.retries, "cleanPodPolicy": "Running"},
                  "pytorchReplicaSpecs": replicas},
     }
 
@@ -207,7 +234,7 @@ def indexed_job(spec: LaunchSpec) -> list[dict[str, Any]]:
     """The plain batch/v1 Job form: an Indexed Job (one pod per node) and its headless Service."""
     service = f"{spec.name}-rdzv"
     endpoint = f"{spec.name}-0.{service}:{RDZV_PORT}"
-    command = spec.train_command('"$JOB_COMPLETION_INDEX"', endpoint, spec.name)
+    command = spec.node_command('"$JOB_COMPLETION_INDEX"', endpoint, spec.name)
     job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -216,7 +243,7 @@ def indexed_job(spec: LaunchSpec) -> list[dict[str, Any]]:
             "completionMode": "Indexed",
             "completions": spec.nodes,
             "parallelism": spec.nodes,
-            "backoffLimit": spec.max_restarts,
+            "backoffLimit": spec.retries,
             # exit code 2 is a configuration error: fail the job instead of retrying it
             "podFailurePolicy": {"rules": [
                 {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
@@ -279,12 +306,15 @@ def _key_values(items: list[str], flag: str) -> dict[str, str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True, choices=["slurm", "k8s"], help="what to write")
-    parser.add_argument("config", help="the training preset or TOML config (as `gonogo train` takes it)")
+    parser.add_argument("--job", choices=["train", "doctor"], default="train",
+                        help="train (default), or doctor: the inventory of many nodes (`gonogo doctor --nnodes N`)")
+    parser.add_argument("config", nargs="?", default="",
+                        help="the training preset or TOML config (as `gonogo train` takes it; none with --job doctor)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides passed on to `gonogo train`")
     parser.add_argument("--nodes", type=int, help="number of nodes (required)")
     parser.add_argument("--gpus-per-node", type=int, help="GPUs per node (required)")
     parser.add_argument("--image", default="", help="container image with gonogo installed (required for k8s)")
-    parser.add_argument("--name", default="gonogo-train", help="job name")
+    parser.add_argument("--name", default=None, help="job name (default: gonogo-train, or gonogo-doctor)")
     parser.add_argument("--shared-dir", default="/shared/gonogo", help="shared storage for runs and checkpoints")
     parser.add_argument("--namespace", default="default")
     parser.add_argument("--pvc", default="gonogo-shared", help="PersistentVolumeClaim mounted at --shared-dir (k8s)")
@@ -293,6 +323,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time", dest="time_limit", default="04:00:00", help="Slurm time limit")
     parser.add_argument("--max-restarts", type=int, default=3, help="requeues / pod retries before giving up")
     parser.add_argument("--env", action="append", default=[], help="extra environment KEY=VALUE (repeatable)")
+    parser.add_argument("--join-timeout", type=float, default=300.0,
+                        help="--job doctor: seconds node 0 waits for every node (default: 300)")
+    parser.add_argument("--size-MB", dest="size_MB", type=int, default=256,
+                        help="--job doctor: MB written and read back in the storage probe of --shared-dir")
     parser.add_argument("--out", type=Path, default=Path("launch"), help="folder for the generated files")
 
 
@@ -303,11 +337,13 @@ def command(args: argparse.Namespace) -> int:
     if missing:
         raise UserError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required "
                         f"(for example: --nodes 2 --gpus-per-node 8)")
-    spec = LaunchSpec(config=args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node, name=args.name,
+    spec = LaunchSpec(config=args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                      name=args.name or ("gonogo-doctor" if args.job == "doctor" else "gonogo-train"),
                       shared_dir=args.shared_dir.rstrip("/"), overrides=list(args.overrides),
                       env=_key_values(args.env, "--env"), image=args.image, namespace=args.namespace, pvc=args.pvc,
                       partition=args.partition, account=args.account, time_limit=args.time_limit,
-                      max_restarts=args.max_restarts)
+                      max_restarts=args.max_restarts, job=args.job, join_timeout_s=args.join_timeout,
+                      doctor_size_MB=args.size_MB)
     for path in write_launch_files(args.target, spec, args.out):
         Console().print(f"wrote {path}")
     return 0

@@ -46,15 +46,21 @@ def node_summary(document: dict[str, Any], node_rank: Optional[int]) -> dict[str
                          "torch": torch_view.get("version")}}
 
 
-def _store(host: str, port: int, timeout_s: float):
-    """Host the store when this node can bind the port, else connect to the node that does."""
+def _store(host: str, port: int, timeout_s: float, hosts: Optional[bool] = None):
+    """Host the store (``hosts``: node rank 0; None: when this node can bind the port), else
+    connect to the node that does. A listening store binds every address of its machine, so on
+    many machines only a known node may host: any other could bind its own port and wait alone."""
     from torch.distributed import TCPStore
 
     timeout = timedelta(seconds=timeout_s)
-    try:
-        return TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timeout), True
-    except (RuntimeError, OSError):
-        pass  # bound by another node (or not this host's address): join it
+    if hosts is not False:
+        try:
+            return TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timeout), True
+        except (RuntimeError, OSError) as error:
+            if hosts:
+                raise UserError(f"doctor: node rank 0 hosts the table but cannot listen on port {port} ({error}); "
+                                f"free the port or choose another --rdzv-endpoint") from None
+            # bound by another node of this machine: join it
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
@@ -75,7 +81,7 @@ def gather(document: dict[str, Any], *, nnodes: int, endpoint: str, node_rank: O
     if node_rank is not None and not 0 <= node_rank < nnodes:
         raise UserError(f"--node-rank {node_rank}: must be between 0 and {nnodes - 1}")
     host, port = parse_endpoint(endpoint)
-    store, hosting = _store(host, port, join_timeout_s)
+    store, hosting = _store(host, port, join_timeout_s, None if node_rank is None else node_rank == 0)
     prefix = f"gonogo/{run_id}/"
     joined = int(store.add(prefix + "joined", 1))
     rank = node_rank if node_rank is not None else joined - 1

@@ -77,9 +77,13 @@ def build_report(run_dir: RunDir) -> dict[str, Any]:
     write_json_atomic(run_dir.summary_path, summary)
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True, undefined=jinja2.ChainableUndefined)
+    from gonogo.train.triage import bundles
+
+    # the page opens with what hung (a triage bundle of any stage), before the verdict and the stages
+    what_hung = [{"line": bundle["what_hung"], "folder": bundle["folder"]} for bundle in bundles(run_dir.root)]
     html = environment.get_template("report.html.j2").render(
         s=summary, sections=_sections(plan, run_dir, summary), files=_files(run_dir, summary),
-        fmt=_fmt, fmt_seconds=_fmt_seconds)
+        fmt=_fmt, fmt_seconds=_fmt_seconds, what_hung=what_hung)
     from gonogo.files import write_atomic
 
     write_atomic(run_dir.report_path, html)

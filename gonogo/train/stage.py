@@ -107,8 +107,12 @@ def launch(config: TrainConfig, config_filename: str, nproc: int, *, run_dir: Ru
 
     extra = {**triage.worker_env(stage_dir), **extra}
     memory.clear_records(stage_dir)
+    from gonogo.procs import before_timeout_stop
+
+    detail = f"the stage ran past its timeout_s={timeout_s:g} s; every rank was asked for its stack before the stop"
     try:
-        code = run_command(argv, timeout=timeout_s, log_name=LOG_NAME, env=torchrun_env(extra), on_line=on_line)
+        with before_timeout_stop(lambda: triage.ask_ranks(run_dir.root, stage, stage_dir, detail)):
+            code = run_command(argv, timeout=timeout_s, log_name=LOG_NAME, env=torchrun_env(extra), on_line=on_line)
     finally:
         # a hang, a collective timeout or a crash in any attempt left records: complete the bundle
         triage.finish(run_dir.root, stage, stage_dir)

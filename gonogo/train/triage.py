@@ -284,6 +284,33 @@ def worker_env(stage_dir: Path) -> dict[str, str]:
     return {key: value for key, value in wanted.items() if key not in os.environ}
 
 
+def ask_ranks(run_dir: Path, stage: str, stage_dir: Path, detail: str,
+              wait_s: float = PEER_WAIT_S + 2.0) -> Optional[Path]:
+    """The parent's part when the stage's own timeout stops it: ask the ranks of the running attempt
+    for their records (a REQUEST, as a rank that detects a hang does) and wait for them, bounded,
+    before the group is killed. The ranks are those whose fatal-dump file exists on this node."""
+    ranks: dict[int, set[int]] = {}
+    for path in (Path(stage_dir) / "heartbeats").glob("rank-*.attempt-*.fatal.txt"):
+        match = re.match(r"rank-(\d+)\.attempt-(\d+)\.fatal\.txt", path.name)
+        if match:
+            ranks.setdefault(int(match.group(2)), set()).add(int(match.group(1)))
+    if not ranks:
+        log.warning("triage: no rank of %s had started when its timeout passed: nothing to ask", stage)
+        return None
+    attempt = max(ranks)
+    folder = incident_dir(run_dir, stage, attempt)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(folder / REQUEST_NAME, "x", encoding="utf-8") as handle:
+            json.dump({"rank": "runner", "reason": "stage timeout", "detail": detail, "time": time.time()}, handle)
+    except FileExistsError:
+        pass  # a rank detected the incident first: its request stands
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and len(list(folder.glob("rank-*.json"))) < len(ranks[attempt]):
+        time.sleep(0.1)
+    return folder
+
+
 # -- the parent: reading the records ----------------------------------------------------------------
 
 def _read_json(path: Path) -> dict[str, Any]:

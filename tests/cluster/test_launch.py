@@ -152,3 +152,36 @@ def test_hostile_env_key_on_the_command_line_is_one_line_exit_2(tmp_path):
                         "--env", "X=1; rm -rf /", "--env", "BAD KEY=1", "--out", tmp_path / "launch")
     assert result.returncode == 2 and "'BAD KEY' is not an environment variable name" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "launch").exists()
+
+
+def test_doctor_job_runs_the_doctor_of_many_nodes_once_in_every_form():
+    doctor = spec(config="", overrides=[], job="doctor", shared_dir="/shared/doctor")
+    script = slurm_script(doctor)
+    assert "#SBATCH --no-requeue" in script and "#SBATCH --requeue" not in script
+    assert ('gonogo doctor --nnodes 2 --node-rank "$SLURM_NODEID" --rdzv-endpoint "$HEAD_NODE:$RDZV_PORT" '
+            "--join-timeout 300 --path /shared/doctor --size-MB 256") in script
+    assert '-lt 0 ]' in script and subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    job = pytorchjob(doctor)
+    assert job["spec"]["runPolicy"]["backoffLimit"] == 0
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        assert replica["restartPolicy"] == "Never"
+        assert '--node-rank "$RANK" --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"' in \
+            replica["template"]["spec"]["containers"][0]["command"][-1]
+    _, indexed = indexed_job(doctor)
+    assert indexed["spec"]["backoffLimit"] == 0
+    assert ('gonogo doctor --nnodes 2 --node-rank "$JOB_COMPLETION_INDEX" --rdzv-endpoint '
+            'gonogo-train-0.gonogo-train-rdzv:29500') in indexed["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    # the training forms are unchanged
+    assert "#SBATCH --requeue" in slurm_script(spec()) and pytorchjob(spec())["spec"]["runPolicy"]["backoffLimit"] == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "slurm", "--job", "doctor", "tiny-dense", "--nodes", "2", "--gpus-per-node", "8"],
+     "--job doctor takes no training config"),
+    (["--target", "slurm", "--nodes", "2", "--gpus-per-node", "8"], "a training config is required"),
+    (["--target", "slurm", "--job", "doctor", "--nodes", "2", "--gpus-per-node", "8", "--join-timeout", "0"],
+     "--join-timeout must be > 0"),
+])
+def test_doctor_job_mistakes_are_one_line_exit_2(tmp_path, args, message):
+    result = run_gonogo("launch", *args, "--out", tmp_path / "launch")
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1

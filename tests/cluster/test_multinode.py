@@ -131,6 +131,30 @@ def test_the_generated_slurm_script_trains_with_two_gloo_processes(tmp_path):
     assert result["world_size"] == 2 and result["steps"] == 4 and result["device"] == "cpu"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_the_generated_doctor_job_gathers_two_nodes_into_one_table(tmp_path):
+    """`gonogo launch --target slurm --job doctor`: a fake srun starts the node command twice here
+    (node 0 and node 1, as two nodes of the allocation would); both print the one table, GO."""
+    shared = tmp_path / "shared"
+    spec = LaunchSpec(config="", nodes=2, gpus_per_node=1, shared_dir=str(shared), name="doctor-cpu", job="doctor",
+                      join_timeout_s=60, doctor_size_MB=1)
+    script = tmp_path / "doctor.sbatch"
+    script.write_text(slurm_script(spec))
+    fake_bin = _fake_slurm_bin(tmp_path / "bin")
+    (fake_bin / "srun").write_text(
+        '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+        'SLURM_NODEID=0 "$@" & first=$!\nSLURM_NODEID=1 "$@" & second=$!\n'
+        'wait $first; a=$?; wait $second; b=$?\nexit $(( a > b ? a : b ))\n')
+    env = _env(PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="77", SLURM_NNODES="2",
+               SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=str(tmp_path), RDZV_PORT=str(free_port()))
+    completed = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=180,
+                               cwd=tmp_path)
+    output = " ".join(completed.stdout.split())
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert output.count("gonogo doctor: 2 of 2 nodes") == 2 and output.count("GO: every node answered") == 2
+
+
 # -- two hosts: network namespaces joined by a veth pair --------------------------------------------
 
 def _ip(*args: str) -> subprocess.CompletedProcess:

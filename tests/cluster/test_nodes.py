@@ -85,3 +85,75 @@ def test_differing_versions_or_an_unhealthy_node_is_no_go():
 def test_endpoint_typo_is_a_user_error():
     with pytest.raises(UserError, match="expected HOST:PORT"):
         nodes.parse_endpoint("node0")
+
+
+NODE_GATES = '["nodes_all_answered == true", "nodes_all_healthy == true", "versions_identical == true"]'
+
+
+def _plan(tmp_path: Path, name: str, endpoint: str, rank: int, join_timeout: float, gates: str = NODE_GATES) -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f"""
+[plan]
+name = "{name}"
+[[stage]]
+name = "nodes"
+kind = "doctor"
+storage_size_MB = 1
+nnodes = 2
+rdzv_endpoint = "{endpoint}"
+node_rank = {rank}
+join_timeout_s = {join_timeout}
+gates = {gates}
+""", encoding="utf-8")
+    return path
+
+
+def _run_plan(plan: Path, out: Path) -> subprocess.Popen:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH", "")] if p)
+    return subprocess.Popen([sys.executable, "-m", "gonogo", "run", str(plan), "--out", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_the_doctor_stage_of_two_plans_gathers_both_nodes_and_a_lone_node_fails_clearly(tmp_path):
+    endpoint = f"127.0.0.1:{free_port()}"
+    runs = [_run_plan(_plan(tmp_path, f"node{rank}", endpoint, rank, 60), tmp_path / f"run{rank}") for rank in (0, 1)]
+    for rank, process in enumerate(runs):
+        code, out, err = _finish(process)
+        summary = json.loads((tmp_path / f"run{rank}" / "summary.json").read_text())
+        assert code == 0 and summary["verdict"] == "GO", (summary.get("reasons"), err[-2000:])
+        view = json.loads((tmp_path / f"run{rank}" / "stages" / "nodes" / "cluster.json").read_text())
+        assert [node["node_rank"] for node in view["nodes"]] == [0, 1]
+        metrics = json.loads((tmp_path / f"run{rank}" / "stages" / "nodes" / "metrics.json").read_text())
+        assert metrics["nodes_answered"] == 2 and metrics["versions_identical"] is True
+        html = (tmp_path / f"run{rank}" / "report.html").read_text()
+        assert "Nodes: 2 of 2 answered" in html
+    # a node whose peer never starts: NO-GO, and the reason names who answered and who is missing
+    lone = f"127.0.0.1:{free_port()}"
+    code, out, err = _finish(_run_plan(_plan(tmp_path, "lone", lone, 0, 3), tmp_path / "lone"))
+    summary = json.loads((tmp_path / "lone" / "summary.json").read_text())
+    assert code == 1 and summary["verdict"] == "NO-GO"
+    reasons = " ".join(summary["reasons"])
+    assert f"1 of 2 nodes answered at {lone} within 3 s (missing node rank(s) 1;" in reasons, reasons
+
+
+def test_plan_node_settings_and_node_gates_are_checked_before_anything_runs(tmp_path):
+    from gonogo.plan import load_plan
+
+    good = load_plan(_plan(tmp_path, "ok", "node0:29400", 1, 30))
+    assert good.stages[0].settings.nnodes == 2 and len(good.stages[0].gates) == 3
+    for endpoint, rank, message in (("node0", 0, "expected HOST:PORT"), ("node0:29400", 2, "must be below nnodes")):
+        with pytest.raises(UserError, match=message):
+            load_plan(_plan(tmp_path, "bad", endpoint, rank, 30))
+    # one node: the cluster metrics are not declared, so a gate on them is refused
+    single = tmp_path / "single.toml"
+    single.write_text('[plan]\nname = "single"\n[[stage]]\nname = "d"\nkind = "doctor"\n'
+                      'gates = ["nodes_all_answered == true"]\n', encoding="utf-8")
+    with pytest.raises(UserError, match="nodes_all_answered"):
+        load_plan(single)
+    missing = tmp_path / "missing.toml"
+    missing.write_text('[plan]\nname = "m"\n[[stage]]\nname = "d"\nkind = "doctor"\nnnodes = 3\n', encoding="utf-8")
+    with pytest.raises(UserError, match="needs rdzv_endpoint"):
+        load_plan(missing)

@@ -170,3 +170,67 @@ def test_a_segfault_leaves_a_bundle_naming_the_crashed_frame(tmp_path):
     assert "crash.py:10 in crash_here" in (reports[0].parent / "rank-00001.attempt-0.fatal.txt").read_text().replace(
         '", line ', ":")
     assert (reports[0].parent / "rank-00001.attempt-0.fatal.txt").is_file()
+
+
+TINY_TRAIN = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=2", "model.ffn_dim=64",
+              "model.max_seq_len=32", "train.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=2",
+              "train.val_batches=1", "train.checkpoint=false", "train.steps=40", "train.log_every=1",
+              "train.val_every=0", "train.warmup_steps=1", "train.max_restarts=0", "train.watchdog_timeout_s=600"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_stage_stopped_by_its_own_timeout_leaves_a_bundle_and_the_report_opens_with_it(write_plan, tmp_path):
+    """The watchdog is set far off: the runner's timeout_s stops the hung stage, and asks every
+    rank for its stack first; report.html opens with what hung, before the verdict and the stages."""
+    from tests.conftest import run_gonogo
+
+    plan = write_plan(f"""
+    [plan]
+    name = "stage-timeout"
+    [[stage]]
+    name = "train"
+    kind = "train"
+    nproc = 2
+    timeout_s = 45
+    overrides = {json.dumps(TINY_TRAIN)}
+    gates = ["steps >= 1"]
+    """)
+    out = tmp_path / "run"
+    fault = Fault(kind="hang", rank=1, step=2)
+    result = run_gonogo("run", plan, "--out", out, env=fault.to_env(), timeout=200)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    folder = out / "triage" / "train-attempt-0"
+    bundle = json.loads((folder / "triage.json").read_text())
+    assert bundle["reason"] == "stage timeout" and bundle["requested_by"] == "runner"
+    assert sorted(bundle["heartbeats"]) == ["0", "1"]  # both ranks answered before the kill
+    assert bundle["what_hung"].startswith("What hung (stage timeout): rank 1 at step 2"), bundle["what_hung"]
+    assert "faults.py" in bundle["what_hung"]
+    html = (out / "report.html").read_text()
+    first = html.index("What hung (stage timeout): rank 1 at step 2")
+    assert first < html.index('<div class="verdict">') < html.index("<h2>Stages</h2>")
+
+
+def test_the_hook_before_a_timeout_stop_runs_while_the_group_lives_and_only_inside_its_block(tmp_path):
+    import sys
+
+    from gonogo.procs import ProcessTimeout, before_timeout_stop, run_process
+
+    marker = tmp_path / "alive"
+    seen = []
+
+    def hook():
+        seen.append(marker.exists())
+
+    argv = [sys.executable, "-c", f"import pathlib, time; pathlib.Path({str(marker)!r}).touch(); time.sleep(60)"]
+    with before_timeout_stop(hook), pytest.raises(ProcessTimeout):
+        run_process(argv, timeout=3)
+    assert seen == [True]
+    with pytest.raises(ProcessTimeout):
+        run_process(argv, timeout=0.5)
+    assert seen == [True]  # outside the block: no hook
+
+
+def test_asking_the_ranks_of_a_stage_that_never_started_one_is_a_no_op(tmp_path):
+    assert triage.ask_ranks(tmp_path, "train", tmp_path / "stages" / "train", "timeout", wait_s=0.1) is None
+    assert not (tmp_path / "triage").exists()
