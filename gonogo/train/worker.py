@@ -37,6 +37,23 @@ def write_job(path: Path, *, config: TrainConfig, config_filename: str, run_dir:
                              "budget_device_hours": budget_device_hours, "budget_started": budget_started})
 
 
+def leave_together(dist, world_size: int, timeout_s: float = 60.0) -> None:
+    """Wait, through the rendezvous store rather than gloo, until every rank has left the last
+    barrier: a rank returns from a gloo barrier while its own last message to a peer may still be
+    in flight, and tearing the pairs down then aborted the peer. Once every rank is here, no gloo
+    traffic is pending in either direction. Bounded: a peer that never comes is left behind."""
+    import time
+
+    if world_size <= 1:
+        return
+    store = dist.distributed_c10d._get_default_store()
+    key = f"gonogo-leave-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout_s
+    while store.add(key, 0) < world_size and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gonogo.train.worker")
     parser.add_argument("job", type=Path, help="the resolved job JSON written by the parent")
@@ -68,6 +85,7 @@ def main(argv=None) -> int:
         # leave together: a rank that tears its gloo pairs down while a peer still uses them can
         # abort in C++ ("terminate called without an active exception", seen under load)
         dist.barrier()
+        leave_together(dist, world.world_size)
     finally:
         dist.destroy_process_group()
     return 0
