@@ -279,8 +279,8 @@ def test_soak_with_a_slowed_checkpoint_store_is_no_go(tmp_path):
 # -- autoscale: a fleet that cannot grow (max_replicas = min_replicas) -------------------------------
 
 def test_autoscale_with_a_fleet_that_cannot_grow_is_no_go(tmp_path):
-    built_in = load_plan(resolve_plan_path("laptop")).stage("autoscale").raw["autoscale"]
-    summary = run_degraded(tmp_path, "laptop", "autoscale", autoscale={**built_in, "max_replicas": 1},
+    built_in = load_plan(resolve_plan_path("ops")).stage("autoscale").raw["autoscale"]
+    summary = run_degraded(tmp_path, "ops", "autoscale", autoscale={**built_in, "max_replicas": 1},
                            low_s=2, high_max_s=8, down_max_s=5)
     scaled_up, seen = gate(summary, "scaled_up"), gate(summary, "max_replicas_seen")
     assert not scaled_up["passed"] and scaled_up["measured"] is False  # measured, not a stage that broke

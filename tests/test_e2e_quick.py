@@ -17,8 +17,11 @@ from tests.report.browser import check_report
 NOT_IN_LAPTOP = {
     "command": "runs the user's own program",
     "memory": "a memory probe means something against the user's cap (train.memory_cap_GB) or a GPU's memory",
+    # its peak saturates two CPU-bound replicas on 2 shared cores now and then (p95 8.7 s in one
+    # quiet laptop run): it lives in the ops plan
+    "autoscale": "in the ops plan (gonogo run ops)",
 }
-QUICK_LEAVES_OUT = {"autoscale", "soak"}  # the ops stages (about 1.5 min): quick is the suite's end-to-end plan
+QUICK_LEAVES_OUT = {"soak"}  # the ops stage (about 50 s): quick is the suite's end-to-end plan
 
 
 def test_laptop_and_quick_plans_have_every_stage_kind():
