@@ -66,6 +66,7 @@ class Budget:
         """Spend against the binding limit, in its own unit: '0.0120 of 0.0100 USD'."""
         limit = self.limit_hours
         if self.binding == "money":
+            assert self.price is not None  # a money limit needs a price (checked at load)
             return f"{hours * self.price:.4g} of {self.money:g} {self.currency} spent"
         return f"{hours:.4g} of {limit:g} device-hours spent"
 
@@ -127,7 +128,7 @@ class Watchdog:
                     self.fired = True
                     self.on_kill(spent)
                     if self._main:
-                        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
                     else:
                         log.warning("budget spent, but the runner is not in the main thread: the stage "
                                     "runs to its end and the plan stops after it")

@@ -53,11 +53,11 @@ def _kill_group(pid: int, sig: int) -> None:
         pass
 
 
-_BEFORE_TIMEOUT_STOP: ContextVar[Optional[Callable[[], None]]] = ContextVar("gonogo_before_timeout_stop", default=None)
+_BEFORE_TIMEOUT_STOP: ContextVar[Optional[Callable[[], object]]] = ContextVar("gonogo_before_timeout_stop", default=None)
 
 
 @contextmanager
-def before_timeout_stop(hook: Callable[[], None]):
+def before_timeout_stop(hook: Callable[[], object]):
     """Within this block, a ``run_process`` that passes its timeout calls ``hook()`` before it stops
     the group: the train stage asks its ranks for their stacks (the triage bundle) while they live.
     A context rather than an argument: every ``run_command`` of the stages reaches it unchanged."""

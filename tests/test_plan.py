@@ -56,7 +56,7 @@ def test_error_names_the_line(write_plan):
     path = write_plan("[plan]\nname = 'p'\n" + GOOD_STAGE.replace('"score >= 1"', '"scroe >= 1"'))
     with pytest.raises(UserError) as error:
         load_plan(path)
-    line = next(i for i, l in enumerate(path.read_text().splitlines(), 1) if "scroe" in l)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "scroe" in text)
     assert f"{path}:{line}" in str(error.value)
 
 

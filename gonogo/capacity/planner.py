@@ -23,7 +23,7 @@ from pydantic import Field
 from gonogo.capacity.hardware import GPUSpec, get_gpu
 from gonogo.config import Strict, load_toml, resolve_preset, validate
 from gonogo.errors import UserError
-from gonogo.model.config import ModelConfig
+from gonogo.model.config import ModelConfig, MoEConfig
 from gonogo.model.flops import attention_flops_per_token, flops_per_token, layer_counts, parameter_counts
 
 GB = 1e9
@@ -115,8 +115,8 @@ def resolve_layout(settings: CapacitySettings, model: ModelConfig) -> Layout:
     if ep > 1:
         if model.moe is None:
             raise UserError(f"ep={ep} needs an MoE model; {s.model} is dense (use ep=1)")
-        if model.moe.n_experts % ep:
-            raise UserError(f"ep={ep} does not divide n_experts={model.moe.n_experts}")
+        if _moe(model).n_experts % ep:
+            raise UserError(f"ep={ep} does not divide n_experts={_moe(model).n_experts}")
         if (dp * cp) % ep:
             raise UserError(f"ep={ep} must divide dp*cp={dp * cp} (experts are spread over data-parallel ranks)")
     seq = s.seq or model.max_seq_len
@@ -138,6 +138,12 @@ def resolve_layout(settings: CapacitySettings, model: ModelConfig) -> Layout:
 
 # -- memory ---------------------------------------------------------------------------------
 
+def _moe(model: ModelConfig) -> MoEConfig:
+    """The expert settings of a model that has MoE layers (callers check ``is_moe_layer`` first)."""
+    assert model.moe is not None, "an MoE term asked of a dense model"
+    return model.moe
+
+
 def stage_layers(n_layers: int, pp: int) -> list[range]:
     """Layers of each pipeline stage, as even as possible (the first stages take the extra)."""
     base, extra = divmod(n_layers, pp)
@@ -152,7 +158,7 @@ def stage_layers(n_layers: int, pp: int) -> list[range]:
 def _local_layer_params(model: ModelConfig, layer: int, tp: int, ep: int) -> tuple[float, float]:
     """(dense, routed-expert) parameters of one block held by one GPU under TP and EP."""
     counts = layer_counts(model, layer)
-    replicated = counts["norms"] + (model.d_model * model.moe.n_experts if model.is_moe_layer(layer) else 0)
+    replicated = counts["norms"] + (model.d_model * _moe(model).n_experts if model.is_moe_layer(layer) else 0)
     split = counts["total"] - counts["routed_experts"] - replicated  # attention, dense/shared MLP
     return replicated + split / tp, counts["routed_experts"] / (ep * tp)
 
@@ -176,7 +182,7 @@ def layer_activation_bytes(model: ModelConfig, layer: int, tokens: float, seq: i
     scores = 2 * model.n_heads * seq * tokens if keep_scores else 0.0
     norms = 4 * tokens * h
     if model.is_moe_layer(layer):
-        moe = model.moe
+        moe = _moe(model)
         mlp = tokens * (2 * h + moe.top_k * (4 * h + 8 * moe.expert_ffn_dim)
                         + moe.n_shared_experts * 8 * moe.expert_ffn_dim)
     else:
@@ -257,9 +263,9 @@ def memory_per_stage(model: ModelConfig, layout: Layout, settings: CapacitySetti
         terms["logits"] = tokens * model.vocab_size / tp * (2 + 4) if last else 0.0
         moe_layers = [layer for layer in layers if model.is_moe_layer(layer)]
         if moe_layers and ep > 1:
-            factor = model.moe.capacity_factor or DROPLESS_IMBALANCE
+            factor = _moe(model).capacity_factor or DROPLESS_IMBALANCE
             # send and receive buffers of one layer's all-to-all, bf16 token copies
-            terms["moe_dispatch"] = 2 * (tokens / tp) * model.moe.top_k * model.d_model * 2 * factor
+            terms["moe_dispatch"] = 2 * (tokens / tp) * _moe(model).top_k * model.d_model * 2 * factor
         else:
             terms["moe_dispatch"] = 0.0
         terms["total"] = sum(terms.values())
@@ -346,7 +352,7 @@ def communication_seconds(model: ModelConfig, layout: Layout, settings: Capacity
     # EP: dispatch and combine, forward and backward (and forward again when recomputing)
     t_ep = 0.0
     if ep > 1:
-        dispatch_bytes = tokens / tp * model.moe.top_k * model.d_model * 2
+        dispatch_bytes = tokens / tp * _moe(model).top_k * model.d_model * 2
         t_ep = m * moe_layers * (4 + 2 * recompute) * collective_seconds(
             "all_to_all", dispatch_bytes, ep, links["expert_parallel"])
     # CP (ring attention): K and V chunks go round the ring forward; K, V and their gradients backward
@@ -472,8 +478,8 @@ def estimate(settings: CapacitySettings, *, model: Optional[ModelConfig] = None,
         "gpu_hours": gpu_hours,
         "price_per_gpu_hour": price,
         "cost_usd": gpu_hours * price if price is not None else None,
-        "dominant_memory": max(memory_terms, key=memory_terms.get),
-        "dominant_time": max(time_terms, key=time_terms.get),
+        "dominant_memory": max(memory_terms, key=lambda term: memory_terms[term]),
+        "dominant_time": max(time_terms, key=lambda term: time_terms[term]),
     }
 
 

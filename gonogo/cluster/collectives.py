@@ -25,8 +25,9 @@ import shutil
 import statistics
 import sys
 import tempfile
+import typing
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
@@ -38,8 +39,8 @@ from gonogo.stages.base import ReportItem, StageContext, StageKind, StageSetting
 
 log = logging.getLogger(__name__)
 
-OP_NAMES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "sendrecv")
 OpName = Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "sendrecv"]
+OP_NAMES: tuple[OpName, ...] = typing.get_args(OpName)
 DTYPE_NAMES = ("float32", "bfloat16")
 NCCL_TYPE_NAMES = {"float32": "float", "bfloat16": "bfloat16"}  # the names nccl-tests prints
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}  # binary, as nccl-tests
@@ -196,7 +197,7 @@ class CollectivesSettings(StageSettings):
     iters: int = Field(20, ge=1)
     warmup: int = Field(5, ge=0)
     check: int = Field(1, ge=0, description="checked repetitions per row and form")
-    dtypes: list[Literal["float32", "bfloat16"]] = Field(default_factory=lambda: ["float32"], min_length=1)
+    dtypes: list[Literal["float32", "bfloat16"]] = Field(default_factory=lambda: ["float32"], min_length=1)  # type: ignore[arg-type]
     timeout_s: float = Field(300.0, gt=0)
 
     @field_validator("min_bytes", "max_bytes", mode="before")
@@ -339,7 +340,7 @@ def loopback_probe(size: int, seconds: float = 0.3) -> dict[str, Any]:
             "GBps": total / elapsed / 1e9 if total and elapsed > 0 else None}
 
 
-def stage_metrics(results: dict[str, Any], ops: list[str]) -> dict[str, Any]:
+def stage_metrics(results: dict[str, Any], ops: Sequence[str]) -> dict[str, Any]:
     rows = results["results"]
     tcp = results["fabric"]["tcp"]
     metrics: dict[str, Any] = {

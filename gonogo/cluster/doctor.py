@@ -386,6 +386,7 @@ def _gather_nodes(ctx: StageContext, settings: DoctorSettings, document: dict[st
 
     ctx.progress(f"waiting for {settings.nnodes} nodes at {settings.rdzv_endpoint} "
                  f"(at most {settings.join_timeout_s:g} s)")
+    assert settings.rdzv_endpoint  # the settings refuse nnodes > 1 without one
     view = nodes.gather(document, nnodes=settings.nnodes, endpoint=settings.rdzv_endpoint,
                         node_rank=settings.node_rank, join_timeout_s=settings.join_timeout_s,
                         run_id=f"doctor-stage-{ctx.name}")

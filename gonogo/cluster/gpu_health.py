@@ -214,7 +214,7 @@ def probe_gpus(nvml: Any = None) -> dict[str, Any]:
     (with ``pci_nvidia_gpus``: whether there are GPUs NVML should have answered for)."""
     if nvml is None:
         try:
-            import pynvml as nvml
+            import pynvml as nvml  # type: ignore[no-redef]
         except ImportError as error:
             return _unavailable(f"NVML not available: pynvml is not installed ({error})")
     try:
@@ -345,7 +345,7 @@ def health_unknowns(report: dict[str, Any]) -> list[str]:
         seen = (f"the PCI bus lists {pci} NVIDIA GPU(s)" if pci
                 else "the PCI bus could not be read to tell whether there are GPUs")
         return [f"GPU health unknown: {report.get('reason')}, while {seen}"]
-    unknowns = []
+    unknowns: list[str] = []
     for device in report.get("gpus", []):
         unknowns.extend(reason for key, reason in device_unknowns(device).items() if key != "nvlink")
     return unknowns
@@ -369,7 +369,7 @@ def summary_metrics(report: dict[str, Any]) -> dict[str, Any]:
         reasons = [unknown.get(check) or unknown.get("device") for unknown in per_device]
         return next((reason for reason in reasons if reason), None)
 
-    unknown: dict[str, str] = {}
+    unknown: dict[str, Optional[str]] = {}
     metrics: dict[str, Any] = {}
     if first("ecc"):
         unknown["ecc_errors"] = first("ecc")

@@ -115,10 +115,10 @@ def cluster_view(nodes: list[dict[str, Any]], nnodes: int, endpoint: str, timeou
     ranks = [node["node_rank"] for node in nodes]
     missing = [rank for rank in range(nnodes) if rank not in ranks]
     duplicates = sorted({rank for rank in ranks if ranks.count(rank) > 1})
-    mismatched = {}
+    mismatched: dict[str, dict[str, Any]] = {}
     for field in VERSION_FIELDS:
-        values = {json.dumps(node["versions"].get(field)) for node in nodes}
-        if len(values) > 1:
+        spellings = {json.dumps(node["versions"].get(field)) for node in nodes}
+        if len(spellings) > 1:
             mismatched[field] = {f"{node['hostname']} (node {node['node_rank']})": node["versions"].get(field)
                                  for node in nodes}
     healthy = [node["healthy"] for node in nodes]
@@ -135,13 +135,13 @@ def cluster_view(nodes: list[dict[str, Any]], nnodes: int, endpoint: str, timeou
     for node in nodes:
         if node["healthy"] is False:
             problems.append(f"{node['hostname']} (node {node['node_rank']}) unhealthy: {'; '.join(node['problems'])}")
-    metrics = {"nodes_expected": nnodes, "nodes_answered": answered,
+    metrics: dict[str, Any] = {"nodes_expected": nnodes, "nodes_answered": answered,
                "nodes_healthy": sum(1 for value in healthy if value is True),
                "nodes_all_answered": answered == nnodes,
                "nodes_all_healthy": (False if any(v is False for v in healthy) else
                                      None if any(v is None for v in healthy) or answered < nnodes else True),
                "versions_identical": not mismatched if answered else None}
-    unknown = {}
+    unknown: dict[str, str] = {}
     if metrics["nodes_all_healthy"] is None:
         unknown["nodes_all_healthy"] = ("; ".join(f"{n['hostname']}: {'; '.join(n['unknowns'])}" for n in nodes
                                                   if n["healthy"] is None) or "not every node answered")

@@ -110,7 +110,7 @@ def gpu_topology(nvml: Any = None, sys_root: Path = SYS) -> dict[str, Any]:
     """GPU<->GPU link matrix, NVLink pairs, each GPU's NUMA node and CPU list, and its local NICs."""
     if nvml is None:
         try:
-            import pynvml as nvml
+            import pynvml as nvml  # type: ignore[no-redef]
         except ImportError as error:
             return {"available": False, "reason": f"unknown: pynvml is not installed ({error})"}
     try:
@@ -135,7 +135,7 @@ def _gpu_topology(nvml: Any, sys_root: Path) -> dict[str, Any]:
     for handle in handles:
         bus = nvml.nvmlDeviceGetPciInfo(handle).busId
         bus_ids.append(bus.decode() if isinstance(bus, bytes) else str(bus))
-    gpus = []
+    gpus: list[dict[str, Any]] = []
     for index, handle in enumerate(handles):
         numa = _pci_numa(sys_root, bus_ids[index])
         gpus.append({"index": index, "bus_id": bus_ids[index], "numa_node": numa,
@@ -192,7 +192,7 @@ def topology(nvml: Any = None, sys_root: Path = SYS) -> dict[str, Any]:
 
 def topology_metrics(gpu: dict[str, Any], cpu: dict[str, Any]) -> dict[str, Any]:
     """Gate-able figures; absent (None, with the reason under ``unknown``) when there is nothing to count."""
-    unknown: dict[str, str] = {}
+    unknown: dict[str, Optional[str]] = {}
     metrics: dict[str, Any] = {"sockets": len(cpu["sockets"]) if cpu.get("available") else None,
                                "numa_nodes": len(cpu["numa_nodes"]) if cpu.get("numa_nodes") else None}
     if metrics["sockets"] is None:

@@ -146,8 +146,9 @@ class HFTokenizer:
         generation = _read_json(self.directory / "generation_config.json")
         eos = generation.get("eos_token_id")
         eos_ids = [eos] if isinstance(eos, int) else [token for token in eos or [] if isinstance(token, int)]
-        if id_of("eos_token") is not None and id_of("eos_token") not in eos_ids:
-            eos_ids.append(id_of("eos_token"))
+        eos_token = id_of("eos_token")
+        if eos_token is not None and eos_token not in eos_ids:
+            eos_ids.append(eos_token)
         if not eos_ids:
             raise UserError(f"{self.directory}: no end-of-sequence token (eos_token in tokenizer_config.json or "
                             "eos_token_id in generation_config.json); generation could never stop")

@@ -152,6 +152,7 @@ def read_sft_jsonl(path: str | Path, min_good_fraction: float = 0.9) -> SFTFile:
                 if len(result.bad_lines) <= REPORTED_LINES:
                     log.warning("%s:%d: skipped: %s", path, number, problem)
             else:
+                assert messages is not None  # no problem: the line parsed
                 result.examples.append(messages)
     if result.skipped:
         log.warning("%s: skipped %d of %d lines (%.1f%% usable)", path, result.skipped,

@@ -246,7 +246,9 @@ def canonical_answer(answer: Optional[str]) -> Optional[str]:
 
 
 def _normalise(answer: str) -> str:
-    return canonical_answer(answer)
+    canonical = canonical_answer(answer)
+    assert canonical is not None  # a str in, a str out
+    return canonical
 
 
 def verify(problem: Problem, answer_text: str) -> bool:

@@ -100,7 +100,8 @@ def user_questions(path: str | Path, min_good_fraction: float = 0.9,
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"{path}: no such file (give a JSONL file of {{\"prompt\", \"answer\"}} lines)")
-    questions, bad = [], []
+    questions: list[Question] = []
+    bad: list[tuple[int, str]] = []
     with path.open(encoding="utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -111,6 +112,7 @@ def user_questions(path: str | Path, min_good_fraction: float = 0.9,
                 if len(bad) <= REPORTED_LINES:
                     log.warning("%s:%d: skipped: %s", path, number, problem)
             else:
+                assert question is not None  # no problem: the line parsed
                 questions.append(question)
     total = len(questions) + len(bad)
     if not total:

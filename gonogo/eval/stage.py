@@ -119,7 +119,7 @@ def _checkpoint_of(ctx: StageContext, name: str) -> Path:
     from gonogo.train.checkpoint import resolve_checkpoint
 
     if name.startswith("@"):
-        return resolve_checkpoint(Path(ctx.resolve_model(name)))
+        return resolve_checkpoint(Path(str(ctx.resolve_model(name))))
     stage_checkpoints = ctx.run_dir.checkpoints_dir / name
     if "/" not in name and stage_checkpoints.is_dir():
         return resolve_checkpoint(stage_checkpoints)

@@ -258,7 +258,7 @@ def _stats(prefix: str, values_s: list[float]) -> dict[str, Optional[float]]:
     if not values_s:
         return dict.fromkeys(names)
     values = np.asarray(values_s, dtype=float) * 1000.0
-    stats = {f"mean_{prefix}_ms": float(values.mean()), f"median_{prefix}_ms": float(np.median(values)),
+    stats: dict[str, Optional[float]] = {f"mean_{prefix}_ms": float(values.mean()), f"median_{prefix}_ms": float(np.median(values)),
              f"std_{prefix}_ms": float(values.std())}
     for p in PERCENTILES:
         stats[f"p{p}_{prefix}_ms"] = float(np.percentile(values, p))

@@ -133,6 +133,7 @@ class QuantizedTensor:
         """fp32 weights of the original shape: what the emulated matmul uses."""
         if self.format == "fp8":
             return self.data.float() * self.scale.float().unsqueeze(-1)
+        assert self.tensor_scale is not None  # NVFP4 always carries its per-tensor scale
         values = e2m1_decode(unpack_nibbles(self.data))  # [..., out, in]
         block_scale = self.scale.float() * self.tensor_scale.float()[..., None, None]
         blocks = values.unflatten(-1, (-1, NVFP4_BLOCK)) * block_scale.unsqueeze(-1)
@@ -167,6 +168,9 @@ class QuantizedTensor:
         if self.format == "fp8":
             expected = [(self.data, torch.float8_e4m3fn, self.shape), (self.scale, torch.float32, (*lead, out_features))]
         else:
+            if self.tensor_scale is None:
+                raise UserError(f"quantized weights: an nvfp4 tensor of shape {list(self.shape)} has no per-tensor "
+                                "scale; the file was not written by gonogo quantize, or is corrupt")
             expected = [(self.data, torch.uint8, (*lead, out_features, in_features // 2)),
                         (self.scale, torch.float8_e4m3fn, (*lead, out_features, in_features // NVFP4_BLOCK)),
                         (self.tensor_scale, torch.float32, tuple(lead))]

@@ -123,23 +123,21 @@ def health_checks(client, url: str, model_name: str, health_path: str = "/health
     except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
         pass
     checks["a chat completion answers 200 with text"] = bool(plain_text)
-    streamed: "str | None" = ""
+    pieces: list[str] = []
     done = False
     try:
         with client.stream("POST", f"{url}/v1/chat/completions", json={**payload, "stream": True}) as response:
-            if response.status_code != 200:
-                streamed = None
-            else:
+            if response.status_code == 200:
                 for line in response.iter_lines():
                     if line == "data: [DONE]":
                         done = True
                     elif line.startswith("data: "):
                         for choice in json.loads(line[6:])["choices"]:
-                            streamed += choice["delta"].get("content") or ""
+                            pieces.append(choice["delta"].get("content") or "")
     except (httpx.HTTPError, ValueError, KeyError, TypeError):
-        streamed = None
-    if not done:
-        streamed = None
+        done = False
+    # a stream that failed, was refused or never said [DONE] streamed nothing usable
+    streamed: Optional[str] = "".join(pieces) if done else None
     checks["a streamed chat completion ends with [DONE]"] = streamed is not None
     return checks, first_response_ms, streamed, plain_text
 

@@ -220,7 +220,7 @@ def create_app(engine: "Engine", *, model_name: str, api_key: Optional[str] = No
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.requests import ClientDisconnect
 
-    from gonogo.infer.engine import EngineStopped, Event, QueueFull, Request
+    from gonogo.infer.engine import EngineStopped, QueueFull, Request
     from gonogo.infer.sampling import SamplingParams
 
     limits = limits or ServerLimits()

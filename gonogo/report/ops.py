@@ -41,18 +41,23 @@ def _anchor(name: str) -> str:
 
 # -- rollback policy --------------------------------------------------------------------------
 
+def settings_of(stage: Stage) -> Any:
+    """The stage's own settings model (each rule below knows the kind it reads)."""
+    return stage.settings
+
+
 def _stage_status(summary: dict[str, Any], name: str) -> dict[str, Any]:
     return next(entry for entry in summary["stages"] if entry["name"] == name)
 
 
 def _canary_rule(stage: Stage, entry: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, Any]:
-    analysis = stage.settings.analysis
+    analysis = settings_of(stage).analysis
     from gonogo.rollout.analysis import CHECKS
 
     checks = ", ".join(f"{name} {'>=' if CHECKS[name][0] == 'min' else '<='} {value:g}"
                        for name, value in analysis.thresholds.active().items()) or "none"
     rule = (f"weights {analysis.steps} %, {analysis.interval_s:g} s per step; roll back to 0 % after "
-            f"{analysis.threshold} failed checks (checks: {checks}); drain {stage.settings.drain_timeout_s:g} s")
+            f"{analysis.threshold} failed checks (checks: {checks}); drain {settings_of(stage).drain_timeout_s:g} s")
     metrics = entry["metrics"]
     rolled = [e for e in events if e.get("stage") == stage.name and e.get("rolled_back")]
     if entry["status"] in (SKIPPED, NOT_RUN):
@@ -72,11 +77,11 @@ def _planned_train_settings(base: str, stage: Stage) -> dict[str, Any]:
     did not run has no job.json; its rule is still known)."""
     from gonogo.train.config import load_train_config, overrides_list
 
-    config = stage.settings.config
+    config = settings_of(stage).config
     if (config.endswith(".toml") or "/" in config) and not Path(config).is_absolute():
         config = str(Path(base) / config)  # relative to the original plan's folder, as the stage read it
     try:
-        loaded, _ = load_train_config(config, overrides_list(stage.settings.overrides))
+        loaded, _ = load_train_config(config, overrides_list(settings_of(stage).overrides))
     except Exception as error:  # the preset moved since the run: the rule is unknown, said so
         log.info("train settings of stage %s unreadable: %s", stage.name, error)
         return {}
@@ -166,12 +171,12 @@ def _restore(stage: Stage) -> bool:
     if stage.kind.name == "train":
         return any(gate.metric == "stopped_and_resumed" for gate in stage.gates)
     if stage.kind.name == "drill":
-        return bool(RESTORE_DRILLS & set(stage.settings.kinds))
+        return bool(RESTORE_DRILLS & set(settings_of(stage).kinds))
     return False
 
 
 def _canary_drill(stage: Stage) -> bool:
-    return stage.kind.name == "drill" and "canary" in stage.settings.kinds
+    return stage.kind.name == "drill" and "canary" in settings_of(stage).kinds
 
 
 CHECKLIST: list[tuple[str, str, list[Part]]] = [

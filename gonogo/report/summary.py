@@ -30,7 +30,11 @@ def _environment(run_dir: RunDir) -> dict[str, Any]:
 def summarize(plan: Plan, run_dir: RunDir) -> dict[str, Any]:
     state = run_dir.read_state()
     records = state.get("stages", {})
-    stages, gates, reasons, notes, not_run = [], [], [], [], []
+    stages: list[dict[str, Any]] = []
+    gates: list[dict[str, Any]] = []
+    reasons: list[str] = []
+    notes: list[str] = []
+    not_run: list[dict[str, Any]] = []
     for stage in plan.stages:
         record = records.get(stage.name, {"status": NOT_RUN, "reason": "not started"})
         status = record.get("status", NOT_RUN)
@@ -107,14 +111,14 @@ def summarize(plan: Plan, run_dir: RunDir) -> dict[str, Any]:
         if verdict == INCOMPLETE:
             reasons.append("nothing that ran failed, but the plan is not proved; run the missing stages with "
                            "gonogo run --resume --out " + str(run_dir.root))
-    budget = plan.header.budget_device_hours
+    budget_hours = plan.header.budget_device_hours
     summary = {
         "verdict": verdict,
         "reasons": reasons,
         "notes": notes,
         "not_run": not_run,
         "plan": {
-            "name": plan.name, "description": plan.header.description, "budget_device_hours": budget,
+            "name": plan.name, "description": plan.header.description, "budget_device_hours": budget_hours,
             "device_hours_used": device_hours, "wall_seconds": state.get("wall_seconds"),
             "attempts": state.get("attempts", 1),
         },

@@ -218,7 +218,7 @@ def quality_problems(analysis: Analysis):
 
 def measure_accuracy(router_url: str, side: str, model: str, problems, *, max_tokens: int,
                      timeout: float = 30.0, headers: Optional[dict[str, str]] = None,
-                     chat: bool = False) -> tuple[float, int]:
+                     chat: bool = False) -> tuple[Optional[float], int]:
     """Greedy exact-match accuracy of ``side`` (pinned through the router) -> (accuracy, errors).
 
     A chat (finetuned) model is asked the question through /v1/chat/completions, a pretrained one
@@ -290,9 +290,11 @@ def quality_main(argv: Optional[Sequence[str]] = None) -> int:
                                               max_tokens=args.max_tokens)
     passed = True
     if args.min_accuracy is not None:
-        passed &= accuracy >= args.min_accuracy
+        passed &= accuracy is not None and accuracy >= args.min_accuracy
     if args.max_accuracy_drop is not None:
-        passed &= stable_accuracy - accuracy <= args.max_accuracy_drop
+        # a side that answered nothing measured no accuracy: no drop can be shown to be within the limit
+        passed &= (accuracy is not None and stable_accuracy is not None
+                   and stable_accuracy - accuracy <= args.max_accuracy_drop)
     print(json.dumps({"accuracy": accuracy, "stable_accuracy": stable_accuracy, "passed": passed}))
     return 0 if passed else 1
 

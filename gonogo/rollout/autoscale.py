@@ -27,12 +27,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
 
 from pydantic import Field, model_validator
 
 from gonogo.config import Strict
 from gonogo.stages.base import StageKind, StageSettings
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +101,7 @@ class Pool:
         self.replicas: list[Replica] = []
         self.waiting = 0
         self.records: list[Record] = []
-        self._client = None
+        self._client: Optional["httpx.AsyncClient"] = None
         self.app = self._build_app()
 
     # -- control ---------------------------------------------------------------------------
@@ -185,6 +188,7 @@ class Pool:
             try:
                 body = await request.body()
                 headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
+                assert self._client is not None  # made at start-up, before the first request
                 upstream = await self._client.send(
                     self._client.build_request(request.method, replica.url + request.url.path, headers=headers,
                                                content=body), stream=True)
@@ -411,6 +415,10 @@ class RampLoad:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="ramp-load", daemon=True)
 
+    def _keep_result(self, task: "asyncio.Task") -> None:
+        if not task.cancelled():
+            self.results.append(task.result())
+
     def start(self) -> "RampLoad":
         self._thread.start()
         return self
@@ -435,7 +443,7 @@ class RampLoad:
                 task = asyncio.create_task(send_request(client, settings, self.model, prompts[index % len(prompts)]))
                 running.add(task)
                 task.add_done_callback(running.discard)
-                task.add_done_callback(lambda done: done.cancelled() or self.results.append(done.result()))
+                task.add_done_callback(self._keep_result)
                 index += 1
                 await asyncio.sleep(1.0 / self.rate)
             if running:
@@ -517,8 +525,8 @@ def run_drill(settings: DrillSettings, directory: Path, *, on_event: Callable[..
                 if pool.signals(now)["queue_depth"] > 0:
                     calm_since[0] = None
                     return False
-                calm_since[0] = calm_since[0] or now
-                return now - calm_since[0] >= settings.recover_window_s
+                calm_since[0] = started = calm_since[0] or now
+                return now - started >= settings.recover_window_s
 
             time.sleep(settings.high_hold_s)
             _wait_until(recovered, max(0.0, peak_ends - time.monotonic()))
@@ -738,7 +746,7 @@ def report(stage_dir: Path, metrics: dict[str, Any]) -> list:
         twin.plot(times, [s["ttft_p95_ms"] for s in samples], color="tab:red", alpha=0.6, label="TTFT p95 (ms)")
         twin.axhline(timeline["settings"]["slo_ttft_p95_ms"], color="tab:red", linestyle="--", linewidth=0.8)
         twin.set_ylabel("TTFT p95 (ms)")
-        for name, t in timeline["marks"].items():
+        for t in timeline["marks"].values():
             axes.axvline(t, color="grey", linestyle=":", linewidth=0.8)
         axes.set_xlabel("drill time (s)")
         axes.legend(loc="upper left")

@@ -152,7 +152,7 @@ class Controller:
             if not passed:
                 decision.failed_checks += 1
             decision.intervals += 1
-            entry = {"t": self._now(), "step": step, "weight": weight, "passed": passed,
+            entry: dict[str, Any] = {"t": self._now(), "step": step, "weight": weight, "passed": passed,
                      "failed_checks": decision.failed_checks, "canary": asdict(canary_stats),
                      "stable": asdict(stable_stats), "accuracy": accuracy,
                      "stable_accuracy": decision.stable_accuracy, "quality_errors": quality_errors,

@@ -152,9 +152,9 @@ def flagger_manifests(settings, *, name: str, namespace: str) -> list[dict[str, 
     if t.ttft_p99_ms is not None:
         template("ttft-p99", _histogram_p99(canary_ttft, canary_pods, "{{ interval }}"), {"max": t.ttft_p99_ms})
     if t.latency_ratio is not None:
-        canary = _histogram_p99(canary_e2el, canary_pods, "{{ interval }}")
+        canary_p99 = _histogram_p99(canary_e2el, canary_pods, "{{ interval }}")
         primary = _histogram_p99(stable_e2el, primary_pods, "{{ interval }}")
-        template("latency-ratio", f"({canary}) / ({primary})", {"max": t.latency_ratio})
+        template("latency-ratio", f"({canary_p99}) / ({primary})", {"max": t.latency_ratio})
     loadtester = f"http://flagger-loadtester.{namespace}/"
     canary_url = f"http://{name}-canary.{namespace}:{PORT}"
     primary_url = f"http://{name}-primary.{namespace}:{PORT}"

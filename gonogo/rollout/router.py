@@ -24,7 +24,10 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ class Router:
                                        "canary": Backend(canary_url.rstrip("/")) if canary_url else None})
         self.request_timeout = request_timeout
         self.connect_timeout = connect_timeout
-        self._client = None  # httpx.AsyncClient, created on the server's event loop
+        self._client: Optional["httpx.AsyncClient"] = None  # httpx.AsyncClient, created on the server's event loop
         self.app = self._build_app()
 
     # -- control (called from the controller's thread) -------------------------------------
@@ -210,6 +213,7 @@ class Router:
                 body = await request.body()
                 headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
                 target = backend.url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                assert self._client is not None  # made at start-up, before the first request
                 upstream_request = self._client.build_request(request.method, target, headers=headers, content=body)
                 upstream = await self._client.send(upstream_request, stream=True)
             except httpx.HTTPError as error:

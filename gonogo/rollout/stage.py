@@ -14,6 +14,7 @@ refused or broke the connection) is the router's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import shlex
@@ -123,8 +124,8 @@ def open_sides(settings: CanarySettings, directory: Path) -> tuple[Side, Side]:
                 url = server.wait_healthy(settings.startup_timeout_s or default_startup_timeout(engine))
                 write_json_atomic(directory / f"{name}-server.json", {
                     "url": url, "pid": server.pid, "engine": engine.name,
-                    "startup_seconds": round(server.startup_seconds, 2)})
-                stop = (lambda server=server: server.stop(grace=5.0))
+                    "startup_seconds": round(server.startup_seconds or 0.0, 2)})
+                stop = functools.partial(server.stop, grace=5.0)
             else:
                 url, stop = spec.rstrip("/"), None
             sides[name] = Side(url=url, model=model_of(url), stop=stop,
@@ -146,6 +147,10 @@ class SteadyLoad:
         self.results: list = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="steady-load", daemon=True)
+
+    def _keep_result(self, task: "asyncio.Task") -> None:
+        if not task.cancelled():
+            self.results.append(task.result())
 
     def start(self) -> "SteadyLoad":
         self._thread.start()
@@ -174,7 +179,7 @@ class SteadyLoad:
                     task = asyncio.create_task(send_request(client, settings, self.model, prompts[index % len(prompts)]))
                     running.add(task)
                     task.add_done_callback(running.discard)
-                    task.add_done_callback(lambda done: done.cancelled() or self.results.append(done.result()))
+                    task.add_done_callback(self._keep_result)
                     index += 1
                 await asyncio.sleep(1.0 / self.load.rate)
             if running:  # in-flight requests finish (bounded by their own timeout)
@@ -213,7 +218,7 @@ def run_rollout(stable: Side, canary: Side, settings: CanarySettings, directory:
             by_source[record.error_source] += 1
     unseen = len(client_failures) - sum(by_source.values())
     by_source["router"] += max(unseen, 0)
-    metrics = {"promoted": decision.promoted, "rolled_back": decision.rolled_back, "halted": decision.halted,
+    metrics: dict[str, Any] = {"promoted": decision.promoted, "rolled_back": decision.rolled_back, "halted": decision.halted,
                "failed_checks": decision.failed_checks, "client_errors": len(client_failures),
                "client_errors_router": by_source["router"], "client_errors_stable": by_source["stable"],
                "client_errors_canary": by_source["canary"], "client_requests": len(load.results),
@@ -310,6 +315,13 @@ def report(stage_dir: Path, metrics: dict[str, Any]) -> Optional[list[ReportItem
     return items
 
 
+def _preflight_engines(settings: CanarySettings) -> None:
+    """Each side this stage starts needs its engine here (an attached URL is someone else's)."""
+    for side in ("stable", "canary"):
+        if not is_url(getattr(settings, side)):
+            preflight(getattr(settings, f"{side}_engine"))
+
+
 STAGE = StageKind(
     name="canary",
     description="staged canary rollout through a weighted router, with metric and quality checks and rollback",
@@ -319,8 +331,7 @@ STAGE = StageKind(
     report=report,
     # each server this stage starts holds a device; attached URLs are someone else's
     devices=lambda settings: sum(not is_url(getattr(settings, side)) for side in ("stable", "canary")),
-    preflight=lambda settings: [preflight(getattr(settings, f"{side}_engine")) for side in ("stable", "canary")
-                                if not is_url(getattr(settings, side))],
+    preflight=_preflight_engines,
 )
 
 

@@ -48,7 +48,8 @@ class StageKind:
     settings: type[StageSettings]
     metrics: Callable[[Any], set[str]]
     run: Callable[["StageContext", Any], Metrics]
-    report: Optional[Callable[[Path, Metrics], list[ReportItem]]] = None
+    # None, or no items: the stage adds nothing to the report beyond its metrics and gates
+    report: Optional[Callable[[Path, Metrics], Optional[list[ReportItem]]]] = None
     # how many devices the stage occupies, for the device-hour budget
     devices: Callable[[Any], int] = lambda settings: 1
     # before anything of the plan runs: raise UserError for what cannot work here (a missing engine)

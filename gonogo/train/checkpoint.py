@@ -394,7 +394,7 @@ class Checkpointer:
         kept = {path for _, path in committed[-self.keep_last:]} | {keep}
         if self.keep_every:
             kept |= {path for step, path in committed if step % self.keep_every == 0}
-        for step, path in committed:
+        for _step, path in committed:
             if path in kept or not manifest.looks_like_checkpoint(path):
                 continue
             # hide it first, so a crash half-way through the delete leaves no torn step-* dir

@@ -155,7 +155,7 @@ def run_stage(ctx: StageContext, settings: FinetuneStageSettings) -> Metrics:
     preset = settings.config
     if preset.endswith(".toml") or "/" in preset:
         preset = str(ctx.resolve_path(preset))
-    checkpoint = (Path(ctx.resolve_model(settings.checkpoint)) if settings.checkpoint
+    checkpoint = (Path(str(ctx.resolve_model(settings.checkpoint))) if settings.checkpoint
                   else default_checkpoint(ctx.run_dir))
     config, path, _resolved = load_finetune_config(preset, checkpoint, overrides_list(settings.overrides))
     if config.data.source not in ("synthetic", "stdlib"):

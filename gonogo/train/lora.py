@@ -38,7 +38,9 @@ def add_lora(model, rank: int, alpha: float, targets: Optional[list[str]]):
     if missing:
         raise UserError(f"train.lora_targets: no module named {missing[0]!r} in the model "
                         "(the decoder's linear layers are wq wk wv wo w1 w2 w3)")
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=list(targets))
+    # peft annotates lora_alpha as int, but scales by alpha / r in float: a float alpha is kept as given
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",  # type: ignore[arg-type]
+                        target_modules=list(targets))
     model = inject_adapter_in_model(config, model)
     for name, parameter in model.named_parameters():
         parameter.requires_grad = ".lora_" in name

@@ -89,7 +89,8 @@ def analyse(timeline: dict[str, Any], settings: SoakSettings) -> Metrics:
         by_window.setdefault(checkpoint["window"], []).append(checkpoint["seconds"])
     baseline = _percentile(by_window.get(0, []), 50)
     metrics["checkpoint_baseline_s"] = baseline
-    later = [_percentile(values, 50) for index, values in sorted(by_window.items()) if index > 0]
+    later = [p50 for index, values in sorted(by_window.items())
+             if index > 0 and (p50 := _percentile(values, 50)) is not None]
     for window in windows:
         window["checkpoint_p50_s"] = _percentile(by_window.get(window["index"], []), 50)
         window["drift"] = (None if baseline is None or window["checkpoint_p50_s"] is None

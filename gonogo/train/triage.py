@@ -40,7 +40,7 @@ import time
 import traceback
 from collections import deque
 from pathlib import Path
-from typing import Any, Optional
+from typing import IO, Any, Optional
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ class CollectiveLog:
             finally:
                 self.leave(entry)
 
-        wrapper._gonogo_wrapped = True
-        wrapper.__wrapped__ = original
+        wrapper._gonogo_wrapped = True  # type: ignore[attr-defined]
+        wrapper.__wrapped__ = original  # type: ignore[attr-defined]
         wrapper.__name__ = name
         return wrapper
 
@@ -165,7 +165,7 @@ class Triage:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._fatal = None
+        self._fatal: Optional[IO[str]] = None
         self.fatal_path = Path(stage_dir) / "heartbeats" / f"rank-{rank:05d}.attempt-{attempt}.fatal.txt"
 
     def _step(self) -> Optional[int]:

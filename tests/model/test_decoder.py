@@ -91,7 +91,9 @@ def test_rope_depends_only_on_relative_positions():
 def test_tied_output_has_one_vocab_matrix_fewer():
     tied = Decoder(tiny(tie_embeddings=True))
     untied = Decoder(tiny(tie_embeddings=False))
-    count = lambda model: sum(p.numel() for p in model.parameters())
+    def count(model):
+        return sum(p.numel() for p in model.parameters())
+
     assert count(untied) - count(tied) == 384 * 64
     assert "output.weight" not in dict(tied.named_parameters())
     assert untied(tokens()).shape == (2, 12, 384)

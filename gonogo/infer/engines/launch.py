@@ -76,7 +76,7 @@ class EngineSettings(Strict):
 
     @property
     def label(self) -> str:
-        return self.name if self.name != "command" else f"command ({Path(self.command[0]).name})"
+        return self.name if self.name != "command" or not self.command else f"command ({Path(self.command[0]).name})"
 
 
 def preflight(engine: EngineSettings) -> None:
@@ -139,8 +139,9 @@ def start_engine(engine: EngineSettings, model: str, directory: Path, *, name: s
         argv = [sys.executable, "-m", "gonogo", "serve", "--checkpoint", str(model), "--host", host,
                 "--port", str(port), "--model-name", model_name, "--ready-file",
                 str(ready), "--parent-pid", str(os.getpid()), *gonogo_args]
-        if engine.dtype or dtype:  # none given: gonogo serve picks (bfloat16 on a GPU, float32 on the CPU)
-            argv += ["--dtype", engine.dtype or dtype]
+        chosen_dtype = engine.dtype or dtype
+        if chosen_dtype:  # none given: gonogo serve picks (bfloat16 on a GPU, float32 on the CPU)
+            argv += ["--dtype", chosen_dtype]
         if api_key_env:
             argv += ["--api-key-env", api_key_env]
         return ServerProcess(argv, log_path, ready_file=ready, health_path=health_path,
@@ -200,6 +201,7 @@ def serve_foreground(args) -> int:
                           dtype=args.dtype, api_key_env=args.api_key_env, host=args.host, port=args.port)
     try:
         url = server.wait_healthy(default_startup_timeout(engine))
+        assert server.process is not None  # started above
         print(json.dumps({"serving": url, "model": args.model_name, "engine": args.engine,
                           "auth": bool(args.api_key_env), "log": str(server.log_path)}), flush=True)
         while server.process.poll() is None:
