@@ -128,7 +128,9 @@ class Watchdog:
                     self.fired = True
                     self.on_kill(spent)
                     if self._main:
-                        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+                        main_ident = threading.main_thread().ident
+                        assert main_ident is not None  # the main thread has been running since start-up
+                        signal.pthread_kill(main_ident, signal.SIGINT)
                     else:
                         log.warning("budget spent, but the runner is not in the main thread: the stage "
                                     "runs to its end and the plan stops after it")
