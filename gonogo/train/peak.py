@@ -93,7 +93,6 @@ def probe_gemm(device_type: str, precision: str, sizes=PROBE_SIZES, seconds: flo
     sustains when nothing else runs, and short windows let it show between other jobs' bursts.
     """
     import torch
-
     import torch.nn.functional as F
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
