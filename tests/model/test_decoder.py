@@ -210,3 +210,52 @@ def test_matches_hugging_face_llama_with_renamed_weights():
     x = tokens(2, 10)
     with torch.no_grad():
         torch.testing.assert_close(model(x), hf(x).logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_stacked_projections_train_to_the_same_losses_as_separate_ones(monkeypatch, qkv_bias):
+    """Golden losses: the stacked q/k/v and w1/w3 GEMMs change no number of a short fp32 training.
+
+    The same seed, data and AdamW steps once with the stacked GEMMs (a batch of >= 64 tokens) and
+    once with the separate layers (the threshold raised out of reach): the losses agree to 1e-6
+    relative, the updated weights to 1e-4 (AdamW divides a tiny gradient by its own root mean
+    square, which magnifies a last-bit difference of the GEMM's summation order).
+    """
+    import gonogo.model.decoder as decoder_module
+
+    def train(stack: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+        monkeypatch.setattr(decoder_module, "STACK_MIN_TOKENS", 64 if stack else 10**9)
+        model = Decoder(tiny(qkv_bias=qkv_bias))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = []
+        for step in range(3):
+            batch = tokens(B=4, T=32, seed=step)
+            logits = model(batch[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    stacked_losses, stacked = train(stack=True)
+    separate_losses, separate = train(stack=False)
+    assert stacked_losses == pytest.approx(separate_losses, rel=1e-6, abs=0)
+    for name, weight in separate.items():
+        torch.testing.assert_close(stacked[name], weight, rtol=1e-4, atol=1e-4)
+
+
+def test_a_decode_step_keeps_separate_projections(monkeypatch):
+    """One token per row would copy every weight once more per token: no stacking there."""
+    from gonogo.model import decoder as decoder_module
+
+    assert decoder_module._stack_pays(torch.zeros(2, 64, 8))
+    assert not decoder_module._stack_pays(torch.zeros(4, 1, 8))
+    model = Decoder(tiny())
+    calls = []
+    model.layers[0].attention.wq.register_forward_hook(lambda *_: calls.append("wq"))
+    model(tokens(B=1, T=1))
+    assert calls == ["wq"]
+    calls.clear()
+    model(tokens(B=2, T=40))
+    assert calls == []  # stacked: the wq module is not called, its weight is

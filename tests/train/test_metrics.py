@@ -102,3 +102,27 @@ def test_gpu_utilisation_reads_the_visible_gpus_by_uuid_over_the_whole_node(monk
     utilization = metrics.make_utilization("cuda", 0, [])
     assert utilization.sample() == pytest.approx(65.0)  # rank 0's GPU 90 %, rank 1's 40 %
     assert utilization.per_gpu == [90.0, 40.0]
+
+
+def test_a_slow_kernel_keeps_the_probe_near_its_time_budget(monkeypatch):
+    """A GEMM fallback that takes longer than the probe's share is timed once, not at larger sizes."""
+    import time
+
+    import torch
+
+    from gonogo.train import peak
+
+    sizes_seen = []
+    real_randn = torch.randn
+
+    def slow_randn(*shape, **kwargs):
+        sizes_seen.append(shape[0])
+        return real_randn(*shape, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", slow_randn)
+    started = time.perf_counter()
+    # a budget far below one 512² product: each kernel is timed by its warm-up product alone
+    flops = peak.probe_gemm("cpu", "fp32", sizes=(512, 4096), seconds=1e-6, window=1e-6)
+    assert flops > 0
+    assert 4096 not in sizes_seen  # a 4096² product would have been ~1 s on one core
+    assert time.perf_counter() - started < 5
