@@ -262,13 +262,14 @@ def _steady(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def timings(run_root: Path) -> dict[str, Any]:
     """Rank 0's global step time and tokens/s, and every rank's median step time (steady state)."""
-    lines = [json.loads(line) for line in (run_root / "events.jsonl").read_text(encoding="utf-8").splitlines()
-             if line.strip()]
+    from gonogo.events import events_file, read_events
+
+    lines = read_events(events_file(run_root))
     global_lines = _steady([line for line in lines if line.get("rank") == 0 and "step_time_s" in line])
     per_rank: dict[int, list[float]] = {}
     for line in _steady([line for line in lines if "step_time_s_rank" in line]):
         per_rank.setdefault(line["rank"], []).append(line["step_time_s_rank"])
-    assert global_lines and per_rank, f"no timing lines in {run_root / 'events.jsonl'}"
+    assert global_lines and per_rank, f"no timing lines in {events_file(run_root)}"
     rank_medians = [statistics.median(values) for values in per_rank.values()]
     return {"step_time_s": statistics.median(line["step_time_s"] for line in global_lines),
             "tokens_per_second": statistics.median(line["tokens_per_second"] for line in global_lines),

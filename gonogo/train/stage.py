@@ -204,17 +204,10 @@ def run_stage(ctx: StageContext, settings: TrainStageSettings) -> Metrics:
 # -- the report -----------------------------------------------------------------------------------
 
 def _rank0_lines(stage_dir: Path) -> list[dict[str, Any]]:
-    events = stage_dir.parent.parent / "events.jsonl"
-    rows = []
-    if events.is_file():
-        for line in events.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("stage") == stage_dir.name and record.get("rank") == 0 and "loss" in record:
-                rows.append(record)
-    return rows
+    from gonogo.events import events_file, read_events
+
+    return [dict(line) for line in read_events(events_file(stage_dir.parent.parent), stage=stage_dir.name, rank=0)
+            if "loss" in line]
 
 
 def _png(figure) -> bytes:
