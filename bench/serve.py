@@ -153,7 +153,7 @@ def server_aggregate(model: Decoder, workdir: Path, dtype: str) -> tuple[float, 
     checkpoint = workdir / "step-00000001"
     if not checkpoint.exists():
         write_checkpoint(checkpoint, model)
-    server = start_server(checkpoint, workdir, "--threads", str(torch.get_num_threads()), "--dtype", dtype)
+    server = start_server(checkpoint, workdir, threads=torch.get_num_threads(), dtype=dtype)
     body = {"model": "gonogo", "max_tokens": NEW_TOKENS, "temperature": 0.0, "stream": True, "ignore_eos": True}
     headers = {"Authorization": f"Bearer {API_KEY}"}
 

@@ -26,7 +26,8 @@ from pydantic import Field
 
 from gonogo.config import Strict
 from gonogo.errors import StageFailed, UserError
-from gonogo.infer.engines.launch import EngineSettings, default_startup_timeout, preflight, start_engine
+from gonogo.infer.engines.launch import (EngineSettings, GonogoServeOptions, default_startup_timeout, preflight,
+                                         start_engine)
 from gonogo.infer.engines.process import ServerProcess
 from gonogo.rollout.analysis import CHECKS, Analysis, check_consistent, parse_check
 from gonogo.rollout.controller import Controller, Side, Webhooks
@@ -76,7 +77,7 @@ def start_server(checkpoint: str, name: str, directory: Path, model_name: str,
     resolve_checkpoint(checkpoint)  # a wrong path is the user's one-line error, before anything starts
     # one thread each: stable and canary share the machine's cores
     return start_engine(engine or EngineSettings(), str(checkpoint), directory, name=f"{name}-server",
-                        model_name=model_name, gonogo_args=("--threads", "1"))
+                        model_name=model_name, gonogo_options=GonogoServeOptions(threads=1))
 
 
 def model_of(url: str, timeout: float = 10.0) -> str:
