@@ -343,18 +343,13 @@ def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]
     rows = metrics.get("runs")
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from gonogo.train.stage import _png
+    from gonogo.report.plots import new_figure, to_png
 
     items = [ReportItem(title="Machine", text=metrics.get("machine_note", "") + (
         f". Load average before the runs: {metrics['load_average_before']:.1f} on {metrics.get('cores')} cores"
         " (other work on the machine lowers every number)." if metrics.get("load_average_before") is not None else ""))]
     modes = sorted({row["mode"] for row in rows})
-    figure, axes = plt.subplots(figsize=(6, 3.2))
+    figure, axes = new_figure(6, 3.2)
     for mode in modes:
         mine = [row for row in rows if row["mode"] == mode]
         axes.plot([r["nproc"] for r in mine], [r["tokens_per_second"] for r in mine], "o-", label=f"{mode} scaling")
@@ -363,8 +358,8 @@ def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]
     axes.set_xlabel("processes")
     axes.set_ylabel("tokens / s (all ranks)")
     axes.legend(title="dotted: linear")
-    items.append(ReportItem(title="Throughput vs processes", png=_png(figure)))
-    figure, axes = plt.subplots(figsize=(6, 3.2))
+    items.append(ReportItem(title="Throughput vs processes", png=to_png(figure)))
+    figure, axes = new_figure(6, 3.2)
     for mode in modes:
         mine = [row for row in rows if row["mode"] == mode]
         axes.plot([r["nproc"] for r in mine], [100 * r["efficiency"] for r in mine], "o-", label=f"{mode} scaling")
@@ -373,7 +368,7 @@ def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]
     axes.set_xlabel("processes")
     axes.set_ylabel("efficiency %")
     axes.legend()
-    items.append(ReportItem(title="Scaling efficiency vs processes", png=_png(figure)))
+    items.append(ReportItem(title="Scaling efficiency vs processes", png=to_png(figure)))
     items.append(ReportItem(title="Runs", table=[{key: _round(value) for key, value in row.items()} for row in rows]))
     return items
 
