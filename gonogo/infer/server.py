@@ -26,7 +26,7 @@ from gonogo.infer.protocol import (
     completion_chunk, completion_response, new_id, now, parse_request, sse, usage_chunk)
 
 if TYPE_CHECKING:  # the engine imports torch; this module must not (the CLI and plan checks stay fast)
-    from gonogo.infer.engine import Engine, Event, Request
+    from gonogo.infer.engine import Engine, Event
 
 log = logging.getLogger(__name__)
 

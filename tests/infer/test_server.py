@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import API_KEY, KEY_ENV, REPO_ROOT, start_server
+from .conftest import API_KEY, REPO_ROOT, start_server
 
 MESSAGES = [{"role": "user", "content": "12+34="}]
 
