@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 from pydantic import Field, field_validator
 
-from gonogo.config import PLANS_DIR, Strict, load_toml, resolve_preset, validate
+from gonogo.typed_config import PLANS_DIR, Strict, load_toml, resolve_preset, validate
 from gonogo.errors import UserError
 from gonogo.gates import Assumption, ExpressionError, Gate, parse_condition, parse_gate
 from gonogo.stages import get_kind

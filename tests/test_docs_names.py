@@ -88,7 +88,7 @@ def declared_metrics() -> set[str]:
     from gonogo.stages import get_kind, kind_names
 
     names = set(PLAN_METRICS) | set(STAGE_RUNNER_METRICS)
-    from gonogo.config import load_toml
+    from gonogo.typed_config import load_toml
 
     for plan in sorted(PLANS_DIR.glob("*.toml")):
         declared = load_toml(plan).get("plan", {}).get("parameters", {})  # byo-model: any value validates

@@ -29,7 +29,7 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from gonogo.config import validate
+from gonogo.typed_config import validate
 from gonogo.errors import StageFailed, UserError
 from gonogo.files import check_output_dir, check_output_file
 from gonogo.rundir import write_json_atomic

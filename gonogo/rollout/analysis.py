@@ -24,7 +24,7 @@ from typing import Literal, Any, Optional, Sequence
 
 from pydantic import Field, field_validator
 
-from gonogo.config import Strict
+from gonogo.typed_config import Strict
 from gonogo.errors import UserError
 from gonogo.rollout.router import RequestRecord
 

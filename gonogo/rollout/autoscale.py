@@ -31,7 +31,7 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from gonogo.config import Strict
+from gonogo.typed_config import Strict
 from gonogo.stages.base import StageKind, StageSettings
 
 log = logging.getLogger(__name__)

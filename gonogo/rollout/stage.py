@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import Field
 
-from gonogo.config import Strict
+from gonogo.typed_config import Strict
 from gonogo.errors import StageFailed, UserError
 from gonogo.infer.engines.launch import (EngineSettings, GonogoServeOptions, default_startup_timeout, preflight,
                                          start_engine)
@@ -96,7 +96,7 @@ def _is_chat_checkpoint(spec: str) -> bool:
     """Whether a checkpoint was finetuned on chats (its meta.json says data.format = chat)."""
     import json
 
-    from gonogo.eval.runner import checkpoint_is_chat
+    from gonogo.eval.evaluate import checkpoint_is_chat
     from gonogo.train.checkpoint import resolve_checkpoint
 
     meta = resolve_checkpoint(spec) / "meta.json"
@@ -358,7 +358,7 @@ def add_arguments(parser) -> None:
 
 
 def settings_from_args(args) -> CanarySettings:
-    from gonogo.config import validate
+    from gonogo.typed_config import validate
 
     try:
         steps = [int(step) for step in args.steps.split(",") if step.strip()]
@@ -432,7 +432,7 @@ def run_canary_drill(out_dir: Path, checkpoint: str | Path, *, steps: tuple[int,
     to ``degrade_bits`` bits, only the quality check can see it) and a good one (the same model).
     The bad ones must be rolled back and the good one promoted. Writes out_dir/<drill>/timeline.json
     and out_dir/drill.json; returns {"passed", "drills": {name: metrics + expected}}."""
-    from gonogo.rollout.faults import FaultProxy, write_degraded_checkpoint
+    from gonogo.rollout.canary_faults import FaultProxy, write_degraded_checkpoint
     from gonogo.rundir import write_json_atomic
 
     unknown = [d for d in drills if d not in DRILLS]

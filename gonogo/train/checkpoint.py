@@ -636,7 +636,7 @@ def _load_on_cpu(path: str | Path):
     import torch
     from safetensors.torch import load_file
 
-    from gonogo.config import validate
+    from gonogo.typed_config import validate
     from gonogo.model.config import ModelConfig
 
     directory = resolve_checkpoint(path)

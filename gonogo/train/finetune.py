@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 
 from pydantic import Field
 
-from gonogo.config import apply_overrides, load_toml, resolve_preset, validate
+from gonogo.typed_config import apply_overrides, load_toml, resolve_preset, validate
 from gonogo.errors import StageFailed, UserError
 from gonogo.files import check_output_dir, write_atomic
 from gonogo.rundir import RunDir, write_json_atomic

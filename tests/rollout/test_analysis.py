@@ -83,7 +83,7 @@ def test_contradictory_or_unknown_thresholds_are_one_line_exit_2(flags, words, c
 
 
 def test_stage_settings_reject_unknown_metric_names():
-    from gonogo.config import validate
+    from gonogo.typed_config import validate
     from gonogo.errors import UserError
     from gonogo.rollout.stage import CanarySettings
 

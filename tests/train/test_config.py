@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from gonogo.config import CONFIGS_DIR
+from gonogo.typed_config import CONFIGS_DIR
 from gonogo.train.config import TrainSettings, gradient_accumulation, load_train_config, overrides_list
 from gonogo.train.loop import lr_factor
 

@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from gonogo.config import Strict
+from gonogo.typed_config import Strict
 from gonogo.errors import UserError
 from gonogo.infer.engines.process import ServerProcess, free_port
 
@@ -231,7 +231,7 @@ def serve_foreground(args) -> int:
         raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
     if args.engine == "command" and not args.engine_command:
         raise UserError('--engine command needs --engine-command "server --model {model} --port {port}"')
-    from gonogo.config import validate
+    from gonogo.typed_config import validate
 
     engine = validate(EngineSettings, {"name": args.engine, "command": shlex.split(args.engine_command)
                                        if args.engine == "command" else None}, source="gonogo serve")

@@ -105,7 +105,7 @@ def test_a_server_that_never_answers_times_out_and_is_stopped(checkpoint_dir, tm
 
 
 def test_engine_settings_say_what_is_missing(tmp_path):
-    from gonogo.config import validate
+    from gonogo.typed_config import validate
     from gonogo.infer.engines.launch import EngineSettings, preflight
 
     assert validate(EngineSettings, "vllm", "test").name == "vllm"
