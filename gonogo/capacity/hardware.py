@@ -15,8 +15,8 @@ from typing import Optional
 
 from pydantic import Field
 
-from gonogo.typed_config import Strict, load_toml, validate
 from gonogo.errors import UserError
+from gonogo.typed_config import Strict, load_toml, validate
 
 TABLE_PATH = Path(__file__).resolve().parent / "hardware.toml"
 THIS_MACHINE = "this-machine"

@@ -29,11 +29,11 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from gonogo.typed_config import validate
 from gonogo.errors import StageFailed, UserError
 from gonogo.files import check_output_dir, check_output_file
 from gonogo.rundir import write_json_atomic
 from gonogo.stages.base import ReportItem, StageContext, StageKind, StageSettings
+from gonogo.typed_config import validate
 
 log = logging.getLogger(__name__)
 

@@ -175,9 +175,9 @@ def command(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from gonogo.typed_config import validate
     from gonogo.drills.fault_drills import run_drills
     from gonogo.rundir import RunDir, write_json_atomic
+    from gonogo.typed_config import validate
 
     if args.kind.strip() == "autoscale":  # the serving fleet's drill (gonogo.rollout.autoscale)
         from gonogo.rollout.autoscale import drill_command

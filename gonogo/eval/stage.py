@@ -308,9 +308,9 @@ def command(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from gonogo.typed_config import format_validation_error
     from gonogo.files import check_output_dir, check_output_file
     from gonogo.train.checkpoint import check_readable, resolve_checkpoint
+    from gonogo.typed_config import format_validation_error
 
     try:
         settings = EvalSettings(samples=args.samples, num=args.num, seed=args.seed, temperature=args.temperature,

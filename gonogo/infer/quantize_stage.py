@@ -346,9 +346,9 @@ def command(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from gonogo.typed_config import validate
     from gonogo.files import check_output_dir
     from gonogo.rundir import utc_stamp, write_json_atomic
+    from gonogo.typed_config import validate
 
     settings = validate(QuantizeSettings, {"format": args.format, "eval_problems": args.eval_problems,
                                            "val_batches": args.val_batches, "seed": args.seed,

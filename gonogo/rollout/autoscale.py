@@ -31,8 +31,8 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from gonogo.typed_config import Strict
 from gonogo.stages.base import StageKind, StageSettings
+from gonogo.typed_config import Strict
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from gonogo.typed_config import Strict
 from gonogo.errors import UserError
 from gonogo.infer.engines.process import ServerProcess, free_port
+from gonogo.typed_config import Strict
 
 log = logging.getLogger(__name__)
 

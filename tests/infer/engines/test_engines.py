@@ -104,9 +104,26 @@ def test_a_server_that_never_answers_times_out_and_is_stopped(checkpoint_dir, tm
     assert server.process.poll() is not None and _gone(server.pid)
 
 
+def test_the_serve_command_line_carries_every_option_given_and_only_those(checkpoint_dir):
+    import argparse
+
+    from gonogo.infer.engines.launch import GonogoServeOptions, serve_arguments
+    from gonogo.infer.server import add_arguments
+
+    argv = serve_arguments(str(checkpoint_dir), port=0, model_name="m", dtype="float32", parent_pid=7,
+                           options=GonogoServeOptions(threads=1, max_batch=2))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(argv)  # every flag built is one `gonogo serve` knows
+    assert (args.checkpoint, args.port, args.model_name, args.dtype) == (str(checkpoint_dir), 0, "m", "float32")
+    assert (args.threads, args.max_batch, args.parent_pid) == (1, 2, 7)
+    assert (args.max_waiting, args.device, args.api_key_env, args.ready_file) == (64, "auto", None, None)  # defaults
+    assert "--max-waiting" not in argv and "--device" not in argv
+
+
 def test_engine_settings_say_what_is_missing(tmp_path):
-    from gonogo.typed_config import validate
     from gonogo.infer.engines.launch import EngineSettings, preflight
+    from gonogo.typed_config import validate
 
     assert validate(EngineSettings, "vllm", "test").name == "vllm"
     with pytest.raises(UserError, match="needs command"):
