@@ -198,7 +198,7 @@ def engines_side_by_side(workdir: Path, new_tokens: int, requests: int) -> dict:
 
     from gonogo.export.hf import export_hf
     from gonogo.infer.engines.install import engine_status
-    from gonogo.infer.engines.launch import EngineSettings, start_engine
+    from gonogo.infer.engines.start import EngineSettings, start_engine
     from gonogo.infer.loadgen import LoadSettings, run_load
 
     checkpoint = workdir / "step-00000001"

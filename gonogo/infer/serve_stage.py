@@ -16,7 +16,7 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from gonogo.infer.engines.launch import EngineSettings, preflight
+from gonogo.infer.engines.start import EngineSettings, preflight
 from gonogo.stages.base import StageKind, StageSettings
 
 
@@ -39,7 +39,7 @@ def _stage_run(ctx, settings: ServeSettings) -> dict:
 
     import httpx
 
-    from gonogo.infer.engines.launch import GonogoServeOptions, default_startup_timeout, start_engine
+    from gonogo.infer.engines.start import GonogoServeOptions, default_startup_timeout, start_engine
     from gonogo.rundir import write_json_atomic
 
     checkpoint = ctx.resolve_model(settings.checkpoint) or str(ctx.run_dir.root)

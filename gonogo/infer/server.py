@@ -622,7 +622,7 @@ def command(args) -> int:
     from pathlib import Path
 
     if getattr(args, "engine", "gonogo") != "gonogo":  # another engine, as a child of this command
-        from gonogo.infer.engines.launch import serve_foreground
+        from gonogo.infer.engines.start import serve_foreground
 
         return serve_foreground(args)
     api_key = None

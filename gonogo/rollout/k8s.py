@@ -32,7 +32,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from gonogo.infer.engines.launch import serve_arguments
+from gonogo.infer.engines.start import serve_arguments
 from gonogo.names import check_dns_label, check_pattern
 
 PORT = 8000

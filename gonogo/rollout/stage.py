@@ -25,14 +25,14 @@ from typing import Any, Callable, Optional
 from pydantic import Field
 
 from gonogo.errors import StageFailed, UserError
-from gonogo.infer.engines.launch import (
+from gonogo.infer.engines.process import ServerProcess
+from gonogo.infer.engines.start import (
     EngineSettings,
     GonogoServeOptions,
     default_startup_timeout,
     preflight,
     start_engine,
 )
-from gonogo.infer.engines.process import ServerProcess
 from gonogo.rollout.analysis import CHECKS, Analysis, check_consistent, parse_check
 from gonogo.rollout.controller import Controller, Side, Webhooks
 from gonogo.stages.base import ReportItem, StageKind, StageSettings

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gonogo.infer.engines.launch import GonogoServeOptions, start_gonogo_server
 from gonogo.infer.engines.process import ServerProcess
+from gonogo.infer.engines.start import GonogoServeOptions, start_gonogo_server
 from gonogo.model.config import ModelConfig, MoEConfig
 
 API_KEY = "test-key-123"
