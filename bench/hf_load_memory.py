@@ -31,10 +31,11 @@ def make(directory: Path, dtype: str) -> None:
 def measure(directory: Path) -> dict:
     import torch  # noqa: F401  (the baseline includes torch, as any gonogo command does)
 
-    from gonogo.config import validate  # noqa: F401  (and the modules the import uses: a constant
-    from gonogo.export.hf import load_hf_dir  # ~70 MB that is no copy of the weights)
+    # and the modules the import uses: a constant ~70 MB that is no copy of the weights
+    from gonogo.export.hf import load_hf_dir
     from gonogo.model.config import ModelConfig  # noqa: F401
     from gonogo.model.decoder import Decoder  # noqa: F401
+    from gonogo.typed_config import validate  # noqa: F401
 
     def rss_kib() -> int:
         for line in Path("/proc/self/status").read_text().splitlines():

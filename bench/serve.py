@@ -153,7 +153,7 @@ def server_aggregate(model: Decoder, workdir: Path, dtype: str) -> tuple[float, 
     checkpoint = workdir / "step-00000001"
     if not checkpoint.exists():
         write_checkpoint(checkpoint, model)
-    server = start_server(checkpoint, workdir, "--threads", str(torch.get_num_threads()), "--dtype", dtype)
+    server = start_server(checkpoint, workdir, threads=torch.get_num_threads(), dtype=dtype)
     body = {"model": "gonogo", "max_tokens": NEW_TOKENS, "temperature": 0.0, "stream": True, "ignore_eos": True}
     headers = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -198,7 +198,7 @@ def engines_side_by_side(workdir: Path, new_tokens: int, requests: int) -> dict:
 
     from gonogo.export.hf import export_hf
     from gonogo.infer.engines.install import engine_status
-    from gonogo.infer.engines.launch import EngineSettings, start_engine
+    from gonogo.infer.engines.start import EngineSettings, start_engine
     from gonogo.infer.loadgen import LoadSettings, run_load
 
     checkpoint = workdir / "step-00000001"

@@ -8,8 +8,8 @@ import sys
 from typing import Any
 
 from gonogo.capacity.hardware import gpu_names
-from gonogo.config import validate
 from gonogo.errors import UserError
+from gonogo.typed_config import validate
 
 _SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 

@@ -17,7 +17,6 @@ A form printed as N/A is left out of the average bus bandwidth.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import re
@@ -31,11 +30,11 @@ from typing import Any, Callable, Literal, Optional, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
-from gonogo.config import validate
 from gonogo.errors import StageFailed, UserError
 from gonogo.files import check_output_dir, check_output_file
 from gonogo.rundir import write_json_atomic
 from gonogo.stages.base import ReportItem, StageContext, StageKind, StageSettings
+from gonogo.typed_config import validate
 
 log = logging.getLogger(__name__)
 
@@ -392,14 +391,12 @@ def _report(stage_dir: Path, metrics: dict[str, Any]) -> Optional[list[ReportIte
     path = stage_dir / "collectives.json"
     if not path.is_file():
         return None
-    from matplotlib.figure import Figure  # Agg canvas, no pyplot state
-
     from gonogo.cluster import fabric
+    from gonogo.report.plots import new_figure, to_png
 
     results = json.loads(path.read_text(encoding="utf-8"))
     rows = results["results"]
-    figure = Figure(figsize=(7, 4.2))
-    axes = figure.add_subplot()
+    figure, axes = new_figure(7, 4.2)
     for op, type_name in dict.fromkeys((row["op"], row["type"]) for row in rows):
         series = [row for row in rows if row["op"] == op and row["type"] == type_name]
         axes.plot([row["size"] for row in series], [best_busbw(row) for row in series], marker="o",
@@ -409,9 +406,7 @@ def _report(stage_dir: Path, metrics: dict[str, Any]) -> Optional[list[ReportIte
     axes.set_ylabel("bus bandwidth (GB/s, best of in/out-of-place)")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize="small")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
+    png = to_png(figure, dpi=110)
 
     def cell(form: Optional[dict[str, Any]], key: str) -> Any:
         return None if form is None else (round(form[key], 3) if isinstance(form[key], float) else form[key])
@@ -432,7 +427,7 @@ def _report(stage_dir: Path, metrics: dict[str, Any]) -> Optional[list[ReportIte
                   f"({results['loopback']['message_bytes']} B messages). "
                   if (results.get("loopback") or {}).get("GBps") else "")
                + " ".join(re.sub(r"\s+:", ":", line.lstrip("# ")) + "." for line in fabric.describe(results["fabric"])[1:]))
-    return [ReportItem(title="Bus bandwidth by size", png=buffer.getvalue()),
+    return [ReportItem(title="Bus bandwidth by size", png=png),
             ReportItem(title="Collectives", text=summary),
             ReportItem(title="Every row", table=table)]
 

@@ -4,7 +4,7 @@
 
 KIND: kill, hang, straggler, nan, torn-checkpoint, corrupt-checkpoint, canary, or a comma list;
 CONFIG: a train preset or TOML (default tiny-dense, shrunk to a 2-layer d=64 model for drills).
-See gonogo.drills.runner for what each drill does and reports.
+See gonogo.drills.fault_drills for what each drill does and reports.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _metrics(settings: DrillSettings) -> set[str]:
 
 
 def run_stage(ctx: StageContext, settings: DrillSettings) -> Metrics:
-    from gonogo.drills.runner import run_drills
+    from gonogo.drills.fault_drills import run_drills
 
     config = settings.config
     if config.endswith(".toml") or "/" in config:
@@ -175,9 +175,9 @@ def command(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from gonogo.config import validate
-    from gonogo.drills.runner import run_drills
+    from gonogo.drills.fault_drills import run_drills
     from gonogo.rundir import RunDir, write_json_atomic
+    from gonogo.typed_config import validate
 
     if args.kind.strip() == "autoscale":  # the serving fleet's drill (gonogo.rollout.autoscale)
         from gonogo.rollout.autoscale import drill_command

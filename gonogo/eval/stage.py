@@ -94,7 +94,7 @@ def stage_metrics(settings: EvalSettings) -> set[str]:
 def run_evaluation(settings: EvalSettings, checkpoint: Path, compare_to: Optional[Path],
                    data: Optional[Path], out_dir: Path) -> dict[str, Any]:
     """Questions, generation and scores; writes eval.json and samples.jsonl into ``out_dir``."""
-    from gonogo.eval.runner import Options, builtin_questions, evaluate, user_questions
+    from gonogo.eval.evaluate import Options, builtin_questions, evaluate, user_questions
 
     bad_lines: list = []
     if data is not None:
@@ -308,9 +308,9 @@ def command(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from gonogo.config import format_validation_error
     from gonogo.files import check_output_dir, check_output_file
     from gonogo.train.checkpoint import check_readable, resolve_checkpoint
+    from gonogo.typed_config import format_validation_error
 
     try:
         settings = EvalSettings(samples=args.samples, num=args.num, seed=args.seed, temperature=args.temperature,

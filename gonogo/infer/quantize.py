@@ -326,9 +326,9 @@ class QuantizedModel:
         """Read a directory written by ``save`` (safetensors and JSON only: no code runs from files)."""
         from safetensors.torch import load_file
 
-        from gonogo.config import validate
         from gonogo.model.config import ModelConfig
         from gonogo.train import manifest
+        from gonogo.typed_config import validate
 
         directory = Path(directory)
         ok, reason = manifest.verify_checkpoint(directory)

@@ -244,7 +244,7 @@ def quantize_and_evaluate(checkpoint: str | Path, out: Path, settings: QuantizeS
                  "speedup": fp8_rate / bf16_rate}
     problems = generate("heldout", settings.seed, settings.eval_problems)
     progress(f"greedy accuracy on {len(problems)} held-out problems (bf16)")
-    from gonogo.eval.runner import checkpoint_is_chat
+    from gonogo.eval.evaluate import checkpoint_is_chat
 
     chat = checkpoint_is_chat(meta)
     accuracy_bf16 = greedy_accuracy(reference, problems, settings.max_new_tokens, settings.timeout_s, chat, tokenizer)
@@ -346,9 +346,9 @@ def command(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from gonogo.config import validate
     from gonogo.files import check_output_dir
     from gonogo.rundir import utc_stamp, write_json_atomic
+    from gonogo.typed_config import validate
 
     settings = validate(QuantizeSettings, {"format": args.format, "eval_problems": args.eval_problems,
                                            "val_batches": args.val_batches, "seed": args.seed,

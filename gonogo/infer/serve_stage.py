@@ -16,7 +16,7 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from gonogo.infer.engines.launch import EngineSettings, preflight
+from gonogo.infer.engines.start import EngineSettings, preflight
 from gonogo.stages.base import StageKind, StageSettings
 
 
@@ -39,7 +39,7 @@ def _stage_run(ctx, settings: ServeSettings) -> dict:
 
     import httpx
 
-    from gonogo.infer.engines.launch import default_startup_timeout, start_engine
+    from gonogo.infer.engines.start import GonogoServeOptions, default_startup_timeout, start_engine
     from gonogo.rundir import write_json_atomic
 
     checkpoint = ctx.resolve_model(settings.checkpoint) or str(ctx.run_dir.root)
@@ -48,8 +48,8 @@ def _stage_run(ctx, settings: ServeSettings) -> dict:
         headers["Authorization"] = f"Bearer {os.environ.get(settings.api_key_env, '')}"
     server = start_engine(settings.engine, checkpoint, ctx.stage_dir, name="server", model_name=settings.model_name,
                           dtype=settings.dtype, api_key_env=settings.api_key_env,
-                          gonogo_args=("--device", settings.device, "--max-batch", str(settings.max_batch),
-                                       "--max-waiting", str(settings.max_waiting)))
+                          gonogo_options=GonogoServeOptions(device=settings.device, max_batch=settings.max_batch,
+                                                            max_waiting=settings.max_waiting))
     try:
         url = server.wait_healthy(settings.startup_timeout_s or default_startup_timeout(settings.engine))
         startup_seconds = server.startup_seconds

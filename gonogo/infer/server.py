@@ -26,7 +26,7 @@ from gonogo.infer.protocol import (
     completion_chunk, completion_response, new_id, now, parse_request, sse, usage_chunk)
 
 if TYPE_CHECKING:  # the engine imports torch; this module must not (the CLI and plan checks stay fast)
-    from gonogo.infer.engine import Engine, Event, Request
+    from gonogo.infer.engine import Engine, Event
 
 log = logging.getLogger(__name__)
 
@@ -622,7 +622,7 @@ def command(args) -> int:
     from pathlib import Path
 
     if getattr(args, "engine", "gonogo") != "gonogo":  # another engine, as a child of this command
-        from gonogo.infer.engines.launch import serve_foreground
+        from gonogo.infer.engines.start import serve_foreground
 
         return serve_foreground(args)
     api_key = None

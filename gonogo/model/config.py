@@ -10,7 +10,7 @@ from typing import Literal, Optional
 
 from pydantic import model_validator
 
-from gonogo.config import Strict
+from gonogo.typed_config import Strict
 
 
 class MoEConfig(Strict):

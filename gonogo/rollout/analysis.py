@@ -24,9 +24,9 @@ from typing import Literal, Any, Optional, Sequence
 
 from pydantic import Field, field_validator
 
-from gonogo.config import Strict
 from gonogo.errors import UserError
 from gonogo.rollout.router import RequestRecord
+from gonogo.typed_config import Strict
 
 # metric name -> (direction, meaning); the names a threshold table may use
 CHECKS = {

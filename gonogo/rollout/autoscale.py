@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from gonogo.config import Strict
 from gonogo.stages.base import StageKind, StageSettings
+from gonogo.typed_config import Strict
 
 if TYPE_CHECKING:
     import httpx

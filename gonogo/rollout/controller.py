@@ -19,10 +19,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
-from gonogo.config import Strict
 from gonogo.rollout.analysis import (Analysis, analyze, measure_accuracy, quality_problems,
                                      results_dict, window_stats)
 from gonogo.rollout.router import Router
+from gonogo.typed_config import Strict
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,19 @@ from typing import Any, Callable, Optional
 
 from pydantic import Field
 
-from gonogo.config import Strict
 from gonogo.errors import StageFailed, UserError
-from gonogo.infer.engines.launch import EngineSettings, default_startup_timeout, preflight, start_engine
 from gonogo.infer.engines.process import ServerProcess
+from gonogo.infer.engines.start import (
+    EngineSettings,
+    GonogoServeOptions,
+    default_startup_timeout,
+    preflight,
+    start_engine,
+)
 from gonogo.rollout.analysis import CHECKS, Analysis, check_consistent, parse_check
 from gonogo.rollout.controller import Controller, Side, Webhooks
 from gonogo.stages.base import ReportItem, StageKind, StageSettings
+from gonogo.typed_config import Strict
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +83,7 @@ def start_server(checkpoint: str, name: str, directory: Path, model_name: str,
     resolve_checkpoint(checkpoint)  # a wrong path is the user's one-line error, before anything starts
     # one thread each: stable and canary share the machine's cores
     return start_engine(engine or EngineSettings(), str(checkpoint), directory, name=f"{name}-server",
-                        model_name=model_name, gonogo_args=("--threads", "1"))
+                        model_name=model_name, gonogo_options=GonogoServeOptions(threads=1))
 
 
 def model_of(url: str, timeout: float = 10.0) -> str:
@@ -96,7 +102,7 @@ def _is_chat_checkpoint(spec: str) -> bool:
     """Whether a checkpoint was finetuned on chats (its meta.json says data.format = chat)."""
     import json
 
-    from gonogo.eval.runner import checkpoint_is_chat
+    from gonogo.eval.evaluate import checkpoint_is_chat
     from gonogo.train.checkpoint import resolve_checkpoint
 
     meta = resolve_checkpoint(spec) / "meta.json"
@@ -368,7 +374,7 @@ def add_arguments(parser) -> None:
 
 
 def settings_from_args(args) -> CanarySettings:
-    from gonogo.config import validate
+    from gonogo.typed_config import validate
 
     try:
         steps = [int(step) for step in args.steps.split(",") if step.strip()]
@@ -442,7 +448,7 @@ def run_canary_drill(out_dir: Path, checkpoint: str | Path, *, steps: tuple[int,
     to ``degrade_bits`` bits, only the quality check can see it) and a good one (the same model).
     The bad ones must be rolled back and the good one promoted. Writes out_dir/<drill>/timeline.json
     and out_dir/drill.json; returns {"passed", "drills": {name: metrics + expected}}."""
-    from gonogo.rollout.faults import FaultProxy, write_degraded_checkpoint
+    from gonogo.rollout.canary_faults import FaultProxy, write_degraded_checkpoint
     from gonogo.rundir import write_json_atomic
 
     unknown = [d for d in drills if d not in DRILLS]

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from gonogo.config import Strict
 from gonogo.procs import ProcessTimeout, run_process
 from gonogo.rundir import RunDir
 from gonogo.errors import StageFailed, UserError
+from gonogo.typed_config import Strict
 
 log = logging.getLogger(__name__)
 

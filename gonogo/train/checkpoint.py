@@ -636,8 +636,8 @@ def _load_on_cpu(path: str | Path):
     import torch
     from safetensors.torch import load_file
 
-    from gonogo.config import validate
     from gonogo.model.config import ModelConfig
+    from gonogo.typed_config import validate
 
     directory = resolve_checkpoint(path)
     if not (directory / manifest.META_NAME).is_file():

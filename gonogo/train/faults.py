@@ -82,11 +82,11 @@ class Injector:
         return cls(Fault.from_env(), rank=rank, stage=stage, events_path=events_path)
 
     def _record(self, step: int, **fields: Any) -> None:
-        from gonogo.rundir import append_jsonl
+        from gonogo.events import write_event
 
         assert self.fault is not None
-        append_jsonl(self.events_path, {"time": time.time(), "stage": self.stage, "rank": self.rank, "step": step,
-                                        "event": "fault_injected", "fault": self.fault.kind, **fields})
+        write_event(self.events_path, self.stage, rank=self.rank, step=step, event="fault_injected",
+                    fault=self.fault.kind, **fields)
         log.warning("fault injected: %s on rank %d at step %d", self.fault.kind, self.rank, step)
 
     def _active(self, kind: str) -> bool:

@@ -24,13 +24,13 @@ from typing import Any, Optional, Union
 
 from pydantic import Field
 
-from gonogo.config import apply_overrides, load_toml, resolve_preset, validate
 from gonogo.errors import StageFailed, UserError
 from gonogo.files import check_output_dir, write_atomic
 from gonogo.rundir import RunDir, write_json_atomic
 from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
 from gonogo.train import stage as train_stage
 from gonogo.train.config import TrainConfig, overrides_list
+from gonogo.typed_config import apply_overrides, load_toml, resolve_preset, validate
 
 DEFAULT_PRESET = "sft-tiny"
 STAGE_METRICS = {"final_loss", "val_loss", "steps", "steps_completed", "tokens_per_second", "skipped_lines",

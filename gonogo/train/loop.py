@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gonogo.errors import UserError
+from gonogo.events import events_file, read_events, write_event
 from gonogo.model.config import ModelConfig
 from gonogo.train import faults as faults_module
 from gonogo.train import guards
@@ -264,7 +265,7 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
         if resumed.path is not None:
             log.info("rank %d resumed from %s at step %d", world.rank, resumed.path, start_step)
 
-    writer = metrics_module.MetricsWriter(job.run_dir / "events.jsonl", job.stage, world.rank,
+    writer = metrics_module.MetricsWriter(events_file(job.run_dir), job.stage, world.rank,
                                           job.tensorboard_dir if world.rank == 0 else None)
     pids = node_pids(world)
     flops = flops_per_token(config.model, settings.seq_len)
@@ -276,10 +277,10 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
         utilization = metrics_module.make_utilization(world.device.type, world.local_rank, pids)
         if start_step == 0 and not settings.init_from:  # mlperf.log times pretraining only
             mlperf = _open_mlperf(job, world)
-    events_path = job.run_dir / "events.jsonl"
+    events_path = events_file(job.run_dir)
     if world.rank == 0:
-        guards.record_event(events_path, job.stage, 0, start_step, "attempt_started", restart=restarts,
-                            resumed_from=resumed_from, skipped_checkpoints=skipped_checkpoints)
+        write_event(events_path, job.stage, rank=0, step=start_step, event="attempt_started", restart=restarts,
+                    resumed_from=resumed_from, skipped_checkpoints=skipped_checkpoints)
     injector = faults_module.Injector.from_env(rank=world.rank, stage=job.stage, events_path=events_path)
     watchdog = guards.Watchdog(rank=world.rank, stage=job.stage, stage_dir=job.stage_dir, events_path=events_path,
                                timeout_s=settings.watchdog_timeout_s, min_timeout_s=settings.watchdog_min_timeout_s,
@@ -361,8 +362,8 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
             with watchdog.long_phase():
                 back_to = guards.roll_back(checkpointer, model, optimizer, scheduler, loader, config)
             if world.rank == 0:
-                guards.record_event(events_path, job.stage, 0, step, "loss_guard", reason=problem,
-                                    rolled_back_to=back_to, rollback=rollbacks)
+                write_event(events_path, job.stage, rank=0, step=step, event="loss_guard", reason=problem,
+                            rolled_back_to=back_to, rollback=rollbacks)
             log.warning("step %d: %s; rolled back to step %s, the batch is skipped", step, problem,
                         back_to if back_to is not None else "(none: update dropped)")
             if back_to is None:
@@ -394,11 +395,11 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
         if stragglers is not None and step % settings.straggler_every == 0:
             report = stragglers.gather(timer)
             if world.rank == 0:
-                guards.record_event(events_path, job.stage, 0, step, "straggler_scores",
-                                    relative=report["relative"], individual=report["individual"],
-                                    straggler_ranks=report["straggler_ranks"],
-                                    slow_sections={str(k): v for k, v in report["slow_sections"].items()},
-                                    warmup=bool(report.get("warmup")))
+                write_event(events_path, job.stage, rank=0, step=step, event="straggler_scores",
+                            relative=report["relative"], individual=report["individual"],
+                            straggler_ranks=report["straggler_ranks"],
+                            slow_sections={str(k): v for k, v in report["slow_sections"].items()},
+                            warmup=bool(report.get("warmup")))
                 if report["straggler_ranks"] and not report.get("warmup"):
                     log.warning("step %d: straggler rank(s) %s (sections %s)", step, report["straggler_ranks"],
                                 report["slow_sections"])
@@ -447,9 +448,9 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
             blocked = time.perf_counter() - save_started
             blocked_per_save.append(blocked)
             if world.rank == 0:
-                guards.record_event(events_path, job.stage, 0, step, "checkpoint_saved", checkpoint=str(saved),
-                                    blocked_s=blocked, asynchronous=settings.checkpoint_async,
-                                    committed_on_return=not settings.checkpoint_async)
+                write_event(events_path, job.stage, rank=0, step=step, event="checkpoint_saved", checkpoint=str(saved),
+                            blocked_s=blocked, asynchronous=settings.checkpoint_async,
+                            committed_on_return=not settings.checkpoint_async)
                 writer.write(step, checkpoint_blocked_s=blocked)
             if commit_before_fault:
                 checkpointer.wait()
@@ -458,8 +459,8 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
         if budget_stopped:
             log.warning("step %d: the plan's device-hour budget is spent; stopping after a checkpoint", step)
             if world.rank == 0:
-                guards.record_event(events_path, job.stage, 0, step, "budget_stopped",
-                                    budget_device_hours=job.budget_device_hours)
+                write_event(events_path, job.stage, rank=0, step=step, event="budget_stopped",
+                            budget_device_hours=job.budget_device_hours)
             break
 
     watchdog.stop()
@@ -503,7 +504,7 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
         "resumed_from": resumed_from,
         "skipped_checkpoints": skipped_checkpoints,
         "restarts": restarts,
-        "hang_detections": guards.count_events(events_path, job.stage, "hang_detected"),
+        "hang_detections": len(read_events(events_path, stage=job.stage, kind="hang_detected")),
         "watchdog_timeout_s": watchdog.timeout_s(),
         "rollbacks": rollbacks,
         "skipped_batches": skipped_batches,

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from gonogo.rundir import append_jsonl
+from gonogo.events import write_event
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,7 @@ class MetricsWriter:
                 self.tb = SummaryWriter(log_dir=str(tb_dir))
 
     def write(self, step: int, **metrics: Any) -> None:
-        record = {"time": time.time(), "stage": self.stage, "rank": self.rank, "step": step, **metrics}
-        append_jsonl(self.events_path, record)
+        write_event(self.events_path, self.stage, rank=self.rank, step=step, **metrics)
         if self.tb is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):

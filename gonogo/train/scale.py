@@ -262,13 +262,14 @@ def _steady(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def timings(run_root: Path) -> dict[str, Any]:
     """Rank 0's global step time and tokens/s, and every rank's median step time (steady state)."""
-    lines = [json.loads(line) for line in (run_root / "events.jsonl").read_text(encoding="utf-8").splitlines()
-             if line.strip()]
+    from gonogo.events import events_file, read_events
+
+    lines = read_events(events_file(run_root))
     global_lines = _steady([line for line in lines if line.get("rank") == 0 and "step_time_s" in line])
     per_rank: dict[int, list[float]] = {}
     for line in _steady([line for line in lines if "step_time_s_rank" in line]):
         per_rank.setdefault(line["rank"], []).append(line["step_time_s_rank"])
-    assert global_lines and per_rank, f"no timing lines in {run_root / 'events.jsonl'}"
+    assert global_lines and per_rank, f"no timing lines in {events_file(run_root)}"
     rank_medians = [statistics.median(values) for values in per_rank.values()]
     return {"step_time_s": statistics.median(line["step_time_s"] for line in global_lines),
             "tokens_per_second": statistics.median(line["tokens_per_second"] for line in global_lines),
@@ -342,18 +343,13 @@ def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]
     rows = metrics.get("runs")
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from gonogo.train.stage import _png
+    from gonogo.report.plots import new_figure, to_png
 
     items = [ReportItem(title="Machine", text=metrics.get("machine_note", "") + (
         f". Load average before the runs: {metrics['load_average_before']:.1f} on {metrics.get('cores')} cores"
         " (other work on the machine lowers every number)." if metrics.get("load_average_before") is not None else ""))]
     modes = sorted({row["mode"] for row in rows})
-    figure, axes = plt.subplots(figsize=(6, 3.2))
+    figure, axes = new_figure(6, 3.2)
     for mode in modes:
         mine = [row for row in rows if row["mode"] == mode]
         axes.plot([r["nproc"] for r in mine], [r["tokens_per_second"] for r in mine], "o-", label=f"{mode} scaling")
@@ -362,8 +358,8 @@ def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]
     axes.set_xlabel("processes")
     axes.set_ylabel("tokens / s (all ranks)")
     axes.legend(title="dotted: linear")
-    items.append(ReportItem(title="Throughput vs processes", png=_png(figure)))
-    figure, axes = plt.subplots(figsize=(6, 3.2))
+    items.append(ReportItem(title="Throughput vs processes", png=to_png(figure)))
+    figure, axes = new_figure(6, 3.2)
     for mode in modes:
         mine = [row for row in rows if row["mode"] == mode]
         axes.plot([r["nproc"] for r in mine], [100 * r["efficiency"] for r in mine], "o-", label=f"{mode} scaling")
@@ -372,7 +368,7 @@ def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]
     axes.set_xlabel("processes")
     axes.set_ylabel("efficiency %")
     axes.legend()
-    items.append(ReportItem(title="Scaling efficiency vs processes", png=_png(figure)))
+    items.append(ReportItem(title="Scaling efficiency vs processes", png=to_png(figure)))
     items.append(ReportItem(title="Runs", table=[{key: _round(value) for key, value in row.items()} for row in rows]))
     return items
 

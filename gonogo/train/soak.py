@@ -164,12 +164,11 @@ def worker(job_path: Path) -> int:
     settings = config.train
     world = init_distributed(settings.init_timeout_s)
     stage_dir, run_dir = Path(job["stage_dir"]), Path(job["run_dir"])
-    events = run_dir / "events.jsonl"
-    from gonogo.rundir import append_jsonl
+    from gonogo.events import events_file, write_event
 
     def event(name: str, **fields: Any) -> None:
         if world.rank == 0:
-            append_jsonl(events, {"time": time.time(), "stage": job["stage"], "rank": 0, "event": name, **fields})
+            write_event(events_file(run_dir), job["stage"], rank=0, event=name, **fields)
 
     try:
         loop.check_world(config, world.world_size)
@@ -381,18 +380,13 @@ def report(stage_dir: Path, metrics: Metrics) -> list[ReportItem]:
             {"window": w["index"], "seconds": w["seconds"], "steps": w["steps"], "busy share": w["busy_share"],
              "utilisation %": w.get("utilization_pct"), "checkpoint p50 s": w.get("checkpoint_p50_s"),
              "drift": w.get("drift"), "RSS MB": w.get("rss_MB")} for w in windows]))
+    from gonogo.events import events_file, read_events
+
     events = []
-    events_path = stage_dir.parent.parent / "events.jsonl"
-    if events_path.is_file():
-        for line in events_path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("stage") == stage_dir.name and str(record.get("event", "")).startswith("soak_"):
-                fields = {k: v for k, v in record.items() if k not in ("time", "stage", "rank", "event")}
-                events.append({"event": record["event"], "details": ", ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())[:160]})
+    for record in read_events(events_file(stage_dir.parent.parent), stage=stage_dir.name, metrics=False):
+        if str(record.kind).startswith("soak_"):
+            events.append({"event": record.kind, "details": ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.fields().items())[:160]})
     if events:
         items.append(ReportItem(f"events ({len(events)})", table=events[:300]))
     probes = timeline["probes"]

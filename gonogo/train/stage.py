@@ -204,29 +204,10 @@ def run_stage(ctx: StageContext, settings: TrainStageSettings) -> Metrics:
 # -- the report -----------------------------------------------------------------------------------
 
 def _rank0_lines(stage_dir: Path) -> list[dict[str, Any]]:
-    events = stage_dir.parent.parent / "events.jsonl"
-    rows = []
-    if events.is_file():
-        for line in events.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("stage") == stage_dir.name and record.get("rank") == 0 and "loss" in record:
-                rows.append(record)
-    return rows
+    from gonogo.events import events_file, read_events
 
-
-def _png(figure) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=100)
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
-    return buffer.getvalue()
+    return [dict(line) for line in read_events(events_file(stage_dir.parent.parent), stage=stage_dir.name, rank=0)
+            if "loss" in line]
 
 
 def _triage_items(stage_dir: Path) -> list[ReportItem]:
@@ -244,14 +225,11 @@ def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]
     triage_items = _triage_items(stage_dir)
     if not rows:
         return triage_items or None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from gonogo.report.plots import new_figure, to_png
 
     items = triage_items
     steps = [r["step"] for r in rows]
-    figure, axes = plt.subplots(figsize=(6, 3.2))
+    figure, axes = new_figure(6, 3.2)
     axes.plot(steps, [r["loss"] for r in rows], label="train loss")
     validation = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     if validation:
@@ -261,9 +239,9 @@ def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]
     axes.set_xlabel("step")
     axes.set_ylabel("nats / token")
     axes.legend()
-    items.append(ReportItem(title="Loss and validation loss", png=_png(figure)))
+    items.append(ReportItem(title="Loss and validation loss", png=to_png(figure)))
 
-    figure, axes = plt.subplots(figsize=(6, 3.2))
+    figure, axes = new_figure(6, 3.2)
     axes.plot(steps, [r["tokens_per_second"] for r in rows], color="tab:blue")
     axes.set_xlabel("step")
     axes.set_ylabel("tokens / s (all ranks)", color="tab:blue")
@@ -271,11 +249,11 @@ def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]
         right = axes.twinx()
         right.plot(steps, [100 * (r.get("mfu") or 0) for r in rows], color="tab:orange")
         right.set_ylabel("MFU %", color="tab:orange")
-    items.append(ReportItem(title="Throughput and MFU", png=_png(figure)))
+    items.append(ReportItem(title="Throughput and MFU", png=to_png(figure)))
 
     final_fractions = metrics.get("expert_fractions")
     if final_fractions:
-        figure, axes = plt.subplots(figsize=(6, 3.2))
+        figure, axes = new_figure(6, 3.2)
         n_layers = len(final_fractions)
         width = 0.8 / n_layers
         for layer, fractions in enumerate(final_fractions):
@@ -285,7 +263,7 @@ def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]
         axes.set_xlabel("expert")
         axes.set_ylabel("share of routed tokens")
         axes.legend(fontsize="small")
-        items.append(ReportItem(title="Expert load (last log window)", png=_png(figure)))
+        items.append(ReportItem(title="Expert load (last log window)", png=to_png(figure)))
     summary = {key: metrics.get(key) for key in ("steps", "world_size", "precision", "parallel",
                                                  "expert_parallel", "parameters", "peak_flops", "peak_source",
                                                  "time_to_target_s")}

@@ -12,10 +12,10 @@ from pydantic import ValidationError
 
 from gonogo.cluster import collectives
 from gonogo.cluster.collectives_worker import bandwidths, collective_counts, sizes
-from gonogo.config import validate
 from gonogo.errors import UserError
 from gonogo.rundir import RunDir
 from gonogo.stages.base import StageContext
+from gonogo.typed_config import validate
 from tests.conftest import run_gonogo
 
 # -- arithmetic and layout (no processes) ---------------------------------------------------------

@@ -126,7 +126,7 @@ def _fake_generation(monkeypatch, good: set[str], seed: int):
     whose answer does not follow from their steps); any other checkpoint only writes wrong chains.
     Generation is the only fake: scoring, the verifier, the bootstrap and the gates are the real ones."""
     from gonogo.data import synthetic
-    from gonogo.eval import runner
+    from gonogo.eval import evaluate as evaluation
 
     def run_model(checkpoint, questions, options, *, greedy_only=False, prompt_format="auto"):
         solutions = {p.question: p.solution for p in synthetic.generate("heldout", seed, len(questions))}
@@ -149,7 +149,7 @@ def _fake_generation(monkeypatch, good: set[str], seed: int):
         return {"checkpoint": str(checkpoint), "prompt_format": "chat", "greedy": greedy, "sampled": sampled,
                 "seconds": 1.0, "tokens": 20 * len(questions)}
 
-    monkeypatch.setattr(runner, "run_model", run_model)
+    monkeypatch.setattr(evaluation, "run_model", run_model)
 
 
 @pytest.mark.parametrize("plan_name", ["quick", "laptop", "gpu-node"])

@@ -6,8 +6,8 @@ import httpx
 import pytest
 
 from gonogo.rollout.analysis import Analysis
+from gonogo.rollout.canary_faults import FaultProxy
 from gonogo.rollout.controller import Side, Webhooks
-from gonogo.rollout.faults import FaultProxy
 from gonogo.rollout.router import ThreadedServer
 from gonogo.rollout.stage import CanarySettings, Load, run_rollout
 

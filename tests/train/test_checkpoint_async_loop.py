@@ -18,7 +18,7 @@ def _events(root):
 
 @pytest.mark.timeout(300)
 def test_async_checkpoints_commit_only_when_written_and_resume_after_a_crash_mid_save(tmp_path):
-    from gonogo.drills.runner import TINY
+    from gonogo.drills.fault_drills import TINY
     from gonogo.procs import run_process
     from gonogo.rundir import RunDir
     from gonogo.train import manifest

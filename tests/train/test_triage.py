@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from gonogo.drills import runner
+from gonogo.drills import fault_drills
 from gonogo.train import triage
 from gonogo.train.faults import Fault
 
@@ -17,11 +17,11 @@ from gonogo.train.faults import Fault
 @pytest.mark.timeout(300)
 def test_hang_drill_bundle_names_the_injected_rank_and_its_frame(tmp_path):
     # no restart: the bundle is written whether the run recovers (the drill) or fails (this test, faster)
-    drill = runner.Drill(tmp_path, steps=12, checkpoint_every=4, overrides=["train.max_restarts=0"])
+    drill = fault_drills.Drill(tmp_path, steps=12, checkpoint_every=4, overrides=["train.max_restarts=0"])
     fault = Fault(kind="hang", rank=1, step=6)
     run = drill.train("hang-1", env=fault.to_env())
     assert run["metrics"] is None and "exited with code" in run["error"]
-    outcome = runner.triage_outcome(run["run_dir"], fault)
+    outcome = fault_drills.triage_outcome(run["run_dir"], fault)
     assert outcome["triage_named"] is True, outcome
     folder = run["run_dir"] / "triage" / "train-attempt-0"
     report = (folder / "report.md").read_text().splitlines()
@@ -127,11 +127,11 @@ def test_drill_outcome_with_another_rank_or_no_bundle_is_not_named(tmp_path):
     frame = {"file": "/g/gonogo/train/faults.py", "line": 124, "function": "after_step"}
     (folder / "triage.json").write_text(json.dumps({"what_hung": "x", "diagnosis": {
         "rank": 0, "step": 6, "frame_detail": frame}}))
-    assert runner.triage_outcome(tmp_path, Fault("hang", 0, 6))["triage_named"] is True
-    assert runner.triage_outcome(tmp_path, Fault("hang", 1, 6))["triage_named"] is False
-    assert runner.triage_outcome(tmp_path / "none", Fault("hang", 1, 6)) == {"triage_bundle": None,
+    assert fault_drills.triage_outcome(tmp_path, Fault("hang", 0, 6))["triage_named"] is True
+    assert fault_drills.triage_outcome(tmp_path, Fault("hang", 1, 6))["triage_named"] is False
+    assert fault_drills.triage_outcome(tmp_path / "none", Fault("hang", 1, 6)) == {"triage_bundle": None,
                                                                            "triage_named": False}
-    assert runner.summarize("hang", [{"triage_named": False}])["triage_named"] is False
+    assert fault_drills.summarize("hang", [{"triage_named": False}])["triage_named"] is False
 
 
 CRASH = """

@@ -119,18 +119,25 @@ class ServerProcess:
         except (ValueError, KeyError):  # being written
             return None
 
-    def log_tail(self, characters: int = 1500) -> str:
+    def log_text(self) -> str:
+        """Everything the child has written so far ("" when there is no log yet)."""
         try:
-            return self.log_path.read_text(errors="replace")[-characters:]
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
 
-    def stop(self, grace: float = 10.0) -> None:
-        """Stop the whole process group (SIGTERM, then SIGKILL after ``grace``); idempotent."""
+    def log_tail(self, characters: int = 1500) -> str:
+        return self.log_text()[-characters:]
+
+    def stop(self, grace: float = 10.0) -> Optional[int]:
+        """Stop the whole process group (SIGTERM, then SIGKILL after ``grace``); idempotent.
+        The child's exit code (None: never started)."""
         from gonogo.procs import stop_group
 
-        if self.process is not None:
-            stop_group(self.process, grace=grace)
+        if self.process is None:
+            return None
+        stop_group(self.process, grace=grace)
+        return self.process.returncode
 
     def __enter__(self) -> "ServerProcess":
         return self

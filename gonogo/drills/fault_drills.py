@@ -18,7 +18,6 @@ a drill.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import statistics
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from gonogo.errors import StageFailed, UserError
+from gonogo.events import Event, events_file, read_events
 from gonogo.rundir import RunDir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -168,17 +168,8 @@ class Drill:
 
 # -- reading a drill run ---------------------------------------------------------------------------
 
-def _events(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "events.jsonl"
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if "event" in record:
-            records.append(record)
-    return records
+def _events(run_dir: Path) -> list[Event]:
+    return read_events(events_file(run_dir), metrics=False)
 
 
 def final_weights_equal(run_dir: Path, twin_dir: Path, steps: int) -> Optional[bool]:
@@ -263,18 +254,9 @@ def analyse(kind: str, fault, run: dict[str, Any], twin: dict[str, Any], steps: 
     return outcome
 
 
-def _loss_lines(run_dir: Path) -> list[dict[str, Any]]:
+def _loss_lines(run_dir: Path) -> list[Event]:
     """Rank 0's logged windows (step, loss, tokens/s, time), in the order written."""
-    path = Path(run_dir) / "events.jsonl"
-    lines = []
-    for text in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(text)
-        except ValueError:
-            continue
-        if "event" not in record and record.get("rank") == 0 and "loss" in record:
-            lines.append(record)
-    return lines
+    return [line for line in read_events(events_file(run_dir), rank=0, metrics=True) if "loss" in line]
 
 
 LOSS_CONTINUITY_TOLERANCE = 0.02  # relative; same batches, only the reduction order differs

@@ -2,8 +2,8 @@ from typing import Literal
 
 import pytest
 
-from gonogo.config import Strict, apply_overrides, load_toml, parse_scalar, resolve_preset, validate
 from gonogo.errors import UserError
+from gonogo.typed_config import Strict, apply_overrides, load_toml, parse_scalar, resolve_preset, validate
 
 
 class Inner(Strict):

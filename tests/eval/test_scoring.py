@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from gonogo.eval.metrics import best_of, majority_answer, pass_at_k
+from gonogo.eval.scoring import best_of, majority_answer, pass_at_k
 
 
 @pytest.mark.parametrize("n, c, k, expected", [

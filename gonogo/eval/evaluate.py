@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 from gonogo.data import synthetic
 from gonogo.errors import UserError
 from gonogo.eval import verifier
-from gonogo.eval.metrics import best_of, bootstrap_intervals, majority_answer, pass_at_k
+from gonogo.eval.scoring import best_of, bootstrap_intervals, majority_answer, pass_at_k
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import pytest
 
 from gonogo.data.tokenizer import ByteTokenizer
 from gonogo.errors import UserError
-from gonogo.eval.runner import (Options, Question, builtin_questions, evaluate, prompt_ids, score_question,
+from gonogo.eval.evaluate import (Options, Question, builtin_questions, evaluate, prompt_ids, score_question,
                                 user_questions, verifier_quality)
 
 OPTIONS = Options(samples=[1, 2, 4], temperature=1.0, seed=3, max_tokens=12)

@@ -14,14 +14,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from gonogo.config import Strict
 from gonogo.errors import UserError
 from gonogo.infer.engines.process import ServerProcess, free_port
+from gonogo.typed_config import Strict
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,54 @@ def default_startup_timeout(engine: EngineSettings) -> float:
     return 180.0 if engine.name == "gonogo" else 900.0
 
 
+@dataclass(frozen=True)
+class GonogoServeOptions:
+    """The flags only gonogo's own server has (``gonogo serve --help``); None leaves its default."""
+
+    device: Optional[str] = None
+    threads: Optional[int] = None
+    max_batch: Optional[int] = None
+    max_waiting: Optional[int] = None
+
+
+def serve_arguments(model: str, *, host: str = "127.0.0.1", port: int = 0, model_name: str = "gonogo",
+                    dtype: Optional[str] = None, api_key_env: Optional[str] = None,
+                    ready_file: Optional[Path] = None, parent_pid: Optional[int] = None,
+                    options: GonogoServeOptions = GonogoServeOptions()) -> list[str]:
+    """The arguments after ``gonogo serve``: the one place its command line is built, for a child
+    of this process and for a cluster's container alike."""
+    argv = ["--checkpoint", str(model), "--host", host, "--port", str(port), "--model-name", model_name]
+    if ready_file is not None:
+        argv += ["--ready-file", str(ready_file)]
+    if parent_pid is not None:
+        argv += ["--parent-pid", str(parent_pid)]
+    for flag, value in (("--device", options.device), ("--threads", options.threads),
+                        ("--max-batch", options.max_batch), ("--max-waiting", options.max_waiting),
+                        ("--dtype", dtype), ("--api-key-env", api_key_env)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def start_gonogo_server(model: str, directory: Path, *, name: str = "server", model_name: str = "gonogo",
+                        dtype: Optional[str] = None, api_key_env: Optional[str] = None, host: str = "127.0.0.1",
+                        port: int = 0, options: GonogoServeOptions = GonogoServeOptions(),
+                        health_path: str = "/health", env: Optional[dict[str, str]] = None) -> ServerProcess:
+    """`gonogo serve` for ``model`` as a started child (not yet waited for): it writes its URL to
+    directory/<name>.ready.json once listening (port 0 picks a free one) and exits when this
+    process is gone; its log is directory/<name>.log."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ready = directory / f"{name}.ready.json"
+    argv = [sys.executable, "-m", "gonogo", "serve",
+            *serve_arguments(model, host=host, port=port, model_name=model_name, dtype=dtype,
+                             api_key_env=api_key_env, ready_file=ready, parent_pid=os.getpid(), options=options)]
+    return ServerProcess(argv, directory / f"{name}.log", ready_file=ready, health_path=health_path, env=env,
+                         name=f"{name} (gonogo)").start()
+
+
 def start_engine(engine: EngineSettings, model: str, directory: Path, *, name: str = "server",
-                 model_name: str = "gonogo", dtype: Optional[str] = None, gonogo_args: tuple[str, ...] = (),
+                 model_name: str = "gonogo", dtype: Optional[str] = None,
+                 gonogo_options: GonogoServeOptions = GonogoServeOptions(),
                  api_key_env: Optional[str] = None, host: str = "127.0.0.1", port: int = 0) -> ServerProcess:
     """Start ``model`` on ``engine`` (not yet waited for); its log is directory/<name>.log.
 
@@ -135,17 +182,10 @@ def start_engine(engine: EngineSettings, model: str, directory: Path, *, name: s
     log_path = directory / f"{name}.log"
     health_path = engine.health_path or "/health"
     if engine.name == "gonogo":
-        ready = directory / f"{name}.ready.json"
-        argv = [sys.executable, "-m", "gonogo", "serve", "--checkpoint", str(model), "--host", host,
-                "--port", str(port), "--model-name", model_name, "--ready-file",
-                str(ready), "--parent-pid", str(os.getpid()), *gonogo_args]
-        chosen_dtype = engine.dtype or dtype
-        if chosen_dtype:  # none given: gonogo serve picks (bfloat16 on a GPU, float32 on the CPU)
-            argv += ["--dtype", chosen_dtype]
-        if api_key_env:
-            argv += ["--api-key-env", api_key_env]
-        return ServerProcess(argv, log_path, ready_file=ready, health_path=health_path,
-                             name=f"{name} (gonogo)").start()
+        # none given: gonogo serve picks (bfloat16 on a GPU, float32 on the CPU)
+        return start_gonogo_server(model, directory, name=name, model_name=model_name, dtype=engine.dtype or dtype,
+                                   api_key_env=api_key_env, host=host, port=port, options=gonogo_options,
+                                   health_path=health_path)
     port = port or free_port(host)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
     hf_dir = hf_model_dir(model, directory / name)
@@ -191,7 +231,7 @@ def serve_foreground(args) -> int:
         raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
     if args.engine == "command" and not args.engine_command:
         raise UserError('--engine command needs --engine-command "server --model {model} --port {port}"')
-    from gonogo.config import validate
+    from gonogo.typed_config import validate
 
     engine = validate(EngineSettings, {"name": args.engine, "command": shlex.split(args.engine_command)
                                        if args.engine == "command" else None}, source="gonogo serve")
