@@ -15,7 +15,7 @@ from gonogo.stages.base import StageKind
 
 # kind -> (module defining STAGE, the help of `gonogo <kind>` or None when it has no command)
 KINDS: dict[str, tuple[str, Optional[str]]] = {
-    "command": ("gonogo.stages.command", None),
+    "command": ("gonogo.stages.command.stage", None),
     "doctor": ("gonogo.cluster.doctor", "inventory and health: devices, versions, GPU health, storage speed"),
     "collectives": ("gonogo.cluster.collectives",
                     "nccl-tests-style bandwidth and correctness table via torch.distributed"),
