@@ -117,11 +117,10 @@ def add_arguments(parser: argparse.ArgumentParser, kind_name: str) -> None:
     kind = get_kind(kind_name)
     command = _command(kind)
     if command.add_arguments is not None:
-        command.add_arguments(parser)
-    else:
-        derive_arguments(kind.settings, parser)
-    if not any("--out" in action.option_strings for action in parser._actions):
-        parser.add_argument("--out", type=Path, default=None, help="run directory (default: a new folder under runs/)")
+        command.add_arguments(parser)  # hand-written: its own --out where it runs a stage
+        return
+    derive_arguments(kind.settings, parser)
+    parser.add_argument("--out", type=Path, default=None, help="run directory (default: a new folder under runs/)")
 
 
 def command(args: argparse.Namespace) -> int:
