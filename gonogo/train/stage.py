@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Union
 from pydantic import Field
 
 from gonogo.errors import StageFailed, UserError
-from gonogo.rundir import RunDir, write_json_atomic
+from gonogo.rundir import RunDir
 from gonogo.stages.base import Metrics, ReportItem, StageCommand, StageContext, StageKind, StageSettings
 from gonogo.train.config import TrainConfig, check_world, load_train_config, overrides_list
 
@@ -366,8 +366,8 @@ def _instead(args: argparse.Namespace) -> Optional[int]:
         return None
     if args.nproc < 1:
         raise UserError(f"--nproc {args.nproc}: must be at least 1")
-    config, path = load_train_config(args.config, args.overrides, args.deterministic)
-    return _find_max_batch(args, config, path)
+    load_train_config(args.config, args.overrides, args.deterministic)  # a mistake: one line, nothing created
+    return _find_max_batch(args)
 
 
 def _summary(args: argparse.Namespace, stage_dir: Path, metrics: Metrics) -> None:
@@ -443,41 +443,38 @@ def continue_run_dir(out: Path, stage: str, steps: int) -> RunDir:
     return run_dir
 
 
-def _find_max_batch(args: argparse.Namespace, config: TrainConfig, path: Path) -> int:
+def _find_max_batch(args: argparse.Namespace) -> int:
+    """``train --find-max-batch``: the ``memory`` stage kind, through the runner like any stage."""
     from rich.console import Console
     from rich.table import Table
 
-    from gonogo.procs import ProcessTimeout, run_process
+    from gonogo.config import validate
+    from gonogo.plan_cli import LiveView, print_outcome
+    from gonogo.runner import run_stage_alone
+    from gonogo.stages import get_kind
     from gonogo.train import memory
 
-    run_dir = RunDir.create(args.out, plan_name="memory-probe")
-    stage_dir = run_dir.stage_dir("memory")
+    kind = get_kind("memory")
+    settings = validate(kind.settings, {"config": args.config, "nproc": args.nproc, "overrides": list(args.overrides),
+                                        "timeout_s": args.timeout}, "gonogo train --find-max-batch")
     console = Console(stderr=True)
-    console.print(f"run directory: {run_dir.root}")
-
-    def run_command(argv, *, timeout, log_name, env=None, on_line=None) -> int:
-        try:
-            return run_process(argv, timeout=timeout, log_path=stage_dir / log_name, env=env, on_line=on_line)
-        except ProcessTimeout:
-            raise StageFailed(f"memory probe did not finish within {timeout:.0f} s and was stopped; "
-                              f"see {stage_dir / log_name}") from None
-
-    try:
-        with console.status("memory probe"):
-            result = memory.find_max_batch(config, path.name, args.nproc, run_dir=run_dir.root, stage_dir=stage_dir,
-                                           timeout_s=args.timeout, run_command=run_command)
-    except StageFailed as error:
-        console.print(f"failed: {error}", markup=False)
-        return 1
-    write_json_atomic(stage_dir / "metrics.json", memory.stage_metrics(result))
-    table = Table(title="memory probe")
-    for column in ("micro_batch_size", "fits", "peak GB", "seconds"):
-        table.add_column(column)
-    for trial in result["trials"]:
-        table.add_row(str(trial["micro_batch_size"]), str(trial["fits"]), str(trial["peak_GB"]), str(trial["seconds"]))
-    Console().print(table)
-    console.print(memory.result_line(result), markup=False)
-    return 0 if result["max_micro_batch_size"] is not None else 1
+    with LiveView(console) as view:
+        outcome = run_stage_alone(kind, settings, out=args.out, observer=view,
+                                  gates=["max_micro_batch_size >= 1"])
+    if outcome.verdict == "INTERRUPTED":
+        raise KeyboardInterrupt
+    result = outcome.run_dir.stage_metrics("memory").get("probe")
+    if result:
+        table = Table(title="memory probe")
+        for column in ("micro_batch_size", "fits", "peak GB", "seconds"):
+            table.add_column(column)
+        for trial in result["trials"]:
+            table.add_row(str(trial["micro_batch_size"]), str(trial["fits"]), str(trial["peak_GB"]),
+                          str(trial["seconds"]))
+        Console().print(table)
+        console.print(memory.result_line(result), markup=False)
+    print_outcome(console, outcome)
+    return outcome.exit_code
 
 
 def _format(value: Any) -> str:
