@@ -308,7 +308,8 @@ def _run_stage(plan: Plan, stage: Stage, index: int, run_dir: RunDir, observer: 
     device_hours = seconds / 3600.0 * max(1, stage.kind.devices(stage.settings))
     metrics["stage_wall_seconds"] = round(seconds, 3)
     metrics["stage_device_hours"] = device_hours
-    write_json_atomic(stage_dir / "metrics.json", metrics)
+    if status != INTERRUPTED:  # an interrupted stage measured nothing and claims nothing
+        write_json_atomic(stage_dir / "metrics.json", metrics)
     run_dir.event(stage.name, event="stage_end", status=status, seconds=seconds,
                   metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float, bool, str))})
 

@@ -116,3 +116,10 @@ def test_help_of_a_stage_command_lists_its_derived_flags(count_kind, capsys):
     text = capsys.readouterr().out
     for flag in ("--count", "--sizes", "--label", "--loud", "--out"):
         assert flag in text, flag
+
+
+def test_an_interrupted_stage_claims_no_metrics(count_kind, tmp_path, capsys):
+    out = tmp_path / "stopped"
+    assert main(["count", "--fail-with", "interrupt", "--out", str(out)]) == 130
+    assert not (out / "stages" / "count" / "metrics.json").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "gonogo count: interrupted"
