@@ -8,10 +8,12 @@ without one runs only inside a plan. Modules are imported lazily so the CLI star
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from gonogo.errors import UserError
-from gonogo.stages.base import StageKind
+
+if TYPE_CHECKING:  # the registry itself imports nothing heavy: `gonogo --help` stays instant
+    from gonogo.stages.base import StageKind
 
 # kind -> (module defining STAGE, the help of `gonogo <kind>` or None when it has no command)
 KINDS: dict[str, tuple[str, Optional[str]]] = {
@@ -46,7 +48,7 @@ KINDS: dict[str, tuple[str, Optional[str]]] = {
     "autoscale": ("gonogo.rollout.autoscale", None),
 }
 
-_loaded: dict[str, StageKind] = {}
+_loaded: dict[str, "StageKind"] = {}
 
 
 def kind_names() -> list[str]:
@@ -58,7 +60,7 @@ def command_help() -> dict[str, str]:
     return {name: help_text for name, (_, help_text) in KINDS.items() if help_text is not None}
 
 
-def get_kind(name: str) -> StageKind:
+def get_kind(name: str) -> "StageKind":
     if name not in KINDS:
         raise UserError(f"unknown stage kind {name!r}; known kinds: {', '.join(kind_names())}")
     if name not in _loaded:
