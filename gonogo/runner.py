@@ -161,7 +161,6 @@ def run_plan(
 
     cleanups: list = []
     budget = Budget.of(plan.header)
-    interrupted = False
     stopped_by: Optional[str] = None
     plan_started = time.monotonic()
     try:
@@ -195,7 +194,6 @@ def run_plan(
                     stopped_by = record["reason"]
                     continue
                 if record["status"] == INTERRUPTED:
-                    interrupted = True
                     break
                 if record["status"] != PASSED and not stage.continue_on_fail:
                     stopped_by = f"stage {stage.name!r} {record['status']}"
