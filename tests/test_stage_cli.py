@@ -57,6 +57,7 @@ def test_every_stage_kind_with_a_command_is_one_and_the_rest_are_not_stages():
     # serve and capacity are the modules the plans run (they used to differ between two lists)
     assert stages.KINDS["serve"][0] == "gonogo.infer.serve_stage"
     assert stages.KINDS["capacity"][0] == "gonogo.capacity.stage"
+    assert stages.KINDS["drill"][0] == "gonogo.stages.drill.stage"  # a kind in its own folder
 
 
 def test_flags_are_derived_from_the_settings_and_the_stage_runs_through_the_runner(count_kind, tmp_path, capsys):

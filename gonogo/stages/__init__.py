@@ -23,7 +23,7 @@ KINDS: dict[str, tuple[str, Optional[str]]] = {
                     "nccl-tests-style bandwidth and correctness table via torch.distributed"),
     "train": ("gonogo.train.stage",
               "distributed pretraining (FSDP2 / DDP / expert parallel) with torchrun, metrics, MFU, MLPerf log"),
-    "drill": ("gonogo.drills.stage",
+    "drill": ("gonogo.stages.drill.stage",
               "fault drills (kill, hang, straggler, nan, torn/corrupt checkpoint, canary) beside a fault-free twin"),
     "memory": ("gonogo.train.memory", None),
     "scale": ("gonogo.train.scale",

@@ -141,6 +141,8 @@ def report(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
     return items
 
 
+# -- the command ------------------------------------------------------------------------------------
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("kind", help=f"drill kind(s), comma separated: {', '.join(KINDS)}; or autoscale "
                         f"(the serving fleet: a ramp through an autoscaled replica pool)")
