@@ -49,7 +49,7 @@ class StageKind:
     settings: type[StageSettings]
     metrics: Callable[[Any], set[str]]
     run: Callable[["StageContext", Any], Metrics]
-    report: Optional[Callable[[Path, Metrics], list[ReportItem]]] = None
+    report: Optional[Callable[[Path, Metrics], Optional[list[ReportItem]]]] = None  # None: nothing to show
     # how many devices the stage occupies, for the device-hour budget
     devices: Callable[[Any], int] = lambda settings: 1
     # before anything of the plan runs: raise UserError for what cannot work here (a missing engine)
