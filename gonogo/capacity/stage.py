@@ -27,7 +27,7 @@ from gonogo.capacity.hardware import THIS_MACHINE, get_gpu
 from gonogo.capacity.planner import CapacitySettings, estimate, gate_metrics, load_model, resolve_layout
 from gonogo.errors import UserError
 from gonogo.rundir import write_json_atomic
-from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
+from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings, own_command
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def declared_metrics(settings: CapacityStageSettings) -> set[str]:
     return set(METRICS)
 
 
-def run_stage(ctx: StageContext, settings: CapacityStageSettings) -> Metrics:
+def run(ctx: StageContext, settings: CapacityStageSettings) -> Metrics:
     from gonogo.capacity.calibrate import predict_this_machine, read_measured, this_machine_spec
 
     stages = {"train_stage": settings.train_stage, "collectives_stage": settings.collectives_stage,
@@ -107,7 +107,7 @@ def run_stage(ctx: StageContext, settings: CapacityStageSettings) -> Metrics:
     return metrics
 
 
-def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
+def report(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
     import json
 
     path = stage_dir / "capacity.json"
@@ -178,7 +178,8 @@ STAGE = StageKind(
                 "scale, checked against this machine's measured run",
     settings=CapacityStageSettings,
     metrics=declared_metrics,
-    run=run_stage,
-    report=report_stage,
+    run=run,
+    report=report,
     devices=lambda settings: 0,
+    command=own_command("gonogo.capacity.command"),
 )

@@ -33,7 +33,7 @@ from pydantic import Field, field_validator, model_validator
 from gonogo.errors import StageFailed, UserError
 from gonogo.files import check_output_dir, check_output_file
 from gonogo.rundir import write_json_atomic
-from gonogo.stages.base import ReportItem, StageContext, StageKind, StageSettings
+from gonogo.stages.base import ReportItem, StageContext, StageKind, StageSettings, own_command
 from gonogo.typed_config import validate
 
 log = logging.getLogger(__name__)
@@ -372,7 +372,7 @@ def stage_metrics(results: dict[str, Any], ops: Sequence[str]) -> dict[str, Any]
 
 
 # -- the stage --------------------------------------------------------------------------------
-def _run_stage(ctx: StageContext, settings: CollectivesSettings) -> dict[str, Any]:
+def run(ctx: StageContext, settings: CollectivesSettings) -> dict[str, Any]:
     # the reference first, while nothing else of this stage runs: the host's TCP loopback at
     # the largest message size (capped: beyond 64 MB a stream's rate no longer changes)
     ctx.progress("loopback probe")
@@ -387,7 +387,7 @@ def _run_stage(ctx: StageContext, settings: CollectivesSettings) -> dict[str, An
     return stage_metrics(results, settings.ops)
 
 
-def _report(stage_dir: Path, metrics: dict[str, Any]) -> Optional[list[ReportItem]]:
+def report(stage_dir: Path, metrics: dict[str, Any]) -> Optional[list[ReportItem]]:
     path = stage_dir / "collectives.json"
     if not path.is_file():
         return None
@@ -438,9 +438,10 @@ STAGE = StageKind(
     settings=CollectivesSettings,
     metrics=lambda settings: {"busbw_GBps_avg", "wrong_total", "tcp_retransmit_pct", "loopback_GBps",
                               "busbw_vs_loopback", *(f"{op}_busbw_GBps" for op in settings.ops)},
-    run=_run_stage,
-    report=_report,
+    run=run,
+    report=report,
     devices=lambda settings: settings.nproc,
+    command=own_command("gonogo.cluster.collectives"),
 )
 
 

@@ -25,7 +25,7 @@ from gonogo.cluster import gpu_health, topology
 from gonogo.cluster.storage import probe_storage
 from gonogo.errors import UserError
 from gonogo.rundir import write_json_atomic
-from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
+from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings, own_command
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ class DoctorSettings(StageSettings):
         return self
 
 
-def run_stage(ctx: StageContext, settings: DoctorSettings) -> Metrics:
+def run(ctx: StageContext, settings: DoctorSettings) -> Metrics:
     path = Path(settings.storage_path) if settings.storage_path else ctx.run_dir.checkpoints_dir
     ctx.progress(f"inventory, GPU health and a {settings.storage_size_MB} MB storage probe of {path}")
     document = diagnose(path, settings.storage_size_MB)
@@ -404,7 +404,7 @@ def _gather_nodes(ctx: StageContext, settings: DoctorSettings, document: dict[st
     return metrics
 
 
-def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
+def report(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
     path = stage_dir / "doctor.json"
     if not path.is_file():
         return None
@@ -450,8 +450,9 @@ STAGE = StageKind(
     description="inventory (CPU, memory, GPUs, versions), GPU health via NVML, storage write/read speed",
     settings=DoctorSettings,
     metrics=lambda settings: set(METRIC_NAMES) | (set(NODE_METRIC_NAMES) if settings.nnodes > 1 else set()),
-    run=run_stage,
-    report=report_stage,
+    run=run,
+    report=report,
+    command=own_command("gonogo.cluster.doctor"),
 )
 
 

@@ -24,8 +24,8 @@ from typing import Any, Optional
 from pydantic import Field, field_validator
 
 from gonogo.errors import UserError
-from gonogo.rundir import RunDir, write_json_atomic
-from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
+from gonogo.rundir import write_json_atomic
+from gonogo.stages.base import Metrics, ReportItem, StageCommand, StageContext, StageKind, StageSettings
 
 RESULTS_FILE = "eval.json"
 NOT_METRICS = ("per_family", "curve", "compare", "bad_lines", "per_seed")
@@ -130,7 +130,7 @@ def _checkpoint_of(ctx: StageContext, name: str) -> Path:
     return resolve_checkpoint(path)
 
 
-def run_stage(ctx: StageContext, settings: EvalSettings) -> Metrics:
+def run(ctx: StageContext, settings: EvalSettings) -> Metrics:
     from gonogo.train.checkpoint import resolve_checkpoint
 
     checkpoint = _checkpoint_of(ctx, settings.checkpoint) if settings.checkpoint else resolve_checkpoint(ctx.run_dir.root)
@@ -143,7 +143,7 @@ def run_stage(ctx: StageContext, settings: EvalSettings) -> Metrics:
 
 # -- the report ---------------------------------------------------------------------------------------
 
-def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
+def report(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
     path = stage_dir / RESULTS_FILE
     if not path.is_file():
         return None
@@ -259,20 +259,6 @@ def _scaling_items(summary: dict[str, Any]) -> list[ReportItem]:
     return items
 
 
-STAGE = StageKind(
-    name="eval",
-    description="reasoning eval on held-out tasks with test-time scaling: greedy accuracy, maj@k, pass@k, "
-                "best-of-N with a process verifier that never sees the reference, bootstrap confidence "
-                "intervals, tokens per question, per task family",
-    settings=EvalSettings,
-    metrics=stage_metrics,
-    run=run_stage,
-    report=report_stage,
-)
-
-
-# -- the command --------------------------------------------------------------------------------------
-
 def _int_list(text: str) -> list[int]:
     try:
         return [int(item) for item in text.split(",") if item.strip()]
@@ -303,21 +289,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: a new folder under runs/)")
 
 
-def command(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-    from rich.console import Console
-    from rich.table import Table
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    data: dict[str, Any] = {"checkpoint": str(args.checkpoint), "samples": args.samples, "num": args.num,
+                            "seed": args.seed, "temperature": args.temperature, "top_p": args.top_p,
+                            "sample_seeds": args.sample_seeds, "device": args.device,
+                            "tasks": args.tasks.split(",") if args.tasks else None}
+    if args.data is not None:
+        data["data"] = str(args.data)
+    if args.compare_to is not None:
+        data["compare_to"] = str(args.compare_to)
+    return data
 
+
+def _check(args: argparse.Namespace, settings: EvalSettings) -> None:
+    """Everything the user gave, before the run directory exists: a damaged model leaves nothing."""
     from gonogo.files import check_output_dir, check_output_file
     from gonogo.train.checkpoint import check_readable, resolve_checkpoint
-    from gonogo.typed_config import format_validation_error
 
-    try:
-        settings = EvalSettings(samples=args.samples, num=args.num, seed=args.seed, temperature=args.temperature,
-                                top_p=args.top_p, sample_seeds=args.sample_seeds, device=args.device,
-                                tasks=args.tasks.split(",") if args.tasks else None)
-    except ValidationError as error:
-        raise UserError(format_validation_error(error, "command line", EvalSettings)) from None
     checkpoint = resolve_checkpoint(args.checkpoint)
     compare = resolve_checkpoint(args.compare_to) if args.compare_to else None
     if args.data is not None and not args.data.is_file():
@@ -328,19 +316,19 @@ def command(args: argparse.Namespace) -> int:
         check_output_dir(args.out)
     for model in (checkpoint, compare):
         if model is not None:
-            check_readable(model)  # before the run directory exists: a damaged model leaves nothing
-    run_dir = RunDir.create(args.out, plan_name="eval")
-    stage_dir = run_dir.stage_dir("eval")
-    console = Console(stderr=True)
-    console.print(f"run directory: {run_dir.root}")
-    summary = run_evaluation(settings, checkpoint, compare, args.data, stage_dir)
-    write_json_atomic(stage_dir / "metrics.json", {key: value for key, value in summary.items()
-                                                   if key not in NOT_METRICS})
+            check_readable(model)
+
+
+def _summary(args: argparse.Namespace, stage_dir: Path, metrics: Metrics) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    summary = json.loads((stage_dir / RESULTS_FILE).read_text(encoding="utf-8"))
     if args.json:
         write_json_atomic(args.json, summary)
-
+    checkpoint, compare = summary.get("checkpoint", args.checkpoint), args.compare_to
     table = Table(title=f"gonogo eval {checkpoint}  ({summary['questions']} questions, "
-                        f"temperature {settings.temperature}, seed {settings.seed})")
+                        f"temperature {args.temperature}, seed {args.seed})")
     for column in ("k", "greedy", "maj@k", "pass@k", "best-of-k", "tokens/question"):
         table.add_column(column, justify="right")
     for point in summary["curve"]:
@@ -350,7 +338,7 @@ def command(args: argparse.Namespace) -> int:
                       f"{point['tokens_per_question']:.0f}")
     out = Console()
     out.print(table)
-    k = max(settings.samples)
+    k = max(point["k"] for point in summary["curve"])
     families = Table(title="per task family")
     for column in ("family", "questions", "accuracy", f"maj@{k}", f"pass@{k}", f"best_of_{k}"):
         families.add_column(column, justify="right")
@@ -370,4 +358,16 @@ def command(args: argparse.Namespace) -> int:
               f"(95% bootstrap intervals over questions in brackets, {summary['sample_seeds']} sampling seed(s))")
     out.print(f"generated {summary['generated_tokens']} tokens "
               f"in {summary['generation_seconds']:.1f} s")
-    return 0
+
+
+STAGE = StageKind(
+    name="eval",
+    description="reasoning eval on held-out tasks with test-time scaling: greedy accuracy, maj@k, pass@k, "
+                "best-of-N with a process verifier that never sees the reference, bootstrap confidence "
+                "intervals, tokens per question, per task family",
+    settings=EvalSettings,
+    metrics=stage_metrics,
+    run=run,
+    report=report,
+    command=StageCommand(add_arguments=add_arguments, settings=_settings, check=_check, summary=_summary),
+)

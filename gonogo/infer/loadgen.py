@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal, Optional
 import numpy as np
 
 from gonogo.errors import StageFailed, UserError
-from gonogo.stages.base import ReportItem, StageKind, StageSettings
+from gonogo.stages.base import ReportItem, StageKind, StageSettings, own_command
 
 PERCENTILES = (90, 95, 99)
 SLO_NAMES = ("ttft", "tpot", "e2el")
@@ -494,7 +494,7 @@ class LoadtestSettings(StageSettings):
     seed: int = 0
 
 
-def _stage_run(ctx, settings: LoadtestSettings) -> dict[str, Any]:
+def run(ctx, settings: LoadtestSettings) -> dict[str, Any]:
     url = settings.url
     if url is None:
         server_file = ctx.run_dir.stage_dir(settings.server_stage, create=False) / "server.json"
@@ -529,7 +529,7 @@ def _stage_run(ctx, settings: LoadtestSettings) -> dict[str, Any]:
     return metrics
 
 
-def _stage_report(stage_dir: Path, metrics: dict[str, Any]) -> list[ReportItem]:
+def report(stage_dir: Path, metrics: dict[str, Any]) -> list[ReportItem]:
     path = stage_dir / "result.json"
     if not path.is_file():
         return []
@@ -552,7 +552,8 @@ STAGE = StageKind(
     description="load test an OpenAI-compatible server: TTFT/TPOT/ITL/E2EL percentiles, throughput, goodput",
     settings=LoadtestSettings,
     metrics=lambda settings: set(GATE_METRICS),
-    run=_stage_run,
-    report=_stage_report,
+    run=run,
+    report=report,
     devices=lambda settings: 0,
+    command=own_command("gonogo.infer.loadgen"),
 )

@@ -38,7 +38,7 @@ from typing import Any, Callable, Literal, Optional
 from pydantic import Field
 
 from gonogo.errors import UserError
-from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
+from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings, own_command
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def quantize_and_evaluate(checkpoint: str | Path, out: Path, settings: QuantizeS
 
 # -- the stage ------------------------------------------------------------------------------------
 
-def run_stage(ctx: StageContext, settings: QuantizeSettings) -> Metrics:
+def run(ctx: StageContext, settings: QuantizeSettings) -> Metrics:
     checkpoint = ctx.resolve_model(settings.checkpoint) or ctx.run_dir.root
     out = ctx.stage_dir / OUTPUT_DIR
     if out.exists():  # left by an interrupted attempt of this stage: nothing else writes there
@@ -324,8 +324,9 @@ STAGE = StageKind(
                 "compression, val loss, accuracy and FP8 speed-up against bf16",
     settings=QuantizeSettings,
     metrics=lambda settings: set(METRICS),
-    run=run_stage,
+    run=run,
     report=report,
+    command=own_command("gonogo.infer.quantize_stage"),
 )
 
 

@@ -17,7 +17,7 @@ from typing import Literal, Optional
 from pydantic import Field
 
 from gonogo.infer.engines.start import EngineSettings, preflight
-from gonogo.stages.base import StageKind, StageSettings
+from gonogo.stages.base import StageKind, StageSettings, own_command
 
 
 class ServeSettings(StageSettings):
@@ -33,7 +33,7 @@ class ServeSettings(StageSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)  # "gonogo" | "vllm" | {name="command", ...}
 
 
-def _stage_run(ctx, settings: ServeSettings) -> dict:
+def run(ctx, settings: ServeSettings) -> dict:
     import atexit
     import os
 
@@ -156,7 +156,8 @@ STAGE = StageKind(
     settings=ServeSettings,
     metrics=lambda settings: {"startup_seconds", "healthy", "first_response_ms", "stream_matches",
                               "health_checks_failed"},
-    run=_stage_run,
+    run=run,
     devices=lambda settings: 1,
     preflight=lambda settings: preflight(settings.engine),
+    command=own_command("gonogo.infer.server"),
 )

@@ -717,7 +717,7 @@ GATES = ("scaled_up == true", "max_replicas_seen >= 2", "scaled_down == true", "
          "failed_requests == 0", "p95_back_under_slo == true", "time_to_scale_up_s <= 60")
 
 
-def run_stage(ctx: Any, settings: DrillSettings) -> dict[str, Any]:
+def run(ctx: Any, settings: DrillSettings) -> dict[str, Any]:
     if settings.checkpoint:
         settings = settings.model_copy(update={"checkpoint": ctx.resolve_model(settings.checkpoint)})
     metrics = run_drill(settings, ctx.stage_dir, on_event=lambda **fields: ctx.event(**fields),
@@ -764,7 +764,7 @@ class AutoscaleStageSettings(DrillSettings, StageSettings):
 STAGE = StageKind(
     name="autoscale",
     description="a replica pool behind a router with an autoscaler, driven by a ramp of arrivals; KEDA/HPA manifests",
-    settings=AutoscaleStageSettings, metrics=lambda settings: METRICS | {"manifests_valid"}, run=run_stage,
+    settings=AutoscaleStageSettings, metrics=lambda settings: METRICS | {"manifests_valid"}, run=run,
     report=report)
 
 

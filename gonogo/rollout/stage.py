@@ -36,7 +36,7 @@ from gonogo.infer.engines.start import (
 )
 from gonogo.rollout.analysis import CHECKS, Analysis, check_consistent, parse_check
 from gonogo.rollout.controller import Controller, Side, Webhooks
-from gonogo.stages.base import ReportItem, StageKind, StageSettings
+from gonogo.stages.base import ReportItem, StageKind, StageSettings, own_command
 from gonogo.typed_config import Strict
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ def run_canary(settings: CanarySettings, directory: Path, **callbacks: Any) -> d
 
 # -- the stage kind -----------------------------------------------------------------------------
 
-def _stage_run(ctx, settings: CanarySettings) -> dict[str, Any]:
+def run(ctx, settings: CanarySettings) -> dict[str, Any]:
     # "@stage" names the model an earlier stage of the plan produced; URLs stay as they are
     resolved = settings.model_copy(update={name: ctx.resolve_model(getattr(settings, name))
                                            for name in ("stable", "canary")})
@@ -333,11 +333,12 @@ STAGE = StageKind(
     description="staged canary rollout through a weighted router, with metric and quality checks and rollback",
     settings=CanarySettings,
     metrics=lambda settings: set(METRICS),
-    run=_stage_run,
+    run=run,
     report=report,
     # each server this stage starts holds a device; attached URLs are someone else's
     devices=lambda settings: sum(not is_url(getattr(settings, side)) for side in ("stable", "canary")),
     preflight=_preflight_engines,
+    command=own_command("gonogo.rollout.stage"),
 )
 
 

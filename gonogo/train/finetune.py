@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from pydantic import Field
 
-from gonogo.errors import StageFailed, UserError
-from gonogo.files import check_output_dir, write_atomic
+from gonogo.errors import UserError
+from gonogo.files import check_output_dir
 from gonogo.rundir import RunDir, write_json_atomic
-from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
+from gonogo.stages.base import Metrics, ReportItem, StageCommand, StageContext, StageKind, StageSettings
 from gonogo.train import stage as train_stage
 from gonogo.train.config import TrainConfig, overrides_list
 from gonogo.typed_config import apply_overrides, load_toml, resolve_preset, validate
@@ -151,7 +150,7 @@ def finetune(config: TrainConfig, config_path: Path, nproc: int, *, run_dir: Run
 
 # -- the stage ----------------------------------------------------------------------------------------
 
-def run_stage(ctx: StageContext, settings: FinetuneStageSettings) -> Metrics:
+def run(ctx: StageContext, settings: FinetuneStageSettings) -> Metrics:
     preset = settings.config
     if preset.endswith(".toml") or "/" in preset:
         preset = str(ctx.resolve_path(preset))
@@ -166,7 +165,7 @@ def run_stage(ctx: StageContext, settings: FinetuneStageSettings) -> Metrics:
         resume = str(ctx.resolve_path(resume))
     metrics = finetune(config, path, settings.nproc, run_dir=ctx.run_dir, stage=ctx.name, stage_dir=ctx.stage_dir,
                        resume=resume, timeout_s=settings.timeout_s, run_command=ctx.run_command,
-                       on_update=lambda update: ctx.progress(train_stage._progress_text(update)))
+                       on_update=lambda update: ctx.progress(train_stage.progress_text(update)))
     produced = ctx.run_dir.checkpoints_dir / ctx.name
     if config.train.checkpoint and produced.is_dir():
         from gonogo.train.checkpoint import resolve_checkpoint
@@ -175,8 +174,8 @@ def run_stage(ctx: StageContext, settings: FinetuneStageSettings) -> Metrics:
     return metrics
 
 
-def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
-    items = train_stage.report_stage(stage_dir, metrics) or []
+def report(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
+    items = train_stage.report(stage_dir, metrics) or []
     bad = stage_dir / BAD_LINES_FILE
     if bad.is_file():
         rows = json.loads(bad.read_text(encoding="utf-8"))
@@ -184,22 +183,10 @@ def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]
     return items or None
 
 
-STAGE = StageKind(
-    name="finetune",
-    description="supervised finetuning (SFT) from a pretrained checkpoint with the same trainer: chat data, "
-                "loss on the assistant's tokens only; built-in reasoning chats or a user JSONL",
-    settings=FinetuneStageSettings,
-    metrics=lambda settings: STAGE_METRICS,
-    run=run_stage,
-    report=report_stage,
-    devices=lambda settings: settings.nproc,
-)
-
-
-# -- the command --------------------------------------------------------------------------------------
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.__class__ = train_stage._IntermixedParser
+    from gonogo.stage_cli import IntermixedParser
+
+    parser.__class__ = IntermixedParser
     parser.add_argument("items", nargs="*", metavar="[CONFIG] key=value",
                         help=f"a finetune preset word or TOML file (default: {DEFAULT_PRESET}), then overrides "
                              f"such as train.steps=50 data.source=chats.jsonl")
@@ -220,66 +207,41 @@ def split_items(items: list[str]) -> tuple[str, list[str]]:
     return DEFAULT_PRESET, items
 
 
-def command(args: argparse.Namespace) -> int:
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    if args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: must be at least 1")
+    preset, overrides = split_items(args.items)
+    return {"config": preset, "checkpoint": str(args.checkpoint), "nproc": args.nproc, "overrides": overrides,
+            "timeout_s": args.timeout, "resume": args.resume}
+
+
+def _config(settings: FinetuneStageSettings) -> TrainConfig:
+    config, _path, _checkpoint = load_finetune_config(settings.config, Path(settings.checkpoint or "."),
+                                                      overrides_list(settings.overrides))
+    return config
+
+
+def _check(args: argparse.Namespace, settings: FinetuneStageSettings) -> None:
+    if args.out is not None:  # before the pretrained model is read, not after
+        check_output_dir(args.out)
+    config = _config(settings)
+    if config.data.source not in ("synthetic", "stdlib"):
+        source = str(Path(config.data.source).expanduser().resolve())
+        config = config.model_copy(update={"data": config.data.model_copy(update={"source": source})})
+    train_stage.preflight(config, settings.nproc, settings.resume)
+
+
+def _continue_run(args: argparse.Namespace, settings: FinetuneStageSettings) -> Optional[RunDir]:
+    if args.out is not None and (args.out / "stages").is_dir() and settings.resume != "never":
+        return train_stage.continue_run_dir(args.out, "finetune", _config(settings).train.steps)
+    return None
+
+
+def _summary(args: argparse.Namespace, stage_dir: Path, metrics: Metrics) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from gonogo.procs import ProcessTimeout, run_process
-
-    if args.nproc < 1:
-        raise UserError(f"--nproc {args.nproc}: must be at least 1")
-    if args.out is not None:  # before the pretrained model is read, not after
-        check_output_dir(args.out)
-    preset, overrides = split_items(args.items)
-    config, path, checkpoint = load_finetune_config(preset, args.checkpoint, overrides)
-    if config.data.source not in ("synthetic", "stdlib"):  # the workers may run elsewhere than this cwd
-        source = str(Path(config.data.source).expanduser().resolve())
-        config = config.model_copy(update={"data": config.data.model_copy(update={"source": source})})
-    train_stage.preflight(config, args.nproc, args.resume)
-    if args.out is not None and (args.out / "stages").is_dir() and args.resume != "never":
-        run_dir = train_stage.continue_run_dir(args.out, "finetune", config.train.steps)
-    else:
-        run_dir = RunDir.create(args.out, plan_name=f"finetune-{Path(preset).stem}")
-    if not run_dir.plan_path.exists():
-        # a one-stage plan, so `gonogo report` and `gonogo run --resume` understand the run
-        write_atomic(
-            run_dir.plan_path,
-            f'[plan]\nname = "finetune"\n\n[[stage]]\nname = "finetune"\nkind = "finetune"\n'
-            f'config = {json.dumps(str(path.resolve()))}\ncheckpoint = {json.dumps(str(checkpoint.resolve()))}\n'
-            f'nproc = {args.nproc}\noverrides = [{", ".join(json.dumps(item) for item in overrides)}]\n')
-    stage_dir = run_dir.stage_dir("finetune")
-    console = Console(stderr=True)
-    console.print(f"run directory: {run_dir.root}  (from {checkpoint})")
-
-    def run_command(argv, *, timeout, log_name, env=None, on_line=None) -> int:
-        try:
-            return run_process(argv, timeout=timeout, log_path=stage_dir / log_name, env=env, on_line=on_line)
-        except ProcessTimeout:
-            raise StageFailed(f"finetuning did not finish within {timeout:.0f} s and was stopped; "
-                              f"see {stage_dir / log_name}") from None
-
-    def on_update(update: dict[str, Any]) -> None:
-        console.print(train_stage._progress_text(update))
-
-    started = time.monotonic()
-    failure = None
-    try:
-        metrics = finetune(config, path, args.nproc, run_dir=run_dir, stage="finetune", stage_dir=stage_dir,
-                           resume=args.resume, timeout_s=args.timeout, run_command=run_command,
-                           on_update=on_update)
-    except KeyboardInterrupt:  # the run directory says so; the CLI prints one line and exits 130
-        train_stage.record_state(run_dir, "finetune", args.nproc, time.monotonic() - started, interrupted=True)
-        raise
-    except StageFailed as error:
-        failure = str(error)
-    seconds = time.monotonic() - started
-    train_stage.record_state(run_dir, "finetune", args.nproc, seconds, failure=failure)
-    if failure:
-        console.print(f"[red]failed:[/red] {failure}")
-        return 1
-    metrics["stage_wall_seconds"] = round(seconds, 3)
-    write_json_atomic(stage_dir / "metrics.json", metrics)
-    table = Table(title=f"gonogo finetune {preset}")
+    table = Table(title=f"gonogo finetune {split_items(args.items)[0]}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in sorted(STAGE_METRICS):
@@ -287,4 +249,19 @@ def command(args: argparse.Namespace) -> int:
             value = metrics[key]
             table.add_row(key, f"{value:,.4g}" if isinstance(value, float) else str(value))
     Console().print(table)
-    return 0
+
+
+STAGE = StageKind(
+    name="finetune",
+    description="supervised finetuning (SFT) from a pretrained checkpoint with the same trainer: chat data, "
+                "loss on the assistant's tokens only; built-in reasoning chats or a user JSONL",
+    settings=FinetuneStageSettings,
+    metrics=lambda settings: STAGE_METRICS,
+    run=run,
+    report=report,
+    devices=lambda settings: settings.nproc,
+    command=StageCommand(
+        add_arguments=add_arguments, settings=_settings, check=_check, continue_run=_continue_run, summary=_summary,
+        resume_hint=lambda run_dir: (f"run the same command with --out {run_dir.root} "
+                                     f"to continue from the newest checkpoint")),
+)

@@ -413,7 +413,7 @@ def result_line(result: dict[str, Any]) -> str:
             f"global_batch_size / ranks = {result['global_batch_size'] // result['world_size']})")
 
 
-def run_stage(ctx, settings) -> dict[str, Any]:
+def run(ctx, settings) -> dict[str, Any]:
     from gonogo.train.config import load_train_config
     from gonogo.train.config import overrides_list
 
@@ -429,7 +429,7 @@ def run_stage(ctx, settings) -> dict[str, Any]:
     return stage_metrics(result)
 
 
-def report_stage(stage_dir: Path, metrics: dict[str, Any]):
+def report(stage_dir: Path, metrics: dict[str, Any]):
     from gonogo.stages.base import ReportItem
 
     probe = metrics.get("probe") or {}
@@ -444,8 +444,8 @@ def _make_stage():
     return StageKind(name="memory",
                      description="the largest micro-batch that fits in memory (GPU memory, or train.memory_cap_GB "
                                  "on CPU), by doubling then bisection",
-                     settings=MemorySettings, metrics=lambda settings: set(STAGE_METRICS), run=run_stage,
-                     report=report_stage, devices=lambda settings: settings.nproc)
+                     settings=MemorySettings, metrics=lambda settings: set(STAGE_METRICS), run=run,
+                     report=report, devices=lambda settings: settings.nproc)
 
 
 STAGE = _make_stage()

@@ -28,7 +28,6 @@ collective is bounded by ``collective_timeout_s`` and every run by ``timeout_s``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -41,7 +40,7 @@ from pydantic import Field, field_validator
 
 from gonogo.errors import StageFailed, UserError
 from gonogo.rundir import RunDir
-from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
+from gonogo.stages.base import Metrics, ReportItem, StageContext, StageCommand, StageKind, StageSettings
 
 MODES = ("strong", "weak")
 TWIN_MODULE = "gonogo.train.scale"
@@ -309,7 +308,7 @@ def summarize(settings: ScaleSettings, runs: dict[tuple[str, int], RunSpec], mea
     return metrics
 
 
-def run_stage(ctx: StageContext, settings: ScaleSettings) -> Metrics:
+def run(ctx: StageContext, settings: ScaleSettings) -> Metrics:
     from gonogo.train.config import load_train_config, overrides_list
 
     preset = settings.config
@@ -339,7 +338,7 @@ def run_stage(ctx: StageContext, settings: ScaleSettings) -> Metrics:
 
 # -- the report -----------------------------------------------------------------------------------
 
-def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
+def report(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
     rows = metrics.get("runs")
     if not rows:
         return None
@@ -377,24 +376,12 @@ def _round(value: Any) -> Any:
     return round(value, 4) if isinstance(value, float) else value
 
 
-STAGE = StageKind(
-    name="scale",
-    description="the same training job at several process counts: strong and weak scaling efficiency, "
-                "per-rank step-time spread, collective share, oversubscription check",
-    settings=ScaleSettings,
-    metrics=stage_metrics,
-    run=run_stage,
-    report=report_stage,
-    devices=lambda settings: max(settings.nproc),
-)
-
-
 # -- the command ----------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gonogo.train.stage import _IntermixedParser
+    from gonogo.stage_cli import IntermixedParser
 
-    parser.__class__ = _IntermixedParser
+    parser.__class__ = IntermixedParser
     parser.add_argument("config", metavar="PRESET_OR_CONFIG", help="a preset word (tiny-dense, ...) or a TOML file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.n_layers=2")
     parser.add_argument("--nproc", default="1,2", help="process counts, comma-separated (default: 1,2)")
@@ -408,40 +395,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: a new folder under runs/)")
 
 
-def command(args: argparse.Namespace) -> int:
-    import tempfile
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    data: dict[str, Any] = {"config": args.config, "nproc": parse_nproc(args.nproc), "mode": args.mode,
+                            "steps": args.steps, "log_every": args.log_every, "overrides": list(args.overrides),
+                            "twin": not args.no_twin, "timeout_s": args.timeout}
+    if args.threads is not None:
+        data["threads_per_process"] = args.threads
+    return data
 
+
+def _check(args: argparse.Namespace, settings: ScaleSettings) -> None:
+    from gonogo.train.config import load_train_config, overrides_list
+
+    config, _ = load_train_config(settings.config, overrides_list(settings.overrides))
+    plan_runs(config, settings)  # batch splits that cannot work: one line now, not after the first run
+
+
+def _summary(args: argparse.Namespace, stage_dir: Path, metrics: Metrics) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from gonogo.plan import load_plan
-    from gonogo.runner import run_plan
-    from gonogo.train.config import load_train_config
-
-    config_word = args.config
-    if config_word.endswith(".toml") or "/" in config_word:
-        config_word = str(Path(config_word).resolve())
-    stage = {"name": "scale", "kind": "scale", "config": config_word, "nproc": parse_nproc(args.nproc),
-             "mode": args.mode, "steps": args.steps, "log_every": args.log_every, "overrides": list(args.overrides),
-             "twin": not args.no_twin, "timeout_s": args.timeout}
-    if args.threads is not None:
-        stage["threads_per_process"] = args.threads
-    text = '[plan]\nname = "scale"\n\n[[stage]]\n' + "".join(f"{key} = {json.dumps(value)}\n" for key, value in stage.items())
-    with tempfile.TemporaryDirectory() as scratch:
-        plan_path = Path(scratch) / "plan.toml"
-        plan_path.write_text(text, encoding="utf-8")
-        plan = load_plan(plan_path)  # every settings mistake is one line here, before anything runs
-    settings = plan.stages[0].settings
-    config, _ = load_train_config(config_word, args.overrides)
-    plan_runs(config, settings)  # batch splits that cannot work: one line now, not after the first run
-    run_dir = RunDir.create(args.out, plan_name="scale")
-    console = Console(stderr=True)
-    console.print(f"run directory: {run_dir.root}")
-    outcome = run_plan(plan, run_dir)
-    metrics = run_dir.stage_metrics("scale")
     if not metrics.get("runs"):
-        console.print(f"[red]{outcome.verdict}:[/red] " + "; ".join(outcome.reasons))
-        return outcome.exit_code
+        return
     table = Table(title=f"gonogo scale {args.config} --nproc {args.nproc}")
     for column in ("mode", "nproc", "global batch", "tokens/s", "efficiency", "step s", "spread", "collective share"):
         table.add_column(column, justify="right")
@@ -452,8 +427,19 @@ def command(args: argparse.Namespace) -> int:
                       "-" if share is None else f"{100 * share:.0f}%")
     Console().print(table)
     Console().print(("[yellow]" if metrics["oversubscribed"] or metrics["at_core_limit"] else "") + metrics["machine_note"])
-    Console().print(f"report: {run_dir.root / 'report.html'}")
-    return outcome.exit_code
+
+
+STAGE = StageKind(
+    name="scale",
+    description="the same training job at several process counts: strong and weak scaling efficiency, "
+                "per-rank step-time spread, collective share, oversubscription check",
+    settings=ScaleSettings,
+    metrics=stage_metrics,
+    run=run,
+    report=report,
+    devices=lambda settings: max(settings.nproc),
+    command=StageCommand(add_arguments=add_arguments, settings=_settings, check=_check, summary=_summary),
+)
 
 
 if __name__ == "__main__":  # the twins' torchrun entry (and the guard an async checkpoint save needs)

@@ -35,7 +35,7 @@ from pydantic import Field
 
 from gonogo.errors import StageFailed, UserError
 from gonogo.rundir import write_json_atomic
-from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
+from gonogo.stages.base import Metrics, ReportItem, StageContext, StageCommand, StageKind, StageSettings
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def worker(job_path: Path) -> int:
 
 # -- the stage --------------------------------------------------------------------------------------
 
-def run_stage(ctx: StageContext, settings: SoakSettings) -> Metrics:
+def run(ctx: StageContext, settings: SoakSettings) -> Metrics:
     from gonogo.cluster.torchrun import torchrun_command, torchrun_env
     from gonogo.train.config import load_train_config, overrides_list
 
@@ -399,19 +399,6 @@ def report(stage_dir: Path, metrics: Metrics) -> list[ReportItem]:
     return items
 
 
-STAGE = StageKind(
-    name="soak",
-    description="training held for a wall-clock window: checkpoint drift, utilisation per window, loss probes, memory",
-    settings=SoakSettings,
-    metrics=lambda settings: set(METRICS),
-    run=run_stage,
-    report=report,
-    devices=lambda settings: settings.nproc,
-)
-
-
-# -- gonogo soak ------------------------------------------------------------------------------------
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("preset", nargs="?", default="tiny-dense", help="train preset word or TOML path")
     parser.add_argument("--minutes", type=float, default=5.0, help="the soak window (default: 5)")
@@ -428,40 +415,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: runs/soak-<time>)")
 
 
-def command(args: argparse.Namespace) -> int:
-    from rich.console import Console
+def gates(max_drift: float = 1.5, min_busy: float = 0.5) -> list[str]:
+    """What a soak must show: checkpoint time that does not drift, busy windows, a loss probe on
+    track and the retention kept."""
+    return [f"checkpoint_drift_max <= {max_drift}", f"busy_share_min >= {min_busy}",
+            "probe_on_track == true", "retention_ok == true"]
 
-    from gonogo.plan import load_plan
-    from gonogo.rundir import RunDir
-    from gonogo.runner import run_plan
 
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.minutes <= 0:
         raise UserError(f"--minutes {args.minutes}: must be above 0")
-    stage = {"name": "soak", "kind": "soak", "config": args.preset, "nproc": args.nproc,
-             "duration_s": args.minutes * 60, "window_s": args.window, "checkpoint_every_s": args.checkpoint_every,
-             "keep_latest_k": args.keep, "probe_every_s": args.probe_every, "probe_tokens": args.probe_tokens,
-             "slow_store_s": args.slow_store,
-             "gates": [f"checkpoint_drift_max <= {args.max_drift}", f"busy_share_min >= {args.min_busy}",
-                       "probe_on_track == true", "retention_ok == true"]}
-    if args.preset.endswith(".toml"):
-        stage["config"] = str(Path(args.preset).resolve())
-    import tomli_w
+    return {"config": args.preset, "nproc": args.nproc, "duration_s": args.minutes * 60, "window_s": args.window,
+            "checkpoint_every_s": args.checkpoint_every, "keep_latest_k": args.keep,
+            "probe_every_s": args.probe_every, "probe_tokens": args.probe_tokens, "slow_store_s": args.slow_store}
 
-    run_dir = RunDir.create(args.out, "soak")
-    plan_file = run_dir.root / "soak-plan.toml"
-    plan_file.write_text(tomli_w.dumps({"plan": {"name": "soak"}, "stage": [stage]}), encoding="utf-8")
-    outcome = run_plan(load_plan(plan_file), run_dir)
-    metrics = outcome.summary["stages"][0]["metrics"]
+
+def _summary(args: argparse.Namespace, stage_dir: Path, metrics: Metrics) -> None:
+    from rich.console import Console
+
     console = Console()
     for key in ("checkpoints", "checkpoint_p50_s", "checkpoint_p99_s", "checkpoint_baseline_s", "checkpoint_drift_max",
                 "busy_share_min", "utilization_min_pct", "probes", "probe_loss_first", "probe_loss_last",
                 "probe_on_track", "rss_growth_MB", "checkpoints_kept", "retention_ok"):
         value = metrics.get(key)
         console.print(f"  {key:24} {'—' if value is None else (f'{value:.4g}' if isinstance(value, float) else value)}")
-    console.print(f"[bold]{outcome.verdict}[/bold]  report: {run_dir.report_path}")
-    for reason in outcome.reasons:
-        console.print(f"  {reason}")
-    return outcome.exit_code
+
+
+STAGE = StageKind(
+    name="soak",
+    description="training held for a wall-clock window: checkpoint drift, utilisation per window, loss probes, memory",
+    settings=SoakSettings,
+    metrics=lambda settings: set(METRICS),
+    run=run,
+    report=report,
+    devices=lambda settings: settings.nproc,
+    default_gates=lambda settings: gates(),
+    command=StageCommand(add_arguments=add_arguments, settings=_settings, summary=_summary,
+                         gates=lambda args: gates(args.max_drift, args.min_busy)),
+)
+
+
+# -- gonogo soak ------------------------------------------------------------------------------------
 
 
 if __name__ == "__main__":  # the torchrun entry

@@ -22,9 +22,8 @@ from typing import Any, Callable, Optional, Union
 from pydantic import Field
 
 from gonogo.errors import StageFailed, UserError
-from gonogo.files import write_atomic
-from gonogo.rundir import RunDir, write_json_atomic
-from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
+from gonogo.rundir import RunDir
+from gonogo.stages.base import Metrics, ReportItem, StageCommand, StageContext, StageKind, StageSettings
 from gonogo.train.config import TrainConfig, check_world, load_train_config, overrides_list
 
 STAGE_METRICS = {"final_loss", "val_loss", "tokens_per_second", "tokens_per_second_per_rank", "mfu",
@@ -48,6 +47,8 @@ class TrainStageSettings(StageSettings):
     # a stop-and-resume check inside the run: rank 0 is killed after this step in the first
     # attempt; torchrun restarts the workers and they resume from the newest committed checkpoint
     stop_and_resume_at: Optional[int] = Field(default=None, ge=1)
+    # torchrun's multi-node options (nnodes, rdzv_endpoint, node_rank, ...; see rendezvous_options)
+    rendezvous: Optional[dict[str, Any]] = None
 
 
 def _is_moe(settings: TrainStageSettings) -> bool:
@@ -166,14 +167,14 @@ def _failure_reason(path: Path) -> str:
     return " | ".join(line.strip() for line in lines[-3:])
 
 
-def _progress_text(update: dict[str, Any]) -> str:
+def progress_text(update: dict[str, Any]) -> str:
     text = f"step {update['step']}/{update['steps']} loss {update['loss']:.3f}"
     if update.get("val_loss") is not None:
         text += f" val {update['val_loss']:.3f}"
     return text + f" {update['tokens_per_second']:,.0f} tok/s"
 
 
-def run_stage(ctx: StageContext, settings: TrainStageSettings) -> Metrics:
+def run(ctx: StageContext, settings: TrainStageSettings) -> Metrics:
     preset = settings.config
     if preset.endswith(".toml") or "/" in preset:
         preset = str(ctx.resolve_path(preset))
@@ -193,8 +194,8 @@ def run_stage(ctx: StageContext, settings: TrainStageSettings) -> Metrics:
         env = {"GONOGO_FAULT": json.dumps({"kind": "kill", "rank": 0, "step": settings.stop_and_resume_at})}
     metrics = launch(config, path.name, settings.nproc, run_dir=ctx.run_dir, stage=ctx.name,
                      stage_dir=ctx.stage_dir, resume=resume, timeout_s=settings.timeout_s,
-                     run_command=ctx.run_command, on_update=lambda update: ctx.progress(_progress_text(update)),
-                     budget_device_hours=ctx.budget_left_hours, env=env)
+                     run_command=ctx.run_command, on_update=lambda update: ctx.progress(progress_text(update)),
+                     budget_device_hours=ctx.budget_left_hours, env=env, rendezvous=settings.rendezvous)
     if settings.stop_and_resume_at is not None:
         # stopped once, and the restarted attempt picked up a committed checkpoint instead of step 0
         metrics["stopped_and_resumed"] = bool(metrics.get("restarts", 0) >= 1 and metrics.get("resumed_from_step", 0) > 0)
@@ -220,7 +221,7 @@ def _triage_items(stage_dir: Path) -> list[ReportItem]:
     return [ReportItem(title="Triage: what hung", table=rows)] if rows else []
 
 
-def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
+def report(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
     rows = _rank0_lines(stage_dir)
     triage_items = _triage_items(stage_dir)
     if not rows:
@@ -298,41 +299,12 @@ def _resilience_items(metrics: Metrics) -> list[ReportItem]:
     return items
 
 
-STAGE = StageKind(
-    name="train",
-    description="distributed pretraining (FSDP2 / DDP, expert parallel for MoE) with torchrun: loss, "
-                "val loss, tokens/s, MFU, memory, utilisation, MLPerf time-to-train",
-    settings=TrainStageSettings,
-    metrics=stage_metrics,
-    run=run_stage,
-    report=report_stage,
-    devices=lambda settings: settings.nproc,
-)
-
-
 # -- the command ----------------------------------------------------------------------------------
 
-class _IntermixedParser(argparse.ArgumentParser):
-    """Lets ``key=value`` overrides follow the options (``train tiny-dense --nproc 2 a=1``).
-
-    Plain argparse takes all positionals in one go, before ``--nproc``; the standard library's
-    intermixed parsing collects them around the options instead.
-    """
-
-    _parsing_options = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        if self._parsing_options:  # the inner call parse_known_intermixed_args makes
-            return super().parse_known_args(args, namespace)
-        self._parsing_options = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._parsing_options = False
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.__class__ = _IntermixedParser
+    from gonogo.stage_cli import IntermixedParser
+
+    parser.__class__ = IntermixedParser
     parser.add_argument("config", metavar="PRESET_OR_CONFIG",
                         help="a preset word (tiny-dense, tiny-moe, small-dense) or a TOML file")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -353,10 +325,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_multinode_arguments(parser)
 
 
-def _open_run_dir(out: Optional[Path], resume: str, preset: str, steps: int) -> RunDir:
-    if out is not None and out.is_dir() and (out / "stages").is_dir() and resume != "never":
-        return continue_run_dir(out, "train", steps)
-    return RunDir.create(out, plan_name=f"train-{Path(preset).stem}")
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    if args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: must be at least 1")
+    rendezvous = rendezvous_options(args)
+    data: dict[str, Any] = {"config": args.config, "nproc": args.nproc, "overrides": list(args.overrides),
+                            "deterministic": args.deterministic, "timeout_s": args.timeout, "resume": args.resume}
+    if rendezvous != {"nnodes": "1", "rdzv_conf": {"join_timeout": 600}}:
+        data["rendezvous"] = rendezvous
+    return data
+
+
+def _check(args: argparse.Namespace, settings: TrainStageSettings) -> None:
+    config, _ = load_train_config(settings.config, overrides_list(settings.overrides), settings.deterministic)
+    preflight(config, settings.nproc, settings.resume)
+
+
+def _continue_run(args: argparse.Namespace, settings: TrainStageSettings) -> Optional[RunDir]:
+    out = args.out
+    if out is not None and out.is_dir() and (out / "stages").is_dir() and settings.resume != "never":
+        config, _ = load_train_config(settings.config, overrides_list(settings.overrides), settings.deterministic)
+        return continue_run_dir(out, "train", config.train.steps)
+    return None
+
+
+def _instead(args: argparse.Namespace) -> Optional[int]:
+    if not args.find_max_batch:
+        return None
+    if args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: must be at least 1")
+    load_train_config(args.config, args.overrides, args.deterministic)  # a mistake: one line, nothing created
+    return _find_max_batch(args)
+
+
+def _summary(args: argparse.Namespace, stage_dir: Path, metrics: Metrics) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if metrics.get("rank0_elsewhere"):
+        Console(stderr=True).print(f"node {args.node_rank}: its ranks finished; rank 0's node writes the metrics")
+        return
+    table = Table(title=f"gonogo train {args.config}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in sorted(STAGE_METRICS | {"moe_load_imbalance"}):
+        if key in metrics:
+            table.add_row(key, _format(metrics[key]))
+    Console().print(table)
+
+
+STAGE = StageKind(
+    name="train",
+    description="distributed pretraining (FSDP2 / DDP, expert parallel for MoE) with torchrun: loss, "
+                "val loss, tokens/s, MFU, memory, utilisation, MLPerf time-to-train",
+    settings=TrainStageSettings,
+    metrics=stage_metrics,
+    run=run,
+    report=report,
+    devices=lambda settings: settings.nproc,
+    command=StageCommand(
+        add_arguments=add_arguments, settings=_settings, check=_check, continue_run=_continue_run,
+        summary=_summary, instead=_instead,
+        resume_hint=lambda run_dir: (f"run the same command with --out {run_dir.root} "
+                                     f"to continue from the newest checkpoint")),
+)
 
 
 def continue_run_dir(out: Path, stage: str, steps: int) -> RunDir:
@@ -399,143 +431,38 @@ def continue_run_dir(out: Path, stage: str, steps: int) -> RunDir:
     return run_dir
 
 
-def _write_plan(run_dir: RunDir, args: argparse.Namespace, config_path: Path) -> None:
-    """A one-stage plan.toml, so ``gonogo report`` and ``gonogo run --resume`` understand the run."""
-    if run_dir.plan_path.exists():
-        return
-    overrides = ", ".join(json.dumps(item) for item in args.overrides)
-    write_atomic(
-        run_dir.plan_path,
-        f'[plan]\nname = "train"\n\n[[stage]]\nname = "train"\nkind = "train"\n'
-        f'config = {json.dumps(str(config_path.resolve()))}\nnproc = {args.nproc}\n'
-        f'overrides = [{overrides}]\ndeterministic = {str(args.deterministic).lower()}\n')
-
-
-def record_state(run_dir: RunDir, stage: str, nproc: int, seconds: float, failure: Optional[str] = None,
-                 interrupted: bool = False) -> None:
-    """The stage's record in state.json, as the plan runner writes it (for `gonogo report`)."""
-    from gonogo.runner import FAILED, INTERRUPTED, PASSED
-
-    if interrupted:
-        status = INTERRUPTED
-        failure = (f"interrupted (Ctrl-C or SIGTERM); run the same command with --out {run_dir.root} "
-                   f"to continue from the newest checkpoint")
-    else:
-        status = FAILED if failure else PASSED
-    state = run_dir.read_state()
-    state.setdefault("stages", {})[stage] = {
-        "kind": stage, "status": status, "reason": failure or "",
-        "wall_seconds": seconds, "device_hours": seconds / 3600.0 * nproc, "gates": []}
-    state["plan"] = stage
-    run_dir.write_state(state)
-
-
-def command(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from rich.table import Table
-
-    from gonogo.procs import ProcessTimeout, run_process
-
-    if args.nproc < 1:
-        raise UserError(f"--nproc {args.nproc}: must be at least 1")
-    config, path = load_train_config(args.config, args.overrides, args.deterministic)
-    if args.find_max_batch:
-        return _find_max_batch(args, config, path)
-    preflight(config, args.nproc, args.resume)
-    rendezvous = rendezvous_options(args)
-    run_dir = _open_run_dir(args.out, args.resume, args.config, config.train.steps)
-    _write_plan(run_dir, args, path)
-    stage_dir = run_dir.stage_dir("train")
-    console = Console(stderr=True)
-    console.print(f"run directory: {run_dir.root}")
-
-    def run_command(argv, *, timeout, log_name, env=None, on_line=None) -> int:
-        try:
-            return run_process(argv, timeout=timeout, log_path=stage_dir / log_name, env=env, on_line=on_line)
-        except ProcessTimeout:
-            raise StageFailed(f"training did not finish within {timeout:.0f} s and was stopped; "
-                              f"see {stage_dir / log_name}") from None
-
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-                        TimeRemainingColumn(), console=console)
-    task = progress.add_task("train", total=config.train.steps, info="starting")
-
-    def on_update(update: dict[str, Any]) -> None:
-        info = f"loss {update['loss']:.3f}"
-        if update.get("val_loss") is not None:
-            info += f" val {update['val_loss']:.3f}"
-        info += f"  {update['tokens_per_second']:,.0f} tok/s"
-        progress.update(task, completed=update["step"], info=info)
-
-    started = time.monotonic()
-    try:
-        with progress:
-            metrics = launch(config, path.name, args.nproc, run_dir=run_dir, stage="train", stage_dir=stage_dir,
-                             resume=args.resume, timeout_s=args.timeout, run_command=run_command,
-                             on_update=on_update, rendezvous=rendezvous)
-    except KeyboardInterrupt:  # the run directory says so; the CLI prints one line and exits 130
-        record_state(run_dir, "train", args.nproc, time.monotonic() - started, interrupted=True)
-        raise
-    except StageFailed as error:
-        record_state(run_dir, "train", args.nproc, time.monotonic() - started, failure=str(error))
-        from rich.markup import escape
-
-        console.print(f"[red]failed:[/red] {escape(str(error))}")
-        return 1
-    if metrics.get("rank0_elsewhere"):
-        console.print(f"node {args.node_rank}: its ranks finished; rank 0's node writes the metrics")
-        return 0
-    metrics["stage_wall_seconds"] = round(time.monotonic() - started, 3)
-    write_json_atomic(stage_dir / "metrics.json", metrics)
-    record_state(run_dir, "train", args.nproc, time.monotonic() - started)
-
-    table = Table(title=f"gonogo train {args.config}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key in sorted(STAGE_METRICS | {"moe_load_imbalance"}):
-        if key in metrics:
-            table.add_row(key, _format(metrics[key]))
-    Console().print(table)
-    return 0
-
-
-def _find_max_batch(args: argparse.Namespace, config: TrainConfig, path: Path) -> int:
+def _find_max_batch(args: argparse.Namespace) -> int:
+    """``train --find-max-batch``: the ``memory`` stage kind, through the runner like any stage."""
     from rich.console import Console
     from rich.table import Table
 
-    from gonogo.procs import ProcessTimeout, run_process
+    from gonogo.typed_config import validate
+    from gonogo.plan_cli import LiveView, print_outcome
+    from gonogo.runner import run_stage_alone
+    from gonogo.stages import get_kind
     from gonogo.train import memory
 
-    run_dir = RunDir.create(args.out, plan_name="memory-probe")
-    stage_dir = run_dir.stage_dir("memory")
+    kind = get_kind("memory")
+    settings = validate(kind.settings, {"config": args.config, "nproc": args.nproc, "overrides": list(args.overrides),
+                                        "timeout_s": args.timeout}, "gonogo train --find-max-batch")
     console = Console(stderr=True)
-    console.print(f"run directory: {run_dir.root}")
-
-    def run_command(argv, *, timeout, log_name, env=None, on_line=None) -> int:
-        try:
-            return run_process(argv, timeout=timeout, log_path=stage_dir / log_name, env=env, on_line=on_line)
-        except ProcessTimeout:
-            raise StageFailed(f"memory probe did not finish within {timeout:.0f} s and was stopped; "
-                              f"see {stage_dir / log_name}") from None
-
-    try:
-        with console.status("memory probe"):
-            result = memory.find_max_batch(config, path.name, args.nproc, run_dir=run_dir.root, stage_dir=stage_dir,
-                                           timeout_s=args.timeout, run_command=run_command)
-    except StageFailed as error:
-        console.print(f"failed: {error}", markup=False)
-        return 1
-    write_json_atomic(stage_dir / "metrics.json", memory.stage_metrics(result))
-    table = Table(title="memory probe")
-    for column in ("micro_batch_size", "fits", "peak GB", "seconds"):
-        table.add_column(column)
-    for trial in result["trials"]:
-        table.add_row(str(trial["micro_batch_size"]), str(trial["fits"]), str(trial["peak_GB"]), str(trial["seconds"]))
-    Console().print(table)
-    console.print(memory.result_line(result), markup=False)
-    return 0 if result["max_micro_batch_size"] is not None else 1
+    with LiveView(console) as view:
+        outcome = run_stage_alone(kind, settings, out=args.out, observer=view,
+                                  gates=["max_micro_batch_size >= 1"])
+    if outcome.verdict == "INTERRUPTED":
+        raise KeyboardInterrupt
+    result = outcome.run_dir.stage_metrics("memory").get("probe")
+    if result:
+        table = Table(title="memory probe")
+        for column in ("micro_batch_size", "fits", "peak GB", "seconds"):
+            table.add_column(column)
+        for trial in result["trials"]:
+            table.add_row(str(trial["micro_batch_size"]), str(trial["fits"]), str(trial["peak_GB"]),
+                          str(trial["seconds"]))
+        Console().print(table)
+        console.print(memory.result_line(result), markup=False)
+    print_outcome(console, outcome)
+    return outcome.exit_code
 
 
 def _format(value: Any) -> str:

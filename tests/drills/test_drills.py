@@ -9,7 +9,7 @@ import pytest
 
 from gonogo.cli import main
 from gonogo.drills import fault_drills
-from gonogo.drills.stage import DrillSettings, _metrics
+from gonogo.stages.drill.stage import DrillSettings, _metrics
 from gonogo.train.faults import Fault
 
 

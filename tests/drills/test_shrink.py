@@ -8,7 +8,7 @@ import json
 import pytest
 
 from gonogo.drills import fault_drills
-from gonogo.drills.stage import DrillSettings
+from gonogo.stages.drill.stage import DrillSettings
 from gonogo.train.faults import Fault
 
 

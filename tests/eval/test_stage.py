@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from gonogo.cli import main
-from gonogo.eval.stage import NOT_METRICS, STAGE, EvalSettings, report_stage, run_stage
+from gonogo.eval.stage import NOT_METRICS, STAGE, EvalSettings
+from gonogo.eval.stage import report as report_stage
+from gonogo.eval.stage import run as run_stage
 from gonogo.plan import STAGE_RUNNER_METRICS
 from gonogo.rundir import RunDir
 from gonogo.stages.base import StageContext

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings
+from gonogo.stages.base import Metrics, ReportItem, StageContext, StageCommand, StageKind, StageSettings
 
 KINDS = ("kill", "hang", "straggler", "nan", "torn-checkpoint", "corrupt-checkpoint", "shrink", "canary")
 METRICS = {"recovered", "detect_seconds", "steps_lost", "resumed_bitwise_equal", "straggler_detected",
@@ -57,7 +57,7 @@ def _metrics(settings: DrillSettings) -> set[str]:
     return METRICS | {f"{kind.replace('-', '_')}_recovered" for kind in settings.kinds}
 
 
-def run_stage(ctx: StageContext, settings: DrillSettings) -> Metrics:
+def run(ctx: StageContext, settings: DrillSettings) -> Metrics:
     from gonogo.drills.fault_drills import run_drills
 
     config = settings.config
@@ -124,7 +124,7 @@ def _skipped_rows(stage_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
+def report(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
     rows = report_table(metrics)
     if not rows:
         return None
@@ -139,18 +139,6 @@ def report_stage(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]
         items.append(ReportItem(title="Restart on fewer ranks: loss after the resume beside the twin's", table=shrink,
                                 text="\n".join(shrink_line(n, o) for n, o in enumerate(outcomes, 1))))
     return items
-
-
-STAGE = StageKind(
-    name="drill",
-    description="fault drills: kill / hang / straggler / NaN / torn or corrupt checkpoint / shrink / canary, each beside "
-                "a fault-free twin: detected, recovered, steps lost, weights bitwise equal",
-    settings=DrillSettings,
-    metrics=_metrics,
-    run=run_stage,
-    report=report_stage,
-    devices=lambda settings: settings.nproc,
-)
 
 
 # -- the command ------------------------------------------------------------------------------------
@@ -171,53 +159,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "tiny twin, without the degraded-model case)")
 
 
-def command(args: argparse.Namespace) -> int:
+def _instead(args: argparse.Namespace) -> Optional[int]:
+    if args.kind.strip() != "autoscale":
+        return None
+    from gonogo.rollout.autoscale import drill_command  # the serving fleet's drill: its own stage kind
+
+    return int(drill_command(args))
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"kinds": [k.strip() for k in args.kind.split(",") if k.strip()], "config": args.config,
+            "nproc": args.nproc, "steps": args.steps, "checkpoint_every": args.checkpoint_every,
+            "repeat": args.repeat, "seed": args.seed, "timeout_s": args.timeout, "checkpoint": args.checkpoint}
+
+
+def _summary(args: argparse.Namespace, stage_dir: Path, metrics: Metrics) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from gonogo.drills.fault_drills import run_drills
-    from gonogo.rundir import RunDir, write_json_atomic
-    from gonogo.typed_config import validate
-
-    if args.kind.strip() == "autoscale":  # the serving fleet's drill (gonogo.rollout.autoscale)
-        from gonogo.rollout.autoscale import drill_command
-
-        return drill_command(args)
-    settings = validate(DrillSettings, {"kinds": [k.strip() for k in args.kind.split(",") if k.strip()],
-                                        "config": args.config, "nproc": args.nproc, "steps": args.steps,
-                                        "checkpoint_every": args.checkpoint_every, "repeat": args.repeat,
-                                        "seed": args.seed, "timeout_s": args.timeout,
-                                        "checkpoint": args.checkpoint}, source="gonogo drill")
-    run_dir = RunDir.create(args.out, plan_name="drill")
-    stage_dir = run_dir.stage_dir("drill")
     console = Console(stderr=True)
-    console.print(f"run directory: {run_dir.root}")
-    with console.status("drills") as status:
-        metrics = run_drills(settings.kinds, stage_dir / "drills", repeat=settings.repeat,
-                             progress=lambda text: status.update(text), canary_checkpoint=settings.checkpoint,
-                             config=settings.config,
-                             nproc=settings.nproc, steps=settings.steps, checkpoint_every=settings.checkpoint_every,
-                             seed=settings.seed, timeout_s=settings.timeout_s)
-    write_json_atomic(stage_dir / "metrics.json", metrics)
-    table = Table(title=f"gonogo drill {args.kind}")
     rows = report_table(metrics)
-    for column in rows[0]:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*[str(value) for value in row.values()])
-    Console().print(table)
+    if rows:
+        table = Table(title=f"gonogo drill {args.kind}")
+        for column in rows[0]:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*[str(value) for value in row.values()])
+        Console().print(table)
     for row in _skipped_rows(stage_dir):
         console.print(f"{row['drill']}: skipped {row['checkpoint skipped']} ({row['why']}); "
                       f"resumed from {row['resumed from']}")
-    for kind, summary in metrics["drills"].items():
+    for kind, summary in (metrics.get("drills") or {}).items():
         if summary.get("note"):
             console.print(f"{kind}: {summary['note']}")
-    outcomes = json.loads((stage_dir / "drills" / "drills.json").read_text(encoding="utf-8")).get("outcomes", {})
+    path = stage_dir / "drills" / "drills.json"
+    outcomes = json.loads(path.read_text(encoding="utf-8")).get("outcomes", {}) if path.is_file() else {}
     for number, outcome in enumerate(outcomes.get("hang", []), 1):
         console.print(f"hang #{number}: {outcome.get('what_hung') or 'no triage bundle'}"
                       + (f" ({outcome['triage_bundle']})" if outcome.get("triage_bundle") else ""))
     for number, outcome in enumerate(outcomes.get("shrink", []), 1):
         console.print(shrink_line(number, outcome), markup=False)
-    passed = (metrics["recovered"] and metrics.get("straggler_detected") is not False
-              and metrics.get("triage_named") is not False)
-    return 0 if passed else 1
+
+
+def default_gates(settings: DrillSettings) -> list[str]:
+    """Every drill recovered; the straggler drill named the slow rank; the hang drill's triage
+    named the rank and frame."""
+    return (["recovered == true"] + (["straggler_detected == true"] if "straggler" in settings.kinds else [])
+            + (["triage_named == true"] if "hang" in settings.kinds else []))
+
+
+STAGE = StageKind(
+    name="drill",
+    description="fault drills: kill / hang / straggler / NaN / torn or corrupt checkpoint / shrink / canary, each beside "
+                "a fault-free twin: detected, recovered, steps lost, weights bitwise equal",
+    settings=DrillSettings,
+    metrics=_metrics,
+    run=run,
+    report=report,
+    devices=lambda settings: settings.nproc,
+    default_gates=default_gates,
+    command=StageCommand(add_arguments=add_arguments, settings=_settings, summary=_summary, instead=_instead),
+)
