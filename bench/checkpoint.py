@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 from bench.quiet import RULE, LoadWatch, machine, verdict  # noqa: E402
 from gonogo.cluster.torchrun import free_port, torchrun_env  # noqa: E402
 from gonogo.model.config import ModelConfig  # noqa: E402
-from gonogo.train import manifest  # noqa: E402
-from gonogo.train.checkpoint import Checkpointer  # noqa: E402
+from gonogo.checkpoints import manifest  # noqa: E402
+from gonogo.checkpoints.checkpointer import Checkpointer  # noqa: E402
 
 REPEATS = 3
 WIDTH, LAYERS = 2048, 3  # 12.6 M parameters: 50 MB of fp32 weights, ~200 MB of checkpoint

@@ -36,11 +36,14 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from gonogo.errors import UserError
+
+if TYPE_CHECKING:
+    from gonogo.checkpoints.reference import CheckpointRef
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +297,8 @@ class QuantizedModel:
         """Write a committed, verifiable quantized checkpoint directory (temporary dir, then rename)."""
         from safetensors.torch import save_file
 
+        from gonogo.checkpoints import manifest
         from gonogo.files import new_directory
-        from gonogo.train import manifest
 
         directory = Path(directory)
         with new_directory(directory) as temporary:  # an interrupted save leaves no .tmp- directory
@@ -318,18 +321,22 @@ class QuantizedModel:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> "QuantizedModel":
-        """Read a directory written by ``save`` (safetensors and JSON only: no code runs from files)."""
+    def load(cls, directory: "str | Path | CheckpointRef") -> "QuantizedModel":
+        """Read a directory written by ``save`` (safetensors and JSON only: no code runs from files);
+        a ``CheckpointRef`` was verified when it was resolved, a path is verified here (once per
+        process: gonogo.checkpoints.reference)."""
         from safetensors.torch import load_file
 
+        from gonogo.checkpoints import manifest
+        from gonogo.checkpoints.reference import CheckpointRef, verify
         from gonogo.config import validate
         from gonogo.model.config import ModelConfig
-        from gonogo.train import manifest
 
+        if not isinstance(directory, CheckpointRef):
+            ok, reason, _ = verify(Path(directory))
+            if not ok:
+                raise UserError(f"{directory}: quantized checkpoint cannot be used: {reason}")
         directory = Path(directory)
-        ok, reason = manifest.verify_checkpoint(directory)
-        if not ok:
-            raise UserError(f"{directory}: quantized checkpoint cannot be used: {reason}")
         description = json.loads((directory / FORMAT_NAME).read_text(encoding="utf-8"))
         meta = json.loads((directory / manifest.META_NAME).read_text(encoding="utf-8"))
         config = validate(ModelConfig, meta["model"], source=str(directory / manifest.META_NAME))
@@ -347,7 +354,7 @@ def is_quantized_dir(path: str | Path) -> bool:
     return (Path(path) / FORMAT_NAME).is_file()
 
 
-def load_quantized(path: str | Path):
+def load_quantized(path: "str | Path | CheckpointRef"):
     """-> (Decoder in eval mode on CPU in fp32 with dequantized weights, ModelConfig, meta)."""
     quantized = QuantizedModel.load(path)
     return quantized.to_decoder(), quantized.config, quantized.meta

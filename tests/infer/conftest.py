@@ -47,7 +47,7 @@ def write_checkpoint(directory: Path, model, step: int = 10) -> Path:
     """A committed checkpoint the way the checkpoint helper writes one (weights + meta + manifest)."""
     from safetensors.torch import save_file
 
-    from gonogo.train import manifest
+    from gonogo.checkpoints import manifest
 
     directory.mkdir(parents=True)
     weights = {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}

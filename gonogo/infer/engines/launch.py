@@ -101,21 +101,21 @@ def vllm_python(engine: EngineSettings) -> Path:
 def hf_model_dir(model: str, directory: Path) -> Path:
     """An HF directory for ``model``: the model itself when it is one, else an export of it into
     ``directory``/hf-export (reused when it exists and is complete)."""
-    from gonogo.train import manifest
-    from gonogo.train.checkpoint import resolve_checkpoint
+    from gonogo.checkpoints import manifest, resolve
 
     path = Path(model)
     if path.is_dir() and manifest.is_hf_export(path):
         return path
-    resolved = resolve_checkpoint(model)
-    if manifest.is_hf_export(resolved):
+    ref = resolve(model)
+    resolved = ref.path
+    if ref.format == "hf":
         return resolved
     out = directory / "hf-export"
     if not (out / "config.json").is_file():
         from gonogo.export.hf import export_hf
 
         log.info("exporting %s to %s for the serving engine", resolved, out)
-        export_hf(resolved, out)
+        export_hf(ref, out)
     return out
 
 
