@@ -84,12 +84,12 @@ class ServerProcess:
 
 
 def start_server(checkpoint: Path, workdir: Path, *extra: str, api_key: str | None = API_KEY,
-                 timeout: float = 60.0) -> ServerProcess:
+                 timeout: float = 60.0, verbose: bool = False) -> ServerProcess:
     """`gonogo serve` on a free loopback port; returns once /health answers (bounded)."""
     ready = workdir / "ready.json"
     log_path = workdir / "server.log"
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    argv = [sys.executable, "-m", "gonogo", "serve", "--checkpoint", str(checkpoint), "--port", "0",
+    argv = [sys.executable, "-m", "gonogo", *(["-v"] if verbose else []), "serve", "--checkpoint", str(checkpoint), "--port", "0",
             "--ready-file", str(ready), *extra]
     if api_key is not None:
         env[KEY_ENV] = api_key
