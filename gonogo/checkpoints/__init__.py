@@ -13,6 +13,12 @@
 Nothing here imports a stage module; importing the package (and resolving) does not import torch.
 """
 
-from gonogo.checkpoints.reference import STATS, CheckpointRef, check_readable, check_resume_path, resolve
+from gonogo.checkpoints.reference import (
+    STATS,
+    CheckpointRef,
+    check_readable,
+    check_resume_path,
+    resolve,
+)
 
 __all__ = ["STATS", "CheckpointRef", "check_readable", "check_resume_path", "resolve"]

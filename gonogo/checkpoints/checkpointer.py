@@ -57,7 +57,12 @@ from typing import Any, Optional
 
 from gonogo.checkpoints import adapters, manifest
 from gonogo.checkpoints.loaders import read_dcp_model_weights
-from gonogo.checkpoints.reference import TRAIN_STATE_NAME, newest_verified, training_checkpoint, verify
+from gonogo.checkpoints.reference import (
+    TRAIN_STATE_NAME,
+    newest_verified,
+    training_checkpoint,
+    verify,
+)
 from gonogo.checkpoints.writers import hashing_storage_writer, write_safetensors
 from gonogo.errors import UserError
 
@@ -202,7 +207,10 @@ def _check_same_model(directory: Path, saved: dict, model_config: Any) -> None:
 
 def _full_model_state(model) -> dict:
     """Full (unsharded) weights on CPU; a collective under FSDP, so every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -245,7 +253,10 @@ class Checkpointer:
         leaves it out, and inference reads the model from dcp/ instead).
         """
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_state_dict,
+        )
 
         self.wait()
         rank, world_size = _rank(), _world_size()
@@ -438,8 +449,12 @@ class Checkpointer:
 
     def _restore(self, path: Path, model, optimizer, scheduler, model_config) -> Resumed:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
-                                                             set_model_state_dict, set_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_state_dict,
+            set_model_state_dict,
+            set_state_dict,
+        )
 
         meta = _read_json(path / manifest.META_NAME)
         _check_same_model(path, meta["model"], model_config)

@@ -12,10 +12,10 @@ torch, so the CLI, the plan runner and the drills stay fast.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
-import base64
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from gonogo.errors import UserError
-from gonogo.model.config import ModelConfig
 from gonogo.checkpoints import manifest
 from gonogo.checkpoints.checkpointer import Checkpointer
 from gonogo.checkpoints.loaders import load_for_inference
 from gonogo.checkpoints.manifest import decode_state, encode_state, verify_checkpoint
 from gonogo.checkpoints.reference import resolve_path as resolve_checkpoint
+from gonogo.errors import UserError
+from gonogo.model.config import ModelConfig
 
 CONFIG = ModelConfig(d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=32)
 
@@ -295,8 +295,8 @@ def test_resume_from_outside_the_run_refuses_a_checkpoint_that_does_not_verify(t
 
     """DCP's .metadata is a pickle: a checkpoint is verified (every file it would read listed and
     hashed) in the parent, before a worker starts, and refused in one line with exit 2."""
-    from gonogo.cli import main
     from gonogo.checkpoints import check_resume_path
+    from gonogo.cli import main
 
     outside = save(Checkpointer(tmp_path / "elsewhere"), 2, make_job())
     check_resume_path(str(outside))  # a good one passes

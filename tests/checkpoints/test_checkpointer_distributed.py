@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gonogo.cluster.torchrun import free_port, torchrun_env
 from gonogo.checkpoints.manifest import verify_checkpoint
+from gonogo.cluster.torchrun import free_port, torchrun_env
 
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 STEPS = 3
