@@ -177,7 +177,7 @@ def final_weights_equal(run_dir: Path, twin_dir: Path, steps: int) -> Optional[b
     import torch
     from safetensors.torch import load_file
 
-    from gonogo.train import manifest
+    from gonogo.checkpoints import manifest
 
     name = manifest.step_dir_name(steps)
     mine = Path(run_dir) / "checkpoints" / "train" / name / manifest.WEIGHTS_NAME

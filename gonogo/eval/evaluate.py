@@ -198,9 +198,10 @@ def run_model(checkpoint: str | Path, questions: list[Question], options: Option
     from gonogo.data.hf_tokenizer import load_tokenizer
     from gonogo.infer.engine import Engine, EngineSettings
     from gonogo.infer.sampling import SamplingParams
-    from gonogo.train.checkpoint import load_for_inference, resolve_checkpoint
+    from gonogo.checkpoints import resolve
+    from gonogo.checkpoints.loaders import load_for_inference
 
-    resolved = resolve_checkpoint(Path(checkpoint))
+    resolved = resolve(checkpoint)  # a path resolved earlier in this process is a cache hit
     model, _config, meta = load_for_inference(resolved)
     chat = checkpoint_is_chat(meta) if prompt_format == "auto" else prompt_format == "chat"
     tokenizer = load_tokenizer(meta)  # the byte tokenizer, or a model's own
@@ -228,7 +229,7 @@ def run_model(checkpoint: str | Path, questions: list[Question], options: Option
     finally:
         engine.stop()
     seconds = time.perf_counter() - started
-    return {"checkpoint": str(resolved), "prompt_format": "chat" if chat else "text",
+    return {"checkpoint": str(resolved.path), "prompt_format": "chat" if chat else "text",
             "greedy": outputs[:len(questions)],
             # per question, its rounds: [(texts, tokens) of round 0, of round 1, ...]
             "sampled": [[outputs[len(questions) * (1 + r) + i] for r in range(rounds)] for i in range(len(questions))],

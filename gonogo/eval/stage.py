@@ -116,24 +116,24 @@ def run_evaluation(settings: EvalSettings, checkpoint: Path, compare_to: Optiona
 
 def _checkpoint_of(ctx: StageContext, name: str) -> Path:
     """``@stage`` (the model that stage of this run produced), a stage name, or a path."""
-    from gonogo.train.checkpoint import resolve_checkpoint
+    from gonogo.checkpoints.reference import resolve_path
 
     if name.startswith("@"):
-        return resolve_checkpoint(Path(str(ctx.resolve_model(name))))
+        return resolve_path(Path(str(ctx.resolve_model(name))))
     stage_checkpoints = ctx.run_dir.checkpoints_dir / name
     if "/" not in name and stage_checkpoints.is_dir():
-        return resolve_checkpoint(stage_checkpoints)
+        return resolve_path(stage_checkpoints)
     path = ctx.resolve_path(name)
     if not path.exists():
         raise UserError(f"stage {ctx.name!r}: {name!r} is neither a stage of this run with checkpoints "
                         f"nor a checkpoint directory")
-    return resolve_checkpoint(path)
+    return resolve_path(path)
 
 
 def run(ctx: StageContext, settings: EvalSettings) -> Metrics:
-    from gonogo.train.checkpoint import resolve_checkpoint
+    from gonogo.checkpoints.reference import resolve_path
 
-    checkpoint = _checkpoint_of(ctx, settings.checkpoint) if settings.checkpoint else resolve_checkpoint(ctx.run_dir.root)
+    checkpoint = _checkpoint_of(ctx, settings.checkpoint) if settings.checkpoint else resolve_path(ctx.run_dir.root)
     compare = _checkpoint_of(ctx, settings.compare_to) if settings.compare_to else None
     data = ctx.resolve_path(settings.data) if settings.data else None
     ctx.progress(f"evaluating {checkpoint.parent.name}/{checkpoint.name} on {settings.num} questions")
@@ -304,10 +304,11 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def _check(args: argparse.Namespace, settings: EvalSettings) -> None:
     """Everything the user gave, before the run directory exists: a damaged model leaves nothing."""
     from gonogo.files import check_output_dir, check_output_file
-    from gonogo.train.checkpoint import check_readable, resolve_checkpoint
+    from gonogo.checkpoints import check_readable
+    from gonogo.checkpoints.reference import resolve_path
 
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    compare = resolve_checkpoint(args.compare_to) if args.compare_to else None
+    checkpoint = resolve_path(args.checkpoint)
+    compare = resolve_path(args.compare_to) if args.compare_to else None
     if args.data is not None and not args.data.is_file():
         raise UserError(f"--data {args.data}: no such file (give a JSONL file of {{\"prompt\", \"answer\"}} lines)")
     if args.json:

@@ -36,11 +36,14 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from gonogo.errors import UserError
+
+if TYPE_CHECKING:
+    from gonogo.checkpoints.reference import CheckpointRef
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +136,6 @@ class QuantizedTensor:
         """fp32 weights of the original shape: what the emulated matmul uses."""
         if self.format == "fp8":
             return self.data.float() * self.scale.float().unsqueeze(-1)
-        assert self.tensor_scale is not None  # NVFP4 always carries its per-tensor scale
         values = e2m1_decode(unpack_nibbles(self.data))  # [..., out, in]
         block_scale = self.scale.float() * self.tensor_scale.float()[..., None, None]
         blocks = values.unflatten(-1, (-1, NVFP4_BLOCK)) * block_scale.unsqueeze(-1)
@@ -168,9 +170,6 @@ class QuantizedTensor:
         if self.format == "fp8":
             expected = [(self.data, torch.float8_e4m3fn, self.shape), (self.scale, torch.float32, (*lead, out_features))]
         else:
-            if self.tensor_scale is None:
-                raise UserError(f"quantized weights: an nvfp4 tensor of shape {list(self.shape)} has no per-tensor "
-                                "scale; the file was not written by gonogo quantize, or is corrupt")
             expected = [(self.data, torch.uint8, (*lead, out_features, in_features // 2)),
                         (self.scale, torch.float8_e4m3fn, (*lead, out_features, in_features // NVFP4_BLOCK)),
                         (self.tensor_scale, torch.float32, tuple(lead))]
@@ -298,8 +297,8 @@ class QuantizedModel:
         """Write a committed, verifiable quantized checkpoint directory (temporary dir, then rename)."""
         from safetensors.torch import save_file
 
+        from gonogo.checkpoints import manifest
         from gonogo.files import new_directory
-        from gonogo.train import manifest
 
         directory = Path(directory)
         with new_directory(directory) as temporary:  # an interrupted save leaves no .tmp- directory
@@ -322,18 +321,22 @@ class QuantizedModel:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> "QuantizedModel":
-        """Read a directory written by ``save`` (safetensors and JSON only: no code runs from files)."""
+    def load(cls, directory: "str | Path | CheckpointRef") -> "QuantizedModel":
+        """Read a directory written by ``save`` (safetensors and JSON only: no code runs from files);
+        a ``CheckpointRef`` was verified when it was resolved, a path is verified here (once per
+        process: gonogo.checkpoints.reference)."""
         from safetensors.torch import load_file
 
-        from gonogo.model.config import ModelConfig
-        from gonogo.train import manifest
+        from gonogo.checkpoints import manifest
+        from gonogo.checkpoints.reference import CheckpointRef, verify
         from gonogo.typed_config import validate
+        from gonogo.model.config import ModelConfig
 
+        if not isinstance(directory, CheckpointRef):
+            ok, reason, _ = verify(Path(directory))
+            if not ok:
+                raise UserError(f"{directory}: quantized checkpoint cannot be used: {reason}")
         directory = Path(directory)
-        ok, reason = manifest.verify_checkpoint(directory)
-        if not ok:
-            raise UserError(f"{directory}: quantized checkpoint cannot be used: {reason}")
         description = json.loads((directory / FORMAT_NAME).read_text(encoding="utf-8"))
         meta = json.loads((directory / manifest.META_NAME).read_text(encoding="utf-8"))
         config = validate(ModelConfig, meta["model"], source=str(directory / manifest.META_NAME))
@@ -351,7 +354,7 @@ def is_quantized_dir(path: str | Path) -> bool:
     return (Path(path) / FORMAT_NAME).is_file()
 
 
-def load_quantized(path: str | Path):
+def load_quantized(path: "str | Path | CheckpointRef"):
     """-> (Decoder in eval mode on CPU in fp32 with dequantized weights, ModelConfig, meta)."""
     quantized = QuantizedModel.load(path)
     return quantized.to_decoder(), quantized.config, quantized.meta

@@ -187,13 +187,13 @@ def _dtype_name(model) -> Literal["float32", "bfloat16"]:
 
 
 def _load_source(checkpoint: str | Path):
-    from gonogo.infer.quantize import is_quantized_dir
-    from gonogo.train.checkpoint import load_for_inference, resolve_checkpoint
+    from gonogo.checkpoints import resolve
+    from gonogo.checkpoints.loaders import load_for_inference
 
-    directory = resolve_checkpoint(checkpoint)
-    if is_quantized_dir(directory):
-        raise UserError(f"{directory}: is already quantized; give the bf16/fp32 checkpoint it came from")
-    return directory, *load_for_inference(directory)  # gonogo or Hugging Face; damaged files: one line
+    ref = resolve(checkpoint)
+    if ref.format == "quantized":
+        raise UserError(f"{ref.path}: is already quantized; give the bf16/fp32 checkpoint it came from")
+    return ref.path, *load_for_inference(ref)  # gonogo or Hugging Face; damaged files: one line
 
 
 def quantize_and_evaluate(checkpoint: str | Path, out: Path, settings: QuantizeSettings,

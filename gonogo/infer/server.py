@@ -682,7 +682,11 @@ def command(args) -> int:
     url = f"http://{shown_host}:{port}"
     if args.ready_file:
         write_json_atomic(Path(args.ready_file), {"url": url, "pid": os.getpid(), "model": args.model_name})
-    print(json.dumps({"serving": url, "model": args.model_name, "auth": api_key is not None}), flush=True)
+    from gonogo.checkpoints import STATS
+
+    # how many times this process hashed a checkpoint in full: once (docs/checkpoint.md)
+    print(json.dumps({"serving": url, "model": args.model_name, "auth": api_key is not None,
+                      "checkpoint_verifications": STATS.verifications}), flush=True)
     try:
         server.run(sockets=[sock])
     finally:

@@ -378,7 +378,7 @@ def tiny_checkpoint(directory: Path, steps: int = 40) -> Path:
     from gonogo.infer.loadgen import load_prompts
     from gonogo.model.config import ModelConfig
     from gonogo.model.decoder import Decoder
-    from gonogo.train import manifest
+    from gonogo.checkpoints import manifest
 
     if (directory / "meta.json").is_file():
         return directory

@@ -78,9 +78,9 @@ def start_server(checkpoint: str, name: str, directory: Path, model_name: str,
                  engine: Optional[EngineSettings] = None) -> ServerProcess:
     """``checkpoint`` on ``engine`` (default gonogo) on a free loopback port, started, not yet waited for;
     its log is directory/<name>-server.log."""
-    from gonogo.train.checkpoint import resolve_checkpoint
+    from gonogo.checkpoints import resolve
 
-    resolve_checkpoint(checkpoint)  # a wrong path is the user's one-line error, before anything starts
+    resolve(checkpoint)  # a wrong path is the user's one-line error, before anything starts
     # one thread each: stable and canary share the machine's cores
     return start_engine(engine or EngineSettings(), str(checkpoint), directory, name=f"{name}-server",
                         model_name=model_name, gonogo_options=GonogoServeOptions(threads=1))
@@ -100,13 +100,11 @@ def model_of(url: str, timeout: float = 10.0) -> str:
 
 def _is_chat_checkpoint(spec: str) -> bool:
     """Whether a checkpoint was finetuned on chats (its meta.json says data.format = chat)."""
-    import json
-
+    from gonogo.checkpoints import resolve
     from gonogo.eval.evaluate import checkpoint_is_chat
-    from gonogo.train.checkpoint import resolve_checkpoint
 
-    meta = resolve_checkpoint(spec) / "meta.json"
-    return meta.is_file() and checkpoint_is_chat(json.loads(meta.read_text(encoding="utf-8")))
+    ref = resolve(spec)  # verified once per process: a second resolve of it is a cache hit
+    return ref.format != "hf" and checkpoint_is_chat(ref.meta)
 
 
 def open_sides(settings: CanarySettings, directory: Path) -> tuple[Side, Side]:
@@ -246,12 +244,12 @@ def run_rollout(stable: Side, canary: Side, settings: CanarySettings, directory:
 
 
 def run_canary(settings: CanarySettings, directory: Path, **callbacks: Any) -> dict[str, Any]:
-    from gonogo.train.checkpoint import resolve_checkpoint
+    from gonogo.checkpoints import resolve
 
     check_consistent(settings.analysis, "canary")
     for name in ("stable", "canary"):
         if not is_url(getattr(settings, name)):
-            resolve_checkpoint(getattr(settings, name))  # a wrong path: one line before anything is created
+            resolve(getattr(settings, name))  # a wrong path: one line before anything is created
             preflight(getattr(settings, f"{name}_engine"))
     directory.mkdir(parents=True, exist_ok=True)
     stable, canary = open_sides(settings, directory)

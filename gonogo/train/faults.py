@@ -140,7 +140,7 @@ class Injector:
     def _patch_commit(self) -> None:
         """Torn checkpoint: kill this process inside the save, after the data files are written
         and before the COMMITTED marker (what a crash or a preemption mid-save leaves)."""
-        from gonogo.train import manifest
+        from gonogo.checkpoints import manifest
 
         original = manifest.commit
         fault = self.fault

@@ -52,12 +52,12 @@ class FinetuneStageSettings(StageSettings):
 
 def checkpoint_model(checkpoint: Path) -> dict[str, Any]:
     """The model table of a checkpoint (gonogo meta.json, or an HF export read by gonogo.export)."""
-    from gonogo.train import manifest
+    from gonogo.checkpoints import manifest
 
     meta_path = checkpoint / manifest.META_NAME
     if meta_path.is_file():
         return json.loads(meta_path.read_text(encoding="utf-8"))["model"]
-    from gonogo.export.hf import check_hf_weights, hf_model_config
+    from gonogo.checkpoints.hf import check_hf_weights, hf_model_config
 
     model = hf_model_config(checkpoint).model_dump()  # config.json; the weights load in the workers,
     check_hf_weights(checkpoint)                        # but a truncated file is refused here, in one line
@@ -67,26 +67,26 @@ def checkpoint_model(checkpoint: Path) -> dict[str, Any]:
 def checkpoint_tokenizer_dir(checkpoint: Path) -> Optional[str]:
     """The directory of the model's own tokenizer (a Hugging Face model, or a checkpoint trained
     with one); None for gonogo's byte tokenizer."""
-    from gonogo.export.hf import _tokenizer_name
-    from gonogo.train import manifest
+    from gonogo.checkpoints import manifest
+    from gonogo.checkpoints.hf import tokenizer_name
 
     meta_path = checkpoint / manifest.META_NAME
     if meta_path.is_file():
         return json.loads(meta_path.read_text(encoding="utf-8")).get("tokenizer_dir")
-    return str(checkpoint.resolve()) if _tokenizer_name(checkpoint) == "hf" else None
+    return str(checkpoint.resolve()) if tokenizer_name(checkpoint) == "hf" else None
 
 
 def load_finetune_config(preset: str | Path, checkpoint: str | Path,
                          overrides: list[str]) -> tuple[TrainConfig, Path, Path]:
     """-> (the validated config, its TOML path, the resolved checkpoint directory)."""
-    from gonogo.train.checkpoint import resolve_checkpoint
+    from gonogo.checkpoints import resolve
 
     path = resolve_preset(preset)
     data = apply_overrides(load_toml(path), overrides)
     if "model" in data:
         raise UserError(f"{path}: a finetune config takes the model's shape from the checkpoint; "
                         f"remove the [model] table and model.* overrides")
-    resolved = resolve_checkpoint(Path(checkpoint))
+    resolved = resolve(Path(checkpoint)).path
     data["model"] = checkpoint_model(resolved)
     data.setdefault("data", {}).setdefault("format", "chat")
     tokenizer_dir = checkpoint_tokenizer_dir(resolved)
@@ -114,7 +114,8 @@ def read_user_file(config: TrainConfig, stage_dir: Path) -> tuple[int, int]:
 
 def default_checkpoint(run_dir: RunDir) -> Path:
     """The newest committed checkpoint of the run's ``train`` stages (from state.json)."""
-    from gonogo.train import manifest
+    from gonogo.checkpoints import manifest
+    from gonogo.checkpoints.reference import newest_verified
 
     stages = run_dir.read_state().get("stages", {})
     names = [name for name, record in stages.items() if record.get("kind") == "train"]
@@ -122,7 +123,7 @@ def default_checkpoint(run_dir: RunDir) -> Path:
     for name in names:
         root = run_dir.checkpoints_dir / name
         if root.is_dir():
-            choice, _skipped = manifest.newest_verified(root)
+            choice, _skipped = newest_verified(root)
             if choice is not None:
                 found.append(choice)
     if not found:
@@ -168,9 +169,9 @@ def run(ctx: StageContext, settings: FinetuneStageSettings) -> Metrics:
                        on_update=lambda update: ctx.progress(train_stage.progress_text(update)))
     produced = ctx.run_dir.checkpoints_dir / ctx.name
     if config.train.checkpoint and produced.is_dir():
-        from gonogo.train.checkpoint import resolve_checkpoint
+        from gonogo.checkpoints import resolve
 
-        ctx.record_output(resolve_checkpoint(produced))  # what `@<this stage>` means to later stages
+        ctx.record_output(resolve(produced).path)  # what `@<this stage>` means to later stages
     return metrics
 
 

@@ -384,7 +384,7 @@ def budget_spent(started: Optional[float], world_size: int, budget_hours: Option
 # -- helpers of the loop's recovery ------------------------------------------------------------------
 
 def has_committed(root: Path) -> bool:
-    from gonogo.train import manifest
+    from gonogo.checkpoints import manifest
 
     return any(manifest.is_committed(path) for _, path in manifest.step_dirs(root))
 

@@ -4,7 +4,7 @@ One optimizer step = ``accumulation`` micro-batches per rank (global batch / (mi
 ranks)), a gradient clip on the global norm, AdamW, and the warmup + cosine learning rate.
 Every ``log_every`` steps the ranks agree on the loss, the step time and the MoE routing, and
 rank 0 writes the metrics (see gonogo.train.metrics); every ``val_every`` steps all ranks
-evaluate the held-out split; checkpoints go through gonogo.train.checkpoint.
+evaluate the held-out split; checkpoints go through gonogo.checkpoints.
 """
 
 from __future__ import annotations
@@ -98,18 +98,17 @@ def tokenizer_meta(data) -> dict:
 
 def load_initial_weights(model: nn.Module, path: str) -> None:
     """Start from a checkpoint's consolidated weights (finetuning); the shapes must match exactly."""
-    from safetensors.torch import load_file
+    from gonogo.checkpoints import resolve
 
-    from gonogo.train.checkpoint import WEIGHTS_NAME, resolve_checkpoint
-    from gonogo.train.manifest import META_NAME
+    ref = resolve(path)
+    if ref.format == "hf":  # a Hugging Face directory: its own names and layout
+        from gonogo.checkpoints.hf import load_hf_dir
 
-    directory = resolve_checkpoint(path)
-    if not (directory / META_NAME).is_file():  # a Hugging Face directory: its own names and layout
-        from gonogo.export.hf import load_hf_dir
-
-        weights = load_hf_dir(directory, device="cpu", dtype=torch.float32)[0].state_dict()
+        weights = load_hf_dir(ref.path, device="cpu", dtype=torch.float32)[0].state_dict()
     else:
-        weights = load_file(str(directory / WEIGHTS_NAME), device="cpu")
+        from gonogo.checkpoints.loaders import model_weights
+
+        weights = model_weights(ref)
     missing, unexpected = model.load_state_dict({name: tensor.float() for name, tensor in weights.items()},
                                                 strict=False)
     if missing or unexpected:
@@ -248,7 +247,7 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
         raise UserError(f"train.checkpoint_async=true needs a CPU (gloo) backend in the process group, and this "
                         f"run uses {world.backend!r} only; set train.checkpoint_async=false")
     if settings.checkpoint:
-        from gonogo.train.checkpoint import Checkpointer
+        from gonogo.checkpoints.checkpointer import Checkpointer
 
         # each training stage of a plan keeps its own checkpoints (pretrain, finetune, drills ...)
         checkpointer = Checkpointer(job.run_dir / "checkpoints" / job.stage, async_mode=settings.checkpoint_async)
@@ -444,7 +443,9 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
                 saved = checkpointer.save(step, model, optimizer, scheduler, loader.state_dict(),
                                           extra={"loss": last_loss, "val_loss": last_val}, model_config=config.model,
                                           meta={"train": config.train.model_dump(), "data": config.data.model_dump(),
-                                                **tokenizer_meta(config.data)})
+                                                **tokenizer_meta(config.data)},
+                                          # the full weights once, on the last save: inference reads them
+                                          consolidate=step == settings.steps or budget_stopped)
             blocked = time.perf_counter() - save_started
             blocked_per_save.append(blocked)
             if world.rank == 0:

@@ -153,7 +153,7 @@ def worker(job_path: Path) -> int:
 
     from gonogo.data.loader import PackedLoader, ValidationBatches
     from gonogo.train import loop
-    from gonogo.train.checkpoint import Checkpointer
+    from gonogo.checkpoints.checkpointer import Checkpointer
     from gonogo.train.config import TrainConfig, gradient_accumulation
     from gonogo.train.metrics import make_utilization
     from gonogo.train.parallel import build_meshes, clip_grad_norm, init_distributed
@@ -289,7 +289,7 @@ def worker(job_path: Path) -> int:
         timeline["steps"] = step
         timeline["seconds"] = round(time.monotonic() - started, 3)
         if world.rank == 0:
-            from gonogo.train import manifest
+            from gonogo.checkpoints import manifest
 
             root = store.root
             timeline["checkpoints_kept"] = (

@@ -140,7 +140,7 @@ def preflight(config: TrainConfig, nproc: int, resume: str) -> None:
     if resume not in ("auto", "never") and not Path(resume).exists():
         raise UserError(f"resume {resume}: no such checkpoint or run directory (or use auto / never)")
     if resume not in ("auto", "never"):
-        from gonogo.train.checkpoint import check_resume_path
+        from gonogo.checkpoints import check_resume_path
 
         check_resume_path(resume)  # verified here, before DCP unpickles anything in a worker
 

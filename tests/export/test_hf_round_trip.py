@@ -72,7 +72,7 @@ def _export_reloads_with_equal_logits(step: Path, out: Path, architecture: str) 
     from transformers import AutoModelForCausalLM
 
     from gonogo.export.hf import export_hf
-    from gonogo.train.checkpoint import load_for_inference
+    from gonogo.checkpoints.loaders import load_for_inference
 
     tuned, _, _ = load_for_inference(step)
     exported = export_hf(step, out)
@@ -85,7 +85,7 @@ def _export_reloads_with_equal_logits(step: Path, out: Path, architecture: str) 
 
 
 def _moved(step: Path, original: dict) -> set[str]:
-    from gonogo.train.checkpoint import load_for_inference
+    from gonogo.checkpoints.loaders import load_for_inference
 
     tuned = load_for_inference(step)[0].state_dict()
     return {name for name, tensor in tuned.items() if not torch.equal(tensor, original[name])}
@@ -117,7 +117,7 @@ def _served_streams_equal_plain(directory: Path, workdir: Path) -> None:
 
 @pytest.mark.parametrize("name", ARCHITECTURE_NAMES)
 def test_finetune_full_and_lora_export_reload_and_serve(tiny_hf_models, chats, tmp_path, monkeypatch, name):
-    from gonogo.export.hf import load_hf_dir
+    from gonogo.checkpoints.hf import load_hf_dir
 
     monkeypatch.delenv("MASTER_ADDR", raising=False)  # a one-rank group of its own, not a torchrun job's
     source = tiny_hf_models[name]

@@ -44,7 +44,7 @@ def write_checkpoint(directory: Path, model, step: int = 10) -> Path:
     """A committed checkpoint the way the checkpoint helper writes one (weights + meta + manifest)."""
     from safetensors.torch import save_file
 
-    from gonogo.train import manifest
+    from gonogo.checkpoints import manifest
 
     directory.mkdir(parents=True)
     weights = {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}
@@ -61,14 +61,14 @@ def checkpoint_dir(tmp_path_factory) -> Path:
 
 
 def start_server(checkpoint: Path, workdir: Path, *, api_key: str | None = API_KEY, timeout: float = 60.0,
-                 dtype: str | None = None, **options) -> ServerProcess:
+                 dtype: str | None = None, verbose: bool = False, **options) -> ServerProcess:
     """`gonogo serve` on a free loopback port through gonogo's own launcher; returns once /health
     answers (bounded). ``options``: GonogoServeOptions fields (threads, max_batch, ...)."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if api_key is not None:
         env[KEY_ENV] = api_key
     server = start_gonogo_server(str(checkpoint), workdir, dtype=dtype, api_key_env=KEY_ENV if api_key else None,
-                                 options=GonogoServeOptions(**options), env=env)
+                                 options=GonogoServeOptions(**options), env=env, verbose=verbose)
     try:
         server.wait_healthy(timeout)
     except BaseException:

@@ -21,7 +21,7 @@ def test_async_checkpoints_commit_only_when_written_and_resume_after_a_crash_mid
     from gonogo.drills.fault_drills import TINY
     from gonogo.procs import run_process
     from gonogo.rundir import RunDir
-    from gonogo.train import manifest
+    from gonogo.checkpoints import manifest
     from gonogo.train.config import load_train_config
     from gonogo.train.stage import launch
 

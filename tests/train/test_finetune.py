@@ -19,7 +19,7 @@ def write_pretrained(directory: Path, seed: int = 1) -> Path:
 
     from gonogo.model.config import ModelConfig
     from gonogo.model.decoder import Decoder
-    from gonogo.train import manifest
+    from gonogo.checkpoints import manifest
 
     config = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=128, max_seq_len=64)
     model = Decoder(config)

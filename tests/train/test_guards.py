@@ -127,7 +127,7 @@ def test_nan_fault_fires_once_per_process(tmp_path):
 
 
 def test_flip_bytes_breaks_the_checkpoint_hash(tmp_path):
-    from gonogo.train import manifest
+    from gonogo.checkpoints import manifest
 
     checkpoint = tmp_path / "step-00000004"
     (checkpoint / "dcp").mkdir(parents=True)

@@ -102,21 +102,21 @@ def vllm_python(engine: EngineSettings) -> Path:
 def hf_model_dir(model: str, directory: Path) -> Path:
     """An HF directory for ``model``: the model itself when it is one, else an export of it into
     ``directory``/hf-export (reused when it exists and is complete)."""
-    from gonogo.train import manifest
-    from gonogo.train.checkpoint import resolve_checkpoint
+    from gonogo.checkpoints import manifest, resolve
 
     path = Path(model)
     if path.is_dir() and manifest.is_hf_export(path):
         return path
-    resolved = resolve_checkpoint(model)
-    if manifest.is_hf_export(resolved):
+    ref = resolve(model)
+    resolved = ref.path
+    if ref.format == "hf":
         return resolved
     out = directory / "hf-export"
     if not (out / "config.json").is_file():
         from gonogo.export.hf import export_hf
 
         log.info("exporting %s to %s for the serving engine", resolved, out)
-        export_hf(resolved, out)
+        export_hf(ref, out)
     return out
 
 
@@ -157,13 +157,14 @@ def serve_arguments(model: str, *, host: str = "127.0.0.1", port: int = 0, model
 def start_gonogo_server(model: str, directory: Path, *, name: str = "server", model_name: str = "gonogo",
                         dtype: Optional[str] = None, api_key_env: Optional[str] = None, host: str = "127.0.0.1",
                         port: int = 0, options: GonogoServeOptions = GonogoServeOptions(),
-                        health_path: str = "/health", env: Optional[dict[str, str]] = None) -> ServerProcess:
+                        health_path: str = "/health", env: Optional[dict[str, str]] = None,
+                        verbose: bool = False) -> ServerProcess:
     """`gonogo serve` for ``model`` as a started child (not yet waited for): it writes its URL to
     directory/<name>.ready.json once listening (port 0 picks a free one) and exits when this
-    process is gone; its log is directory/<name>.log."""
+    process is gone; its log is directory/<name>.log (``verbose``: with gonogo's INFO lines)."""
     directory.mkdir(parents=True, exist_ok=True)
     ready = directory / f"{name}.ready.json"
-    argv = [sys.executable, "-m", "gonogo", "serve",
+    argv = [sys.executable, "-m", "gonogo", *(["-v"] if verbose else []), "serve",
             *serve_arguments(model, host=host, port=port, model_name=model_name, dtype=dtype,
                              api_key_env=api_key_env, ready_file=ready, parent_pid=os.getpid(), options=options)]
     return ServerProcess(argv, directory / f"{name}.log", ready_file=ready, health_path=health_path, env=env,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from gonogo.checkpoints.manifest import verify_checkpoint
 from gonogo.cluster.torchrun import free_port, torchrun_env
-from gonogo.train.checkpoint import verify_checkpoint
 
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 STEPS = 3
@@ -42,7 +42,7 @@ def test_async_save_writes_the_same_checkpoint_without_blocking_the_loop(saved_a
     assert {"dcp/__0_0.distcp", "dcp/__1_0.distcp", "ranks/rank-00000.json", "ranks/rank-00001.json"} <= set(sync_files)
     # same bytes, but for DCP's metadata (it records ids of the write) and meta.json's creation time
     for name in set(sync_files) - {"dcp/.metadata", "meta.json"}:
-        assert sync_files[name]["sha256"] == async_files[name]["sha256"], name
+        assert sync_files[name]["blake3"] == async_files[name]["blake3"], name
     report = json.loads((saved_at_two_ranks / "report.json").read_text())
     # save() returned while the write still ran: the commit came later, after 2 more training steps
     assert report["committed_after_s"] > report["blocked_s"]

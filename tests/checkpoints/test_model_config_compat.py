@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from gonogo.checkpoints.checkpointer import _check_same_model
 from gonogo.errors import UserError
 from gonogo.model.config import ModelConfig, MoEConfig
-from gonogo.train.checkpoint import _check_same_model
 
 
 def test_fields_added_later_count_as_their_defaults():

@@ -2,17 +2,20 @@
 
 A checkpoint is trusted only when three things hold: a ``COMMITTED`` file exists (it is written
 last, so a crash at any earlier moment leaves none), it holds the sha256 of ``manifest.json``,
-and every file the manifest lists has its recorded size and sha256. Also here: finding the
-newest good checkpoint of a run, and the JSON encoding of the per-rank state files. Importing
-this module does not import torch, so the CLI, the plan runner and the drills stay fast.
+and every file the manifest lists has its recorded size and digest. The manifest names its hash
+algorithm: new ones use BLAKE3 (``{"format": 2, "algorithm": "blake3"}``), computed while each
+file is written (``HashingWriter``), so a save never reads its own bytes back; older manifests
+without the field are sha256 and still verify. Also here: finding the newest good checkpoint of
+a run, and the JSON encoding of the per-rank state files. Importing this module does not import
+torch, so the CLI, the plan runner and the drills stay fast.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
-import base64
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +25,9 @@ MANIFEST_NAME = "manifest.json"
 COMMITTED_NAME = "COMMITTED"
 META_NAME = "meta.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 1: sha256, no "algorithm" field; 2: "algorithm" names the hash
+ALGORITHM = "blake3"        # what new manifests use
+ALGORITHMS = ("blake3", "sha256")
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _HASH_CHUNK = 8 << 20
@@ -83,31 +88,98 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+class HashingWriter:
+    """A file opened for writing that hashes every byte as it is written and is fsync'd on close.
+
+    ``entry`` (after close): the file's manifest entry, ``{"size", <algorithm>: hex digest}``.
+    Used for every file gonogo itself writes into a checkpoint (safetensors, JSON) and, through
+    ``gonogo.checkpoints.dcp_io``, for DCP's shard files: the digest costs no second read.
+    """
+
+    def __init__(self, path: Path, algorithm: str = ALGORITHM):
+        self.path = Path(path)
+        self.algorithm = algorithm
+        self._hash = new_hash(algorithm)
+        self._handle = open(self.path, "wb")
+        self.size = 0
+        self.entry: Optional[dict[str, Any]] = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        written = self._handle.write(view)
+        self.size += len(view)
+        return written
+
+    def close(self) -> dict[str, Any]:
+        if self.entry is None:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            self.entry = {"size": self.size, self.algorithm: self._hash.hexdigest()}
+        return self.entry
+
+    def abort(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "HashingWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
 
 
-def write_json_durable(path: Path, value: Any) -> None:
-    write_durable(path, (json.dumps(value, indent=2) + "\n").encode("utf-8"))
+def write_durable(path: Path, data: bytes) -> dict[str, Any]:
+    """Write and fsync ``data``; returns its manifest entry (hashed from memory, not re-read)."""
+    with HashingWriter(path) as writer:
+        writer.write(data)
+    assert writer.entry is not None
+    return writer.entry
+
+
+def write_json_durable(path: Path, value: Any) -> dict[str, Any]:
+    return write_durable(path, (json.dumps(value, indent=2) + "\n").encode("utf-8"))
 
 
 # -- manifest ------------------------------------------------------------------------------
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+def new_hash(algorithm: str = ALGORITHM):
+    if algorithm == "blake3":
+        import blake3
+
+        # more than one thread only pays on large updates; small ones stay on this thread
+        return blake3.blake3(max_threads=blake3.blake3.AUTO)
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    raise ValueError(f"unknown hash algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)})")
+
+
+def hash_file(path: Path, algorithm: str = ALGORITHM) -> str:
+    """The hex digest of a file: BLAKE3 maps it and hashes on every core; sha256 reads in chunks."""
+    digest = new_hash(algorithm)
+    if algorithm == "blake3":
+        if Path(path).stat().st_size:
+            digest.update_mmap(str(path))
+        return digest.hexdigest()
     with open(path, "rb") as handle:
         while chunk := handle.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def _hash_all(paths: list[Path]) -> list[str]:
+def sha256_file(path: Path) -> str:
+    return hash_file(path, "sha256")
+
+
+def _hash_all(paths: list[Path], algorithm: str = ALGORITHM) -> list[str]:
+    if algorithm == "blake3":  # already parallel inside one file
+        return [hash_file(path, algorithm) for path in paths]
     # hashlib releases the GIL on large buffers, so a few threads hash files side by side
     with ThreadPoolExecutor(max_workers=min(4, max(1, len(paths)))) as pool:
-        return list(pool.map(sha256_file, paths))
+        return list(pool.map(lambda path: hash_file(path, algorithm), paths))
 
 
 def _files_under(directory: Path) -> Iterable[Path]:
@@ -116,29 +188,29 @@ def _files_under(directory: Path) -> Iterable[Path]:
             yield path
 
 
-def hash_files(directory: Path, relatives: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """{relative path: {"size", "sha256"}} of the given files under ``directory``."""
+def hash_files(directory: Path, relatives: Iterable[str], algorithm: str = ALGORITHM) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size", algorithm}} of the given files under ``directory`` (read back)."""
     relatives = sorted(relatives)
-    digests = _hash_all([directory / relative for relative in relatives])
-    return {relative: {"size": (directory / relative).stat().st_size, "sha256": digest}
+    digests = _hash_all([directory / relative for relative in relatives], algorithm)
+    return {relative: {"size": (directory / relative).stat().st_size, algorithm: digest}
             for relative, digest in zip(relatives, digests)}
 
 
 def build_manifest(directory: Path, known: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Every file under ``directory`` (but the manifest and the marker): size and sha256.
+    """Every file under ``directory`` (but the manifest and the marker): size and digest.
 
-    ``known``: entries already hashed (by the rank that wrote the file, while it was still in
-    that rank's page cache); only the other files are hashed here.
+    ``known``: entries hashed while the files were written (``HashingWriter``); only the other
+    files are read back and hashed here.
     """
-    known = known or {}
+    known = {name: entry for name, entry in (known or {}).items() if ALGORITHM in entry}
     relatives = [p.relative_to(directory).as_posix() for p in _files_under(directory)]
     relatives = [r for r in relatives if r not in (MANIFEST_NAME, COMMITTED_NAME)]
     files = hash_files(directory, [r for r in relatives if r not in known])
     for relative in relatives:
         if relative in known:
             assert known[relative]["size"] == (directory / relative).stat().st_size, f"{relative} changed after hashing"
-            files[relative] = known[relative]
-    return {"format": FORMAT_VERSION, "files": dict(sorted(files.items()))}
+            files[relative] = {"size": known[relative]["size"], ALGORITHM: known[relative][ALGORITHM]}
+    return {"format": FORMAT_VERSION, "algorithm": ALGORITHM, "files": dict(sorted(files.items()))}
 
 
 def commit(directory: Path, known: dict[str, dict[str, Any]] | None = None) -> None:
@@ -157,28 +229,44 @@ def commit(directory: Path, known: dict[str, dict[str, Any]] | None = None) -> N
     fsync_dir(directory)
 
 
-def verify_checkpoint(path: Path, *, hashes: bool = True) -> tuple[bool, str]:
-    """(True, "ok") for a committed checkpoint whose files match its manifest, else (False, why).
-
-    ``hashes=False`` checks presence and sizes only (cheap; catches truncation, not bit flips).
-    """
-    path = Path(path)
-    if not path.is_dir():
-        return False, "not a directory"
+def read_manifest(path: Path) -> tuple[Optional[dict[str, Any]], str]:
+    """(manifest, "ok") when COMMITTED exists and vouches for manifest.json, else (None, why)."""
     if not is_committed(path):
-        return False, "not committed (no COMMITTED marker: the save did not finish)"
+        return None, "not committed (no COMMITTED marker: the save did not finish)"
     try:
         marker = json.loads((path / COMMITTED_NAME).read_text(encoding="utf-8"))
         manifest_bytes = (path / MANIFEST_NAME).read_bytes()
         manifest = json.loads(manifest_bytes)
         files = manifest["files"]
         expected_manifest_hash = marker["manifest_sha256"]
+        algorithm = manifest.get("algorithm", "sha256")
+        if not isinstance(files, dict):
+            raise TypeError("files")
     except FileNotFoundError:
-        return False, "manifest.json is missing"
-    except (ValueError, KeyError, TypeError):
-        return False, "COMMITTED or manifest.json is not valid"
+        return None, "manifest.json is missing"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None, "COMMITTED or manifest.json is not valid"
     if hashlib.sha256(manifest_bytes).hexdigest() != expected_manifest_hash:
-        return False, "manifest.json does not match the hash recorded in COMMITTED"
+        return None, "manifest.json does not match the hash recorded in COMMITTED"
+    if algorithm not in ALGORITHMS:
+        return None, f"manifest.json uses an unknown hash algorithm {algorithm!r}"
+    manifest["algorithm"] = algorithm
+    return manifest, "ok"
+
+
+def verify_checkpoint(path: Path, *, hashes: bool = True) -> tuple[bool, str]:
+    """(True, "ok") for a committed checkpoint whose files match its manifest, else (False, why).
+
+    ``hashes=False`` checks presence and sizes only (cheap; catches truncation, not bit flips).
+    This always reads and hashes; ``gonogo.checkpoints.reference.verify`` remembers a success.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return False, "not a directory"
+    manifest, reason = read_manifest(path)
+    if manifest is None:
+        return False, reason
+    files, algorithm = manifest["files"], manifest["algorithm"]
     if META_NAME not in files:
         return False, "meta.json is not listed in the manifest"
     for relative, entry in files.items():
@@ -190,9 +278,9 @@ def verify_checkpoint(path: Path, *, hashes: bool = True) -> tuple[bool, str]:
             return False, f"{relative} has {size} bytes, the manifest says {entry['size']}"
     if hashes:
         names = sorted(files)
-        for relative, digest in zip(names, _hash_all([path / name for name in names])):
-            if digest != files[relative]["sha256"]:
-                return False, f"{relative}: sha256 does not match the manifest (corrupted)"
+        for relative, digest in zip(names, _hash_all([path / name for name in names], algorithm)):
+            if digest != files[relative].get(algorithm):
+                return False, f"{relative}: {algorithm} does not match the manifest (corrupted)"
     return True, "ok"
 
 

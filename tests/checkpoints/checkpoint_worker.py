@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
+from gonogo.checkpoints.checkpointer import Checkpointer
 from gonogo.model.config import ModelConfig
-from gonogo.train.checkpoint import Checkpointer
 
 CONFIG = ModelConfig(d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=32)
 

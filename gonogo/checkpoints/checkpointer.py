@@ -1,4 +1,4 @@
-"""Atomic, verified training checkpoints (DCP) and loading them for resume or inference.
+"""The training side of checkpoints: atomic, verified DCP saves (sync or async), resume, retention.
 
 On disk, under the checkpoints root (``<run>/checkpoints``)::
 
@@ -6,16 +6,19 @@ On disk, under the checkpoints root (``<run>/checkpoints``)::
       dcp/                  torch.distributed.checkpoint files: sharded model + optimizer
       ranks/rank-00000.json per-rank state: loader position and RNG states (one file per rank)
       train_state.json      step, scheduler state and the trainer's ``extra`` dict (rank 0's)
-      model.safetensors     consolidated full weights (rank 0): what inference and export read
+      model.safetensors     consolidated full weights (rank 0), only when save(consolidate=True):
+                            the training loop asks for it on its last save; inference reads it,
+                            or the model part of dcp/ when a checkpoint has none
       meta.json             {"step", "model", "tokenizer", "world_size", "train", "created"}
-      manifest.json         every file's relative path, size and sha256
+      manifest.json         every file's relative path, size and BLAKE3 digest (hashed while
+                            the files were written: a save reads nothing back)
       COMMITTED             written last; holds the sha256 of manifest.json
 
 A save writes everything into ``.tmp-step-00000040/`` and renames it into place only after
 ``COMMITTED`` is durable, so a crash leaves either a complete checkpoint or a hidden temporary
 directory, never a half-written ``step-*``. A checkpoint is loaded only when it verifies (see
-``gonogo.train.manifest``). The per-rank JSON files are plain data (no pickles), so they can be
-read and diffed by hand.
+``gonogo.checkpoints.manifest`` and ``gonogo.checkpoints.reference``). The per-rank JSON files are plain data (no pickles), so they can be
+read and diffed by hand. Loading a checkpoint for inference is ``gonogo.checkpoints.loaders``.
 
 Usage inside a torchrun worker (every rank calls every method)::
 
@@ -47,24 +50,28 @@ import shutil
 import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+from gonogo.checkpoints import adapters, manifest
+from gonogo.checkpoints.loaders import read_dcp_model_weights
+from gonogo.checkpoints.reference import (
+    TRAIN_STATE_NAME,
+    newest_verified,
+    training_checkpoint,
+    verify,
+)
+from gonogo.checkpoints.writers import hashing_storage_writer, write_safetensors
 from gonogo.errors import UserError
-from gonogo.train import manifest
-from gonogo.train.manifest import verify_checkpoint
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_NAME = "byte-v1"
 WEIGHTS_NAME = manifest.WEIGHTS_NAME
-TRAIN_STATE_NAME = "train_state.json"
 
-__all__ = ["Checkpointer", "Resumed", "verify_checkpoint", "resolve_checkpoint",
-           "load_for_inference", "seed_for"]
+__all__ = ["Checkpointer", "Resumed", "seed_for"]
 
 
 @dataclass
@@ -200,45 +207,12 @@ def _check_same_model(directory: Path, saved: dict, model_config: Any) -> None:
 
 def _full_model_state(model) -> dict:
     """Full (unsharded) weights on CPU; a collective under FSDP, so every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _full_model_state_from_dcp(directory: Path) -> dict:
-    """The model's full weights read back from a finished DCP checkpoint, in this process only.
-
-    Used by an async save: the commit thread consolidates from the files, so the training loop
-    neither waits for an all-gather nor keeps a second copy of the weights in memory.
-    """
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    metadata = dcp.FileSystemReader(str(directory)).read_metadata()
-    weights = {key.removeprefix("model."): torch.empty(item.size, dtype=item.properties.dtype)
-               for key, item in metadata.state_dict_metadata.items()
-               if key.startswith("model.") and isinstance(item, TensorStorageMetadata)}
-    state = {"model": weights}
-    dcp.load(state, checkpoint_id=str(directory), no_dist=True)
-    return state["model"]
-
-
-def _write_safetensors(path: Path, weights: dict) -> None:
-    from safetensors.torch import save_file
-
-    tensors, seen = {}, set()
-    for name, tensor in weights.items():
-        tensor = tensor.detach().contiguous()
-        # safetensors refuses tensors that share memory (tied weights): give repeats their own copy
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        tensors[name] = tensor.clone() if key in seen else tensor
-        seen.add(key)
-    # one metadata key only: safetensors writes the metadata map in random order, and the file
-    # should be byte-identical for identical weights (sync and async saves are compared)
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    path.chmod(0o644)  # safetensors creates it private; the other files of the checkpoint are 0644
-    manifest.fsync_file(path)
 
 
 class Checkpointer:
@@ -268,16 +242,21 @@ class Checkpointer:
 
     # -- saving ---------------------------------------------------------------------------
     def save(self, step: int, model, optimizer, scheduler, loader_state: Optional[dict], extra: Optional[dict],
-             model_config, meta: Optional[dict] = None) -> Path:
+             model_config, meta: Optional[dict] = None, *, consolidate: bool = True) -> Path:
         """Save the state of ``step``; returns the final ``step-N`` path (committed on return
         unless async_mode, where ``wait()`` guarantees it).
 
         loader_state: this rank's data position (each rank gets its own back); extra: the
         trainer's own JSON-like state (rank 0's is kept); meta: more fields for meta.json,
-        e.g. {"train": train_config_dict}.
+        e.g. {"train": train_config_dict}; consolidate: also write the full weights as
+        model.safetensors (a second copy of the model's bytes: a save that only serves resume
+        leaves it out, and inference reads the model from dcp/ instead).
         """
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_state_dict,
+        )
 
         self.wait()
         rank, world_size = _rank(), _world_size()
@@ -291,7 +270,8 @@ class Checkpointer:
         _barrier()
         rank_state = {"rank": rank, "world_size": world_size, "step": step,
                       "loader": manifest.encode_state(loader_state, "loader_state"), "rng": manifest.encode_state(_rng_state(), "rng")}
-        manifest.write_json_durable(_rank_file(temporary, rank), rank_state)
+        rank_entry = manifest.write_json_durable(_rank_file(temporary, rank), rank_state)
+        own = {_rank_file(temporary, rank).relative_to(temporary).as_posix(): rank_entry}
 
         if optimizer is None:
             state = {"model": get_model_state_dict(model)}
@@ -309,12 +289,13 @@ class Checkpointer:
         _barrier()  # every rank's own file is on disk before rank 0 can list the directory
 
         if not self.async_mode:
-            full_weights = _full_model_state(model)
+            full_weights = _full_model_state(model) if consolidate else None
+            # each rank hashes the files it writes as it writes them: nothing is read back
+            writer = hashing_storage_writer(temporary / "dcp")
             with _single_process_quiet():
-                dcp.save(state, checkpoint_id=str(temporary / "dcp"), no_dist=_dist() is None)
-            # each rank hashes the shard files it wrote, so rank 0 does not hash them all alone
-            own = manifest.hash_files(temporary, [f"dcp/{p.name}" for p in (temporary / "dcp").glob(f"__{rank}_*")]
-                                      ) if world_size > 1 else {}
+                dcp.save(state, checkpoint_id=str(temporary / "dcp"), storage_writer=writer,
+                         no_dist=_dist() is None)
+            own.update({f"dcp/{name}": entry for name, entry in writer.fs.entries.items()})
             known = _gather_to_rank0(own)
             if rank == 0:
                 self._commit(temporary, final, full_weights, meta_record, train_state,
@@ -323,11 +304,13 @@ class Checkpointer:
             return final
 
         future = self._async_save(state, temporary / "dcp")
-        pending = _PendingSave(final, future)
+        pending = _PendingSave(final, future, consolidate=consolidate)
+        known = _gather_to_rank0(own)
         if rank == 0:
             pending.committer = threading.Thread(
                 target=self._commit_when_written, name=f"gonogo-commit-{step}", daemon=True,
-                args=(pending, temporary, meta_record, train_state))
+                args=(pending, temporary, meta_record, train_state,
+                      {name: entry for part in known for name, entry in part.items()}))
             pending.committer.start()
         self._pending = pending
         return final
@@ -349,33 +332,34 @@ class Checkpointer:
                                       async_stager=self._stager, no_dist=_dist() is None)
         return getattr(response, "upload_completion", response)
 
-    def _commit_when_written(self, pending: "_PendingSave", temporary, meta_record, train_state) -> None:
+    def _commit_when_written(self, pending: "_PendingSave", temporary, meta_record, train_state, known) -> None:
         try:
             pending.future.result()
-            with _single_process_quiet():
-                full_weights = _full_model_state_from_dcp(temporary / "dcp")
-            self._commit(temporary, pending.final, full_weights, meta_record, train_state)
+            full_weights = None
+            if pending.consolidate:
+                with _single_process_quiet():
+                    full_weights = read_dcp_model_weights(temporary / "dcp")
+            # DCP wrote the shards in its own process: they are hashed here, off the training thread
+            self._commit(temporary, pending.final, full_weights, meta_record, train_state, known)
         except BaseException as error:  # re-raised by wait(), on the training thread
             pending.error = error
 
-    def _commit(self, temporary: Path, final: Path, full_weights: dict, meta_record: dict, train_state: dict,
-                known: Optional[dict] = None) -> None:
-        """Rank 0: consolidated weights, meta, manifest, COMMITTED, rename, retention."""
-        known = dict(known or {})
-        shards = [f"dcp/{p.name}" for p in (temporary / "dcp").iterdir() if f"dcp/{p.name}" not in known]
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            # the DCP files are hashed while the consolidated weights are being written
-            shard_hashes = pool.submit(manifest.hash_files, temporary, shards)
-            from gonogo.train import lora
+    def _commit(self, temporary: Path, final: Path, full_weights: Optional[dict], meta_record: dict,
+                train_state: dict, known: Optional[dict] = None) -> None:
+        """Rank 0: consolidated weights (when given), meta, manifest, COMMITTED, rename, retention.
 
-            if lora.is_lora_state(full_weights):  # the consolidated weights are merged (gonogo.train.lora)
+        ``known``: manifest entries of files hashed as they were written; any other file under
+        ``temporary`` is read back and hashed by ``manifest.commit``.
+        """
+        known = dict(known or {})
+        if full_weights is not None:
+            if adapters.is_lora_state(full_weights):  # the consolidated weights are merged
                 train = meta_record.get("train") or {}
-                full_weights, adapters = lora.merge(full_weights, train["lora_rank"], train["lora_alpha"])
-                _write_safetensors(temporary / lora.ADAPTERS_NAME, adapters)
-            _write_safetensors(temporary / WEIGHTS_NAME, full_weights)
-            manifest.write_json_durable(temporary / TRAIN_STATE_NAME, train_state)
-            manifest.write_json_durable(temporary / manifest.META_NAME, meta_record)
-            known.update(shard_hashes.result())
+                full_weights, lora_weights = adapters.merge(full_weights, train["lora_rank"], train["lora_alpha"])
+                known[adapters.ADAPTERS_NAME] = write_safetensors(temporary / adapters.ADAPTERS_NAME, lora_weights)
+            known[WEIGHTS_NAME] = write_safetensors(temporary / WEIGHTS_NAME, full_weights)
+        known[TRAIN_STATE_NAME] = manifest.write_json_durable(temporary / TRAIN_STATE_NAME, train_state)
+        known[manifest.META_NAME] = manifest.write_json_durable(temporary / manifest.META_NAME, meta_record)
         manifest.commit(temporary, known)
         if final.exists():
             # a checkpoint of the same step from an earlier attempt (e.g. a corrupt one that was
@@ -434,7 +418,7 @@ class Checkpointer:
         UserError when ``path`` is not a checkpoint, does not verify, or is of another model;
         nothing on disk is changed by a failed load.
         """
-        resumed = self._load_checked(_training_checkpoint(Path(path)), model, optimizer, scheduler, model_config)
+        resumed = self._load_checked(training_checkpoint(Path(path)).path, model, optimizer, scheduler, model_config)
         return resumed.step, resumed.loader_state, resumed.extra
 
     def load_latest(self, resume: str | Path, model, optimizer=None, scheduler=None, *,
@@ -445,8 +429,9 @@ class Checkpointer:
         if str(resume) == "never":
             return Resumed(None, 0, None, {})
         if str(resume) != "auto":
-            return self._load_checked(_training_checkpoint(Path(resume)), model, optimizer, scheduler, model_config)
-        choice, skipped = _from_rank0(manifest.newest_verified(self.root) if _rank() == 0 else None)
+            return self._load_checked(training_checkpoint(Path(resume)).path, model, optimizer, scheduler,
+                                      model_config)
+        choice, skipped = _from_rank0(newest_verified(self.root) if _rank() == 0 else None)
         for path, reason in skipped:
             log.warning("resume: skipping %s: %s", path, reason)
         if choice is None:
@@ -456,7 +441,7 @@ class Checkpointer:
         return resumed
 
     def _load_checked(self, path: Path, model, optimizer, scheduler, model_config) -> Resumed:
-        ok, reason = _from_rank0(_verify_for_loading(path) if _rank() == 0 else None)
+        ok, reason = _from_rank0(verify(path)[:2] if _rank() == 0 else None)
         if not ok:
             raise UserError(f"{path}: checkpoint cannot be loaded: {reason} "
                             "(use --resume auto to take the newest good one)")
@@ -464,8 +449,12 @@ class Checkpointer:
 
     def _restore(self, path: Path, model, optimizer, scheduler, model_config) -> Resumed:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
-                                                             set_model_state_dict, set_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_state_dict,
+            set_model_state_dict,
+            set_state_dict,
+        )
 
         meta = _read_json(path / manifest.META_NAME)
         _check_same_model(path, meta["model"], model_config)
@@ -506,162 +495,4 @@ class _PendingSave:
     future: Any
     committer: Optional[threading.Thread] = None
     error: Optional[BaseException] = None
-
-
-def _training_checkpoint(path: Path) -> Path:
-    """A checkpoint dir for resuming training (an HF export has no optimizer state)."""
-    resolved = resolve_checkpoint(path)
-    if manifest.is_hf_export(resolved) and not (resolved / manifest.META_NAME).is_file():
-        raise UserError(f"{path}: a Hugging Face export has no optimizer or data state to resume "
-                        "training from; give a gonogo checkpoint or run directory")
-    return resolved
-
-
-def _verify_for_loading(path: Path) -> tuple[bool, str]:
-    """``verify_checkpoint``, and every file a load reads is in the manifest: DCP's ``.metadata``
-    is a pickle, so an unlisted file (never hashed at commit) is refused, not unpickled."""
-    ok, reason = verify_checkpoint(path)
-    if not ok:
-        return ok, reason
-    unlisted = _unlisted_file(path)
-    if unlisted is not None:
-        return False, f"{unlisted} is not listed in the manifest (an unverified file is never loaded)"
-    return True, "ok"
-
-
-def _unlisted_file(path: Path) -> Optional[str]:
-    """The first file a load would read that the (verified) manifest does not list, or None."""
-    listed = set(json.loads((path / manifest.MANIFEST_NAME).read_text(encoding="utf-8"))["files"])
-    readable = [file for folder in ("dcp", "ranks") if (path / folder).is_dir()
-                for file in sorted((path / folder).rglob("*")) if file.is_file()]
-    readable += [path / name for name in (TRAIN_STATE_NAME, WEIGHTS_NAME) if (path / name).is_file()]
-    for file in readable:
-        relative = file.relative_to(path).as_posix()
-        if relative not in listed:
-            return relative
-    return None
-
-
-def check_resume_path(resume: str) -> None:
-    """UserError (one line) when ``resume`` is a path that is not a checkpoint that verifies.
-
-    Run in the parent before any worker starts, so a checkpoint from outside the run is checked
-    before DCP unpickles its metadata in every rank.
-    """
-    if resume in ("auto", "never"):
-        return
-    _training_checkpoint(Path(resume))
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir, a run dir (its newest verified checkpoint under checkpoints/), a
-    checkpoints dir, or a Hugging Face export dir (config.json + model.safetensors) -> that dir.
-
-    UserError when it is none of these, or when the checkpoint does not verify.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path}: no such directory (give a checkpoint, run or Hugging Face export directory)")
-    if manifest.is_committed(path) or (path / manifest.META_NAME).is_file():
-        ok, reason = _verify_for_loading(path)
-        if not ok:
-            raise UserError(f"{path}: checkpoint cannot be used: {reason}")
-        return path
-    if manifest.is_hf_export(path):
-        return path
-    roots = manifest.checkpoint_roots(path)
-    if not roots and (path / "checkpoints").is_dir():
-        raise UserError(f"{path}: no committed checkpoint under {path / 'checkpoints'} (none saved yet)")
-    if not roots:
-        raise UserError(f"{path}: not a checkpoint, run or Hugging Face export directory "
-                        "(expected COMMITTED + meta.json, checkpoints/step-*/, or config.json + model.safetensors)")
-    found, skipped = [], []
-    for root in roots:
-        choice, root_skipped = manifest.newest_verified(root)
-        skipped += root_skipped
-        if choice is not None:
-            found.append(choice)
-    if not found:
-        why = "; ".join(f"{p.name}: {reason}" for p, reason in skipped) or "none saved yet"
-        raise UserError(f"{path}: no committed checkpoint that verifies under {path} ({why})")
-    for skipped_path, reason in skipped:
-        log.warning("skipping %s: %s", skipped_path, reason)
-    # the run's newest model: the last checkpoint committed by any of its training stages
-    choice = max(found, key=lambda p: (p / manifest.COMMITTED_NAME).stat().st_mtime)
-    unlisted = _unlisted_file(choice)  # its hashes were just verified; DCP's pickle must be among them
-    if unlisted is not None:
-        raise UserError(f"{choice}: checkpoint cannot be used: {unlisted} is not listed in the manifest "
-                        "(an unverified file is never loaded)")
-    return choice
-
-
-def check_readable(directory: Path) -> None:
-    """UserError (one line) if a resolved model directory cannot be loaded: for a Hugging Face
-    directory its config.json and safetensors headers are read (cheap); a gonogo checkpoint was
-    already verified against its manifest by ``resolve_checkpoint``. Commands call it before they
-    create their run directory, so a damaged input leaves nothing behind."""
-    if (directory / manifest.META_NAME).is_file():
-        return
-    from gonogo.export.hf import check_hf_weights, hf_model_config
-    from gonogo.files import unreadable_input
-
-    with unreadable_input(directory):
-        hf_model_config(directory)
-        check_hf_weights(directory)
-
-
-def load_for_inference(path: str | Path, *, device: Any = "cpu", dtype: Any = None):
-    """-> (Decoder in eval mode, ModelConfig, meta dict).
-
-    On ``device`` ("cpu" by default; "auto", "cuda", "cuda:N" or a torch.device) in ``dtype``
-    (default: fp32 on the CPU, bf16 on a GPU), after checking that it fits there
-    (gonogo/infer/device.py).
-
-    A gonogo checkpoint: reads only meta.json and model.safetensors (safetensors never runs code
-    from the file). A Hugging Face export directory: imported by ``gonogo.export.hf``.
-    """
-    import torch
-
-    from gonogo.infer.device import choose_device, inference_dtype, place
-
-    target = device if isinstance(device, torch.device) else choose_device(device)
-    if dtype is None or isinstance(dtype, str):
-        dtype = inference_dtype(target, dtype)
-    model, config, meta = _load_on_cpu(path)
-    return place(model, target, dtype, what=f"the model of {path}"), config, meta
-
-
-def _load_on_cpu(path: str | Path):
-    """(Decoder in eval mode on CPU in fp32, ModelConfig, meta dict)."""
-    import torch
-    from safetensors.torch import load_file
-
-    from gonogo.model.config import ModelConfig
-    from gonogo.typed_config import validate
-
-    directory = resolve_checkpoint(path)
-    if not (directory / manifest.META_NAME).is_file():
-        from gonogo.export.hf import load_hf_dir
-        from gonogo.files import unreadable_input
-
-        with unreadable_input(directory):  # no manifest vouches for it: a damaged export is one line
-            return load_hf_dir(directory, device="cpu", dtype=torch.float32)
-    if (directory / "quantization.json").is_file():
-        from gonogo.infer.quantize import load_quantized
-
-        return load_quantized(directory)
-    if not (directory / WEIGHTS_NAME).is_file():
-        raise UserError(f"{directory}: has no {WEIGHTS_NAME} (a quantized checkpoint is read by gonogo.infer.quantize)")
-    meta = _read_json(directory / manifest.META_NAME)
-    config = validate(ModelConfig, meta["model"], source=str(directory / manifest.META_NAME))
-    from gonogo.model.decoder import Decoder
-
-    model = Decoder(config)
-    weights = load_file(str(directory / WEIGHTS_NAME), device="cpu")
-    weights = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in weights.items()}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{directory}: weights do not fit the model in meta.json "
-                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    model = model.to(device="cpu", dtype=torch.float32).eval()
-    return model, config, meta
+    consolidate: bool = True

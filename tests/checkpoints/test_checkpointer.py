@@ -1,4 +1,4 @@
-"""Checkpoints in one process: round trip, atomicity, verification, retention, user errors."""
+"""The training Checkpointer in one process: round trip, atomicity, verification, retention, user errors."""
 
 import json
 import random
@@ -9,11 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from gonogo.checkpoints import manifest
+from gonogo.checkpoints.checkpointer import Checkpointer
+from gonogo.checkpoints.loaders import load_for_inference
+from gonogo.checkpoints.manifest import decode_state, encode_state, verify_checkpoint
+from gonogo.checkpoints.reference import resolve_path as resolve_checkpoint
 from gonogo.errors import UserError
 from gonogo.model.config import ModelConfig
-from gonogo.train import manifest
-from gonogo.train.checkpoint import Checkpointer, load_for_inference, resolve_checkpoint, verify_checkpoint
-from gonogo.train.manifest import decode_state, encode_state
 
 CONFIG = ModelConfig(d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=32)
 
@@ -116,10 +118,10 @@ def test_flipped_byte_is_detected_and_previous_checkpoint_loaded(tmp_path):
     before = directory_listing(tmp_path)
 
     ok, reason = verify_checkpoint(corrupt)
-    assert not ok and "dcp/__0_0.distcp" in reason and "sha256" in reason
+    assert not ok and "dcp/__0_0.distcp" in reason and "blake3" in reason
     resumed = Checkpointer(tmp_path).load_latest("auto", *make_job(), model_config=CONFIG)
     assert resumed.step == 10 and [p for p, _ in resumed.skipped] == [corrupt]
-    with pytest.raises(UserError, match="sha256"):
+    with pytest.raises(UserError, match="blake3"):
         Checkpointer(tmp_path).load(corrupt, *make_job(), model_config=CONFIG)
     assert directory_listing(tmp_path) == before  # a failed resume deletes and rewrites nothing
 
@@ -231,7 +233,7 @@ def test_async_save_writes_the_state_of_its_step_while_training_goes_on(tmp_path
     async_files = json.loads((path / "manifest.json").read_text())["files"]
     assert sync_files.keys() == async_files.keys()
     for name in ("model.safetensors", "train_state.json", "dcp/__0_0.distcp"):
-        assert sync_files[name]["sha256"] == async_files[name]["sha256"], name
+        assert sync_files[name]["blake3"] == async_files[name]["blake3"], name
     restored = make_job(seed=3)
     Checkpointer(tmp_path / "async").load(path, *restored, model_config=CONFIG)
     assert_same_snapshot(snapshot(restored[0], restored[1]), expected)
@@ -293,8 +295,8 @@ def test_resume_from_outside_the_run_refuses_a_checkpoint_that_does_not_verify(t
 
     """DCP's .metadata is a pickle: a checkpoint is verified (every file it would read listed and
     hashed) in the parent, before a worker starts, and refused in one line with exit 2."""
+    from gonogo.checkpoints import check_resume_path
     from gonogo.cli import main
-    from gonogo.train.checkpoint import check_resume_path
 
     outside = save(Checkpointer(tmp_path / "elsewhere"), 2, make_job())
     check_resume_path(str(outside))  # a good one passes
@@ -353,3 +355,59 @@ def test_an_async_save_whose_write_fails_never_commits(tmp_path, monkeypatch):
     assert not (tmp_path / "step-00000002").exists()
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["step-00000001"]
     assert manifest.newest_verified(tmp_path)[0] == tmp_path / "step-00000001"
+
+
+def test_a_save_without_consolidated_weights_still_loads_for_inference(tmp_path):
+    """Intermediate training saves leave out model.safetensors (a second copy of the weights);
+    inference then reads the model part of the verified DCP shards, with the same result."""
+    from gonogo.model.decoder import Decoder
+
+    config = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
+    torch.manual_seed(0)
+    model = Decoder(config)
+    model.init_weights(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    path = Checkpointer(tmp_path).save(5, model, optimizer, None, None, {}, config, consolidate=False)
+    assert not (path / "model.safetensors").exists() and verify_checkpoint(path) == (True, "ok")
+    loaded, _, meta = load_for_inference(path)
+    tokens = torch.randint(0, config.vocab_size, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model.eval()(tokens))
+    assert meta["step"] == 5
+
+
+def test_a_sync_save_hashes_while_writing_and_reads_nothing_back(tmp_path, monkeypatch):
+    def no_read_back(path, algorithm="blake3"):
+        raise AssertionError(f"{path} was read back to be hashed")
+
+    monkeypatch.setattr(manifest, "hash_file", no_read_back)
+    path = save(Checkpointer(tmp_path), 3, make_job())
+    monkeypatch.undo()
+    listing = json.loads((path / "manifest.json").read_text())
+    assert listing["algorithm"] == "blake3" and listing["format"] == 2
+    assert {"model.safetensors", "dcp/.metadata", "dcp/__0_0.distcp", "meta.json", "train_state.json",
+            "ranks/rank-00000.json"} <= set(listing["files"])
+    for name, entry in listing["files"].items():  # what was hashed in flight is what is on disk
+        assert entry["blake3"] == manifest.hash_file(path / name), name
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "model.safetensors"))
+    assert all(torch.equal(weights[name], tensor) for name, tensor in make_job()[0].state_dict().items())
+
+
+def test_a_sha256_manifest_of_an_older_checkpoint_still_verifies(tmp_path):
+    import hashlib
+
+    path = save(Checkpointer(tmp_path), 10, make_job())
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    old = {"format": 1, "files": {name: {"size": entry["size"], "sha256": manifest.sha256_file(path / name)}
+                                  for name, entry in files.items()}}
+    old_bytes = json.dumps(old).encode()
+    (path / "manifest.json").write_bytes(old_bytes)
+    (path / "COMMITTED").write_text(json.dumps({"format": 1, "manifest_sha256": hashlib.sha256(old_bytes).hexdigest()}))
+    assert verify_checkpoint(path) == (True, "ok")
+    shard = path / "dcp" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert verify_checkpoint(path) == (False, "dcp/__0_0.distcp: sha256 does not match the manifest (corrupted)")
