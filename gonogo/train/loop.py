@@ -26,14 +26,14 @@ from torch import nn
 
 from gonogo.errors import UserError
 from gonogo.model.config import ModelConfig
-from gonogo.train import faults as faults_module
+from gonogo.train import fault_injection as faults_module
 from gonogo.train import guards
-from gonogo.train import metrics as metrics_module
+from gonogo.train import telemetry as metrics_module
 from gonogo.train import triage as triage_module
 from gonogo.train.config import TrainConfig, TrainSettings, check_world, gradient_accumulation
 from gonogo.train.memory import MemoryGuard
-from gonogo.train.parallel import (World, autocast, build_meshes, clip_grad_norm, parallelize, reduce_expert_gradients,
-                                   set_gradient_sync, unwrap)
+from gonogo.parallel import (World, autocast, build_meshes, clip_grad_norm, parallelize, reduce_expert_gradients,
+                             set_gradient_sync, unwrap)
 
 log = logging.getLogger(__name__)
 
