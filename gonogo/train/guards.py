@@ -394,19 +394,6 @@ def has_committed(root: Path) -> bool:
     return any(manifest.is_committed(path) for _, path in manifest.step_dirs(root))
 
 
-def roll_back(checkpointer, model, optimizer, scheduler, loader, config) -> Optional[int]:
-    """Restore the newest good checkpoint of this stage; its step, or None when there is none."""
-    if checkpointer is None:
-        return None
-    checkpointer.wait()
-    resumed = checkpointer.load_latest("auto", model, optimizer, scheduler, model_config=config.model)
-    if resumed.path is None:
-        return None
-    if resumed.loader_state is not None:
-        loader.load_state_dict(resumed.loader_state)
-    return resumed.step
-
-
 def record_event(path: Path, stage: str, rank: int, step: int, event: str, **fields: Any) -> None:
     _append_event(path, {"stage": stage, "rank": rank, "step": step, "event": event, **fields})
 

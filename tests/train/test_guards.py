@@ -253,7 +253,7 @@ def test_cuda_section_timer_profiles_the_first_step_of_every_window():
         return made[-1]
 
     timer = guards.SectionTimer("cuda", profiler_factory=factory)
-    for step in range(3):  # a window of 3 steps: only the first is profiled
+    for _ in range(3):  # a window of 3 steps: only the first is profiled
         with timer.section("forward_backward"):
             pass
         timer.steps += 1
