@@ -26,7 +26,7 @@ group, so this gives the same average over all W ranks' data as FSDP gives every
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -120,7 +120,8 @@ def exchange_and_run(x: torch.Tensor, counts: torch.Tensor, weights: tuple[torch
     local_expert = torch.arange(L, device=x.device).repeat(W)
     row_expert = torch.repeat_interleave(local_expert, received.flatten())
     order = torch.argsort(row_expert, stable=True)
-    out = run_experts(*weights, rows[order], received.sum(dim=0).tolist())
+    w1, w2, w3 = weights
+    out = run_experts(w1, w2, w3, rows[order], received.sum(dim=0).tolist())
     out = torch.zeros_like(out).index_copy(0, order, out)
     return all_to_all(out, input_splits, output_splits, group)
 
@@ -183,7 +184,8 @@ def shard_experts(model: nn.Module, world: Any) -> list[nn.Parameter]:
     parameters: list[nn.Parameter] = []
     for moe in [module for module in model.modules() if isinstance(module, MoE)]:
         if type(moe.experts) is ExpertParallelExperts:
-            moe.experts = ShardedExperts(moe.experts, world.ep_mesh, world.device)
+            # a new module in the old one's place (MoE declares GroupedExperts; this one holds DTensors)
+            moe.experts = ShardedExperts(moe.experts, world.ep_mesh, world.device)  # type: ignore[assignment]
             parameters += [getattr(moe.experts, name) for name in ShardedExperts.WEIGHTS]
     return parameters
 
@@ -199,7 +201,7 @@ def reduce_expert_gradients(model: nn.Module, world: Any) -> None:
         return
     for name, parameter in model.named_parameters():
         if is_expert_parameter(name) and parameter.grad is not None:
-            local = parameter.grad.to_local()
+            local = cast(Any, parameter.grad).to_local()  # an ep-mesh DTensor
             if dist.get_world_size(world.edp_group) > 1:
                 dist.all_reduce(local, group=world.edp_group)
             local.div_(world.world_size)

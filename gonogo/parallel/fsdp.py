@@ -22,7 +22,8 @@ def apply_fsdp(model: nn.Module, mesh: Any, bf16: bool, ignored: set[nn.Paramete
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     ignored_kwargs = fsdp_ignored_kwargs(fully_shard, ignored)
-    for block in model.layers:
+    blocks: Any = model.layers
+    for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, **ignored_kwargs)
     # the root holds the embedding (shared with the output head when tied) and the final norm;
     # it is the last to run, so it keeps its parameters gathered after the forward

@@ -17,7 +17,8 @@ def clip_grad_norm(model: nn.Module, max_norm: float, world: World) -> torch.Ten
     ``torch.nn.utils.clip_grad_norm_`` cannot mix in one norm; so the norm is taken per mesh (a
     DTensor norm reduces over its own mesh) and the two are combined.
     """
-    dense, experts = [], []
+    dense: list[torch.Tensor] = []
+    experts: list[torch.Tensor] = []
     for name, parameter in model.named_parameters():
         if parameter.grad is not None:
             (experts if is_expert_parameter(name) and world.ep_mesh is not None else dense).append(parameter.grad)

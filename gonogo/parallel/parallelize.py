@@ -12,7 +12,7 @@ expert-parallel experts compute on a bf16 copy of their fp32 weights.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -57,8 +57,8 @@ def autocast(config: Any, world: World):
 def set_gradient_sync(model: nn.Module, config: Any, enabled: bool):
     """Skip the gradient reduction on all but the last micro-batch of an accumulation."""
     if config.train.parallel == "fsdp":
-        model.set_requires_gradient_sync(enabled)
+        cast(Any, model).set_requires_gradient_sync(enabled)  # added by fully_shard
         return contextlib.nullcontext()
     if config.train.parallel == "ddp" and not enabled:
-        return model.no_sync()
+        return cast(Any, model).no_sync()
     return contextlib.nullcontext()

@@ -189,7 +189,7 @@ def train(job: Job, world: World) -> Optional[dict[str, Any]]:
     accumulation = gradient_accumulation(settings, world.world_size)
     is_moe = config.model.moe is not None
     model = build_model(config.model, config, world)
-    decoder = unwrap(model)
+    decoder: Any = unwrap(model)  # the Decoder: its MoE aux loss, token counts and router biases
     optimizer = build_optimizer(model, settings, world)
     scheduler = build_scheduler(optimizer, settings)
     loader = PackedLoader(config.data.open_source("train"), settings.seq_len, settings.micro_batch_size,
