@@ -61,7 +61,7 @@ def profile_step(precision: str, steps: int, rank: int = 0, world_size: int = 1,
     from gonogo.data.loader import PackedLoader
     from gonogo.train.config import load_train_config
     from gonogo.train.loop import build_model, build_optimizer, language_model_loss
-    from gonogo.train.parallel import World, autocast, build_meshes, clip_grad_norm
+    from gonogo.parallel import World, autocast, build_meshes, clip_grad_norm
 
     micro = 8 // world_size
     config, _ = load_train_config("tiny-dense", (shape or SHAPE) + [f"train.precision={precision}",

@@ -2,7 +2,7 @@
 
 Each drill trains a tiny model (deterministic fp32, checkpoints every few steps, torchrun with
 restarts) twice: once without a fault (the twin, trained once per drill command) and once with
-the fault (``gonogo.train.faults``), then reads the faulty run's directory to tell:
+the fault (``gonogo.train.fault_injection``), then reads the faulty run's directory to tell:
 
 - detected (and ``detect_seconds`` after the fault: the watchdog's ``hang_detected``, the loss
   guard's rollback, the skipped checkpoint, or for a dead rank the restarted attempt's start),
@@ -127,7 +127,7 @@ class Drill:
     def run_shrink(self, index: int) -> dict[str, Any]:
         """One rank is lost for good: the job fails on N ranks (no restart), then resumes from the
         last committed checkpoint on N-1 ranks (DCP reshards it) and must continue the twin's loss curve."""
-        from gonogo.train.faults import Fault
+        from gonogo.train.fault_injection import Fault
 
         if self.nproc < 2:
             raise UserError(f"the shrink drill needs at least 2 processes (nproc={self.nproc}): it continues on one fewer")
@@ -147,7 +147,7 @@ class Drill:
         return outcome
 
     def run_once(self, kind: str, index: int) -> dict[str, Any]:
-        from gonogo.train.faults import Fault
+        from gonogo.train.fault_injection import Fault
 
         if kind == "shrink":
             return self.run_shrink(index)
@@ -313,7 +313,7 @@ def triage_outcome(run_dir: Path, fault) -> dict[str, Any]:
     diagnosis = first.get("diagnosis") or {}
     frame = diagnosis.get("frame_detail") or {}
     named = (diagnosis.get("rank") == fault.rank and frame.get("function") == "after_step"
-             and Path(frame.get("file", "")).name == "faults.py" and diagnosis.get("step") == fault.step)
+             and Path(frame.get("file", "")).name == "fault_injection.py" and diagnosis.get("step") == fault.step)
     return {"triage_bundle": first["folder"], "what_hung": first.get("what_hung"), "triage_named": named}
 
 

@@ -4,7 +4,7 @@ tokens → embedding → n_layers × [RMSNorm → grouped-query attention with R
 RMSNorm → SwiGLU MLP (or a Mixture-of-Experts layer) → residual] → RMSNorm → output head.
 
 The module knows nothing of parallelism: the trainer applies FSDP / expert parallelism from the
-outside (gonogo.train.parallel, gonogo.model.expert_parallel), the inference engine passes its
+outside (gonogo.parallel), the inference engine passes its
 own KV cache object through ``forward(..., cache=...)``.
 
 RoPE uses the "rotate half" layout of Hugging Face's Llama (the two halves of each head are the

@@ -13,7 +13,7 @@ other requests share its batch (the inference engine batches them freely).
 Computation: the (token, expert) assignments are sorted by expert, so each expert runs one
 matmul over a contiguous block of tokens (a loop over experts, not over tokens). The experts
 module only sees "tokens sorted by expert + counts per expert", which is what lets
-``gonogo.model.expert_parallel`` replace it with a version that sends the blocks to other ranks.
+``gonogo.parallel.expert`` replace it with a version that sends the blocks to other ranks.
 """
 
 from __future__ import annotations

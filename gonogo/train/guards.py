@@ -387,16 +387,3 @@ def has_committed(root: Path) -> bool:
     from gonogo.checkpoints import manifest
 
     return any(manifest.is_committed(path) for _, path in manifest.step_dirs(root))
-
-
-def roll_back(checkpointer, model, optimizer, scheduler, loader, config) -> Optional[int]:
-    """Restore the newest good checkpoint of this stage; its step, or None when there is none."""
-    if checkpointer is None:
-        return None
-    checkpointer.wait()
-    resumed = checkpointer.load_latest("auto", model, optimizer, scheduler, model_config=config.model)
-    if resumed.path is None:
-        return None
-    if resumed.loader_state is not None:
-        loader.load_state_dict(resumed.loader_state)
-    return resumed.step

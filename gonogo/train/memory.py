@@ -229,7 +229,7 @@ def _probe(job, world, probe: dict[str, Any]) -> Optional[dict[str, Any]]:
     import torch.distributed as dist
 
     from gonogo.train.loop import build_model, build_optimizer, language_model_loss
-    from gonogo.train.parallel import autocast, build_meshes
+    from gonogo.parallel import autocast, build_meshes
 
     config, settings = job.config, job.config.train
     build_meshes(world, settings.expert_parallel)
@@ -295,7 +295,7 @@ def probe_main(argv=None) -> int:
     import torch.distributed as dist
 
     from gonogo.rundir import write_json_atomic
-    from gonogo.train.parallel import init_distributed
+    from gonogo.parallel import init_distributed
     from gonogo.train.worker import read_job
 
     job = read_job(args.job)

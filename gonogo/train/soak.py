@@ -155,8 +155,8 @@ def worker(job_path: Path) -> int:
     from gonogo.train import loop
     from gonogo.checkpoints.checkpointer import Checkpointer
     from gonogo.train.config import TrainConfig, gradient_accumulation
-    from gonogo.train.metrics import make_utilization
-    from gonogo.train.parallel import build_meshes, clip_grad_norm, init_distributed
+    from gonogo.train.telemetry import make_utilization
+    from gonogo.parallel import build_meshes, clip_grad_norm, init_distributed
 
     job = json.loads(job_path.read_text(encoding="utf-8"))
     config = TrainConfig.model_validate(job["config"])

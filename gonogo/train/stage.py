@@ -80,7 +80,7 @@ def launch(config: TrainConfig, config_filename: str, nproc: int, *, run_dir: Ru
     node whose agent did not host rank 0 the result is ``{"rank0_elsewhere": True}``.
     """
     from gonogo.cluster.torchrun import torchrun_command, torchrun_env
-    from gonogo.train.metrics import parse_progress
+    from gonogo.train.telemetry import parse_progress
     from gonogo.train.worker import write_job
 
     preflight(config, nproc, resume)

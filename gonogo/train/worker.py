@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from gonogo.train.loop import train
-    from gonogo.train.parallel import init_distributed
+    from gonogo.parallel import init_distributed
 
     job = read_job(args.job)
     world = init_distributed(job.config.train.init_timeout_s)

@@ -10,7 +10,7 @@ import pytest
 from gonogo.cli import main
 from gonogo.drills import fault_drills
 from gonogo.stages.drill.stage import DrillSettings, _metrics
-from gonogo.train.faults import Fault
+from gonogo.train.fault_injection import Fault
 
 
 @pytest.mark.slow

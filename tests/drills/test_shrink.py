@@ -9,7 +9,7 @@ import pytest
 
 from gonogo.drills import fault_drills
 from gonogo.stages.drill.stage import DrillSettings
-from gonogo.train.faults import Fault
+from gonogo.train.fault_injection import Fault
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ an export answers the real `openai` client, streamed text equal to the plain tex
 CJK in the prompt. (Import alone against transformers: test_hf_import.py.)
 
 The finetunes run the trainer's worker in this process as the one-rank job it starts without
-torchrun (gonogo.train.parallel.init_distributed); the torchrun launch of the same finetune is
+torchrun (gonogo.parallel.init_distributed); the torchrun launch of the same finetune is
 tested in tests/train/test_finetune_hf.py and tests/test_byo_model_plan.py.
 """
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from gonogo.train.faults import Fault
+from gonogo.train.fault_injection import Fault
 
 
 def _events(root):

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from gonogo.train import guards
-from gonogo.train.faults import ENV, Fault, Injector, flip_bytes
+from gonogo.train.fault_injection import ENV, Fault, Injector, flip_bytes
 
 
 def _watchdog(tmp_path, exits, **options):

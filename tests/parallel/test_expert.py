@@ -47,3 +47,10 @@ def test_a_group_of_one_keeps_experts_local(results):
 def test_indivisible_expert_count_is_a_clear_error(results):
     message = results[0]["indivisible_error"]
     assert message is not None and "n_experts=3" in message and "2 ranks" in message
+
+
+def test_sharded_experts_replace_the_module_and_keep_the_math(results):
+    for rank, result in enumerate(results):
+        assert result["sharded"] == {"types": True, "old_modules_untouched": True, "names_equal": True,
+                                     "returned_are_the_dtensors": True, "logits_equal": True, "grads_equal": True,
+                                     "full_tensor_equal": True}, (rank, result["sharded"])

@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from gonogo.train import metrics, peak
+from gonogo.train import peak
+from gonogo.train import telemetry as metrics
 
 
 def test_cpu_utilisation_sees_a_busy_process():

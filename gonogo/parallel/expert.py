@@ -1,7 +1,7 @@
 """Expert parallelism: each rank of a process group holds n_experts / group_size experts.
 
 Applied from the outside, after the model is built (the decoder knows nothing of it). Every MoE
-layer's ``experts`` module is swapped for one that keeps only this rank's contiguous slice of the
+layer's ``experts`` module is replaced by one that keeps only this rank's contiguous slice of the
 stacked weights (rank r owns experts [r·L, (r+1)·L), L = n_experts / group size) and runs:
 
     tokens sorted by expert ──all_to_all (counts)──▶ how many rows each rank will send me
@@ -13,13 +13,20 @@ Routing, capacity drops, the aux loss and the combine stay on the token's own ra
 output is exactly what the unsharded layer gives for that rank's tokens. Gradients flow through
 both exchanges (the backward of an all_to_all is the all_to_all with the splits swapped).
 
-Parameter names do not change (``layers.{i}.moe.experts.w1`` ...), but each rank's tensors are
-its slice: whoever saves or exports the full model gathers the slices in rank order.
+Two modules do this: ``ExpertParallelExperts`` holds its slice as plain tensors (parameter names
+do not change, but whoever saves the full model gathers the slices: ``gather_full_state_dict``);
+``ShardedExperts``, what the trainer uses (``shard_experts``), is built from one and holds the
+slice as a DTensor sharded over the "ep" mesh (``Shard(0)`` on the expert dimension), so DCP
+checkpoints, the optimizer state and the consolidated weights see one [n_experts, ...] tensor,
+not K different tensors under one name. Along "edp" (the ranks holding the same experts) they are
+replicated, and ``reduce_expert_gradients`` all-reduces their gradients over "edp" and divides by
+W: each expert's gradient from the all_to_all backward is already the sum over the K ranks of its
+group, so this gives the same average over all W ranks' data as FSDP gives every other weight.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -66,22 +73,57 @@ class ExpertParallelExperts(GroupedExperts):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: this rank's token rows sorted by (global) expert; counts: LongTensor[n_experts]."""
-        W, L = self.group_size, self.n_local_experts
-        # received[s, j] = rows rank s sends to my local expert j
-        received = torch.empty_like(counts)
-        dist.all_to_all_single(received, counts.contiguous(), group=self.group)
-        received = received.view(W, L)
-        input_splits = counts.view(W, L).sum(dim=1).tolist()
-        output_splits = received.sum(dim=1).tolist()
+        return exchange_and_run(x, counts, (self.w1, self.w2, self.w3), self.group, self.group_size,
+                                self.n_local_experts)
 
-        rows = all_to_all(x, output_splits, input_splits, self.group)
-        # rows arrive as blocks (source 0: expert 0..L-1), (source 1: ...); experts want theirs together
-        local_expert = torch.arange(L, device=x.device).repeat(W)
-        row_expert = torch.repeat_interleave(local_expert, received.flatten())
-        order = torch.argsort(row_expert, stable=True)
-        out = run_experts(self.w1, self.w2, self.w3, rows[order], received.sum(dim=0).tolist())
-        out = torch.zeros_like(out).index_copy(0, order, out)
-        return all_to_all(out, input_splits, output_splits, self.group)
+
+class ShardedExperts(nn.Module):
+    """This rank's experts as DTensors sharded over the ep mesh, built from an ExpertParallelExperts.
+
+    The exchange works on this rank's slice, so the forward runs with the local shards (cast to
+    the compute dtype: FSDP leaves these weights in fp32); ``to_local`` is differentiable, so the
+    gradients land on the DTensor parameters.
+    """
+
+    WEIGHTS = ("w1", "w2", "w3")
+
+    def __init__(self, local: ExpertParallelExperts, mesh: Any, device: torch.device):
+        from torch.distributed.tensor import DTensor, Shard
+
+        super().__init__()
+        # what gonogo.model.decoder reads to place this rank's slice in the full stacked tensor
+        self.n_experts, self.n_local_experts = local.n_experts, local.n_local_experts
+        self.expert_start = local.expert_start
+        self.group, self.group_size = local.group, local.group_size
+        for name in self.WEIGHTS:
+            shard = getattr(local, name).detach().to(device)
+            setattr(self, name, nn.Parameter(DTensor.from_local(shard, mesh, [Shard(0)], run_check=False)))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        weights = tuple(getattr(self, name).to_local().to(x.dtype) for name in self.WEIGHTS)
+        return exchange_and_run(x, counts, weights, self.group, self.group_size, self.n_local_experts)
+
+
+def exchange_and_run(x: torch.Tensor, counts: torch.Tensor, weights: tuple[torch.Tensor, ...], group: Any,
+                     group_size: int, n_local_experts: int) -> torch.Tensor:
+    """The expert-parallel forward (see the module doc) with this rank's slice ``weights`` (w1, w2, w3)."""
+    W, L = group_size, n_local_experts
+    # received[s, j] = rows rank s sends to my local expert j
+    received = torch.empty_like(counts)
+    dist.all_to_all_single(received, counts.contiguous(), group=group)
+    received = received.view(W, L)
+    input_splits = counts.view(W, L).sum(dim=1).tolist()
+    output_splits = received.sum(dim=1).tolist()
+
+    rows = all_to_all(x, output_splits, input_splits, group)
+    # rows arrive as blocks (source 0: expert 0..L-1), (source 1: ...); experts want theirs together
+    local_expert = torch.arange(L, device=x.device).repeat(W)
+    row_expert = torch.repeat_interleave(local_expert, received.flatten())
+    order = torch.argsort(row_expert, stable=True)
+    w1, w2, w3 = weights
+    out = run_experts(w1, w2, w3, rows[order], received.sum(dim=0).tolist())
+    out = torch.zeros_like(out).index_copy(0, order, out)
+    return all_to_all(out, input_splits, output_splits, group)
 
 
 def apply_expert_parallel(model: nn.Module, group: Optional[Any] = None) -> nn.Module:
@@ -135,3 +177,31 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], stric
                     raise ValueError(f"{key} holds {state[key].shape[0]} experts, the model has {experts.n_experts}")
                 state[key] = state[key][local]
     model.load_state_dict(state, strict=strict)
+
+
+def shard_experts(model: nn.Module, world: Any) -> list[nn.Parameter]:
+    """Replace every ExpertParallelExperts by a ShardedExperts on ``world.ep_mesh``; their weights."""
+    parameters: list[nn.Parameter] = []
+    for moe in [module for module in model.modules() if isinstance(module, MoE)]:
+        if type(moe.experts) is ExpertParallelExperts:
+            # a new module in the old one's place (MoE declares GroupedExperts; this one holds DTensors)
+            moe.experts = ShardedExperts(moe.experts, world.ep_mesh, world.device)  # type: ignore[assignment]
+            parameters += [getattr(moe.experts, name) for name in ShardedExperts.WEIGHTS]
+    return parameters
+
+
+def is_expert_parameter(name: str) -> bool:
+    return ".moe.experts." in name
+
+
+@torch.no_grad()
+def reduce_expert_gradients(model: nn.Module, world: Any) -> None:
+    """Average the ep-sharded experts' gradients like FSDP averages the rest (see the module doc)."""
+    if world.ep_mesh is None:
+        return
+    for name, parameter in model.named_parameters():
+        if is_expert_parameter(name) and parameter.grad is not None:
+            local = cast(Any, parameter.grad).to_local()  # an ep-mesh DTensor
+            if dist.get_world_size(world.edp_group) > 1:
+                dist.all_reduce(local, group=world.edp_group)
+            local.div_(world.world_size)

@@ -1,4 +1,4 @@
-"""How the trainer applies FSDP2: what it asks of ``fully_shard`` across torch releases."""
+"""How the trainer parallelises a model: what it asks of ``fully_shard`` across torch releases."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch.distributed.fsdp as fsdp
 from gonogo.errors import UserError
 from gonogo.model.config import ModelConfig
 from gonogo.model.decoder import Decoder
-from gonogo.train import parallel
+from gonogo.parallel import parallelize
+from gonogo.parallel.fsdp import fsdp_ignored_kwargs
 
 
 def _torch_2_6_fully_shard(calls):
@@ -34,11 +35,11 @@ def test_fsdp_of_a_dense_model_works_with_torch_2_6(monkeypatch):
     calls = []
     monkeypatch.setattr(fsdp, "fully_shard", _torch_2_6_fully_shard(calls))
     model, config, world = _setup()
-    assert parallel.parallelize(model, config, world) is model
+    assert parallelize(model, config, world) is model
     assert calls == [*model.layers, model]  # each block, then the root
 
 
 def test_expert_parallel_fsdp_on_torch_without_ignored_params_is_a_user_error():
     with pytest.raises(UserError, match="torch >= 2.7"):
-        parallel.fsdp_ignored_kwargs(_torch_2_6_fully_shard([]), {torch.nn.Parameter(torch.zeros(1))})
-    assert parallel.fsdp_ignored_kwargs(fsdp.fully_shard, set()) == {}
+        fsdp_ignored_kwargs(_torch_2_6_fully_shard([]), {torch.nn.Parameter(torch.zeros(1))})
+    assert fsdp_ignored_kwargs(fsdp.fully_shard, set()) == {}

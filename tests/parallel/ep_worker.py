@@ -8,6 +8,7 @@ differences (logits, aux loss, counts, gradients) to <out>/rank<r>.json.
 import copy
 import json
 import sys
+from types import SimpleNamespace
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,8 +17,8 @@ import torch.distributed as dist
 
 from gonogo.model.config import ModelConfig, MoEConfig
 from gonogo.model.decoder import Decoder
-from gonogo.model.expert_parallel import (ExpertParallelExperts, apply_expert_parallel, gather_full_state_dict,
-                                          load_full_state_dict)
+from gonogo.parallel.expert import (ExpertParallelExperts, ShardedExperts, apply_expert_parallel,
+                                   gather_full_state_dict, load_full_state_dict, shard_experts)
 
 SCENARIOS = {
     "softmax-shared": MoEConfig(n_experts=4, top_k=2, expert_ffn_dim=24, n_shared_experts=1, aux_loss_coef=0.01),
@@ -103,6 +104,41 @@ def run_scenario(name, moe_config, rank, world):
     return diffs
 
 
+def sharded_against_plain(rank, world):
+    """The trainer's ShardedExperts (ep-mesh DTensors) against ExpertParallelExperts: the same module
+    tree and names, a new module in place of the old one (no class swap), the same numbers."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    config = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=48, moe=SCENARIOS["softmax-shared"])
+    plain, sharded = Decoder(config), Decoder(config)
+    plain.init_weights(seed=3)
+    sharded.init_weights(seed=3)
+    apply_expert_parallel(plain, group=None)
+    apply_expert_parallel(sharded, group=None)
+    before = [moe.experts for moe in sharded.moe_layers()]
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    returned = shard_experts(sharded, SimpleNamespace(ep_mesh=mesh, device=torch.device("cpu")))
+    after = [moe.experts for moe in sharded.moe_layers()]
+    result = {"types": all(type(e) is ShardedExperts for e in after),
+              "old_modules_untouched": all(type(e) is ExpertParallelExperts for e in before),
+              "names_equal": list(dict(plain.named_parameters())) == list(dict(sharded.named_parameters())),
+              "returned_are_the_dtensors": returned == [getattr(e, n) for e in after for n in ShardedExperts.WEIGHTS]}
+    logits_plain, loss_plain = loss_of(plain, batch_of(rank))
+    logits_sharded, loss_sharded = loss_of(sharded, batch_of(rank))
+    loss_plain.backward()
+    loss_sharded.backward()
+    result["logits_equal"] = torch.equal(logits_plain, logits_sharded)
+    grads_equal, full_equal = True, True
+    plain_parameters = dict(plain.named_parameters())
+    for name, parameter in sharded.named_parameters():
+        grad = parameter.grad.to_local() if ".moe.experts." in name else parameter.grad
+        grads_equal &= torch.equal(grad, plain_parameters[name].grad)
+        if ".moe.experts." in name:  # the DTensor's global view is every rank's slice in order
+            full_equal &= torch.equal(parameter.full_tensor(), gather_full_state_dict(plain)[name])
+    result["grads_equal"], result["full_tensor_equal"] = grads_equal, full_equal
+    return result
+
+
 def main():
     out = Path(sys.argv[1])
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
@@ -118,6 +154,8 @@ def main():
     apply_expert_parallel(local, group=singles[rank])
     result["ep1_local"] = (not isinstance(local.moe_layers()[0].experts, ExpertParallelExperts)
                            and torch.equal(local(batch_of(rank)), before))
+
+    result["sharded"] = sharded_against_plain(rank, world)
 
     odd = Decoder(config.model_copy(update={"moe": MoEConfig(n_experts=3, top_k=1)}))
     try:
