@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -426,6 +427,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     vllm_dtype = args.vllm_dtype or args.dtype
+    # the gonogo server child runs this checkout's code, not whichever gonogo is installed
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     options = dict(quick=args.quick, dtype=args.dtype, vllm_dtype=vllm_dtype, threads=args.server_threads)
     with tempfile.TemporaryDirectory() as workdir, LoadWatch() as watch:
         results = engines_side_by_side(Path(workdir), **options)
