@@ -166,7 +166,7 @@ def test_a_kill_drill_that_does_not_recover_is_no_go(tmp_path, monkeypatch):
 def test_a_quantized_model_that_got_worse_is_no_go(tmp_path, monkeypatch):
     import torch
 
-    from gonogo.infer import quantize
+    from gonogo.checkpoints import quantized as quantize
     from tests.infer.conftest import tiny_model, write_checkpoint
 
     checkpoint = write_checkpoint(tmp_path / "model" / "step-00000010", tiny_model())

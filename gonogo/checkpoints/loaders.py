@@ -1,21 +1,22 @@
-"""Loading a model for inference, one loader per checkpoint format, registered here.
+"""Loading a checkpoint's model, one loader per checkpoint format, registered here.
 
-``load_for_inference(ref_or_path)`` takes a ``CheckpointRef`` (already verified by ``resolve``:
+``load_on_cpu(ref_or_path)`` takes a ``CheckpointRef`` (already verified by ``resolve``:
 nothing is hashed again) or a path (resolved, and so verified, first) and returns
-``(Decoder in eval mode, ModelConfig, meta dict)`` on the requested device. The format decides
-the loader (``LOADERS``):
+``(Decoder in eval mode on the CPU in fp32, ModelConfig, meta dict)``; inference places it on
+its device with ``gonogo.infer.device.load_for_inference``. The format decides the loader
+(``LOADERS``):
 
 - ``gonogo``: meta.json + model.safetensors, or, for a checkpoint saved without consolidated
   weights (an intermediate training save), the model part of its DCP shards (their ``.metadata``
   pickle is read only because the manifest that lists it was verified);
-- ``quantized``: ``gonogo.infer.quantize`` (dequantized to fp32 on the CPU);
+- ``quantized``: ``gonogo.checkpoints.quantized`` (dequantized to fp32 on the CPU);
 - ``hf``: ``gonogo.checkpoints.hf.load_hf_dir``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from gonogo.checkpoints import manifest
 from gonogo.checkpoints.reference import CheckpointRef, resolve
@@ -50,7 +51,7 @@ def model_weights(ref: CheckpointRef) -> dict:
         return load_file(str(ref.path / manifest.WEIGHTS_NAME), device="cpu")
     if not (ref.path / "dcp").is_dir():
         raise UserError(f"{ref.path}: has neither {manifest.WEIGHTS_NAME} nor dcp/ "
-                        "(a quantized checkpoint is read by gonogo.infer.quantize)")
+                        "(a quantized checkpoint is read by gonogo.checkpoints.quantized)")
     from gonogo.checkpoints import adapters
 
     weights = read_dcp_model_weights(ref.path / "dcp")
@@ -79,7 +80,7 @@ def _load_gonogo(ref: CheckpointRef):
 
 
 def _load_quantized(ref: CheckpointRef):
-    from gonogo.infer.quantize import load_quantized
+    from gonogo.checkpoints.quantized import load_quantized
 
     return load_quantized(ref)
 
@@ -108,23 +109,4 @@ def load_on_cpu(checkpoint: "CheckpointRef | str | Path"):
     return LOADERS[ref.format](ref)
 
 
-def load_for_inference(checkpoint: "CheckpointRef | str | Path", *, device: Any = "cpu", dtype: Any = None):
-    """-> (Decoder in eval mode, ModelConfig, meta dict).
-
-    On ``device`` ("cpu" by default; "auto", "cuda", "cuda:N" or a torch.device) in ``dtype``
-    (default: fp32 on the CPU, bf16 on a GPU), after checking that it fits there
-    (gonogo/infer/device.py). Safetensors and verified files only: no code runs from the files.
-    """
-    import torch
-
-    from gonogo.infer.device import choose_device, inference_dtype, place
-
-    target = device if isinstance(device, torch.device) else choose_device(device)
-    if dtype is None or isinstance(dtype, str):
-        dtype = inference_dtype(target, dtype)
-    ref = resolve(checkpoint)
-    model, config, meta = LOADERS[ref.format](ref)
-    return place(model, target, dtype, what=f"the model of {ref.path}"), config, meta
-
-
-__all__ = ["LOADERS", "load_for_inference", "load_on_cpu", "model_weights", "read_dcp_model_weights"]
+__all__ = ["LOADERS", "load_on_cpu", "model_weights", "read_dcp_model_weights"]

@@ -32,7 +32,7 @@ from gonogo.errors import UserError
 log = logging.getLogger(__name__)
 
 TRAIN_STATE_NAME = "train_state.json"
-QUANTIZATION_NAME = "quantization.json"  # written by gonogo.infer.quantize
+QUANTIZATION_NAME = "quantization.json"  # written by gonogo.checkpoints.quantized
 FORMATS = ("gonogo", "quantized", "hf")
 
 

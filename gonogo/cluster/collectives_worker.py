@@ -26,7 +26,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from gonogo.cluster import collectives as table
+from gonogo.cluster import collectives_table as table
 from gonogo.rundir import write_json_atomic
 
 # ops whose S is the whole gathered / scattered / exchanged array (count per rank × n)

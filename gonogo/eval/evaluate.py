@@ -199,7 +199,7 @@ def run_model(checkpoint: str | Path, questions: list[Question], options: Option
     from gonogo.infer.engine import Engine, EngineSettings
     from gonogo.infer.sampling import SamplingParams
     from gonogo.checkpoints import resolve
-    from gonogo.checkpoints.loaders import load_for_inference
+    from gonogo.infer.device import load_for_inference
 
     resolved = resolve(checkpoint)  # a path resolved earlier in this process is a cache hit
     model, _config, meta = load_for_inference(resolved)

@@ -195,7 +195,7 @@ def _gain_verdict(summary: dict[str, Any], name: str, label: str, k: int) -> str
 def _scaling_items(summary: dict[str, Any]) -> list[ReportItem]:
     """The test-time scaling curve with its bootstrap bands, its table, the verifier's quality
     and the per-seed values."""
-    from gonogo.report.plots import new_figure, to_png
+    from gonogo.plots import new_figure, to_png
 
     curve = summary["curve"]
     ks = [point["k"] for point in curve]

@@ -571,7 +571,7 @@ def load_engine(checkpoint: str | Path, settings: EngineSettings | None = None) 
     """An engine (not yet started) for a gonogo checkpoint, run directory or HF export."""
     from gonogo.data.hf_tokenizer import load_tokenizer
     from gonogo.checkpoints import resolve
-    from gonogo.checkpoints.loaders import load_for_inference
+    from gonogo.infer.device import load_for_inference
 
     model, _config, meta = load_for_inference(resolve(checkpoint))  # verified once, here
     return Engine(model, load_tokenizer(meta), settings)

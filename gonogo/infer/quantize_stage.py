@@ -2,7 +2,7 @@
 
     gonogo quantize --checkpoint DIR --format fp8|nvfp4 [--out DIR] [--eval-problems N]
 
-Writes the quantized checkpoint (see gonogo.infer.quantize) and compares it with the same model in
+Writes the quantized checkpoint (see gonogo.checkpoints.quantized) and compares it with the same model in
 bf16, the precision the weights would otherwise be served in:
 
 - ``weight_bytes``: stored bytes of the quantized linear weights with their scales;
@@ -188,7 +188,7 @@ def _dtype_name(model) -> Literal["float32", "bfloat16"]:
 
 def _load_source(checkpoint: str | Path):
     from gonogo.checkpoints import resolve
-    from gonogo.checkpoints.loaders import load_for_inference
+    from gonogo.infer.device import load_for_inference
 
     ref = resolve(checkpoint)
     if ref.format == "quantized":
@@ -200,7 +200,7 @@ def quantize_and_evaluate(checkpoint: str | Path, out: Path, settings: QuantizeS
                           progress: Callable[[str], None] = lambda text: None) -> Metrics:
     """Quantize ``checkpoint`` into ``out`` (a new directory), then measure it against bf16."""
     from gonogo.data.synthetic import generate
-    from gonogo.infer.quantize import QuantizedModel, load_quantized
+    from gonogo.checkpoints.quantized import QuantizedModel, load_quantized
 
     from gonogo.data.hf_tokenizer import HFTokenizer, load_tokenizer
 

@@ -597,17 +597,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # exit when it is gone
 
 
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def command(args) -> int:
     import json
     import os
@@ -618,6 +607,7 @@ def command(args) -> int:
 
     from gonogo.errors import UserError
     from gonogo.infer.engine import EngineSettings, load_engine
+    from gonogo.infer.engines.process import is_loopback
     from gonogo.rundir import write_json_atomic
     from pathlib import Path
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gonogo.model.config import ModelConfig, RopeScaling
+from gonogo.model.feedforward import FeedForward, stack_pays
 from gonogo.model.moe import MoE
 
 INIT_STD = 0.02
@@ -86,18 +87,6 @@ def _causal_mask(T_new: int, T_all: int, device: torch.device) -> Optional[torch
     return key_positions <= query_positions
 
 
-STACK_MIN_TOKENS = 64
-
-
-def _stack_pays(x: torch.Tensor) -> bool:
-    """Whether stacking weights into one GEMM pays: the copy is d·width, the GEMM tokens·d·width.
-
-    A decode step (one token per row) would copy every weight once more per token, so it keeps
-    separate calls; a training or prefill batch amortises the copy over its tokens.
-    """
-    return x.numel() >= STACK_MIN_TOKENS * x.shape[-1]
-
-
 class Attention(nn.Module):
     """Grouped-query attention: n_heads query heads share n_kv_heads key/value heads."""
 
@@ -125,7 +114,7 @@ class Attention(nn.Module):
         width uses the cores better than three thin ones, and the backward gives x one gradient
         instead of three to add.
         """
-        if not _stack_pays(x) or not self._fusable:
+        if not stack_pays(x) or not self._fusable:
             return self.wq(x), self.wk(x), self.wv(x)
         weight = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
         bias = None if self.wq.bias is None else torch.cat([self.wq.bias, self.wk.bias, self.wv.bias])
@@ -163,23 +152,6 @@ class Attention(nn.Module):
             else:
                 out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=grouped)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-
-
-class FeedForward(nn.Module):
-    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _stack_pays(x) and type(self.w1) is nn.Linear and type(self.w3) is nn.Linear:
-            # w1 and w3 in one GEMM (see Attention._project_qkv): same values, one pass over x
-            gate, up = F.linear(x, torch.cat([self.w1.weight, self.w3.weight])).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gonogo.model.config import MoEConfig
+from gonogo.model.feedforward import FeedForward
 
 
 def run_experts(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -76,8 +77,6 @@ class MoE(nn.Module):
         self.router = nn.Linear(dim, config.n_experts, bias=False)
         self.experts = GroupedExperts(config.n_experts, dim, config.expert_ffn_dim)
         if config.n_shared_experts:
-            from gonogo.model.decoder import FeedForward  # the dense SwiGLU; imported late (cycle)
-
             width = config.shared_expert_ffn_dim or config.n_shared_experts * config.expert_ffn_dim
             self.shared_expert = FeedForward(dim, width)
         else:

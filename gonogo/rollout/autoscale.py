@@ -728,7 +728,7 @@ def run(ctx: Any, settings: DrillSettings) -> dict[str, Any]:
 
 
 def report(stage_dir: Path, metrics: dict[str, Any]) -> list:
-    from gonogo.report.plots import new_figure, to_png
+    from gonogo.plots import new_figure, to_png
     from gonogo.stages.base import ReportItem
 
     path = stage_dir / "autoscale.json"
@@ -769,22 +769,20 @@ STAGE = StageKind(
 
 
 def drill_command(args: Any) -> int:
-    """``gonogo drill autoscale``: a one-stage plan with the drill's gates, the timings printed."""
-    import tomli_w
+    """``gonogo drill autoscale``: the autoscale kind as a one-stage plan in memory, through the
+    runner like every stage (the drill's gates), the timings printed."""
     from rich.console import Console
 
-    from gonogo.plan import load_plan
     from gonogo.rundir import RunDir
-    from gonogo.runner import run_plan
+    from gonogo.runner import run_stage_alone
+    from gonogo.typed_config import validate
 
-    stage: dict[str, Any] = {"name": "autoscale", "kind": "autoscale", "gates": list(GATES) + ["manifests_valid == true"]}
-    if args.checkpoint:
-        stage["checkpoint"] = str(Path(args.checkpoint).resolve())
-    run_dir = RunDir.create(args.out, "drill-autoscale")
-    plan_file = run_dir.root / "drill-plan.toml"
-    plan_file.write_text(tomli_w.dumps({"plan": {"name": "drill-autoscale"}, "stage": [stage]}), encoding="utf-8")
-    Console(stderr=True).print(f"run directory: {run_dir.root}")
-    outcome = run_plan(load_plan(plan_file), run_dir)
+    settings = validate(AutoscaleStageSettings,
+                        {"checkpoint": str(Path(args.checkpoint).resolve())} if args.checkpoint else {},
+                        source="gonogo drill autoscale")
+    run_dir = RunDir.create(args.out, "autoscale")
+    Console(stderr=True).print(f"run directory: {run_dir.root}", markup=False)
+    outcome = run_stage_alone(STAGE, settings, run_dir=run_dir, gates=list(GATES) + ["manifests_valid == true"])
     entry = outcome.summary["stages"][0]
     out = Console()
     path = run_dir.stage_dir("autoscale", create=False) / "autoscale.json"
@@ -807,5 +805,5 @@ def drill_command(args: Any) -> int:
             out.print(f"  manifest {manifest} (validated)")
     out.print(f"[bold]{outcome.verdict}[/bold]  report: {run_dir.report_path}")
     for reason in outcome.reasons:
-        out.print(f"  {reason}")
+        out.print(f"  {reason}", markup=False)
     return outcome.exit_code

@@ -140,7 +140,7 @@ def write_degraded_checkpoint(source: str | Path, destination: Path, *, bits: in
     from safetensors.torch import save_file
 
     from gonogo.checkpoints import manifest
-    from gonogo.checkpoints.loaders import load_for_inference
+    from gonogo.infer.device import load_for_inference
 
     if bits < 1 or bits > 8:
         raise ValueError(f"bits={bits}: give 1 to 8")

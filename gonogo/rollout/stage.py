@@ -275,7 +275,7 @@ def report(stage_dir: Path, metrics: dict[str, Any]) -> Optional[list[ReportItem
     path = stage_dir / "timeline.json"
     if not path.is_file():
         return None
-    from gonogo.report.plots import new_figure, to_png
+    from gonogo.plots import new_figure, to_png
 
     data = json.loads(path.read_text())
     intervals = data["intervals"]

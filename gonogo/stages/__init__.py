@@ -25,7 +25,7 @@ KINDS: dict[str, tuple[str, Optional[str]]] = {
               "distributed pretraining (FSDP2 / DDP / expert parallel) with torchrun, metrics, MFU, MLPerf log"),
     "drill": ("gonogo.stages.drill.stage",
               "fault drills (kill, hang, straggler, nan, torn/corrupt checkpoint, canary) beside a fault-free twin"),
-    "memory": ("gonogo.train.memory", None),
+    "memory": ("gonogo.train.memory_stage", None),
     "scale": ("gonogo.train.scale",
               "the same training job at several process counts: strong and weak scaling efficiency"),
     "finetune": ("gonogo.train.finetune",

@@ -21,7 +21,7 @@ from gonogo.train import guards
 
 if TYPE_CHECKING:
     from gonogo.parallel import World
-    from gonogo.train.loop import Job
+    from gonogo.train.job import Job
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -35,35 +33,13 @@ from gonogo.parallel import (World, autocast, build_meshes, clip_grad_norm, para
 from gonogo.train.checkpoint_hook import CheckpointHook
 from gonogo.train.config import TrainConfig, TrainSettings, check_world, gradient_accumulation
 from gonogo.train.fault_injection import restart_count
+from gonogo.train.job import Job
 from gonogo.train.resilience import Resilience
 from gonogo.train.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-
-
-@dataclass
-class Job:
-    """What the parent hands a worker (the resolved JSON file it writes in the stage directory)."""
-
-    config: TrainConfig
-    config_filename: str
-    run_dir: Path
-    stage: str
-    stage_dir: Path
-    resume: str = "auto"      # "auto" | "never" | a checkpoint path
-    # device hours left to the plan when the stage started, and when (time.time()) it started
-    budget_device_hours: Optional[float] = None
-    budget_started: Optional[float] = None
-
-    @property
-    def result_path(self) -> Path:
-        return self.stage_dir / "result.json"
-
-    @property
-    def tensorboard_dir(self) -> Path:
-        return self.stage_dir / "tb"
 
 
 # -- building blocks (shared with finetune) ---------------------------------------------------------

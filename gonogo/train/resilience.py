@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from gonogo.parallel import World
     from gonogo.train.checkpoint_hook import CheckpointHook
-    from gonogo.train.loop import Job
+    from gonogo.train.job import Job
 
 log = logging.getLogger(__name__)
 

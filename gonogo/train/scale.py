@@ -215,7 +215,7 @@ def run_distributed(config, spec: RunSpec, root: Path, threads: int, settings: S
 def run_twin(config, spec: RunSpec, root: Path, threads: int, settings: ScaleSettings) -> list[Path]:
     """n processes under one torchrun, each training alone (its own one-rank group)."""
     from gonogo.cluster.torchrun import torchrun_command, torchrun_env
-    from gonogo.train.worker import write_job
+    from gonogo.train.job import write_job
 
     twin_root = root / spec.label
     if twin_root.exists():
@@ -342,7 +342,7 @@ def report(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
     rows = metrics.get("runs")
     if not rows:
         return None
-    from gonogo.report.plots import new_figure, to_png
+    from gonogo.plots import new_figure, to_png
 
     items = [ReportItem(title="Machine", text=metrics.get("machine_note", "") + (
         f". Load average before the runs: {metrics['load_average_before']:.1f} on {metrics.get('cores')} cores"

@@ -348,7 +348,7 @@ def run(ctx: StageContext, settings: SoakSettings) -> Metrics:
 
 
 def report(stage_dir: Path, metrics: Metrics) -> list[ReportItem]:
-    from gonogo.report.plots import new_figure, to_png
+    from gonogo.plots import new_figure, to_png
 
     path = stage_dir / TIMELINE
     if not path.is_file():

@@ -81,7 +81,7 @@ def launch(config: TrainConfig, config_filename: str, nproc: int, *, run_dir: Ru
     """
     from gonogo.cluster.torchrun import torchrun_command, torchrun_env
     from gonogo.train.telemetry import parse_progress
-    from gonogo.train.worker import write_job
+    from gonogo.train.job import write_job
 
     preflight(config, nproc, resume)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +226,7 @@ def report(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
     triage_items = _triage_items(stage_dir)
     if not rows:
         return triage_items or None
-    from gonogo.report.plots import new_figure, to_png
+    from gonogo.plots import new_figure, to_png
 
     items = triage_items
     steps = [r["step"] for r in rows]
@@ -440,7 +440,7 @@ def _find_max_batch(args: argparse.Namespace) -> int:
     from gonogo.plan_cli import LiveView, print_outcome
     from gonogo.runner import run_stage_alone
     from gonogo.stages import get_kind
-    from gonogo.train import memory
+    from gonogo.train import memory_stage
 
     kind = get_kind("memory")
     settings = validate(kind.settings, {"config": args.config, "nproc": args.nproc, "overrides": list(args.overrides),
@@ -460,7 +460,7 @@ def _find_max_batch(args: argparse.Namespace) -> int:
             table.add_row(str(trial["micro_batch_size"]), str(trial["fits"]), str(trial["peak_GB"]),
                           str(trial["seconds"]))
         Console().print(table)
-        console.print(memory.result_line(result), markup=False)
+        console.print(memory_stage.result_line(result), markup=False)
     print_outcome(console, outcome)
     return outcome.exit_code
 

@@ -33,7 +33,7 @@ from gonogo.events import write_event
 
 if TYPE_CHECKING:
     from gonogo.parallel import World
-    from gonogo.train.loop import Job
+    from gonogo.train.job import Job
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from gonogo.checkpoints import manifest
 from gonogo.checkpoints.checkpointer import Checkpointer
-from gonogo.checkpoints.loaders import load_for_inference
+from gonogo.infer.device import load_for_inference
 from gonogo.checkpoints.manifest import decode_state, encode_state, verify_checkpoint
 from gonogo.checkpoints.reference import resolve_path as resolve_checkpoint
 from gonogo.errors import UserError

@@ -12,7 +12,7 @@ from torch import nn
 
 from gonogo.checkpoints import STATS, CheckpointRef, resolve
 from gonogo.checkpoints.checkpointer import Checkpointer
-from gonogo.checkpoints.loaders import load_for_inference
+from gonogo.infer.device import load_for_inference
 from gonogo.errors import UserError
 from gonogo.model.config import ModelConfig
 

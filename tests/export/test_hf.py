@@ -153,7 +153,7 @@ def test_export_command_and_checkpoint_resolution(tmp_path):
 
 
 def test_export_of_a_quantized_checkpoint_carries_the_dequantized_weights(tmp_path):
-    from gonogo.infer.quantize import QuantizedModel
+    from gonogo.checkpoints.quantized import QuantizedModel
 
     config, _ = CASES["llama"]
     quantized = QuantizedModel.from_model(random_model(config), "fp8", meta={"step": 10})

@@ -72,7 +72,7 @@ def _export_reloads_with_equal_logits(step: Path, out: Path, architecture: str) 
     from transformers import AutoModelForCausalLM
 
     from gonogo.export.hf import export_hf
-    from gonogo.checkpoints.loaders import load_for_inference
+    from gonogo.infer.device import load_for_inference
 
     tuned, _, _ = load_for_inference(step)
     exported = export_hf(step, out)
@@ -85,7 +85,7 @@ def _export_reloads_with_equal_logits(step: Path, out: Path, architecture: str) 
 
 
 def _moved(step: Path, original: dict) -> set[str]:
-    from gonogo.checkpoints.loaders import load_for_inference
+    from gonogo.infer.device import load_for_inference
 
     tuned = load_for_inference(step)[0].state_dict()
     return {name for name, tensor in tuned.items() if not torch.equal(tensor, original[name])}

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from gonogo.infer.quantize import load_quantized
+from gonogo.checkpoints.quantized import load_quantized
 from tests.conftest import run_gonogo
 from tests.infer.conftest import tiny_model, write_checkpoint
 

@@ -221,10 +221,10 @@ def test_stacked_projections_train_to_the_same_losses_as_separate_ones(monkeypat
     relative, the updated weights to 1e-4 (AdamW divides a tiny gradient by its own root mean
     square, which magnifies a last-bit difference of the GEMM's summation order).
     """
-    import gonogo.model.decoder as decoder_module
+    import gonogo.model.feedforward as feedforward_module
 
     def train(stack: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
-        monkeypatch.setattr(decoder_module, "STACK_MIN_TOKENS", 64 if stack else 10**9)
+        monkeypatch.setattr(feedforward_module, "STACK_MIN_TOKENS", 64 if stack else 10**9)
         model = Decoder(tiny(qkv_bias=qkv_bias))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         losses = []
@@ -247,10 +247,10 @@ def test_stacked_projections_train_to_the_same_losses_as_separate_ones(monkeypat
 
 def test_a_decode_step_keeps_separate_projections(monkeypatch):
     """One token per row would copy every weight once more per token: no stacking there."""
-    from gonogo.model import decoder as decoder_module
+    from gonogo.model import feedforward
 
-    assert decoder_module._stack_pays(torch.zeros(2, 64, 8))
-    assert not decoder_module._stack_pays(torch.zeros(4, 1, 8))
+    assert feedforward.stack_pays(torch.zeros(2, 64, 8))
+    assert not feedforward.stack_pays(torch.zeros(4, 1, 8))
     model = Decoder(tiny())
     calls = []
     model.layers[0].attention.wq.register_forward_hook(lambda *_: calls.append("wq"))

@@ -17,7 +17,7 @@ def test_lora_finetune_an_hf_model_with_its_template_then_export_merged(tmp_path
     from gonogo.data.hf_tokenizer import HFTokenizer
     from gonogo.checkpoints.hf import load_hf_dir
     from gonogo.export.hf import export_hf
-    from gonogo.checkpoints.loaders import load_for_inference
+    from gonogo.infer.device import load_for_inference
 
     source = tiny_hf_models["qwen3"]
     chats = write_chats(tmp_path / "chats.jsonl", 40, [])

@@ -32,6 +32,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps a server on this machine (a wider bind needs an API key)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 # Runs first in the child, then execs the server in the same process: PR_SET_PDEATHSIG survives
 # exec, so the server gets SIGTERM when gonogo dies without stopping it (Linux; elsewhere only
 # the atexit stop is there). A launcher instead of preexec_fn, which is unsafe with threads.

@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, model_validator
 
 from gonogo.errors import UserError
-from gonogo.infer.engines.process import ServerProcess, free_port
+from gonogo.infer.engines.process import ServerProcess, free_port, is_loopback
 from gonogo.typed_config import Strict
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,6 @@ def serve_foreground(args) -> int:
     import shlex
     import time
 
-    from gonogo.infer.server import is_loopback
     from gonogo.rundir import utc_stamp
 
     if not is_loopback(args.host) and not args.api_key_env:
