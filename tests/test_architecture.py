@@ -16,9 +16,10 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gonogo"
 
-# bottom first; a prefix names a module or a package (and everything under it)
+# bottom first; a prefix names a module or a package (and everything under it), "=name" that
+# module only
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", ["gonogo", "gonogo.errors", "gonogo.names", "gonogo.files", "gonogo.typed_config",
+    ("foundation", ["=gonogo", "gonogo.errors", "gonogo.names", "gonogo.files", "gonogo.typed_config",
                     "gonogo.procs"]),
     ("run records", ["gonogo.events", "gonogo.rundir", "gonogo.budget", "gonogo.gates", "gonogo.plots",
                      "gonogo.stages.base"]),
@@ -31,17 +32,13 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("evaluation", ["gonogo.eval"]),
     ("rollout", ["gonogo.rollout"]),
     ("capacity", ["gonogo.capacity"]),
-    ("plans", ["gonogo.plan", "gonogo.stages"]),  # gonogo.stages: the registry (kinds by module name)
+    ("plans", ["gonogo.plan", "=gonogo.stages"]),  # gonogo.stages: the registry, which names kinds by module
     ("report", ["gonogo.report"]),
     ("runner", ["gonogo.runner"]),
     ("command helpers", ["gonogo.plan_cli", "gonogo.stage_cli"]),
-    # the plug-ins the runner finds through the registry; they may use everything below
-    ("stage kinds", ["gonogo.stages.command", "gonogo.stages.drill", "gonogo.drills", "gonogo.cluster.doctor",
-                     "gonogo.cluster.collectives", "gonogo.train.stage", "gonogo.train.finetune",
-                     "gonogo.train.scale", "gonogo.train.soak", "gonogo.train.memory_stage", "gonogo.eval.stage",
-                     "gonogo.capacity.stage", "gonogo.capacity.command", "gonogo.infer.serve_stage",
-                     "gonogo.infer.quantize_stage", "gonogo.infer.loadgen", "gonogo.rollout.stage",
-                     "gonogo.rollout.autoscale"]),
+    # each kind is a folder gonogo/stages/<kind>/ (stage.py); the runner finds them through the
+    # registry, and they may use everything below (the drills compose the train and canary kinds)
+    ("stage kinds", ["gonogo.stages", "gonogo.drills"]),
     ("command line", ["gonogo.cli", "gonogo.__main__"]),
 ]
 
@@ -138,8 +135,12 @@ def layer_of(module: str) -> int:
     best, best_length = None, -1
     for number, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_length:
-                best, best_length = number, len(prefix)
+            if prefix.startswith("="):  # this module only: it wins over any prefix
+                matches, length = module == prefix[1:], len(prefix)
+            else:
+                matches, length = module == prefix or module.startswith(prefix + "."), len(prefix)
+            if matches and length > best_length:
+                best, best_length = number, length
     assert best is not None, f"{module} is in no layer of LAYERS"
     return best
 

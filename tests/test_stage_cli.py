@@ -55,8 +55,8 @@ def test_every_stage_kind_with_a_command_is_one_and_the_rest_are_not_stages():
         assert (kind in commands) == (help_text is not None), kind
     assert set(COMMANDS) == {"run", "launch", "report", "engine", "tokenizer", "export"}
     # serve and capacity are the modules the plans run (they used to differ between two lists)
-    assert stages.KINDS["serve"][0] == "gonogo.infer.serve_stage"
-    assert stages.KINDS["capacity"][0] == "gonogo.capacity.stage"
+    assert stages.KINDS["serve"][0] == "gonogo.stages.serve.stage"
+    assert stages.KINDS["capacity"][0] == "gonogo.stages.capacity.stage"
     assert stages.KINDS["drill"][0] == "gonogo.stages.drill.stage"  # a kind in its own folder
 
 

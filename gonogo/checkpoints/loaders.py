@@ -10,7 +10,7 @@ its device with ``gonogo.infer.device.load_for_inference``. The format decides t
   weights (an intermediate training save), the model part of its DCP shards (their ``.metadata``
   pickle is read only because the manifest that lists it was verified);
 - ``quantized``: ``gonogo.checkpoints.quantized`` (dequantized to fp32 on the CPU);
-- ``hf``: ``gonogo.checkpoints.hf.load_hf_dir``.
+- ``hf``: ``gonogo.checkpoints.hf_import.load_hf_dir``.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _load_quantized(ref: CheckpointRef):
 def _load_hf(ref: CheckpointRef):
     import torch
 
-    from gonogo.checkpoints.hf import load_hf_dir
+    from gonogo.checkpoints.hf_import import load_hf_dir
     from gonogo.files import unreadable_input
 
     with unreadable_input(ref.path):  # no manifest vouches for it: a damaged export is one line

@@ -248,7 +248,7 @@ def check_readable(ref: "CheckpointRef | str | Path") -> None:
     ref = resolve(ref)
     if ref.format != "hf":
         return
-    from gonogo.checkpoints.hf import check_hf_weights, hf_model_config
+    from gonogo.checkpoints.hf_import import check_hf_weights, hf_model_config
     from gonogo.files import unreadable_input
 
     with unreadable_input(ref.path):

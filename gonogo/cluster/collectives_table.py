@@ -1,6 +1,6 @@
 """The nccl-tests table of ``gonogo collectives``: op names, sizes, and the text layout of its
 header, rows and footer (the same as nccl-tests' src/util.cu, so that nccl-tests parsers read it),
-and parsing it back. Shared by the stage (gonogo.cluster.collectives) and every rank's worker
+and parsing it back. Shared by the stage (gonogo.stages.collectives.stage) and every rank's worker
 (gonogo.cluster.collectives_worker).
 """
 

@@ -39,7 +39,7 @@ BUS_FACTORS: dict[str, Callable[[int], float]] = {
     "broadcast": lambda n: 1.0,
     "sendrecv": lambda n: 1.0,
 }
-# which forms torch has for each op (see the module docs of gonogo.cluster.collectives)
+# which forms torch has for each op (see the module docs of gonogo.stages.collectives.stage)
 FORMS: dict[str, tuple[bool, bool]] = {  # op -> (out-of-place, in-place)
     "all_reduce": (False, True),
     "all_gather": (True, True),

@@ -81,7 +81,7 @@ class Drill:
         """Train once into out_dir/name; {"run_dir", "code", "metrics" (None when it failed)}.
         ``fresh=False`` continues the run directory already there (the shrink drill's second part)."""
         from gonogo.procs import ProcessTimeout, run_process
-        from gonogo.train.stage import launch
+        from gonogo.stages.train.stage import launch
 
         root = self.out_dir / name
         if fresh and root.exists():
@@ -354,7 +354,7 @@ def run_canary(drill: Drill, out_dir: Path, checkpoint: Optional[str] = None) ->
     rolled back. Without ``checkpoint`` the twin's model serves; it is too small to answer
     anything, so a degraded copy of it cannot be told apart and that case is left out (said so)."""
     try:
-        from gonogo.rollout.stage import DRILLS, run_canary_drill
+        from gonogo.stages.canary.stage import DRILLS, run_canary_drill
     except ImportError as error:  # the rollout package is part of gonogo; this guards a broken install
         raise StageFailed(f"the canary drill needs gonogo.rollout: {error}") from None
     cases = tuple(DRILLS)

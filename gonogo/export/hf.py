@@ -22,7 +22,7 @@ Architectures, chosen from the model's shape, in the standard on-disk weight lay
 ``config.json`` also carries a ``gonogo`` entry with our full model config, so the import
 restores the training-only settings (aux loss coefficient, bias update rate) as well; the
 architecture fields remain the source of truth for the shapes. Reading a Hugging Face directory
-back (``load_hf_dir``) is the HF checkpoint format of ``gonogo.checkpoints.hf``; this module only
+back (``load_hf_dir``) is the HF checkpoint format of ``gonogo.checkpoints.hf_import``; this module only
 writes.
 """
 
@@ -35,7 +35,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from gonogo.checkpoints.hf import ATTENTION_NAMES, MLP_NAMES, WEIGHTS_NAME
+from gonogo.checkpoints.hf_import import ATTENTION_NAMES, MLP_NAMES, WEIGHTS_NAME
 from gonogo.errors import UserError
 
 if TYPE_CHECKING:

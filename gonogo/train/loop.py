@@ -71,7 +71,7 @@ def load_initial_weights(model: nn.Module, path: str) -> None:
 
     ref = resolve(path)
     if ref.format == "hf":  # a Hugging Face directory: its own names and layout
-        from gonogo.checkpoints.hf import load_hf_dir
+        from gonogo.checkpoints.hf_import import load_hf_dir
 
         weights = load_hf_dir(ref.path, device="cpu", dtype=torch.float32)[0].state_dict()
     else:

@@ -16,7 +16,7 @@
   ``OOM_EXIT_CODE``. The agent then stops the other ranks, which are waiting in a collective for
   this one, within its shutdown time. The parent turns the record into one line (``oom_message``).
 - **The memory probe** (``gonogo train --find-max-batch``, stage kind ``memory``, in
-  gonogo.train.memory_probe and gonogo.train.memory_stage): one torchrun
+  gonogo.train.memory_probe and gonogo.stages.memory.stage): one torchrun
   launch with the job's ranks (so FSDP's sharding counts) tries micro-batch sizes on the real
   model and optimizer, a few full steps each on random tokens: 1, 2, 4, ... until one does not
   fit, then bisection between the last fit and the first failure; bounded in trials and size.

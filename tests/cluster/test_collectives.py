@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from gonogo.cluster import collectives, collectives_table
+import gonogo.stages.collectives.stage as collectives
+from gonogo.cluster import collectives_table
 from gonogo.cluster.collectives_worker import bandwidths, collective_counts, sizes
 from gonogo.errors import UserError
 from gonogo.rundir import RunDir

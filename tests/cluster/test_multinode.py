@@ -219,7 +219,7 @@ def test_node_zero_hosts_the_rendezvous_store_and_the_flags_reach_torchrun():
     import argparse
 
     from gonogo.cluster.torchrun import torchrun_command
-    from gonogo.train.stage import add_arguments, rendezvous_options
+    from gonogo.stages.train.stage import add_arguments, rendezvous_options
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gonogo.errors import UserError
-from gonogo.checkpoints.hf import load_hf_dir
+from gonogo.checkpoints.hf_import import load_hf_dir
 from gonogo.export.hf import export_hf
 from gonogo.model.config import ModelConfig, MoEConfig
 from gonogo.model.decoder import Decoder

@@ -37,7 +37,7 @@ def _finetune_in_process(source: Path, out: Path, chats: Path, *overrides: str) 
     """`gonogo finetune` minus torchrun: config, preflight, job file and worker as the command runs
     them; -> the committed checkpoint directory."""
     from gonogo.rundir import RunDir
-    from gonogo.train.finetune import finetune, load_finetune_config
+    from gonogo.stages.finetune.stage import finetune, load_finetune_config
     from gonogo.train.worker import main as worker_main
 
     config, path, _ = load_finetune_config("sft-tiny", source, [
@@ -117,7 +117,7 @@ def _served_streams_equal_plain(directory: Path, workdir: Path) -> None:
 
 @pytest.mark.parametrize("name", ARCHITECTURE_NAMES)
 def test_finetune_full_and_lora_export_reload_and_serve(tiny_hf_models, chats, tmp_path, monkeypatch, name):
-    from gonogo.checkpoints.hf import load_hf_dir
+    from gonogo.checkpoints.hf_import import load_hf_dir
 
     monkeypatch.delenv("MASTER_ADDR", raising=False)  # a one-rank group of its own, not a torchrun job's
     source = tiny_hf_models[name]

@@ -23,7 +23,7 @@ def test_async_checkpoints_commit_only_when_written_and_resume_after_a_crash_mid
     from gonogo.rundir import RunDir
     from gonogo.checkpoints import manifest
     from gonogo.train.config import load_train_config
-    from gonogo.train.stage import launch
+    from gonogo.stages.train.stage import launch
 
     config, path = load_train_config("tiny-dense", TINY + [
         "train.steps=2", "train.checkpoint_every=1", "train.checkpoint_async=true", "train.log_every=1",

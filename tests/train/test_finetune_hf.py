@@ -15,7 +15,7 @@ def test_lora_finetune_an_hf_model_with_its_template_then_export_merged(tmp_path
     from transformers import AutoModelForCausalLM
 
     from gonogo.data.hf_tokenizer import HFTokenizer
-    from gonogo.checkpoints.hf import load_hf_dir
+    from gonogo.checkpoints.hf_import import load_hf_dir
     from gonogo.export.hf import export_hf
     from gonogo.infer.device import load_for_inference
 

@@ -146,7 +146,7 @@ def _tiny_run(tmp_path, name, *overrides, budget=None, env=None):
     from gonogo.procs import run_process
     from gonogo.rundir import RunDir
     from gonogo.train.config import load_train_config
-    from gonogo.train.stage import launch
+    from gonogo.stages.train.stage import launch
     from gonogo.drills.fault_drills import TINY
 
     config, path = load_train_config("tiny-dense", TINY + ["train.parallel=none", "train.max_restarts=0",

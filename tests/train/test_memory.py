@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from gonogo.train import memory, memory_probe, memory_stage
+import gonogo.stages.memory.stage as memory_stage
+from gonogo.train import memory, memory_probe
 
 TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=4", "model.ffn_dim=128",
         "model.max_seq_len=64", "train.seq_len=64", "train.global_batch_size=8", "train.micro_batch_size=2",

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from gonogo.errors import StageFailed, UserError
-from gonogo.train import scale
+import gonogo.stages.scale.stage as scale
 from gonogo.train.config import load_train_config
-from gonogo.train.scale import RunSpec, ScaleSettings, machine_budget, parse_nproc, plan_runs, summarize, timings
+from gonogo.stages.scale.stage import RunSpec, ScaleSettings, machine_budget, parse_nproc, plan_runs, summarize, timings
 from tests.train.train_helpers import TINY
 
 

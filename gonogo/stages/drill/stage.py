@@ -162,7 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _instead(args: argparse.Namespace) -> Optional[int]:
     if args.kind.strip() != "autoscale":
         return None
-    from gonogo.rollout.autoscale import drill_command  # the serving fleet's drill: its own stage kind
+    from gonogo.stages.autoscale.stage import drill_command  # the serving fleet's drill: its own stage kind
 
     return int(drill_command(args))
 

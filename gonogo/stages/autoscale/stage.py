@@ -375,7 +375,7 @@ def tiny_checkpoint(directory: Path, steps: int = 40) -> Path:
     from safetensors.torch import save_file
 
     from gonogo.data.tokenizer import ByteTokenizer
-    from gonogo.infer.loadgen import load_prompts
+    from gonogo.stages.loadtest.stage import load_prompts
     from gonogo.model.config import ModelConfig
     from gonogo.model.decoder import Decoder
     from gonogo.checkpoints import manifest
@@ -430,7 +430,7 @@ class RampLoad:
     async def _main(self) -> None:
         import httpx
 
-        from gonogo.infer.loadgen import LoadSettings, load_prompts, send_request
+        from gonogo.stages.loadtest.stage import LoadSettings, load_prompts, send_request
 
         # ignore_eos: every request decodes max_tokens (the drill's model is untrained and may stop at once)
         settings = LoadSettings(url=self.url, model=self.model, max_tokens=self.max_tokens, temperature=0.0,
@@ -463,7 +463,7 @@ def run_drill(settings: DrillSettings, directory: Path, *, on_event: Callable[..
               on_progress: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
     """Ramp the arrival rate up and back down through a 1-replica pool; the timings and gates' metrics."""
     from gonogo.rollout.router import ThreadedServer
-    from gonogo.rollout.stage import start_server
+    from gonogo.stages.canary.stage import start_server
     from gonogo.errors import StageFailed
     from gonogo.rundir import write_json_atomic
 

@@ -315,7 +315,7 @@ def run(ctx: StageContext, settings: SoakSettings) -> Metrics:
     config, _ = load_train_config(preset, overrides_list(settings.overrides))
     # the soak ends on the clock, never on a step count: the schedule must not run out before it
     config = config.model_copy(update={"train": config.train.model_copy(update={"steps": 10**9})})
-    from gonogo.train.stage import preflight
+    from gonogo.stages.train.stage import preflight
 
     preflight(config, settings.nproc, "never")
     slow = os.environ.get(SLOW_STORE_ENV)
@@ -334,7 +334,7 @@ def run(ctx: StageContext, settings: SoakSettings) -> Metrics:
     (ctx.stage_dir / TIMELINE).unlink(missing_ok=True)
     extra = {} if "OMP_NUM_THREADS" in os.environ else {
         "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // settings.nproc))}
-    argv = torchrun_command("gonogo.train.soak", [str(job_path)], settings.nproc)
+    argv = torchrun_command("gonogo.stages.soak.stage", [str(job_path)], settings.nproc)
     timeout = settings.timeout_s or settings.duration_s + 600
     ctx.progress(f"soak {settings.duration_s:g} s, checkpoint every {settings.checkpoint_every_s:g} s")
     code = ctx.run_command(argv, timeout=timeout, log_name="soak.log", env=torchrun_env(extra))

@@ -121,7 +121,7 @@ def print_estimate(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from gonogo.capacity.stage import summary_rows
+    from gonogo.stages.capacity.stage import summary_rows
 
     console = Console()
     summary = Table(title=f"capacity: {result['label']}", show_header=False)

@@ -452,7 +452,7 @@ STAGE = StageKind(
     metrics=lambda settings: set(METRIC_NAMES) | (set(NODE_METRIC_NAMES) if settings.nnodes > 1 else set()),
     run=run,
     report=report,
-    command=own_command("gonogo.cluster.doctor"),
+    command=own_command("gonogo.stages.doctor.stage"),
 )
 
 

@@ -181,5 +181,5 @@ STAGE = StageKind(
     run=run,
     report=report,
     devices=lambda settings: 0,
-    command=own_command("gonogo.capacity.command"),
+    command=own_command("gonogo.stages.capacity.command"),
 )

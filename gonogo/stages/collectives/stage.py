@@ -295,7 +295,7 @@ STAGE = StageKind(
     run=run,
     report=report,
     devices=lambda settings: settings.nproc,
-    command=own_command("gonogo.cluster.collectives"),
+    command=own_command("gonogo.stages.collectives.stage"),
 )
 
 

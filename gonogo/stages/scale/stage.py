@@ -43,7 +43,7 @@ from gonogo.rundir import RunDir
 from gonogo.stages.base import Metrics, ReportItem, StageContext, StageCommand, StageKind, StageSettings
 
 MODES = ("strong", "weak")
-TWIN_MODULE = "gonogo.train.scale"
+TWIN_MODULE = "gonogo.stages.scale.stage"
 
 
 class ScaleSettings(StageSettings):
@@ -202,7 +202,7 @@ def _fresh_run_dir(path: Path) -> RunDir:
 
 
 def run_distributed(config, spec: RunSpec, root: Path, threads: int, settings: ScaleSettings, ctx) -> Path:
-    from gonogo.train.stage import launch
+    from gonogo.stages.train.stage import launch
 
     run_dir = _fresh_run_dir(root / spec.label)
     stage_dir = run_dir.stage_dir("train")

@@ -555,5 +555,5 @@ STAGE = StageKind(
     run=run,
     report=report,
     devices=lambda settings: 0,
-    command=own_command("gonogo.infer.loadgen"),
+    command=own_command("gonogo.stages.loadtest.stage"),
 )

@@ -326,7 +326,7 @@ STAGE = StageKind(
     metrics=lambda settings: set(METRICS),
     run=run,
     report=report,
-    command=own_command("gonogo.infer.quantize_stage"),
+    command=own_command("gonogo.stages.quantize.stage"),
 )
 
 

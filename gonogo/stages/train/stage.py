@@ -440,7 +440,7 @@ def _find_max_batch(args: argparse.Namespace) -> int:
     from gonogo.plan_cli import LiveView, print_outcome
     from gonogo.runner import run_stage_alone
     from gonogo.stages import get_kind
-    from gonogo.train import memory_stage
+    import gonogo.stages.memory.stage as memory_stage
 
     kind = get_kind("memory")
     settings = validate(kind.settings, {"config": args.config, "nproc": args.nproc, "overrides": list(args.overrides),

@@ -169,7 +169,7 @@ class SteadyLoad:
     async def _main(self) -> None:
         import httpx
 
-        from gonogo.infer.loadgen import LoadSettings, load_prompts, send_request
+        from gonogo.stages.loadtest.stage import LoadSettings, load_prompts, send_request
 
         settings = LoadSettings(url=self.url, model=self.model, max_tokens=self.load.max_tokens,
                                 temperature=0.0, request_timeout=60.0)
@@ -336,7 +336,7 @@ STAGE = StageKind(
     # each server this stage starts holds a device; attached URLs are someone else's
     devices=lambda settings: sum(not is_url(getattr(settings, side)) for side in ("stable", "canary")),
     preflight=_preflight_engines,
-    command=own_command("gonogo.rollout.stage"),
+    command=own_command("gonogo.stages.canary.stage"),
 )
 
 

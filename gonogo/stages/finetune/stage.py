@@ -27,7 +27,7 @@ from gonogo.errors import UserError
 from gonogo.files import check_output_dir
 from gonogo.rundir import RunDir, write_json_atomic
 from gonogo.stages.base import Metrics, ReportItem, StageCommand, StageContext, StageKind, StageSettings
-from gonogo.train import stage as train_stage
+from gonogo.stages.train import stage as train_stage
 from gonogo.train.config import TrainConfig, overrides_list
 from gonogo.typed_config import apply_overrides, load_toml, resolve_preset, validate
 
@@ -57,7 +57,7 @@ def checkpoint_model(checkpoint: Path) -> dict[str, Any]:
     meta_path = checkpoint / manifest.META_NAME
     if meta_path.is_file():
         return json.loads(meta_path.read_text(encoding="utf-8"))["model"]
-    from gonogo.checkpoints.hf import check_hf_weights, hf_model_config
+    from gonogo.checkpoints.hf_import import check_hf_weights, hf_model_config
 
     model = hf_model_config(checkpoint).model_dump()  # config.json; the weights load in the workers,
     check_hf_weights(checkpoint)                        # but a truncated file is refused here, in one line
@@ -68,7 +68,7 @@ def checkpoint_tokenizer_dir(checkpoint: Path) -> Optional[str]:
     """The directory of the model's own tokenizer (a Hugging Face model, or a checkpoint trained
     with one); None for gonogo's byte tokenizer."""
     from gonogo.checkpoints import manifest
-    from gonogo.checkpoints.hf import tokenizer_name
+    from gonogo.checkpoints.hf_import import tokenizer_name
 
     meta_path = checkpoint / manifest.META_NAME
     if meta_path.is_file():
