@@ -93,7 +93,7 @@ class HashingWriter:
 
     ``entry`` (after close): the file's manifest entry, ``{"size", <algorithm>: hex digest}``.
     Used for every file gonogo itself writes into a checkpoint (safetensors, JSON) and, through
-    ``gonogo.checkpoints.dcp_io``, for DCP's shard files: the digest costs no second read.
+    ``gonogo.checkpoints.writers.hashing_storage_writer``, for DCP's shard files: the digest costs no second read.
     """
 
     def __init__(self, path: Path, algorithm: str = ALGORITHM):

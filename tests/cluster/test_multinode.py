@@ -60,7 +60,7 @@ def _rank0_losses(*runs: Path) -> list[float]:
     for run in runs:
         for line in (run / "events.jsonl").read_text().splitlines():
             record = json.loads(line)
-            if record["rank"] == 0 and "loss" in record:
+            if record.get("rank") == 0 and "loss" in record:
                 losses.append(record["loss"])
     return losses
 

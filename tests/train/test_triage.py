@@ -34,9 +34,9 @@ def test_hang_drill_bundle_names_the_injected_rank_and_its_frame(tmp_path):
     assert bundle["diagnosis"]["peers_waited_in"].startswith("rank 0: ")
     assert bundle["nvml"]["available"] is False and bundle["nvml"]["reason"].startswith("unknown: ")
     assert "train-attempt-0/`: What hung (hang): rank 1" in (tmp_path / "hang-1" / "triage" / "README.md").read_text()
-    from gonogo.stages.train.stage import report
+    from gonogo.stages.train.stage import report as stage_report
 
-    items = report(tmp_path / "hang-1" / "stages" / "train", {})
+    items = stage_report(tmp_path / "hang-1" / "stages" / "train", {})
     assert items[0].title == "Triage: what hung" and items[0].table[0]["what hung"] == report[0][2:]
 
 
