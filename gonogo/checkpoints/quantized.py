@@ -136,6 +136,7 @@ class QuantizedTensor:
         """fp32 weights of the original shape: what the emulated matmul uses."""
         if self.format == "fp8":
             return self.data.float() * self.scale.float().unsqueeze(-1)
+        assert self.tensor_scale is not None  # nvfp4 always has one (quantize_nvfp4, from_stored)
         values = e2m1_decode(unpack_nibbles(self.data))  # [..., out, in]
         block_scale = self.scale.float() * self.tensor_scale.float()[..., None, None]
         blocks = values.unflatten(-1, (-1, NVFP4_BLOCK)) * block_scale.unsqueeze(-1)
@@ -170,6 +171,7 @@ class QuantizedTensor:
         if self.format == "fp8":
             expected = [(self.data, torch.float8_e4m3fn, self.shape), (self.scale, torch.float32, (*lead, out_features))]
         else:
+            assert self.tensor_scale is not None  # nvfp4 always has one (quantize_nvfp4, from_stored)
             expected = [(self.data, torch.uint8, (*lead, out_features, in_features // 2)),
                         (self.scale, torch.float8_e4m3fn, (*lead, out_features, in_features // NVFP4_BLOCK)),
                         (self.tensor_scale, torch.float32, tuple(lead))]

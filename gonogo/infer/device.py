@@ -14,7 +14,7 @@ against the GPU's free memory, one line that names both.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 import torch
 
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 AUTO = "auto"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GiB = 2 ** 30
+
+_ModuleT = TypeVar("_ModuleT", bound=torch.nn.Module)
 
 
 def choose_device(requested: Optional[str] = None) -> torch.device:
@@ -87,8 +89,8 @@ def _size(count: int) -> str:
     return f"{count / GiB:.2f} GiB" if count >= GiB else f"{count / 2**20:.1f} MiB"
 
 
-def place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, *, extra_bytes: int = 0,
-          what: str = "the model") -> torch.nn.Module:
+def place(model: _ModuleT, device: torch.device, dtype: torch.dtype, *, extra_bytes: int = 0,
+          what: str = "the model") -> _ModuleT:
     """``model`` in eval mode on ``device`` in ``dtype``, after checking that it fits there."""
     needed = tensor_bytes(model, dtype) + extra_bytes
     check_fits(needed, device, what)

@@ -44,6 +44,7 @@ from gonogo.infer.cache import KVCache
 from gonogo.infer.device import choose_device, inference_dtype, place
 from gonogo.infer.fast_decode import FastDecoder, maybe_fast
 from gonogo.infer.sampling import SamplingParams, TextTracker, make_generator, sample_next
+from gonogo.model.decoder import Decoder
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class Completion:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: EngineSettings | None = None,
+    def __init__(self, model: Decoder, tokenizer: Any, settings: EngineSettings | None = None,
                  *, stop_token_ids: Optional[set[int]] = None):
         settings = settings or EngineSettings()
         config = model.config
@@ -271,9 +272,9 @@ class Engine:
             raise ValueError(problem)
         self._revive()
         with self._wake:
-            problem = self._not_serving()
-            if problem is not None:
-                raise problem
+            stopped = self._not_serving()
+            if stopped is not None:
+                raise stopped
             if len(self._waiting) >= self.settings.max_waiting:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")
             request.request_id = request.request_id or f"req-{next(self._ids)}"

@@ -19,12 +19,25 @@ the reference implementation and is what training and export use.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, TypedDict
 
 import torch
 import torch.nn.functional as F
 
 from gonogo.model.decoder import Decoder, rope_cos_sin
+from gonogo.model.moe import MoE
+
+
+class _Layer(TypedDict, total=False):
+    """One block's weights as the loop reads them: w13/w2 for a dense block, moe for an MoE one."""
+
+    attention_norm: torch.Tensor
+    wqkv: torch.Tensor
+    wo: torch.Tensor
+    ffn_norm: torch.Tensor
+    moe: Optional[MoE]
+    w13: torch.Tensor
+    w2: torch.Tensor
 
 
 class FastDecoder:
@@ -41,11 +54,11 @@ class FastDecoder:
         every_position = torch.arange(config.max_seq_len, device=self.embedding.device)[None]
         cos, sin = rope_cos_sin(every_position, config.head_dim, config.rope_theta, torch.float32, config.rope_scaling)
         self.rope_cos, self.rope_sin = cos[0, 0], sin[0, 0]  # [max_seq_len, head_dim]
-        self.layers = []
+        self.layers: list[_Layer] = []
         with torch.no_grad():
             for block in model.layers:
                 attention = block.attention
-                layer = {
+                layer: _Layer = {
                     "attention_norm": block.attention_norm.weight,
                     "wqkv": _t(torch.cat([attention.wq.weight, attention.wk.weight, attention.wv.weight])),
                     "wo": _t(attention.wo.weight),

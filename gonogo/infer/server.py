@@ -655,7 +655,8 @@ def command(args) -> int:
         engine.drain(DRAIN_SECONDS)
         uvicorn_exit(sig, frame)
 
-    server.handle_exit = handle_exit
+    # uvicorn has no hook for this: the instance's method is replaced, the old one called at the end
+    server.handle_exit = handle_exit  # type: ignore[method-assign]
     if args.parent_pid:
         def watch_parent() -> None:
             while not server.should_exit:

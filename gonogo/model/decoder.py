@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +161,7 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(config, layer_index)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         if config.is_moe_layer(layer_index):
+            assert config.moe is not None  # is_moe_layer is False without it
             self.moe = MoE(config.d_model, config.moe)
         else:
             self.feed_forward = FeedForward(config.d_model, config.ffn_dim)
@@ -169,6 +170,20 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos, sin, cache)
         mlp = self.moe if hasattr(self, "moe") else self.feed_forward
         return h + mlp(self.ffn_norm(h))
+
+
+if TYPE_CHECKING:
+    class _Blocks(nn.ModuleList):
+        """Decoder.layers as the type checker sees it: a plain nn.ModuleList at runtime that holds
+        only TransformerBlocks (torch types a ModuleList's items as Module)."""
+
+        def __iter__(self) -> Iterator[TransformerBlock]: ...
+
+        @overload
+        def __getitem__(self, idx: slice) -> nn.ModuleList: ...
+        @overload
+        def __getitem__(self, idx: int) -> TransformerBlock: ...
+        def __getitem__(self, idx: int | slice) -> TransformerBlock | nn.ModuleList: ...
 
 
 class Decoder(nn.Module):
@@ -182,7 +197,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.layers = cast("_Blocks", nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers)))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         if not config.tie_embeddings:
             self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -280,7 +295,8 @@ def _is_residual_projection(name: str) -> bool:
 def _full_shape_and_slice(model: Decoder, module_path: str, parameter: torch.Tensor) -> tuple[torch.Size, Optional[slice]]:
     """For expert weights held in part by this rank: the full stacked shape and this rank's slice."""
     if ".moe.experts." in module_path:
-        experts = model.get_submodule(module_path.rsplit(".", 1)[0])
+        # a GroupedExperts, or gonogo.parallel.expert's ShardedExperts (not a subclass, same counts)
+        experts: Any = model.get_submodule(module_path.rsplit(".", 1)[0])
         start, count, total = experts.expert_start, experts.n_local_experts, experts.n_experts
         if count != total:
             return torch.Size((total, *parameter.shape[1:])), slice(start, start + count)

@@ -71,6 +71,8 @@ class GroupedExperts(nn.Module):
 class MoE(nn.Module):
     """Router + routed experts (+ shared expert); replaces the dense MLP of a transformer block."""
 
+    expert_bias: torch.Tensor  # a buffer (register_buffer below)
+
     def __init__(self, dim: int, config: MoEConfig):
         super().__init__()
         self.config = config
@@ -78,7 +80,7 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(config.n_experts, dim, config.expert_ffn_dim)
         if config.n_shared_experts:
             width = config.shared_expert_ffn_dim or config.n_shared_experts * config.expert_ffn_dim
-            self.shared_expert = FeedForward(dim, width)
+            self.shared_expert: Optional[FeedForward] = FeedForward(dim, width)
         else:
             self.shared_expert = None
         # Qwen2-MoE scales the shared expert's output by sigmoid(gate · x), per token

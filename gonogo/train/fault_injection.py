@@ -89,13 +89,15 @@ class Injector:
                     fault=self.fault.kind, **fields)
         log.warning("fault injected: %s on rank %d at step %d", self.fault.kind, self.rank, step)
 
-    def _active(self, kind: str) -> bool:
-        return self.fault is not None and self.fault.kind == kind
+    def _active(self, kind: str) -> Optional[Fault]:
+        """This rank's fault when it is of ``kind``, else None."""
+        return self.fault if self.fault is not None and self.fault.kind == kind else None
 
     # -- hooks ----------------------------------------------------------------------------------
     def loss(self, step: int, loss):
         """The loss of a micro-batch, made NaN once at the fault's step."""
-        if self._active("nan") and step == self.fault.step and not self._nan_fired:
+        fault = self._active("nan")
+        if fault is not None and step == fault.step and not self._nan_fired:
             self._nan_fired = True
             self._record(step)
             return loss * float("nan")
@@ -103,13 +105,14 @@ class Injector:
 
     def slow_down(self, step: int, seconds: float) -> None:
         """Called after this rank's forward/backward of ``step`` that took ``seconds``."""
-        if not self._active("straggler") or step < self.fault.step:
+        fault = self._active("straggler")
+        if fault is None or step < fault.step:
             return
         if not self._straggler_logged:
             self._straggler_logged = True
-            self._record(step, factor=self.fault.factor)
+            self._record(step, factor=fault.factor)
         # busy work, not a sleep: a slow device burns its time computing
-        deadline = time.process_time() + (self.fault.factor - 1.0) * seconds
+        deadline = time.process_time() + (fault.factor - 1.0) * seconds
         while time.process_time() < deadline:
             pass
 
@@ -132,7 +135,8 @@ class Injector:
 
     def after_checkpoint(self, step: int, path: Path) -> None:
         """After the checkpoint of ``step`` was committed at ``path`` (every rank calls it)."""
-        if self._active("corrupt-checkpoint") and self.first_attempt and step == self.fault.step:
+        fault = self._active("corrupt-checkpoint")
+        if fault is not None and self.first_attempt and step == fault.step:
             flipped = flip_bytes(path)
             self._record(step, checkpoint=str(path), file=flipped)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -144,10 +148,11 @@ class Injector:
 
         original = manifest.commit
         fault = self.fault
+        assert fault is not None  # called from __init__ only when there is a fault
 
         def commit(directory: Path, known=None):
             step = manifest.parse_step(Path(Path(directory).name.replace(".tmp-", "", 1)))
-            if fault.kind == "torn-checkpoint" and step == fault.step:
+            if fault.kind == "torn-checkpoint" and step is not None and step == fault.step:
                 self._record(step, checkpoint=str(directory))
                 os.kill(os.getpid(), signal.SIGKILL)
             return original(directory, known)

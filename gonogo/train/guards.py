@@ -255,6 +255,7 @@ class SectionTimer:
                 self.seconds[name] += self.last_seconds
 
     def _read_profiler(self) -> None:
+        assert self._profiler is not None  # both callers check
         self._profiler.stop()
         for name, (compute, collective) in split_kernel_time(self._profiler.events()).items():
             if name in self.seconds:

@@ -145,8 +145,10 @@ def nvml_handle(nvml: Any, device_index: int) -> Any:
     if uuid is not None:
         text = str(uuid)
         return nvml.nvmlDeviceGetHandleByUUID(text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}")
-    bus_id = (f"{getattr(properties, 'pci_domain_id', 0):08X}:{properties.pci_bus_id:02X}:"
-              f"{properties.pci_device_id:02X}.0")
+    # pci_bus_id / pci_device_id exist at runtime (torch's C++ properties) but not in its stubs
+    bus_id = (f"{getattr(properties, 'pci_domain_id', 0):08X}:"
+              f"{properties.pci_bus_id:02X}:"  # type: ignore[attr-defined]
+              f"{properties.pci_device_id:02X}.0")  # type: ignore[attr-defined]
     return nvml.nvmlDeviceGetHandleByPciBusId(bus_id)
 
 

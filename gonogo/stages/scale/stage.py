@@ -34,13 +34,16 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator
 
 from gonogo.errors import StageFailed, UserError
 from gonogo.rundir import RunDir
 from gonogo.stages.base import Metrics, ReportItem, StageContext, StageCommand, StageKind, StageSettings
+
+if TYPE_CHECKING:
+    from gonogo.events import Event
 
 MODES = ("strong", "weak")
 TWIN_MODULE = "gonogo.stages.scale.stage"
@@ -252,7 +255,7 @@ def twin_main(argv: list[str]) -> int:
 
 # -- measuring ------------------------------------------------------------------------------------
 
-def _steady(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _steady(lines: list[Event]) -> list[Event]:
     """Drop the first log window (start-up: allocation, first-touch, thread pools)."""
     first = min((line["step"] for line in lines), default=None)
     rest = [line for line in lines if line["step"] != first]
