@@ -237,7 +237,7 @@ class Checkpointer:
         self.keep_every = keep_every
         self.async_mode = async_mode
         self._pending: Optional[_PendingSave] = None
-        self._stager = None  # DCP's staging buffers, kept so later async saves reuse the memory
+        self._stager: Any = None  # DCP's staging buffers, kept so later async saves reuse the memory
         self.last_commit_time: Optional[float] = None  # time.monotonic() of the last commit (rank 0)
 
     # -- saving ---------------------------------------------------------------------------
@@ -273,6 +273,7 @@ class Checkpointer:
         rank_entry = manifest.write_json_durable(_rank_file(temporary, rank), rank_state)
         own = {_rank_file(temporary, rank).relative_to(temporary).as_posix(): rank_entry}
 
+        state: dict[str, Any]
         if optimizer is None:
             state = {"model": get_model_state_dict(model)}
         else:
@@ -458,6 +459,7 @@ class Checkpointer:
 
         meta = _read_json(path / manifest.META_NAME)
         _check_same_model(path, meta["model"], model_config)
+        state: dict[str, Any]
         if optimizer is None:
             state = {"model": get_model_state_dict(model)}
         else:

@@ -456,7 +456,7 @@ class _SafetensorsFile:
         shape, dtype, _offset, _nbytes = self.entries[name]
         tensor = torch.empty(shape, dtype=getattr(torch, dtype))
         if tensor.numel():
-            self._read_exactly(name, memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+            self._read_exactly(name, tensor.view(-1).view(torch.uint8).numpy().data)
         return tensor
 
 

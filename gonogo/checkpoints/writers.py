@@ -75,7 +75,7 @@ class _HashingStream(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data) -> int:  # type: ignore[override]
+    def write(self, data) -> int:
         return self._writer.write(data)
 
     def tell(self) -> int:

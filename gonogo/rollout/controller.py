@@ -54,7 +54,7 @@ class Side:
 
     url: str
     model: str
-    stop: Optional[Callable[[], None]] = None
+    stop: Optional[Callable[[], object]] = None
     chat: bool = False   # a finetuned (chat) model: the quality check asks it through the chat API
 
 
