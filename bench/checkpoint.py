@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.quiet import RULE, LoadWatch, machine, verdict  # noqa: E402
 from gonogo.cluster.torchrun import free_port, torchrun_env  # noqa: E402
-from gonogo.model.config import ModelConfig  # noqa: E402
+from gonogo.model.shape import ModelConfig  # noqa: E402
 from gonogo.checkpoints import manifest, reference  # noqa: E402
 from gonogo.checkpoints.checkpointer import Checkpointer  # noqa: E402
 

@@ -33,7 +33,7 @@ def measure(directory: Path) -> dict:
 
     from gonogo.typed_config import validate  # noqa: F401  (and the modules the import uses: a constant
     from gonogo.checkpoints.hf_import import load_hf_dir  # ~70 MB that is no copy of the weights)
-    from gonogo.model.config import ModelConfig  # noqa: F401
+    from gonogo.model.shape import ModelConfig  # noqa: F401
     from gonogo.model.decoder import Decoder  # noqa: F401
 
     def rss_kib() -> int:

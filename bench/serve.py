@@ -37,7 +37,7 @@ from bench.quiet import RULE, LoadWatch, machine, verdict  # noqa: E402
 from gonogo.data.tokenizer import ByteTokenizer  # noqa: E402
 from gonogo.infer.engine import Engine, EngineSettings, Request  # noqa: E402
 from gonogo.infer.sampling import SamplingParams  # noqa: E402
-from gonogo.model.config import ModelConfig  # noqa: E402
+from gonogo.model.shape import ModelConfig  # noqa: E402
 from gonogo.model.decoder import Decoder  # noqa: E402
 
 PROMPT_TOKENS = 16

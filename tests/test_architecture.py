@@ -169,6 +169,30 @@ def test_every_module_has_a_layer():
         layer_of(module)
 
 
+# file names every package may repeat: a package's __init__ and each stage kind's entry point
+CONVENTIONAL_NAMES = {"__init__.py", "stage.py"}
+
+
+def repeated_file_names(package: Path) -> dict[str, list[str]]:
+    """File name -> the modules that share it, outside the conventional names."""
+    by_name: dict[str, list[str]] = defaultdict(list)
+    for path in sorted(package.rglob("*.py")):
+        if path.name not in CONVENTIONAL_NAMES:
+            by_name[path.name].append(path.relative_to(package.parent).as_posix())
+    return {name: paths for name, paths in by_name.items() if len(paths) > 1}
+
+
+def test_no_two_modules_share_a_file_name():
+    """A name says one job: two ``config.py`` (or ``runner.py``) in different packages read as one."""
+    assert repeated_file_names(PACKAGE) == {}
+
+
+def test_the_name_check_sees_a_repeated_name(toy_package: Path):
+    (toy_package / "config.py").write_text("")
+    (toy_package / "model" / "config.py").write_text("")
+    assert repeated_file_names(toy_package) == {"config.py": ["gonogo/config.py", "gonogo/model/config.py"]}
+
+
 @pytest.fixture()
 def toy_package(tmp_path: Path) -> Path:
     package = tmp_path / "gonogo"

@@ -126,7 +126,7 @@ def _fields(model, seen=None) -> set[str]:
 
 def config_fields() -> dict[str, set[str]]:
     from gonogo.capacity.planner import CapacitySettings
-    from gonogo.model.config import ModelConfig
+    from gonogo.model.shape import ModelConfig
     from gonogo.stages import get_kind, kind_names
     from gonogo.train.config import DataConfig, TrainSettings
 

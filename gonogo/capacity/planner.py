@@ -22,7 +22,7 @@ from pydantic import Field
 
 from gonogo.capacity.hardware import GPUSpec, get_gpu
 from gonogo.errors import UserError
-from gonogo.model.config import ModelConfig, MoEConfig
+from gonogo.model.shape import ModelConfig, MoEConfig
 from gonogo.model.flops import attention_flops_per_token, flops_per_token, layer_counts, parameter_counts
 from gonogo.typed_config import Strict, load_toml, resolve_preset, validate
 

@@ -193,7 +193,7 @@ def _check_same_model(directory: Path, saved: dict, model_config: Any) -> None:
         return
     current = _config_dict(model_config)
     try:  # fields added to ModelConfig since the checkpoint was written count as their defaults
-        from gonogo.model.config import ModelConfig
+        from gonogo.model.shape import ModelConfig
 
         saved = ModelConfig.model_validate(saved).model_dump(mode="json")
     except ValueError:

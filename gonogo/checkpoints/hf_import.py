@@ -100,7 +100,7 @@ def _moe_layer_pattern(hf: dict, source: str) -> tuple[int, int]:
 def _model_config_from_hf(hf: dict, source: str):
     """(architecture, ModelConfig, own export?) from a config.json (UserError naming what does not map)."""
     from gonogo.typed_config import validate
-    from gonogo.model.config import ModelConfig
+    from gonogo.model.shape import ModelConfig
 
     architecture = (hf.get("architectures") or [None])[0]
     if architecture not in IMPORT_ARCHITECTURES:

@@ -65,7 +65,7 @@ def _load_gonogo(ref: CheckpointRef):
     import torch
 
     from gonogo.typed_config import validate
-    from gonogo.model.config import ModelConfig
+    from gonogo.model.shape import ModelConfig
     from gonogo.model.decoder import Decoder
 
     config = validate(ModelConfig, ref.meta["model"], source=str(ref.path / manifest.META_NAME))

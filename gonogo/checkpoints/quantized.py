@@ -332,7 +332,7 @@ class QuantizedModel:
         from gonogo.checkpoints import manifest
         from gonogo.checkpoints.reference import CheckpointRef, verify
         from gonogo.typed_config import validate
-        from gonogo.model.config import ModelConfig
+        from gonogo.model.shape import ModelConfig
 
         if not isinstance(directory, CheckpointRef):
             ok, reason, _ = verify(Path(directory))

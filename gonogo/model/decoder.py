@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gonogo.model.config import ModelConfig, RopeScaling
+from gonogo.model.shape import ModelConfig, RopeScaling
 from gonogo.model.feedforward import FeedForward, stack_pays
 from gonogo.model.moe import MoE
 

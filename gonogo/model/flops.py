@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gonogo.model.config import ModelConfig
+from gonogo.model.shape import ModelConfig
 
 
 def _attention_params(config: ModelConfig) -> int:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from gonogo.model.config import MoEConfig
+from gonogo.model.shape import MoEConfig
 from gonogo.model.feedforward import FeedForward
 
 

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from gonogo.errors import UserError
-from gonogo.model.config import ModelConfig
+from gonogo.model.shape import ModelConfig
 from gonogo.typed_config import Strict, apply_overrides, load_toml, resolve_preset, validate
 
 

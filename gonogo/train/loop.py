@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from gonogo.model.config import ModelConfig
+from gonogo.model.shape import ModelConfig
 from gonogo.parallel import (World, autocast, build_meshes, clip_grad_norm, parallelize, reduce_expert_gradients,
                              set_gradient_sync, unwrap)
 from gonogo.train.checkpoint_hook import CheckpointHook

@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 from gonogo.checkpoints.checkpointer import Checkpointer
-from gonogo.model.config import ModelConfig
+from gonogo.model.shape import ModelConfig
 
 CONFIG = ModelConfig(d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=32)
 

@@ -15,7 +15,7 @@ from gonogo.infer.device import load_for_inference
 from gonogo.checkpoints.manifest import decode_state, encode_state, verify_checkpoint
 from gonogo.checkpoints.reference import resolve_path as resolve_checkpoint
 from gonogo.errors import UserError
-from gonogo.model.config import ModelConfig
+from gonogo.model.shape import ModelConfig
 
 CONFIG = ModelConfig(d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=32)
 

@@ -8,7 +8,7 @@ import pytest
 
 from gonogo.checkpoints.checkpointer import _check_same_model
 from gonogo.errors import UserError
-from gonogo.model.config import ModelConfig, MoEConfig
+from gonogo.model.shape import ModelConfig, MoEConfig
 
 
 def test_fields_added_later_count_as_their_defaults():

@@ -14,7 +14,7 @@ from gonogo.checkpoints import STATS, CheckpointRef, resolve
 from gonogo.checkpoints.checkpointer import Checkpointer
 from gonogo.infer.device import load_for_inference
 from gonogo.errors import UserError
-from gonogo.model.config import ModelConfig
+from gonogo.model.shape import ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)

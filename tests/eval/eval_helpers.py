@@ -11,7 +11,7 @@ def write_checkpoint(directory: Path, seed: int = 1, chat: bool = False) -> Path
     import torch
     from safetensors.torch import save_file
 
-    from gonogo.model.config import ModelConfig
+    from gonogo.model.shape import ModelConfig
     from gonogo.model.decoder import Decoder
     from gonogo.checkpoints import manifest
 

@@ -10,7 +10,7 @@ import torch
 from gonogo.errors import UserError
 from gonogo.checkpoints.hf_import import load_hf_dir
 from gonogo.export.hf import export_hf
-from gonogo.model.config import ModelConfig, MoEConfig
+from gonogo.model.shape import ModelConfig, MoEConfig
 from gonogo.model.decoder import Decoder
 from tests.conftest import run_gonogo
 from tests.infer.conftest import write_checkpoint

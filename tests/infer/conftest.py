@@ -11,7 +11,7 @@ import torch
 
 from gonogo.infer.engines.process import ServerProcess
 from gonogo.infer.engines.start import GonogoServeOptions, start_gonogo_server
-from gonogo.model.config import ModelConfig, MoEConfig
+from gonogo.model.shape import ModelConfig, MoEConfig
 
 API_KEY = "test-key-123"
 KEY_ENV = "GONOGO_TEST_API_KEY"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gonogo.model.config import ModelConfig
+from gonogo.model.shape import ModelConfig
 from gonogo.model.decoder import Decoder
 
 @pytest.fixture(autouse=True, scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gonogo.model.config import ModelConfig, MoEConfig
+from gonogo.model.shape import ModelConfig, MoEConfig
 from gonogo.model.decoder import Decoder
 from gonogo.parallel.expert import (ExpertParallelExperts, ShardedExperts, apply_expert_parallel,
                                    gather_full_state_dict, load_full_state_dict, shard_experts)

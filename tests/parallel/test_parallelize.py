@@ -9,7 +9,7 @@ import torch
 import torch.distributed.fsdp as fsdp
 
 from gonogo.errors import UserError
-from gonogo.model.config import ModelConfig
+from gonogo.model.shape import ModelConfig
 from gonogo.model.decoder import Decoder
 from gonogo.parallel import parallelize
 from gonogo.parallel.fsdp import fsdp_ignored_kwargs

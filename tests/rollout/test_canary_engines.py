@@ -31,7 +31,7 @@ def vllm_quality_checkpoint(tmp_path_factory):
     """The memorising model with 32-wide heads: vLLM's CPU attention has no kernel for 16. At this
     shape a lower learning rate memorises the problems reliably (measured: 4 of 4)."""
     from gonogo.data.synthetic import generate
-    from gonogo.model.config import ModelConfig
+    from gonogo.model.shape import ModelConfig
 
     from .conftest import train_memorising_checkpoint
 

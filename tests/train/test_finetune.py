@@ -17,7 +17,7 @@ TINY_TRAIN = ["train.seq_len=64", "train.global_batch_size=4", "train.micro_batc
 def write_pretrained(directory: Path, seed: int = 1) -> Path:
     from safetensors.torch import save_file
 
-    from gonogo.model.config import ModelConfig
+    from gonogo.model.shape import ModelConfig
     from gonogo.model.decoder import Decoder
     from gonogo.checkpoints import manifest
 

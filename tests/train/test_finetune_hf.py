@@ -53,7 +53,7 @@ def test_lora_finetune_an_hf_model_with_its_template_then_export_merged(tmp_path
 
 
 def test_merged_adapters_compute_what_the_adapted_model_computes():
-    from gonogo.model.config import ModelConfig
+    from gonogo.model.shape import ModelConfig
     from gonogo.model.decoder import Decoder
     from gonogo.checkpoints.adapters import is_lora_state, merge
     from gonogo.train.lora import add_lora
@@ -82,7 +82,7 @@ def test_default_lora_targets_are_the_projections_the_model_has():
     import pytest
 
     from gonogo.errors import UserError
-    from gonogo.model.config import ModelConfig, MoEConfig
+    from gonogo.model.shape import ModelConfig, MoEConfig
     from gonogo.model.decoder import Decoder
     from gonogo.train.lora import add_lora
 

@@ -376,7 +376,7 @@ def tiny_checkpoint(directory: Path, steps: int = 40) -> Path:
 
     from gonogo.data.tokenizer import ByteTokenizer
     from gonogo.stages.loadtest.stage import load_prompts
-    from gonogo.model.config import ModelConfig
+    from gonogo.model.shape import ModelConfig
     from gonogo.model.decoder import Decoder
     from gonogo.checkpoints import manifest
 

@@ -1,4 +1,4 @@
-"""The shape of a decoder: dense Llama-style, optionally with Mixture-of-Experts layers.
+"""The shape of a decoder (its `ModelConfig`): dense Llama-style, optionally with Mixture-of-Experts layers.
 
 Kept as data (the ``[model]`` table of a preset in ``gonogo/configs/``) so that the same shape
 drives the trainer, the inference engine, the Hugging Face export and the capacity planner.
