@@ -103,12 +103,17 @@ def environment() -> dict[str, Any]:
 
 
 class _SignalsToInterrupt:
-    """While active, SIGTERM is handled like Ctrl-C (KeyboardInterrupt in the main thread)."""
+    """While active, SIGTERM is handled like Ctrl-C (KeyboardInterrupt in the main thread), and so
+    is SIGINT even where it was ignored: a shell starts a background job (``gonogo run ... &`` in a
+    script, ``nohup``) with SIGINT ignored, and the budget watchdog's kill is a SIGINT to the main
+    thread, which must stop the stage however the runner was started."""
 
     def __enter__(self) -> "_SignalsToInterrupt":
-        self._previous = None
+        self._previous: dict[int, Any] = {}
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handler)
+            if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handler)
         except ValueError:  # not in the main thread (tests may run the runner in a thread)
             pass
         return self
@@ -118,8 +123,8 @@ class _SignalsToInterrupt:
         raise KeyboardInterrupt(f"signal {signum}")
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
 
 
 def check_stage_names(plan: Plan, only: Optional[set[str]], skip: Optional[set[str]]) -> None:
