@@ -213,49 +213,51 @@ def test_matches_hugging_face_llama_with_renamed_weights():
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])
-def test_stacked_projections_train_to_the_same_losses_as_separate_ones(monkeypatch, qkv_bias):
-    """Golden losses: the stacked q/k/v and w1/w3 GEMMs change no number of a short fp32 training.
-
-    The same seed, data and AdamW steps once with the stacked GEMMs (a batch of >= 64 tokens) and
-    once with the separate layers (the threshold raised out of reach): the losses agree to 1e-6
-    relative, the updated weights to 1e-4 (AdamW divides a tiny gradient by its own root mean
-    square, which magnifies a last-bit difference of the GEMM's summation order).
-    """
+def test_stacked_projections_give_the_same_logits_as_separate_ones(monkeypatch, qkv_bias):
+    """A prefill (no gradient recorded, >= 64 tokens) stacks q/k/v and w1/w3 into one GEMM each:
+    the logits agree with the separate layers' to fp32 rounding."""
     import gonogo.model.feedforward as feedforward_module
 
-    def train(stack: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
-        monkeypatch.setattr(feedforward_module, "STACK_MIN_TOKENS", 64 if stack else 10**9)
-        model = Decoder(tiny(qkv_bias=qkv_bias))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        losses = []
-        for step in range(3):
-            batch = tokens(B=4, T=32, seed=step)
-            logits = model(batch[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
+    model = Decoder(tiny(qkv_bias=qkv_bias))
+    batch = tokens(B=4, T=32, seed=0)
+    with torch.no_grad():
+        stacked = model(batch)
+        monkeypatch.setattr(feedforward_module, "STACK_MIN_TOKENS", 10**9)
+        separate = model(batch)
+    torch.testing.assert_close(stacked, separate, rtol=1e-5, atol=1e-5)
 
-    stacked_losses, stacked = train(stack=True)
-    separate_losses, separate = train(stack=False)
-    assert stacked_losses == pytest.approx(separate_losses, rel=1e-6, abs=0)
-    for name, weight in separate.items():
-        torch.testing.assert_close(stacked[name], weight, rtol=1e-4, atol=1e-4)
+
+def test_training_keeps_separate_projections():
+    """A forward that records gradients never stacks: training computes what the plan's gates were
+    calibrated on (the stacked GEMM's bf16 rounding moved a 300-step run onto another trajectory)."""
+    from gonogo.model import feedforward
+
+    x = torch.zeros(2, 64, 8)
+    assert not feedforward.stack_pays(x)
+    with torch.no_grad():
+        assert feedforward.stack_pays(x)
+    model = Decoder(tiny())
+    calls = []
+    model.layers[0].attention.wq.register_forward_hook(lambda *_: calls.append("wq"))
+    model.layers[0].feed_forward.w1.register_forward_hook(lambda *_: calls.append("w1"))
+    model(tokens(B=2, T=40)).sum().backward()
+    assert calls == ["wq", "w1"]
 
 
 def test_a_decode_step_keeps_separate_projections(monkeypatch):
     """One token per row would copy every weight once more per token: no stacking there."""
     from gonogo.model import feedforward
 
-    assert feedforward.stack_pays(torch.zeros(2, 64, 8))
-    assert not feedforward.stack_pays(torch.zeros(4, 1, 8))
+    with torch.no_grad():
+        assert feedforward.stack_pays(torch.zeros(2, 64, 8))
+        assert not feedforward.stack_pays(torch.zeros(4, 1, 8))
     model = Decoder(tiny())
     calls = []
     model.layers[0].attention.wq.register_forward_hook(lambda *_: calls.append("wq"))
-    model(tokens(B=1, T=1))
+    with torch.no_grad():
+        model(tokens(B=1, T=1))
     assert calls == ["wq"]
     calls.clear()
-    model(tokens(B=2, T=40))
+    with torch.no_grad():
+        model(tokens(B=2, T=40))
     assert calls == []  # stacked: the wq module is not called, its weight is
