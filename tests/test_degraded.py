@@ -98,7 +98,7 @@ def test_pretraining_with_a_slow_rank_and_a_lost_checkpoint_is_no_go(tmp_path, m
     # what rank 0 reports when a straggling rank held every step back and the restart after the
     # stop found no committed checkpoint (it started over from step 0) and the loss stayed high
     monkeypatch.setattr(train_stage, "launch", _fake_launch({
-        "val_loss": 2.7, "final_loss": 2.8, "steps_completed": 150, "steps": 150, "restarts": 1,
+        "val_loss": 2.7, "final_loss": 2.8, "steps_completed": 300, "steps": 300, "restarts": 1,
         "resumed_from_step": 0, "mfu": 0.003, "tokens_per_second": 150.0}))
     summary = run_degraded(tmp_path, "laptop", "pretrain")
     assert [(g["metric"], g["passed"]) for g in summary["gates"]] == [
