@@ -4,7 +4,7 @@
 
 Makes (once) a random Llama of about 170M parameters saved by transformers in 100 MB shards,
 then, in a fresh process, measures the resident set before the import (torch imported) and its
-peak during ``gonogo.export.hf.load_hf_dir`` (ru_maxrss). The ratio peak-growth / bytes on disk
+peak during ``gonogo.checkpoints.hf_import.load_hf_dir`` (ru_maxrss). The ratio peak-growth / bytes on disk
 is what docs/models.md quotes; a loader that held a second full copy would show ~2x.
 """
 
@@ -31,9 +31,9 @@ def make(directory: Path, dtype: str) -> None:
 def measure(directory: Path) -> dict:
     import torch  # noqa: F401  (the baseline includes torch, as any gonogo command does)
 
-    from gonogo.config import validate  # noqa: F401  (and the modules the import uses: a constant
-    from gonogo.export.hf import load_hf_dir  # ~70 MB that is no copy of the weights)
-    from gonogo.model.config import ModelConfig  # noqa: F401
+    from gonogo.typed_config import validate  # noqa: F401  (and the modules the import uses: a constant
+    from gonogo.checkpoints.hf_import import load_hf_dir  # ~70 MB that is no copy of the weights)
+    from gonogo.model.shape import ModelConfig  # noqa: F401
     from gonogo.model.decoder import Decoder  # noqa: F401
 
     def rss_kib() -> int:

@@ -1,8 +1,10 @@
 """The command line: parses, then calls one function per command.
 
-Each command lives in the module that does its job; that module exposes
-``add_arguments(parser)`` and ``command(args) -> int``. This file only lists them, turns a
-``UserError`` into one line and exit code 2, and sets up logging.
+Two kinds of command: every stage kind of ``gonogo.stages`` is one (``gonogo train``, ``gonogo
+eval``, ...; its flags come from its settings and it runs through the plan runner, see
+``gonogo.stage_cli``), and the commands below that are not a stage each live in the module that
+does their job, which exposes ``add_arguments(parser)`` and ``command(args) -> int``. This file
+only lists them, turns a ``UserError`` into one line and exit code 2, and sets up logging.
 """
 
 from __future__ import annotations
@@ -16,29 +18,25 @@ from typing import Optional, Sequence
 
 from gonogo import __version__
 from gonogo.errors import UserError
+from gonogo.stages import command_help
 
-# command -> (module, one-line help)
+STAGE_CLI = "gonogo.stage_cli"
+# command -> (module, one-line help): the commands that are not a stage kind
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("gonogo.plan_cli", "run a plan stage by stage with go/no-go gates (default: the built-in laptop plan)"),
-    "doctor": ("gonogo.cluster.doctor", "inventory and health: devices, versions, GPU health, storage speed"),
-    "collectives": ("gonogo.cluster.collectives", "nccl-tests-style bandwidth and correctness table via torch.distributed"),
-    "drill": ("gonogo.drills.stage", "fault drills (kill, hang, straggler, nan, torn/corrupt checkpoint, canary) beside a fault-free twin"),
-    "train": ("gonogo.train.stage", "distributed pretraining (FSDP2 / DDP / expert parallel) with torchrun, metrics, MFU, MLPerf log"),
-    "finetune": ("gonogo.train.finetune", "supervised finetuning (SFT) of a pretrained checkpoint on chats; loss on the assistant's tokens"),
-    "eval": ("gonogo.eval.stage", "reasoning eval on held-out tasks: accuracy, maj@k, pass@k, best-of-N, per task family"),
-    "scale": ("gonogo.train.scale", "the same training job at several process counts: strong and weak scaling efficiency"),
     "launch": ("gonogo.cluster.launch", "write a Slurm batch script or Kubernetes manifests that run the same job with torchrun"),
     "report": ("gonogo.report.build", "re-render summary.json and report.html of a run directory"),
-    "capacity": ("gonogo.capacity.command", "estimate memory, step time, time-to-train, GPU-hours and cost at large scale"),
-    "serve": ("gonogo.infer.server", "OpenAI-compatible server (completions, chat, streaming) for a checkpoint"),
     "engine": ("gonogo.infer.engines.install", "install a serving engine (vLLM) into its own venv; which engines are ready"),
-    "loadtest": ("gonogo.infer.loadgen", "load test an OpenAI-compatible server: TTFT/TPOT/ITL/E2EL percentiles, goodput"),
-    "quantize": ("gonogo.infer.quantize_stage", "FP8 / NVFP4 weight quantization of a checkpoint: bytes, val loss and accuracy against bf16"),
-    "canary": ("gonogo.rollout.stage", "staged canary rollout with metric and quality checks and automatic rollback"),
-    "soak": ("gonogo.train.soak", "training held for a wall-clock window: checkpoint drift, utilisation per window, loss probes, memory, retention"),
     "tokenizer": ("gonogo.data.tokenizer_train", "train a byte-level BPE tokenizer on your text (for [data] tokenizer)"),
     "export": ("gonogo.export.hf", "export a checkpoint to Hugging Face format (an imported model goes back to its own architecture)"),
 }
+
+
+def all_commands() -> dict[str, tuple[str, str]]:
+    """Every command: the plan and tool commands, then one per stage kind that has a command."""
+    stage_commands = {name: (STAGE_CLI, help_text) for name, help_text in command_help().items()}
+    assert not set(stage_commands) & set(COMMANDS), "a stage kind and a command share a name"
+    return {**COMMANDS, **stage_commands}
 
 
 def build_parser(selected: Optional[str] = None) -> argparse.ArgumentParser:
@@ -49,10 +47,16 @@ def build_parser(selected: Optional[str] = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gonogo {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, (module_name, help_text) in all_commands().items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(_module=module_name)
-        if name == selected:
+        if name != selected:
+            continue
+        if module_name == STAGE_CLI:
+            from gonogo import stage_cli
+
+            stage_cli.add_arguments(sub, name)
+        else:
             importlib.import_module(module_name).add_arguments(sub)
     return parser
 
@@ -64,7 +68,7 @@ def _terminate(signum: int, frame: object) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(selected if selected in COMMANDS else None)
+    parser = build_parser(selected if selected in all_commands() else None)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         # `gonogo run PLAN --out DIR name=value`: plan parameters may follow the options too

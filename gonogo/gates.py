@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from gonogo.config import parse_scalar
+from gonogo.typed_config import parse_scalar
 
 OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
     "<=": operator.le,

@@ -14,11 +14,11 @@ from typing import Any, Optional, Sequence
 
 from pydantic import Field, field_validator
 
-from gonogo.config import PLANS_DIR, Strict, load_toml, resolve_preset, validate
 from gonogo.errors import UserError
 from gonogo.gates import Assumption, ExpressionError, Gate, parse_condition, parse_gate
 from gonogo.stages import get_kind
 from gonogo.stages.base import StageKind, StageSettings
+from gonogo.typed_config import PLANS_DIR, Strict, load_toml, resolve_preset, validate
 
 DEFAULT_PLAN = "laptop"
 RUNNER_KEYS = {"name", "kind", "gates", "continue_on_fail", "description"}

@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.table import Table
 
 from gonogo.plan import Stage, parse_parameters
-from gonogo.runner import cli_run
+from gonogo.runner import Outcome, cli_run
 
 STATUS_STYLE = {"passed": "green", "failed": "red", "error": "red", "interrupted": "yellow",
                 "running": "cyan", "skipped": "dim", "not run": "dim", "waiting": "dim"}
@@ -99,9 +99,14 @@ def command(args: argparse.Namespace) -> int:
     with LiveView(console) as view:
         outcome = cli_run(args.plan, args.out, _names(args.only), _names(args.skip), args.resume, observer=view,
                           parameters=parse_parameters(args.parameters))
+    print_outcome(console, outcome)
+    return outcome.exit_code
+
+
+def print_outcome(console: Console, outcome: Outcome) -> None:
+    """The verdict, its reasons and where the report is (``gonogo run`` and ``gonogo <kind>``)."""
     style = {"GO": "bold green", "NO-GO": "bold red", "ERROR": "bold red"}.get(outcome.verdict, "bold yellow")
     console.print(f"[{style}]{outcome.verdict}[/]  plan {outcome.summary['plan']['name']!r}")
     for reason in outcome.reasons:
-        console.print(f"  - {reason}")
-    console.print(f"report:  {outcome.run_dir.report_path}\nsummary: {outcome.run_dir.summary_path}")
-    return outcome.exit_code
+        console.print(f"  - {reason}", markup=False)
+    console.print(f"report:  {outcome.run_dir.report_path}\nsummary: {outcome.run_dir.summary_path}", markup=False)

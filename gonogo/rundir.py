@@ -7,28 +7,15 @@
 
 from __future__ import annotations
 
-import json
-import os
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+from gonogo import events
 from gonogo.errors import UserError
 from gonogo.files import check_output_dir, read_json_file, write_json_atomic
-from gonogo.files import json_default as _json_default
 
-__all__ = ["RunDir", "append_jsonl", "utc_stamp", "write_json_atomic"]
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """One line per record, written with a single O_APPEND write so processes don't interleave."""
-    line = (json.dumps(record, default=_json_default) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+__all__ = ["RunDir", "utc_stamp", "write_json_atomic"]
 
 
 def utc_stamp() -> str:
@@ -89,7 +76,7 @@ class RunDir:
 
     @property
     def events_path(self) -> Path:
-        return self.root / "events.jsonl"
+        return events.events_file(self.root)
 
     @property
     def summary_path(self) -> Path:
@@ -127,8 +114,11 @@ class RunDir:
         write_json_atomic(self.state_path, state)
 
     def event(self, stage: str, **fields: Any) -> None:
-        record = {"time": time.time(), "stage": stage, **fields}
-        append_jsonl(self.events_path, record)
+        events.write_event(self.events_path, stage, **fields)
+
+    def read_events(self, **filters: Any) -> list[events.Event]:
+        """This run's events (see :func:`gonogo.events.read_events` for the filters)."""
+        return events.read_events(self.events_path, **filters)
 
     def stage_metrics(self, name: str) -> dict[str, Any]:
         path = self.stage_dir(name, create=False) / "metrics.json"

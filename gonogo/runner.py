@@ -19,18 +19,18 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import tomli_w
 
 from gonogo import __version__
 from gonogo.budget import Budget, Watchdog
 from gonogo.errors import StageFailed, UserError
-from gonogo.gates import GateResult, format_value
-from gonogo.plan import Plan, Stage, load_plan
+from gonogo.gates import GateResult, format_value, parse_gate
+from gonogo.plan import Plan, PlanHeader, Stage, load_plan
 from gonogo.files import write_atomic
 from gonogo.rundir import RunDir, write_json_atomic
-from gonogo.stages.base import StageContext
+from gonogo.stages.base import StageContext, StageKind, StageSettings
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +103,17 @@ def environment() -> dict[str, Any]:
 
 
 class _SignalsToInterrupt:
-    """While active, SIGTERM is handled like Ctrl-C (KeyboardInterrupt in the main thread)."""
+    """While active, SIGTERM is handled like Ctrl-C (KeyboardInterrupt in the main thread), and so
+    is SIGINT even where it was ignored: a shell starts a background job (``gonogo run ... &`` in a
+    script, ``nohup``) with SIGINT ignored, and the budget watchdog's kill is a SIGINT to the main
+    thread, which must stop the stage however the runner was started."""
 
     def __enter__(self) -> "_SignalsToInterrupt":
-        self._previous = None
+        self._previous: dict[int, Any] = {}
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handler)
+            if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handler)
         except ValueError:  # not in the main thread (tests may run the runner in a thread)
             pass
         return self
@@ -118,8 +123,8 @@ class _SignalsToInterrupt:
         raise KeyboardInterrupt(f"signal {signum}")
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
 
 
 def check_stage_names(plan: Plan, only: Optional[set[str]], skip: Optional[set[str]]) -> None:
@@ -143,7 +148,10 @@ def run_plan(
     skip: Optional[set[str]] = None,
     resume: bool = False,
     observer: Optional[Observer] = None,
+    resume_hint: str = "continue with --resume",
 ) -> Outcome:
+    """Run ``plan`` into ``run_dir``. ``resume_hint``: what an interrupted stage's record tells
+    the user to do next."""
     observer = observer or SilentObserver()
     check_stage_names(plan, only, skip)
 
@@ -183,7 +191,7 @@ def run_plan(
                     continue
                 record = _run_stage(plan, stage, index, run_dir, observer, cleanups,
                                     None if limit is None else limit - used, previous,
-                                    _watchdog(run_dir, state, budget, used, stage))
+                                    _watchdog(run_dir, state, budget, used, stage), resume_hint)
                 state["stages"][stage.name] = record
                 run_dir.write_state(state)
                 observer.stage_finished(stage, record)
@@ -253,7 +261,8 @@ def _watchdog(run_dir: RunDir, state: dict[str, Any], budget: Budget, used: floa
 
 def _run_stage(plan: Plan, stage: Stage, index: int, run_dir: RunDir, observer: Observer,
                cleanups: list, budget_left: Optional[float], previous: dict[str, Any],
-               watchdog: Optional[Watchdog] = None) -> dict[str, Any]:
+               watchdog: Optional[Watchdog] = None,
+               resume_hint: str = "continue with --resume") -> dict[str, Any]:
     stage_dir = run_dir.stage_dir(stage.name, create=False)
     if stage_dir.exists() and any(stage_dir.iterdir()):
         # an earlier attempt's files are kept, never overwritten
@@ -285,7 +294,7 @@ def _run_stage(plan: Plan, stage: Stage, index: int, run_dir: RunDir, observer: 
     except KeyboardInterrupt:
         if watchdog is not None:
             watchdog.disarm()  # again: a kill arriving inside the first one cut it short
-        status, reason = INTERRUPTED, "interrupted (Ctrl-C or SIGTERM); continue with --resume"
+        status, reason = INTERRUPTED, f"interrupted (Ctrl-C or SIGTERM); {resume_hint}"
     except UserError as error:
         status, reason = ERROR, str(error)
         record["user_error"] = True
@@ -302,7 +311,8 @@ def _run_stage(plan: Plan, stage: Stage, index: int, run_dir: RunDir, observer: 
     device_hours = seconds / 3600.0 * max(1, stage.kind.devices(stage.settings))
     metrics["stage_wall_seconds"] = round(seconds, 3)
     metrics["stage_device_hours"] = device_hours
-    write_json_atomic(stage_dir / "metrics.json", metrics)
+    if status != INTERRUPTED:  # an interrupted stage measured nothing and claims nothing
+        write_json_atomic(stage_dir / "metrics.json", metrics)
     run_dir.event(stage.name, event="stage_end", status=status, seconds=seconds,
                   metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float, bool, str))})
 
@@ -323,6 +333,36 @@ def _run_stage(plan: Plan, stage: Stage, index: int, run_dir: RunDir, observer: 
     if killed:
         record["budget_kill"] = True
     return record
+
+
+def one_stage_plan(kind: StageKind, settings: StageSettings, *, name: Optional[str] = None,
+                   gates: Optional[Sequence[str]] = None, plan_name: Optional[str] = None) -> Plan:
+    """A plan of one stage, in memory: what ``gonogo <kind>`` runs. ``gates``: the kind's default
+    gates unless given. Relative paths in the settings are relative to the current folder."""
+    name = name or kind.name
+    stage = Stage(name, kind, settings, [], False, "", {})
+    for text in (kind.default_gates(settings) if gates is None else gates):
+        gate = parse_gate(text)
+        assert gate.metric in stage.metrics, f"kind {kind.name!r}: gate {text!r} reads a metric it does not produce"
+        stage.gates.append(gate)
+    header = PlanHeader(name=plan_name or kind.name)
+    return Plan(header, [stage], [], Path.cwd() / "plan.toml", {})
+
+
+def run_stage_alone(kind: StageKind, settings: StageSettings, *, out: Optional[Path] = None,
+                    run_dir: Optional[RunDir] = None, observer: Optional[Observer] = None,
+                    gates: Optional[Sequence[str]] = None,
+                    resume_hint: Optional[Callable[[RunDir], str]] = None) -> Outcome:
+    """One stage through the same runner as a plan: same run directory layout, gates, report and
+    exit codes. ``run_dir``: an existing run directory to continue in, else a new one at ``out``;
+    ``gates``: the kind's default gates unless given."""
+    plan = one_stage_plan(kind, settings, gates=gates)
+    check_stage_names(plan, None, None)  # the kind's preflight, before the run directory exists
+    if run_dir is None:
+        run_dir = RunDir.create(out, plan.name)
+    return run_plan(plan, run_dir, observer=observer,
+                    resume_hint=resume_hint(run_dir) if resume_hint is not None
+                    else f"continue with: gonogo run --resume --out {run_dir.root}")
 
 
 def check_gpus(plan: Plan) -> None:

@@ -93,7 +93,7 @@ def _fake_launch(result: dict[str, Any]):
 
 
 def test_pretraining_with_a_slow_rank_and_a_lost_checkpoint_is_no_go(tmp_path, monkeypatch):
-    from gonogo.train import stage as train_stage
+    from gonogo.stages.train import stage as train_stage
 
     # what rank 0 reports when a straggling rank held every step back and the restart after the
     # stop found no committed checkpoint (it started over from step 0) and the loss stayed high
@@ -106,7 +106,7 @@ def test_pretraining_with_a_slow_rank_and_a_lost_checkpoint_is_no_go(tmp_path, m
 
 
 def test_a_finetune_that_got_worse_is_no_go(tmp_path, monkeypatch):
-    from gonogo.train import stage as train_stage
+    from gonogo.stages.train import stage as train_stage
     from tests.infer.conftest import tiny_model, write_checkpoint
 
     checkpoint = write_checkpoint(tmp_path / "pretrained" / "step-00000010", tiny_model())
@@ -118,7 +118,7 @@ def test_a_finetune_that_got_worse_is_no_go(tmp_path, monkeypatch):
 
 
 def test_scaling_with_a_slow_rank_is_no_go(tmp_path, monkeypatch):
-    from gonogo.train import scale
+    import gonogo.stages.scale.stage as scale
 
     def run_distributed(config, spec, root, threads, settings, ctx):
         # a slow rank: two processes together move 0.4x what one moves alone
@@ -145,7 +145,7 @@ def test_a_kill_drill_that_does_not_recover_is_no_go(tmp_path, monkeypatch):
     """torchrun without restarts: the killed rank's peers fail and the job ends (what a real run
     with train.max_restarts=0 reports, measured 27 s per run here: too slow for the suite)."""
     from gonogo.errors import StageFailed
-    from gonogo.train import stage as train_stage
+    from gonogo.stages.train import stage as train_stage
 
     def launch(config, config_filename, nproc, *, run_dir, stage, stage_dir, env=None, **kwargs):
         if env and "GONOGO_FAULT" in env:
@@ -166,7 +166,7 @@ def test_a_kill_drill_that_does_not_recover_is_no_go(tmp_path, monkeypatch):
 def test_a_quantized_model_that_got_worse_is_no_go(tmp_path, monkeypatch):
     import torch
 
-    from gonogo.infer import quantize
+    from gonogo.checkpoints import quantized as quantize
     from tests.infer.conftest import tiny_model, write_checkpoint
 
     checkpoint = write_checkpoint(tmp_path / "model" / "step-00000010", tiny_model())
@@ -204,7 +204,7 @@ def test_serving_a_corrupt_checkpoint_is_no_go(tmp_path):
 def test_the_serve_health_checks_fail_against_a_server_whose_requests_fail():
     import httpx
 
-    from gonogo.infer.serve_stage import health_checks
+    from gonogo.stages.serve.stage import health_checks
 
     with stub_server("fail") as url, httpx.Client(timeout=10) as client:
         checks, first_ms, streamed, plain = health_checks(client, url, "gonogo")

@@ -4,8 +4,7 @@ The convention (docs/adding-a-stage.md, "Names in the docs"), on every page of d
 
 - **events**: a backticked name next to the word event(s) ("a `hang_detected` event",
   "events `loss_guard`, `rollback`"), or in the parentheses after `events.jsonl`, is an event kind
-  that gonogo writes (a literal ``"event": "..."``, ``event="..."`` or ``record_event(..., "...")``
-  in gonogo/);
+  that gonogo writes (a literal ``"event": "..."`` or ``event="..."`` in gonogo/);
 - **metrics**: the backticked names in the first column of a table headed ``metric``, and the
   snake_case names in a column headed ``symptom`` or ``what you see``, are metrics some stage
   kind declares (or the runner adds); the left side of a backticked comparison
@@ -58,9 +57,6 @@ def code_events() -> set[str]:
                 for keyword in node.keywords:
                     if keyword.arg == "event" and _string(keyword.value):
                         events.add(_string(keyword.value))
-                name = getattr(node.func, "attr", getattr(node.func, "id", None))
-                if name == "record_event" and len(node.args) >= 5 and _string(node.args[4]):
-                    events.add(_string(node.args[4]))
     return events
 
 
@@ -92,7 +88,7 @@ def declared_metrics() -> set[str]:
     from gonogo.stages import get_kind, kind_names
 
     names = set(PLAN_METRICS) | set(STAGE_RUNNER_METRICS)
-    from gonogo.config import load_toml
+    from gonogo.typed_config import load_toml
 
     for plan in sorted(PLANS_DIR.glob("*.toml")):
         declared = load_toml(plan).get("plan", {}).get("parameters", {})  # byo-model: any value validates
@@ -130,7 +126,7 @@ def _fields(model, seen=None) -> set[str]:
 
 def config_fields() -> dict[str, set[str]]:
     from gonogo.capacity.planner import CapacitySettings
-    from gonogo.model.config import ModelConfig
+    from gonogo.model.shape import ModelConfig
     from gonogo.stages import get_kind, kind_names
     from gonogo.train.config import DataConfig, TrainSettings
 

@@ -19,11 +19,11 @@ from typing import Any, Optional
 
 from gonogo.capacity.hardware import GPUSpec, this_machine
 from gonogo.capacity.planner import CapacitySettings, estimate
-from gonogo.config import load_toml
 from gonogo.errors import UserError
-from gonogo.model.config import ModelConfig
+from gonogo.model.shape import ModelConfig
 from gonogo.model.flops import flops_per_token
 from gonogo.rundir import RunDir
+from gonogo.typed_config import load_toml
 
 log = logging.getLogger(__name__)
 

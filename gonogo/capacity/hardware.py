@@ -15,11 +15,10 @@ from typing import Optional
 
 from pydantic import Field
 
-from gonogo.config import Strict, load_toml, validate
 from gonogo.errors import UserError
+from gonogo.typed_config import Strict, load_toml, validate
 
 TABLE_PATH = Path(__file__).resolve().parent / "hardware.toml"
-PRECISIONS = ("bf16", "fp8", "nvfp4")
 THIS_MACHINE = "this-machine"
 
 

@@ -21,10 +21,10 @@ from typing import Any, Literal, Optional
 from pydantic import Field
 
 from gonogo.capacity.hardware import GPUSpec, get_gpu
-from gonogo.config import Strict, load_toml, resolve_preset, validate
 from gonogo.errors import UserError
-from gonogo.model.config import ModelConfig, MoEConfig
+from gonogo.model.shape import ModelConfig, MoEConfig
 from gonogo.model.flops import attention_flops_per_token, flops_per_token, layer_counts, parameter_counts
+from gonogo.typed_config import Strict, load_toml, resolve_preset, validate
 
 GB = 1e9
 # Assumed MFU of the compute term when none is given: large bf16 GEMMs reach 60-70% of an H100's

@@ -26,7 +26,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from gonogo.cluster import collectives as table
+from gonogo.cluster import collectives_table as table
 from gonogo.rundir import write_json_atomic
 
 # ops whose S is the whole gathered / scattered / exchanged array (count per rank × n)
@@ -39,7 +39,7 @@ BUS_FACTORS: dict[str, Callable[[int], float]] = {
     "broadcast": lambda n: 1.0,
     "sendrecv": lambda n: 1.0,
 }
-# which forms torch has for each op (see the module docs of gonogo.cluster.collectives)
+# which forms torch has for each op (see the module docs of gonogo.stages.collectives.stage)
 FORMS: dict[str, tuple[bool, bool]] = {  # op -> (out-of-place, in-place)
     "all_reduce": (False, True),
     "all_gather": (True, True),

@@ -267,7 +267,7 @@ def picture(document: dict[str, Any]) -> Optional[bytes]:
     """A PNG: one box per NUMA node holding its CPUs, GPUs and NICs; NVLink pairs as lines."""
     from matplotlib.patches import FancyBboxPatch
 
-    from gonogo.report.plots import new_figure, to_png
+    from gonogo.plots import new_figure, to_png
 
     cpu, gpu = document["cpu"], document["gpu"]
     nodes = [node["node"] for node in cpu.get("numa_nodes") or []] or [None]

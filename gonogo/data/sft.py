@@ -34,31 +34,6 @@ Messages = list[dict[str, str]]
 REPORTED_LINES = 20  # bad lines logged one by one; the rest only counted
 
 
-def problem_messages(problem: synthetic.Problem) -> Messages:
-    return [{"role": "user", "content": problem.question}, {"role": "assistant", "content": problem.solution}]
-
-
-class SyntheticChatSource:
-    """The reasoning corpus as chats; fresh problems every epoch, as for pretraining."""
-
-    def __init__(self, split: str = "train", seed: int = 0, epoch_size: int = 1_000_000,
-                 families: Optional[Sequence[str]] = None, tokenizer=None) -> None:
-        self.split = "heldout" if split == "val" else split
-        self.seed = seed
-        self.epoch_size = epoch_size
-        self.families = tuple(families) if families else None
-        self.tokenizer = tokenizer or ByteTokenizer()  # or a model's own (gonogo.data.hf_tokenizer)
-        synthetic.problem_at(self.split, seed, 0, self.families)  # fail now on a bad split/family
-        self.name = f"synthetic-chat:{self.split}:{seed}"
-
-    def __len__(self) -> int:
-        return self.epoch_size
-
-    def document(self, index: int, epoch: int) -> tuple[list[int], list[bool]]:
-        problem = synthetic.problem_at(self.split, self.seed, epoch * self.epoch_size + index, self.families)
-        return self.tokenizer.apply_chat_template(problem_messages(problem))
-
-
 class ChatSource:
     """Chats held in memory, tokenised when the loader asks for one."""
 
@@ -181,7 +156,7 @@ def make_sft_source(spec: str | Path = "synthetic", split: str = "train", *, see
         raise ValueError(f"unknown split {split!r}; use train or val")
     if str(spec) == "synthetic":
         try:
-            return SyntheticChatSource(split, seed=seed, families=families, tokenizer=tokenizer)
+            return synthetic.SyntheticSource(split, seed=seed, families=families, chat=True, tokenizer=tokenizer)
         except ValueError as error:
             raise UserError(str(error)) from None
     data = read_sft_jsonl(spec, min_good_fraction)

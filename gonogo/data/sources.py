@@ -50,25 +50,6 @@ class Source(Protocol):
     def document(self, index: int, epoch: int) -> Document: ...
 
 
-class SyntheticSource:
-    """The reasoning corpus. Each epoch holds fresh problems, so the stream never repeats."""
-
-    def __init__(self, split: str = "train", seed: int = 0, epoch_size: int = 1_000_000,
-                 families: Optional[Sequence[str]] = None) -> None:
-        self.split = "heldout" if split == "val" else split
-        self.seed = seed
-        self.epoch_size = epoch_size
-        self.families = tuple(families) if families else None
-        synthetic.problem_at(self.split, seed, 0, self.families)  # fail now on a bad split/family
-        self.name = f"synthetic:{self.split}:{seed}"
-
-    def __len__(self) -> int:
-        return self.epoch_size
-
-    def document(self, index: int, epoch: int) -> str:
-        return synthetic.problem_at(self.split, self.seed, epoch * self.epoch_size + index, self.families).text
-
-
 class ListSource:
     """Documents held in memory (user corpora, tests)."""
 
@@ -277,7 +258,7 @@ def make_source(spec: str | Path, split: str = "train", *, seed: int = 0, text_f
         raise UserError(f"validation percentage {val_percent} must be between 0 and 100")
     if str(spec) == "synthetic":
         try:
-            return SyntheticSource(split, seed=seed, families=families)
+            return synthetic.SyntheticSource(split, seed=seed, families=families)
         except ValueError as error:
             raise UserError(str(error)) from None
     if str(spec) == "stdlib":

@@ -53,6 +53,11 @@ class Problem:
         """The whole problem as one pretraining document."""
         return f"{self.prompt} {self.solution}"
 
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The problem as a chat: the user asks the question, the assistant writes the solution."""
+        return [{"role": "user", "content": self.question}, {"role": "assistant", "content": self.solution}]
+
 
 def _digits(number: int, width: int) -> list[int]:
     """Digits of ``number``, least significant first, padded with zeros to ``width``."""
@@ -181,6 +186,38 @@ def stream(split: str, seed: int, start: int = 0, families: Optional[Sequence[st
     while True:
         yield problem_at(split, seed, index, families)
         index += 1
+
+
+class SyntheticSource:
+    """The corpus as a loader's source: document ``index`` of epoch ``epoch`` is problem
+    ``epoch * epoch_size + index`` of (split, seed), so every epoch holds fresh problems and the
+    stream never repeats. ``chat=False``: the problem as one pretraining text; ``chat=True``: its
+    chat (:attr:`Problem.messages`) tokenised by ``tokenizer``'s chat template, as ``(ids,
+    loss_mask)`` for finetuning. ``split="val"`` is the held-out split."""
+
+    def __init__(self, split: str = "train", seed: int = 0, epoch_size: int = 1_000_000,
+                 families: Optional[Sequence[str]] = None, *, chat: bool = False, tokenizer=None) -> None:
+        self.split = "heldout" if split == "val" else split
+        self.seed = seed
+        self.epoch_size = epoch_size
+        self.families = tuple(families) if families else None
+        self.chat = chat
+        if chat and tokenizer is None:
+            from gonogo.data.tokenizer import ByteTokenizer
+
+            tokenizer = ByteTokenizer()
+        self.tokenizer = tokenizer  # chats only: the byte tokenizer or a model's own (gonogo.data.hf_tokenizer)
+        problem_at(self.split, seed, 0, self.families)  # fail now on a bad split/family
+        self.name = f"synthetic{'-chat' if chat else ''}:{self.split}:{seed}"
+
+    def __len__(self) -> int:
+        return self.epoch_size
+
+    def document(self, index: int, epoch: int):
+        problem = problem_at(self.split, self.seed, epoch * self.epoch_size + index, self.families)
+        if not self.chat:
+            return problem.text
+        return self.tokenizer.apply_chat_template(problem.messages)
 
 
 _ANSWER = re.compile(re.escape(ANSWER_MARK) + r"[ \t]*([^\s;]+)")

@@ -43,6 +43,9 @@ class KVCache:
         self._end = 0
         self._uniform = True
         self._mask: Optional[torch.Tensor] = None
+        # rows of different lengths: where each new token goes ([B, 1] rows, [B, T] positions)
+        self._row_index: Optional[torch.Tensor] = None
+        self._positions: Optional[torch.Tensor] = None
 
     # -- the engine's side ------------------------------------------------------------------
     def begin(self, first_row: int, batch: int, new_tokens: int) -> None:
@@ -59,18 +62,31 @@ class KVCache:
         self._new_tokens = new_tokens
         # rows of equal length need no mask (plain causal: the model's fast path); else an exact one
         self._uniform = min(self._lengths) == self._end - new_tokens
-        self._mask = None if self._uniform else self._build_mask(lengths, new_tokens).to(self.device)
+        if self._uniform:
+            self._mask = self._row_index = self._positions = None
+        else:
+            self._mask = self._build_mask(lengths, new_tokens).to(self.device)
+            self._row_index = torch.arange(first_row, first_row + batch, device=self.device)[:, None]
+            self._positions = (lengths[:, None] + torch.arange(new_tokens)[None, :]).to(self.device)
 
-    def commit(self) -> None:
+    def commit(self, lengths: Optional[list[int]] = None) -> None:
+        """The rows' lengths grow by the tokens just written; or, for a right-padded prefill of
+        prompts of different lengths, by each row's own ``lengths`` (the padding beyond is garbage
+        that the next tokens overwrite: nothing attends to a position at or past a row's length)."""
         assert self._rows is not None, "commit() without begin()"
-        self.lengths[self._rows] += self._new_tokens
+        if lengths is None:
+            self.lengths[self._rows] += self._new_tokens
+        else:
+            assert len(lengths) == self._rows.stop - self._rows.start
+            assert all(0 < length <= self._new_tokens for length in lengths)
+            self.lengths[self._rows] += torch.tensor(lengths, dtype=self.lengths.dtype)
         self._rows = None
-        self._mask = None
+        self._mask = self._row_index = self._positions = None
 
     def abandon(self) -> None:
         """Forget a begin() whose forward raised (nothing was committed)."""
         self._rows = None
-        self._mask = None
+        self._mask = self._row_index = self._positions = None
 
     def reset_row(self, row: int) -> None:
         self.lengths[row] = 0
@@ -114,10 +130,10 @@ class KVCache:
             keys[rows, :, start:start + new_tokens] = k
             values[rows, :, start:start + new_tokens] = v
         else:
-            for offset, length in enumerate(self._lengths):
-                row = rows.start + offset
-                keys[row, :, length:length + new_tokens] = k[offset]
-                values[row, :, length:length + new_tokens] = v[offset]
+            # rows of different lengths (decoding after a join): one scattered write for all rows,
+            # [B, T] (row, position) pairs each taking a [kv_heads, head_dim] vector
+            keys[self._row_index, :, self._positions] = k.transpose(1, 2)
+            values[self._row_index, :, self._positions] = v.transpose(1, 2)
         return keys[rows, :, :self._end], values[rows, :, :self._end], self._mask
 
     @staticmethod

@@ -14,17 +14,24 @@ against the GPU's free memory, one line that names both.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 import torch
 
 from gonogo.errors import UserError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from gonogo.checkpoints.reference import CheckpointRef
 
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GiB = 2 ** 30
+
+_ModuleT = TypeVar("_ModuleT", bound=torch.nn.Module)
 
 
 def choose_device(requested: Optional[str] = None) -> torch.device:
@@ -82,11 +89,29 @@ def _size(count: int) -> str:
     return f"{count / GiB:.2f} GiB" if count >= GiB else f"{count / 2**20:.1f} MiB"
 
 
-def place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, *, extra_bytes: int = 0,
-          what: str = "the model") -> torch.nn.Module:
+def place(model: _ModuleT, device: torch.device, dtype: torch.dtype, *, extra_bytes: int = 0,
+          what: str = "the model") -> _ModuleT:
     """``model`` in eval mode on ``device`` in ``dtype``, after checking that it fits there."""
     needed = tensor_bytes(model, dtype) + extra_bytes
     check_fits(needed, device, what)
     if device.type == "cuda":
         log.info("placing %s on %s in %s (%.2f GiB with the cache)", what, device, dtype, needed / GiB)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def load_for_inference(checkpoint: "CheckpointRef | str | Path", *, device: Any = "cpu", dtype: Any = None):
+    """-> (Decoder in eval mode, ModelConfig, meta dict).
+
+    On ``device`` ("cpu" by default; "auto", "cuda", "cuda:N" or a torch.device) in ``dtype``
+    (default: fp32 on the CPU, bf16 on a GPU), after checking that it fits there
+    (``place``). Safetensors and verified files only: no code runs from the files.
+    """
+    from gonogo.checkpoints.loaders import LOADERS
+    from gonogo.checkpoints.reference import resolve
+
+    target = device if isinstance(device, torch.device) else choose_device(device)
+    if dtype is None or isinstance(dtype, str):
+        dtype = inference_dtype(target, dtype)
+    ref = resolve(checkpoint)
+    model, config, meta = LOADERS[ref.format](ref)
+    return place(model, target, dtype, what=f"the model of {ref.path}"), config, meta

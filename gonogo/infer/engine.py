@@ -13,9 +13,17 @@ that belongs to no single request (a batched forward raising) fails the requests
 and restarts the loop, at most ``EngineSettings.max_restarts`` times; then ``failure`` is set and
 the engine refuses work, saying why.
 
-Determinism: a prefill always runs alone (batch 1), a decode step reads each row's own cache
-with an exact mask, and each sequence samples with its own seeded generator, so greedy output
-(and seeded sampling) is the same alone or batched, up to float rounding in batched matmuls.
+Speed: every request admitted between two decode steps is prefilled in ONE forward (its prompt
+right-padded to the longest; each row's cache length is its own prompt's, so the padding is never
+attended to), then every running sequence decodes in ONE forward per step; the KV cache is
+preallocated (gonogo/infer/cache.py: no copies per step); greedy rows pick their tokens with one
+argmax for the whole batch. A prefill that raises is retried request by request, so a failure is
+still pinned on the one request it belongs to.
+
+Determinism: a prefill reads only its own prompt (causal, padding after it), a decode step reads
+each row's own cache with an exact mask, and each sequence samples with its own seeded generator,
+so greedy output (and seeded sampling) is the same alone or batched, up to float rounding in
+batched matmuls.
 """
 
 from __future__ import annotations
@@ -34,8 +42,9 @@ import torch
 
 from gonogo.infer.cache import KVCache
 from gonogo.infer.device import choose_device, inference_dtype, place
-from gonogo.infer.fast_decode import maybe_fast
+from gonogo.infer.fast_decode import FastDecoder, maybe_fast
 from gonogo.infer.sampling import SamplingParams, TextTracker, make_generator, sample_next
+from gonogo.model.decoder import Decoder
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +134,7 @@ class Completion:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: EngineSettings | None = None,
+    def __init__(self, model: Decoder, tokenizer: Any, settings: EngineSettings | None = None,
                  *, stop_token_ids: Optional[set[int]] = None):
         settings = settings or EngineSettings()
         config = model.config
@@ -164,7 +173,7 @@ class Engine:
         self.failure: Optional[BaseException] = None   # the engine gave up: no restarts left
         self.restarts = 0
         self.last_error: Optional[str] = None          # the latest engine-level failure, restarted or not
-        self._admitting: Optional[Request] = None      # taken off the queue, not yet in _running
+        self._admitting: list[Request] = []            # taken off the queue, not yet in _running
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -263,9 +272,9 @@ class Engine:
             raise ValueError(problem)
         self._revive()
         with self._wake:
-            problem = self._not_serving()
-            if problem is not None:
-                raise problem
+            stopped = self._not_serving()
+            if stopped is not None:
+                raise stopped
             if len(self._waiting) >= self.settings.max_waiting:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")
             request.request_id = request.request_id or f"req-{next(self._ids)}"
@@ -335,42 +344,92 @@ class Engine:
                 self._decode_step()
 
     def _admit(self) -> None:
-        while True:
-            with self._wake:
-                if not self._waiting:
-                    return
+        """Every waiting request that fits into the batch, prefilled together."""
+        batch: list[Request] = []
+        rows = len(self._running)
+        with self._wake:
+            while self._waiting:
                 request = self._waiting[0]
-                if len(self._running) + request.params.n > self.settings.max_batch:
-                    return
+                if rows + request.params.n > self.settings.max_batch:
+                    break
                 self._waiting.popleft()
-            if request.cancelled:
-                continue
-            self._admitting = request
-            try:
-                self._prefill(request)
-            except Exception as error:  # this request's prompt or sampling: it alone fails
-                self._fail_request(request, error)
-            self._admitting = None
+                if not request.cancelled:
+                    batch.append(request)
+                    rows += request.params.n
+            self._admitting = list(batch)
+        if not batch:
+            return
+        try:
+            if len(batch) > 1:
+                running = len(self._running)
+                try:
+                    self._prefill(batch)
+                    return
+                except Exception:  # whose? each request alone tells (the failed forward committed nothing)
+                    log.warning("a batched prefill of %d requests failed; prefilling them one by one",
+                                len(batch), exc_info=True)
+                    del self._running[running:]
+                    self._reset_free_rows()
+            for request in batch:
+                try:
+                    self._prefill([request])
+                except Exception as error:  # this request's prompt or sampling: it alone fails
+                    self._fail_request(request, error)
+        finally:
+            self._admitting = []
 
-    def _prefill(self, request: Request) -> None:
-        """Run the prompt once (batch 1), share its cache with the other choices, sample each."""
-        prompt = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
-        T = prompt.shape[1]
+    def _prefill(self, requests: list[Request]) -> None:
+        """Run the prompts in one forward (right-padded), share each prompt's cache with its other
+        choices, sample each choice's first token. A failure in sampling fails that request alone."""
         first_row = len(self._running)
-        self.cache.reset_row(first_row)
-        self.cache.begin(first_row, 1, T)
-        logits = self.forward(prompt, positions=torch.arange(T, device=self.device)[None], cache=self.cache)
-        self.cache.commit()
-        rows = list(range(first_row, first_row + request.params.n))
-        self.cache.copy_row(first_row, rows[1:])
-        last = logits[0, -1, :self.sampled_vocab].float().cpu()
-        for index in range(request.params.n):
-            seed = None if request.params.seed is None else request.params.seed + index
-            sequence = _Sequence(request, index, make_generator(seed),
-                                 TextTracker(self.tokenizer.decode, request.params.stop))
-            self._running.append(sequence)
-        for sequence in list(self._running[first_row:]):
-            self._accept(sequence, sample_next(last, request.params, sequence.generator))
+        lengths = [len(request.prompt_ids) for request in requests]
+        T = max(lengths)
+        prompts = torch.zeros((len(requests), T), dtype=torch.long)
+        for row, request in enumerate(requests):
+            prompts[row, :lengths[row]] = torch.tensor(request.prompt_ids, dtype=torch.long)
+        prompts = prompts.to(self.device)
+        for row in range(first_row, first_row + len(requests)):
+            self.cache.reset_row(row)
+        self.cache.begin(first_row, len(requests), T)
+        last_index = torch.tensor(lengths, device=self.device) - 1
+        logits = self._forward_last(prompts, torch.arange(T, device=self.device).expand(len(requests), T),
+                                    last_index)
+        self.cache.commit(lengths)
+        last = logits[:, :self.sampled_vocab].float().cpu()
+        # the prompts' rows first (row == index in _running), then the other choices' rows
+        groups = [[self._sequence(request, 0)] for request in requests]
+        self._running.extend(group[0] for group in groups)
+        for row, (request, group) in enumerate(zip(requests, groups)):
+            extra = list(range(len(self._running), len(self._running) + request.params.n - 1))
+            self.cache.copy_row(first_row + row, extra)
+            group += [self._sequence(request, index) for index in range(1, request.params.n)]
+            self._running.extend(group[1:])
+        for row, (request, group) in enumerate(zip(requests, groups)):
+            try:
+                for sequence in group:
+                    if request.error is None:
+                        self._accept(sequence, sample_next(last[row], request.params, sequence.generator))
+            except Exception as error:  # this request's sampling or text: it alone fails
+                self._fail_request(request, error)
+
+    def _sequence(self, request: Request, index: int) -> _Sequence:
+        seed = None if request.params.seed is None else request.params.seed + index
+        return _Sequence(request, index, make_generator(seed), TextTracker(self.tokenizer.decode, request.params.stop))
+
+    def _forward_last(self, tokens: torch.Tensor, positions: torch.Tensor,
+                      last_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [B, vocab] of each row's position ``last_index`` (default: the last)."""
+        if isinstance(self.forward, FastDecoder):
+            return self.forward(tokens, positions=positions, cache=self.cache, last_index=last_index)[:, -1]
+        logits = self.forward(tokens, positions=positions, cache=self.cache)
+        if last_index is None:
+            return logits[:, -1]
+        return logits[torch.arange(tokens.shape[0], device=logits.device), last_index]
+
+    def _reset_free_rows(self) -> None:
+        self.cache.abandon()
+        for row in range(len(self._running), self.cache.max_batch):
+            self.cache.reset_row(row)
 
     def _decode_step(self) -> None:
         B = len(self._running)
@@ -378,16 +437,23 @@ class Engine:
                               device=self.device)
         positions = self.cache.lengths[:B, None].to(self.device)
         self.cache.begin(0, B, 1)
-        logits = self.forward(tokens, positions=positions, cache=self.cache)
+        logits = self._forward_last(tokens, positions)
         self.cache.commit()
         self.steps += 1
-        last = logits[:, -1, :self.sampled_vocab].float().cpu()
+        last = logits[:, :self.sampled_vocab].float().cpu()
         running = list(self._running)
-        if all(sequence.request.params.greedy for sequence in running) and bool(torch.isfinite(last).all()):
-            chosen: list[Optional[int]] = last.argmax(dim=-1).tolist()  # one op for the whole batch
+        # greedy rows with finite logits: one argmax for the whole batch; the others sample alone
+        finite = torch.isfinite(last).all(dim=-1)
+        greedy: list[int] = last.argmax(dim=-1).tolist()
+        if all(sequence.request.params.greedy for sequence in running) and bool(finite.all()):
+            chosen: list[Optional[int]] = list(greedy)
         else:
+            finite_rows = finite.tolist()
             chosen = []
             for row, sequence in enumerate(running):
+                if sequence.request.params.greedy and finite_rows[row]:
+                    chosen.append(greedy[row])
+                    continue
                 try:
                     chosen.append(sample_next(last[row], sequence.request.params, sequence.generator))
                 except Exception as error:  # this row's numbers: its request alone fails
@@ -466,10 +532,8 @@ class Engine:
 
     def _fail_in_flight(self, message: str) -> None:
         """After an engine-level failure: every request in the batch (or being admitted) fails."""
-        requests = [sequence.request for sequence in self._running]
-        if self._admitting is not None:
-            requests.append(self._admitting)
-            self._admitting = None
+        requests = [sequence.request for sequence in self._running] + self._admitting
+        self._admitting = []
         self._running.clear()
         self.cache.abandon()
         for row in range(self.cache.max_batch):
@@ -507,7 +571,8 @@ class Engine:
 def load_engine(checkpoint: str | Path, settings: EngineSettings | None = None) -> Engine:
     """An engine (not yet started) for a gonogo checkpoint, run directory or HF export."""
     from gonogo.data.hf_tokenizer import load_tokenizer
-    from gonogo.train.checkpoint import load_for_inference, resolve_checkpoint
+    from gonogo.checkpoints import resolve
+    from gonogo.infer.device import load_for_inference
 
-    model, _config, meta = load_for_inference(resolve_checkpoint(Path(checkpoint)))
+    model, _config, meta = load_for_inference(resolve(checkpoint))  # verified once, here
     return Engine(model, load_tokenizer(meta), settings)

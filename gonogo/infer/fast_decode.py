@@ -6,7 +6,11 @@ Decoder's math (tests/infer/test_fast_decode.py checks the logits against it) wi
 
 - q, k and v from one matmul (their weights concatenated once at load), and w1 and w3 likewise;
 - RMSNorm as one ``F.rms_norm`` call (in fp32, as the Decoder does), RoPE applied to q and k together;
-- the output head only for the positions whose logits are used (the last of a prefill);
+- the output head only for the positions whose logits are used (the last of a prefill, or each
+  row's own last position in a right-padded batch of prompts: ``last_index``);
+- every weight stored transposed ([in, out], contiguous) and applied with ``torch.matmul``: a
+  plain GEMM without the transpose handling of ``F.linear`` (measured 15-20% less matmul time at
+  batch 1 and 8 on an AVX2 EPYC; bench/serve.py);
 - no nn.Module calls in the loop. MoE layers call the model's own MoE module unchanged.
 
 The weights are views of / copies from the Decoder taken at construction; the Decoder itself stays
@@ -15,12 +19,25 @@ the reference implementation and is what training and export use.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, TypedDict
 
 import torch
 import torch.nn.functional as F
 
 from gonogo.model.decoder import Decoder, rope_cos_sin
+from gonogo.model.moe import MoE
+
+
+class _Layer(TypedDict, total=False):
+    """One block's weights as the loop reads them: w13/w2 for a dense block, moe for an MoE one."""
+
+    attention_norm: torch.Tensor
+    wqkv: torch.Tensor
+    wo: torch.Tensor
+    ffn_norm: torch.Tensor
+    moe: Optional[MoE]
+    w13: torch.Tensor
+    w2: torch.Tensor
 
 
 class FastDecoder:
@@ -32,26 +49,26 @@ class FastDecoder:
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.embedding = model.tok_embeddings.weight
         self.final_norm = model.norm.weight
-        self.output = model.tok_embeddings.weight if config.tie_embeddings else model.output.weight
+        self.output = _t(model.tok_embeddings.weight if config.tie_embeddings else model.output.weight)
         # cos/sin of every position once (the same function the Decoder calls per forward)
         every_position = torch.arange(config.max_seq_len, device=self.embedding.device)[None]
         cos, sin = rope_cos_sin(every_position, config.head_dim, config.rope_theta, torch.float32, config.rope_scaling)
         self.rope_cos, self.rope_sin = cos[0, 0], sin[0, 0]  # [max_seq_len, head_dim]
-        self.layers = []
+        self.layers: list[_Layer] = []
         with torch.no_grad():
             for block in model.layers:
                 attention = block.attention
-                layer = {
+                layer: _Layer = {
                     "attention_norm": block.attention_norm.weight,
-                    "wqkv": torch.cat([attention.wq.weight, attention.wk.weight, attention.wv.weight]),
-                    "wo": attention.wo.weight,
+                    "wqkv": _t(torch.cat([attention.wq.weight, attention.wk.weight, attention.wv.weight])),
+                    "wo": _t(attention.wo.weight),
                     "ffn_norm": block.ffn_norm.weight,
                     "moe": getattr(block, "moe", None),
                 }
                 if layer["moe"] is None:
                     feed_forward = block.feed_forward
-                    layer["w13"] = torch.cat([feed_forward.w1.weight, feed_forward.w3.weight])
-                    layer["w2"] = feed_forward.w2.weight
+                    layer["w13"] = _t(torch.cat([feed_forward.w1.weight, feed_forward.w3.weight]))
+                    layer["w2"] = _t(feed_forward.w2.weight)
                 self.layers.append(layer)
 
     def parameters(self):
@@ -63,8 +80,9 @@ class FastDecoder:
         return weight * normed
 
     def __call__(self, tokens: torch.Tensor, *, positions: torch.Tensor, cache: Any,
-                 last_only: bool = True) -> torch.Tensor:
-        """Logits [B, T or 1, vocab]; with ``last_only`` only the last position's."""
+                 last_only: bool = True, last_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [B, T or 1, vocab]; with ``last_only`` only the last position's, with
+        ``last_index`` [B] only position ``last_index[b]`` of each row b ([B, 1, vocab])."""
         B, T = tokens.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
         h = F.embedding(tokens, self.embedding)
@@ -73,7 +91,7 @@ class FastDecoder:
         grouped = H != KV
         for index, layer in enumerate(self.layers):
             x = self._norm(h, layer["attention_norm"])
-            qkv = F.linear(x, layer["wqkv"]).view(B, T, H + 2 * KV, hd).transpose(1, 2)
+            qkv = torch.matmul(x, layer["wqkv"]).view(B, T, H + 2 * KV, hd).transpose(1, 2)
             qk = _rope(qkv[:, :H + KV], cos, sin)
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]
             k_all, v_all, mask = cache.update(index, k, v)
@@ -82,16 +100,23 @@ class FastDecoder:
                 out = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True, enable_gqa=grouped)
             else:  # a decode step of equal rows (mask None, T == 1) attends to every cached key
                 out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=grouped)
-            h = h + F.linear(out.transpose(1, 2).reshape(B, T, H * hd), layer["wo"])
+            h = h + torch.matmul(out.transpose(1, 2).reshape(B, T, H * hd), layer["wo"])
             x = self._norm(h, layer["ffn_norm"])
             if layer["moe"] is not None:
                 h = h + layer["moe"](x)
             else:
-                gate, up = F.linear(x, layer["w13"]).chunk(2, dim=-1)
-                h = h + F.linear(F.silu(gate) * up, layer["w2"])
-        if last_only:
+                gate, up = torch.matmul(x, layer["w13"]).chunk(2, dim=-1)
+                h = h + torch.matmul(F.silu(gate) * up, layer["w2"])
+        if last_index is not None:
+            h = h[torch.arange(B, device=h.device), last_index][:, None]
+        elif last_only:
             h = h[:, -1:]
-        return F.linear(self._norm(h, self.final_norm), self.output)
+        return torch.matmul(self._norm(h, self.final_norm), self.output)
+
+
+def _t(weight: torch.Tensor) -> torch.Tensor:
+    """A Linear's [out, in] weight as a contiguous [in, out] copy, for ``x @ w``."""
+    return weight.detach().t().contiguous()
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

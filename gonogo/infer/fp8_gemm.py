@@ -13,7 +13,7 @@ column-major: the weight is padded with zero rows/columns once, the input's rows
 per call (zeros add nothing to a dot product), and the result is cut back.
 
 Where there is no FP8 GEMM (the CPU, a GPU before sm_89) the format stays emulated: the weights
-are dequantized into an ordinary bf16/fp32 decoder (gonogo.infer.quantize), which measures the
+are dequantized into an ordinary bf16/fp32 decoder (gonogo.checkpoints.quantized), which measures the
 format's accuracy cost but not its speed. NVFP4's 4-bit GEMMs need Blackwell (sm_100); gonogo
 emulates NVFP4 everywhere and says so.
 """

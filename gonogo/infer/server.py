@@ -26,7 +26,7 @@ from gonogo.infer.protocol import (
     completion_chunk, completion_response, new_id, now, parse_request, sse, usage_chunk)
 
 if TYPE_CHECKING:  # the engine imports torch; this module must not (the CLI and plan checks stay fast)
-    from gonogo.infer.engine import Engine, Event, Request
+    from gonogo.infer.engine import Engine, Event
 
 log = logging.getLogger(__name__)
 
@@ -597,17 +597,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # exit when it is gone
 
 
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def command(args) -> int:
     import json
     import os
@@ -618,11 +607,12 @@ def command(args) -> int:
 
     from gonogo.errors import UserError
     from gonogo.infer.engine import EngineSettings, load_engine
+    from gonogo.infer.engines.process import is_loopback
     from gonogo.rundir import write_json_atomic
     from pathlib import Path
 
     if getattr(args, "engine", "gonogo") != "gonogo":  # another engine, as a child of this command
-        from gonogo.infer.engines.launch import serve_foreground
+        from gonogo.infer.engines.start import serve_foreground
 
         return serve_foreground(args)
     api_key = None
@@ -665,7 +655,8 @@ def command(args) -> int:
         engine.drain(DRAIN_SECONDS)
         uvicorn_exit(sig, frame)
 
-    server.handle_exit = handle_exit
+    # uvicorn has no hook for this: the instance's method is replaced, the old one called at the end
+    server.handle_exit = handle_exit  # type: ignore[method-assign]
     if args.parent_pid:
         def watch_parent() -> None:
             while not server.should_exit:
@@ -682,7 +673,11 @@ def command(args) -> int:
     url = f"http://{shown_host}:{port}"
     if args.ready_file:
         write_json_atomic(Path(args.ready_file), {"url": url, "pid": os.getpid(), "model": args.model_name})
-    print(json.dumps({"serving": url, "model": args.model_name, "auth": api_key is not None}), flush=True)
+    from gonogo.checkpoints import STATS
+
+    # how many times this process hashed a checkpoint in full: once (docs/checkpoint.md)
+    print(json.dumps({"serving": url, "model": args.model_name, "auth": api_key is not None,
+                      "checkpoint_verifications": STATS.verifications}), flush=True)
     try:
         server.run(sockets=[sock])
     finally:

@@ -4,7 +4,7 @@ tokens → embedding → n_layers × [RMSNorm → grouped-query attention with R
 RMSNorm → SwiGLU MLP (or a Mixture-of-Experts layer) → residual] → RMSNorm → output head.
 
 The module knows nothing of parallelism: the trainer applies FSDP / expert parallelism from the
-outside (gonogo.train.parallel, gonogo.model.expert_parallel), the inference engine passes its
+outside (gonogo.parallel), the inference engine passes its
 own KV cache object through ``forward(..., cache=...)``.
 
 RoPE uses the "rotate half" layout of Hugging Face's Llama (the two halves of each head are the
@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional, cast, overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gonogo.model.config import ModelConfig, RopeScaling
+from gonogo.model.shape import ModelConfig, RopeScaling
+from gonogo.model.feedforward import FeedForward, stack_pays
 from gonogo.model.moe import MoE
 
 INIT_STD = 0.02
@@ -104,11 +105,32 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
 
+    def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [B, T, heads·head_dim]: one GEMM over the three weights stacked when they are plain
+        Linear layers (a LoRA/peft wrapper keeps its own three calls).
+
+        Same math as three calls: every output element is the same dot product; the weights keep
+        their own names (checkpoints, export), only the forward stacks them. One GEMM of 3x the
+        width uses the cores better than three thin ones, and the backward gives x one gradient
+        instead of three to add.
+        """
+        if not stack_pays(x) or not self._fusable:
+            return self.wq(x), self.wk(x), self.wv(x)
+        weight = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
+        bias = None if self.wq.bias is None else torch.cat([self.wq.bias, self.wk.bias, self.wv.bias])
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return F.linear(x, weight, bias).split([q_width, kv_width, kv_width], dim=-1)
+
+    @property
+    def _fusable(self) -> bool:
+        return all(type(layer) is nn.Linear for layer in (self.wq, self.wk, self.wv))
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self._project_qkv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, cos, sin)
@@ -132,19 +154,6 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
-class FeedForward(nn.Module):
-    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 class TransformerBlock(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
@@ -152,6 +161,7 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(config, layer_index)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         if config.is_moe_layer(layer_index):
+            assert config.moe is not None  # is_moe_layer is False without it
             self.moe = MoE(config.d_model, config.moe)
         else:
             self.feed_forward = FeedForward(config.d_model, config.ffn_dim)
@@ -160,6 +170,20 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos, sin, cache)
         mlp = self.moe if hasattr(self, "moe") else self.feed_forward
         return h + mlp(self.ffn_norm(h))
+
+
+if TYPE_CHECKING:
+    class _Blocks(nn.ModuleList):
+        """Decoder.layers as the type checker sees it: a plain nn.ModuleList at runtime that holds
+        only TransformerBlocks (torch types a ModuleList's items as Module)."""
+
+        def __iter__(self) -> Iterator[TransformerBlock]: ...
+
+        @overload
+        def __getitem__(self, idx: slice) -> nn.ModuleList: ...
+        @overload
+        def __getitem__(self, idx: int) -> TransformerBlock: ...
+        def __getitem__(self, idx: int | slice) -> TransformerBlock | nn.ModuleList: ...
 
 
 class Decoder(nn.Module):
@@ -173,7 +197,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.layers = cast("_Blocks", nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers)))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         if not config.tie_embeddings:
             self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -271,7 +295,8 @@ def _is_residual_projection(name: str) -> bool:
 def _full_shape_and_slice(model: Decoder, module_path: str, parameter: torch.Tensor) -> tuple[torch.Size, Optional[slice]]:
     """For expert weights held in part by this rank: the full stacked shape and this rank's slice."""
     if ".moe.experts." in module_path:
-        experts = model.get_submodule(module_path.rsplit(".", 1)[0])
+        # a GroupedExperts, or gonogo.parallel.expert's ShardedExperts (not a subclass, same counts)
+        experts: Any = model.get_submodule(module_path.rsplit(".", 1)[0])
         start, count, total = experts.expert_start, experts.n_local_experts, experts.n_experts
         if count != total:
             return torch.Size((total, *parameter.shape[1:])), slice(start, start + count)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gonogo.model.config import ModelConfig
+from gonogo.model.shape import ModelConfig
 
 
 def _attention_params(config: ModelConfig) -> int:
@@ -46,6 +46,7 @@ def layer_counts(config: ModelConfig, layer: int) -> dict[str, int]:
     norms = 2 * D  # attention_norm, ffn_norm
     if config.is_moe_layer(layer):
         moe = config.moe
+        assert moe is not None  # is_moe_layer is False without it
         expert = _swiglu_params(D, moe.expert_ffn_dim)
         router = D * moe.n_experts
         routed = moe.n_experts * expert

@@ -13,7 +13,7 @@ other requests share its batch (the inference engine batches them freely).
 Computation: the (token, expert) assignments are sorted by expert, so each expert runs one
 matmul over a contiguous block of tokens (a loop over experts, not over tokens). The experts
 module only sees "tokens sorted by expert + counts per expert", which is what lets
-``gonogo.model.expert_parallel`` replace it with a version that sends the blocks to other ranks.
+``gonogo.parallel.expert`` replace it with a version that sends the blocks to other ranks.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from gonogo.model.config import MoEConfig
+from gonogo.model.shape import MoEConfig
+from gonogo.model.feedforward import FeedForward
 
 
 def run_experts(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -70,16 +71,16 @@ class GroupedExperts(nn.Module):
 class MoE(nn.Module):
     """Router + routed experts (+ shared expert); replaces the dense MLP of a transformer block."""
 
+    expert_bias: torch.Tensor  # a buffer (register_buffer below)
+
     def __init__(self, dim: int, config: MoEConfig):
         super().__init__()
         self.config = config
         self.router = nn.Linear(dim, config.n_experts, bias=False)
         self.experts = GroupedExperts(config.n_experts, dim, config.expert_ffn_dim)
         if config.n_shared_experts:
-            from gonogo.model.decoder import FeedForward  # the dense SwiGLU; imported late (cycle)
-
             width = config.shared_expert_ffn_dim or config.n_shared_experts * config.expert_ffn_dim
-            self.shared_expert = FeedForward(dim, width)
+            self.shared_expert: Optional[FeedForward] = FeedForward(dim, width)
         else:
             self.shared_expert = None
         # Qwen2-MoE scales the shared expert's output by sigmoid(gate · x), per token

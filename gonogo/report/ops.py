@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from gonogo.events import Event
 from gonogo.plan import Plan, Stage
 from gonogo.rundir import RunDir
 
@@ -21,18 +22,6 @@ log = logging.getLogger(__name__)
 PASSED, SKIPPED, NOT_RUN = "passed", "skipped", "not run"
 TICKED, NOT_TICKED, OPEN = "ticked", "not ticked", "open"
 RESTORE_DRILLS = {"kill", "torn-checkpoint"}
-
-
-def read_events(run_dir: RunDir) -> list[dict[str, Any]]:
-    if not run_dir.events_path.is_file():
-        return []
-    events = []
-    for line in run_dir.events_path.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash: the rest still counts
-            continue
-    return events
 
 
 def _anchor(name: str) -> str:
@@ -50,7 +39,7 @@ def _stage_status(summary: dict[str, Any], name: str) -> dict[str, Any]:
     return next(entry for entry in summary["stages"] if entry["name"] == name)
 
 
-def _canary_rule(stage: Stage, entry: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, Any]:
+def _canary_rule(stage: Stage, entry: dict[str, Any], events: list[Event]) -> dict[str, Any]:
     analysis = settings_of(stage).analysis
     from gonogo.rollout.analysis import CHECKS
 
@@ -89,7 +78,7 @@ def _planned_train_settings(base: str, stage: Stage) -> dict[str, Any]:
 
 
 def _loss_guard_rule(stage: Stage, entry: dict[str, Any], run_dir: RunDir,
-                     events: list[dict[str, Any]]) -> dict[str, Any]:
+                     events: list[Event]) -> dict[str, Any]:
     job_path = run_dir.stage_dir(stage.name, create=False) / "job.json"
     train: dict[str, Any] = {}
     if job_path.is_file():
@@ -126,7 +115,7 @@ def _loss_guard_rule(stage: Stage, entry: dict[str, Any], run_dir: RunDir,
 
 def rollback_policy(plan: Plan, run_dir: RunDir, summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Every rollback rule the plan carries, each with whether it fired (None: unknown / not run)."""
-    events = read_events(run_dir)
+    events = run_dir.read_events()
     rules = []
     for stage in plan.stages:
         entry = _stage_status(summary, stage.name)

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from gonogo.budget import Budget
-from gonogo.gates import UNKNOWN_KEY, format_value
+from gonogo.gates import UNKNOWN_KEY
 from gonogo.plan import Plan
 from gonogo.rundir import RunDir
 
@@ -164,9 +164,3 @@ def _budget_assumptions(budget: Budget, section: dict[str, Any]) -> list[dict[st
                      "status": status, "note": note,
                      "reason": (event or {}).get("reason") or (f"fired at stage {event['stage']!r}" if event else "")})
     return rows
-
-
-def describe_gate(entry: dict[str, Any]) -> str:
-    measured = "—" if entry["measured"] is None else format_value(entry["measured"])
-    text = f"{entry['stage']}: {entry['expression']} (measured {measured}) {entry['status']}"
-    return text + (f" — {entry['reason']}" if entry.get("reason") and not entry["passed"] else "")

@@ -19,10 +19,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
-from gonogo.config import Strict
 from gonogo.rollout.analysis import (Analysis, analyze, measure_accuracy, quality_problems,
                                      results_dict, window_stats)
 from gonogo.rollout.router import Router
+from gonogo.typed_config import Strict
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Side:
 
     url: str
     model: str
-    stop: Optional[Callable[[], None]] = None
+    stop: Optional[Callable[[], object]] = None
     chat: bool = False   # a finetuned (chat) model: the quality check asks it through the chat API
 
 

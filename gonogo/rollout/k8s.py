@@ -32,6 +32,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from gonogo.infer.engines.start import serve_arguments
 from gonogo.names import check_dns_label, check_pattern
 
 PORT = 8000
@@ -61,8 +62,8 @@ def container(engine, *, name: str, model_name: str) -> dict[str, Any]:
             args += ["--max-model-len", str(engine.max_model_len)]
         spec: dict[str, Any] = {"args": args + list(engine.args)}
     elif engine.name == "gonogo":
-        spec = {"command": ["gonogo", "serve"], "args": [
-            "--checkpoint", MODEL_PATH, "--host", "0.0.0.0", "--port", str(PORT), "--model-name", model_name]}
+        spec = {"command": ["gonogo", "serve"],
+                "args": serve_arguments(MODEL_PATH, host="0.0.0.0", port=PORT, model_name=model_name)}
     else:
         fields = {"model": MODEL_PATH, "port": str(PORT), "host": "0.0.0.0", "model_name": model_name}
         spec = {"command": [part.format(**fields) for part in engine.command]}

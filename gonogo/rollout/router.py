@@ -148,10 +148,6 @@ class Router:
             self._state.backends["canary"] = None
             self._state.choice.set_weight(0)
 
-    def backend_url(self, side: str) -> Optional[str]:
-        backend = self._state.backends[side]
-        return backend.url if backend else None
-
     def records(self, since: float, until: float) -> list[RequestRecord]:
         """Requests that finished in [since, until) (time.monotonic()), as Prometheus' rate() sees them."""
         with self._lock:

@@ -9,6 +9,7 @@ before anything runs, then calls ``run`` with a ``StageContext`` and writes what
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -16,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from gonogo.config import Strict
 from gonogo.procs import ProcessTimeout, run_process
 from gonogo.rundir import RunDir
 from gonogo.errors import StageFailed, UserError
+from gonogo.typed_config import Strict
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,39 @@ class StageKind:
     devices: Callable[[Any], int] = lambda settings: 1
     # before anything of the plan runs: raise UserError for what cannot work here (a missing engine)
     preflight: Callable[[Any], None] = lambda settings: None
+    # the gates `gonogo <kind>` applies when it runs this stage alone (a plan writes its own)
+    default_gates: Callable[[Any], list[str]] = lambda settings: []
+    # how `gonogo <kind>` reads its command line; None: every flag derived from the settings
+    command: Optional["StageCommand"] = None
+
+
+@dataclass
+class StageCommand:
+    """What the command line of a stage kind needs beyond its settings model.
+
+    ``gonogo <kind>`` derives ``--field-name`` flags from the settings model unless
+    ``add_arguments`` writes them by hand (a positional preset, ``key=value`` overrides, a flag
+    name older than the setting); then ``settings`` turns the parsed flags into the settings
+    table. Either way the stage runs through the plan runner (gonogo.stage_cli).
+    """
+
+    # hand-written flags (``--out`` is always there); None: one flag per settings field
+    add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
+    # the parsed flags -> the settings table (validated by the settings model); None: derived
+    settings: Optional[Callable[[argparse.Namespace], dict[str, Any]]] = None
+    # gates the flags set (``soak --max-drift 2``); None: the kind's default gates
+    gates: Optional[Callable[[argparse.Namespace], list[str]]] = None
+    # checks of the user's input before the run directory exists (UserError: one line, exit 2)
+    check: Callable[[argparse.Namespace, Any], None] = lambda args, settings: None
+    # an existing run directory the command continues (``train --out RUN``), or None: a new one
+    continue_run: Callable[[argparse.Namespace, Any], Optional[RunDir]] = lambda args, settings: None
+    # prints what the stage measured (tables) once it ran; the runner already wrote metrics.json
+    summary: Optional[Callable[[argparse.Namespace, Path, Metrics], None]] = None
+    # what to do when the stage is interrupted, for state.json (``--resume`` of a plan otherwise)
+    resume_hint: Optional[Callable[[RunDir], str]] = None
+    # a mode of the command that is not one gated stage (``gonogo serve`` in the foreground):
+    # returns the exit code, or None to run the stage
+    instead: Callable[[argparse.Namespace], Optional[int]] = lambda args: None
 
 
 @dataclass
@@ -131,3 +165,17 @@ class StageContext:
             raise StageFailed(
                 f"{self.name}: did not finish within {error.seconds:.0f} s and was stopped "
                 f"(a hung or dead rank?); see {log_path}") from None
+
+
+def own_command(module_name: str) -> StageCommand:
+    """A command that is not one gated stage: ``module_name``'s ``add_arguments`` and ``command``
+    (``gonogo serve`` holds a server in the foreground until Ctrl-C; there is nothing to gate)."""
+    import importlib
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        importlib.import_module(module_name).add_arguments(parser)
+
+    def instead(args: argparse.Namespace) -> Optional[int]:
+        return int(importlib.import_module(module_name).command(args) or 0)
+
+    return StageCommand(add_arguments=add_arguments, instead=instead)

@@ -9,14 +9,15 @@ anything starts and again by every worker.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from gonogo.config import Strict, apply_overrides, load_toml, resolve_preset, validate
 from gonogo.errors import UserError
-from gonogo.model.config import ModelConfig
+from gonogo.model.shape import ModelConfig
+from gonogo.typed_config import Strict, apply_overrides, load_toml, resolve_preset, validate
 
 
 class DataConfig(Strict):
@@ -76,7 +77,9 @@ class TrainSettings(Strict):
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0                   # max global gradient norm; 0 disables clipping
-    # numerics and parallelism
+    # numerics and parallelism; "auto" (resolved when the config is validated): bf16 where this
+    # machine computes it natively (a CUDA GPU, a CPU with AMX or AVX-512 BF16), else fp32; a CPU
+    # without them emulates bf16 matmuls about 50x slower than fp32 (measured on an AVX2 EPYC)
     precision: Literal["bf16", "fp32"] = "bf16"
     parallel: Literal["fsdp", "ddp", "none"] = "fsdp"
     expert_parallel: int = 1                 # EP degree for MoE models (1 = every rank has every expert)
@@ -111,6 +114,13 @@ class TrainSettings(Strict):
     # CPU only: a rank whose peak resident memory goes over it stops as a GPU OOM would (gonogo.train.memory)
     memory_cap_GB: Optional[float] = Field(default=None, gt=0)
 
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _auto_precision(cls, value: Any) -> Any:
+        if value == "auto":
+            return "bf16" if native_bf16() else "fp32"
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> "TrainSettings":
         positive = ("steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every",
@@ -123,6 +133,23 @@ class TrainSettings(Strict):
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr={self.min_lr} must be between 0 and lr={self.lr}")
         return self
+
+
+def native_bf16() -> bool:
+    """Whether bf16 matmuls run natively here: an NVIDIA GPU the workers can see, or a CPU with
+    AMX / AVX-512 BF16 (x86) or BF16 (Arm) instructions. Read from /proc, without importing torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = Path("/proc/driver/nvidia/gpus")
+    if visible not in ("", "-1") and gpus.is_dir() and any(gpus.iterdir()):
+        return True
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return bool({"amx_bf16", "avx512_bf16", "bf16"} & set(line.split(":", 1)[-1].split()))
+    return False
 
 
 class TrainConfig(Strict):

@@ -36,17 +36,13 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
+from gonogo.events import write_event
+
 log = logging.getLogger(__name__)
 
 HANG_EXIT_CODE = 86          # distinctive: "the watchdog ended this rank"
 SECTIONS = ("data", "forward_backward", "optimizer")
 STRAGGLER_THRESHOLD = 0.75
-
-
-def _append_event(path: Path, record: dict[str, Any]) -> None:
-    from gonogo.rundir import append_jsonl
-
-    append_jsonl(path, {"time": time.time(), **record})
 
 
 # -- hang watchdog ---------------------------------------------------------------------------------
@@ -154,9 +150,8 @@ class Watchdog:
         timeout = self.timeout_s()
         log.error("watchdog: rank %d made no progress for %.1f s (timeout %.1f s) after step %d; ending "
                   "this attempt so torchrun restarts it", self.rank, idle, timeout, step)
-        _append_event(self.events_path, {"stage": self.stage, "rank": self.rank, "step": step,
-                                         "event": "hang_detected", "seconds_without_progress": round(idle, 3),
-                                         "timeout_s": round(timeout, 3)})
+        write_event(self.events_path, self.stage, rank=self.rank, step=step, event="hang_detected",
+                    seconds_without_progress=round(idle, 3), timeout_s=round(timeout, 3))
         if self.on_fire is not None:
             self.on_fire(step, idle)
         self._exit(HANG_EXIT_CODE)
@@ -260,6 +255,7 @@ class SectionTimer:
                 self.seconds[name] += self.last_seconds
 
     def _read_profiler(self) -> None:
+        assert self._profiler is not None  # both callers check
         self._profiler.stop()
         for name, (compute, collective) in split_kernel_time(self._profiler.events()).items():
             if name in self.seconds:
@@ -389,38 +385,6 @@ def budget_spent(started: Optional[float], world_size: int, budget_hours: Option
 # -- helpers of the loop's recovery ------------------------------------------------------------------
 
 def has_committed(root: Path) -> bool:
-    from gonogo.train import manifest
+    from gonogo.checkpoints import manifest
 
     return any(manifest.is_committed(path) for _, path in manifest.step_dirs(root))
-
-
-def roll_back(checkpointer, model, optimizer, scheduler, loader, config) -> Optional[int]:
-    """Restore the newest good checkpoint of this stage; its step, or None when there is none."""
-    if checkpointer is None:
-        return None
-    checkpointer.wait()
-    resumed = checkpointer.load_latest("auto", model, optimizer, scheduler, model_config=config.model)
-    if resumed.path is None:
-        return None
-    if resumed.loader_state is not None:
-        loader.load_state_dict(resumed.loader_state)
-    return resumed.step
-
-
-def record_event(path: Path, stage: str, rank: int, step: int, event: str, **fields: Any) -> None:
-    _append_event(path, {"stage": stage, "rank": rank, "step": step, "event": event, **fields})
-
-
-def count_events(path: Path, stage: str, event: str) -> int:
-    """How many ``event`` lines this stage has in events.jsonl (e.g. earlier attempts' hangs)."""
-    if not path.is_file():
-        return 0
-    count = 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if f'"{event}"' in line:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            count += record.get("stage") == stage and record.get("event") == event
-    return count

@@ -9,16 +9,14 @@ zero (peft initialises B to 0): step 0 computes exactly the base model.
 A checkpoint keeps the adapters in its sharded state (resume continues them), and its consolidated
 ``model.safetensors`` holds the merged weights W + (alpha / r) · B·A under gonogo's own names, so
 serve, eval, quantize and export read it like any checkpoint (export = merged adapters). The
-adapters alone are written beside it as ``lora_adapters.safetensors``.
+adapters alone are written beside it as ``lora_adapters.safetensors`` (gonogo.checkpoints.adapters merges them).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
-ADAPTERS_NAME = "lora_adapters.safetensors"
-_BASE = ".base_layer."
-_A, _B = ".lora_A.default.weight", ".lora_B.default.weight"
+
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
@@ -45,27 +43,3 @@ def add_lora(model, rank: int, alpha: float, targets: Optional[list[str]]):
     for name, parameter in model.named_parameters():
         parameter.requires_grad = ".lora_" in name
     return model
-
-
-def is_lora_state(weights: dict) -> bool:
-    return any(_BASE in name for name in weights)
-
-
-def merge(weights: dict[str, Any], rank: int, alpha: float) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(merged weights under the decoder's own names, the adapters alone) of a LoRA state dict."""
-    scale = alpha / rank
-    merged, adapters = {}, {}
-    for name, tensor in weights.items():
-        if ".lora_" in name:
-            adapters[name] = tensor
-        elif _BASE in name:
-            prefix, suffix = name.split(_BASE)
-            own = f"{prefix}.{suffix}"
-            if suffix == "weight" and f"{prefix}{_A}" in weights:
-                down, up = weights[f"{prefix}{_A}"].float(), weights[f"{prefix}{_B}"].float()
-                merged[own] = (tensor.float() + scale * (up @ down)).to(tensor.dtype)
-            else:
-                merged[own] = tensor
-        else:
-            merged[name] = tensor
-    return merged, adapters

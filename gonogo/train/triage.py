@@ -250,7 +250,7 @@ _current: Optional[Triage] = None
 
 def install(run_dir: Path, stage: str, stage_dir: Path, rank: int, world_size: int, watchdog) -> Triage:
     global _current
-    from gonogo.train.faults import restart_count
+    from gonogo.train.fault_injection import restart_count
 
     _current = Triage(run_dir=run_dir, stage=stage, stage_dir=stage_dir, rank=rank, world_size=world_size,
                       attempt=restart_count(), watchdog=watchdog).start()

@@ -8,33 +8,13 @@ writes ``result.json`` (the stage metrics) next to it.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from pathlib import Path
 
 from gonogo.rundir import write_json_atomic
-from gonogo.train.config import TrainConfig
-
-
-def read_job(path: Path):
-    from gonogo.train.loop import Job
-
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return Job(config=TrainConfig.model_validate(data["config"]), config_filename=data["config_filename"],
-               run_dir=Path(data["run_dir"]), stage=data["stage"], stage_dir=Path(data["stage_dir"]),
-               resume=data.get("resume", "auto"), budget_device_hours=data.get("budget_device_hours"),
-               budget_started=data.get("budget_started"))
-
-
-def write_job(path: Path, *, config: TrainConfig, config_filename: str, run_dir: Path, stage: str,
-              stage_dir: Path, resume: str, budget_device_hours: float | None = None,
-              budget_started: float | None = None) -> None:
-    write_json_atomic(path, {"config": config.model_dump(mode="json"), "config_filename": config_filename,
-                             "run_dir": str(Path(run_dir).resolve()), "stage": stage,
-                             "stage_dir": str(Path(stage_dir).resolve()), "resume": resume,
-                             "budget_device_hours": budget_device_hours, "budget_started": budget_started})
+from gonogo.train.job import read_job
 
 
 def leave_together(dist, world_size: int, timeout_s: float = 60.0) -> None:
@@ -65,7 +45,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from gonogo.train.loop import train
-    from gonogo.train.parallel import init_distributed
+    from gonogo.parallel import init_distributed
 
     job = read_job(args.job)
     world = init_distributed(job.config.train.init_timeout_s)

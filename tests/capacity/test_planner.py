@@ -9,7 +9,7 @@ from gonogo.capacity.planner import (
     CapacitySettings, collective_seconds, estimate, layer_activation_bytes, link_for, load_model,
     resolve_layout, stage_layers)
 from gonogo.errors import UserError
-from gonogo.model.config import ModelConfig
+from gonogo.model.shape import ModelConfig
 from gonogo.model.flops import flops_per_token
 
 LLAMA_8B = 8_030_261_248

@@ -8,7 +8,8 @@ import pytest
 
 from gonogo.capacity.calibrate import read_measured
 from gonogo.capacity.planner import estimate
-from gonogo.capacity.stage import CapacityStageSettings, run_stage
+from gonogo.stages.capacity.stage import CapacityStageSettings
+from gonogo.stages.capacity.stage import run as run_stage
 from gonogo.errors import UserError
 from gonogo.rundir import RunDir, write_json_atomic
 from gonogo.stages.base import StageContext

@@ -10,26 +10,27 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from gonogo.cluster import collectives
+import gonogo.stages.collectives.stage as collectives
+from gonogo.cluster import collectives_table
 from gonogo.cluster.collectives_worker import bandwidths, collective_counts, sizes
-from gonogo.config import validate
 from gonogo.errors import UserError
 from gonogo.rundir import RunDir
 from gonogo.stages.base import StageContext
+from gonogo.typed_config import validate
 from tests.conftest import run_gonogo
 
 # -- arithmetic and layout (no processes) ---------------------------------------------------------
 
 
 def test_sizes_use_powers_of_1024_like_nccl_tests():
-    assert collectives.parse_size("1K") == 1024
-    assert collectives.parse_size("16M") == 16 * 1024 ** 2
-    assert collectives.parse_size("1g") == 1024 ** 3
-    assert collectives.parse_size("1.5K") == 1536
-    assert collectives.parse_size(64) == 64
+    assert collectives_table.parse_size("1K") == 1024
+    assert collectives_table.parse_size("16M") == 16 * 1024 ** 2
+    assert collectives_table.parse_size("1g") == 1024 ** 3
+    assert collectives_table.parse_size("1.5K") == 1536
+    assert collectives_table.parse_size(64) == 64
     for bad in ("12Q", "K", "-1K", "0"):
         with pytest.raises(ValueError):
-            collectives.parse_size(bad)
+            collectives_table.parse_size(bad)
     assert sizes(1024, 65536, 4) == [1024, 4096, 16384, 65536]
     assert sizes(1024, 5000, 4) == [1024, 4096]
 
@@ -63,15 +64,15 @@ def test_table_lines_round_trip_through_the_parser():
         {"op": "all_gather", "size": 16777216, "count": 2097152, "type": "bfloat16", "redop": "none", "root": -1,
          "out_of_place": form(123456.7, 1.36, 0.68, 3), "in_place": form(99.0, 1.5, 0.75, None)},
     ]
-    summary = collectives.summarize(rows)
+    summary = collectives_table.summarize(rows)
     assert summary["wrong_total"] == 3 and summary["out_of_bounds"]["count"] == 1
     assert summary["average_bus_bandwidth"]["bandwidth"] == pytest.approx((0.0083 + 0.68 + 0.75) / 3)
-    lines = (collectives.op_header_lines("all_reduce") + [collectives.row_line(rows[0])]
-             + collectives.op_header_lines("all_gather") + [collectives.row_line(rows[1])]
-             + collectives.footer_lines(summary))
-    assert all(collectives.is_table_line(line) for line in lines)
-    assert not collectives.is_table_line("W1125 12:00:00 torch/distributed/run.py] warning")
-    parsed = collectives.parse_table(lines)
+    lines = (collectives_table.op_header_lines("all_reduce") + [collectives_table.row_line(rows[0])]
+             + collectives_table.op_header_lines("all_gather") + [collectives_table.row_line(rows[1])]
+             + collectives_table.footer_lines(summary))
+    assert all(collectives_table.is_table_line(line) for line in lines)
+    assert not collectives_table.is_table_line("W1125 12:00:00 torch/distributed/run.py] warning")
+    parsed = collectives_table.parse_table(lines)
     assert parsed["out_of_bounds"] == 1
     assert parsed["avg_busbw"] == pytest.approx(summary["average_bus_bandwidth"]["bandwidth"], rel=1e-5)
     first, second = parsed["rows"]
@@ -84,14 +85,14 @@ def test_table_lines_round_trip_through_the_parser():
 def test_a_check_turned_off_produces_no_correctness_metric():
     rows = [{"op": "all_reduce", "size": 1024, "count": 256, "type": "float", "redop": "sum", "root": -1,
              "out_of_place": form(10.0, 0.1, 0.1, None), "in_place": form(10.0, 0.1, 0.1, None)}]
-    summary = collectives.summarize(rows)
+    summary = collectives_table.summarize(rows)
     assert summary["wrong_total"] is None  # nothing was checked: not "0 wrong"
     results = {"results": rows, **summary, "fabric": {"tcp": None}, "loopback": {"GBps": 0.5}}
     metrics = collectives.stage_metrics(results, ["all_reduce"])
     assert metrics["wrong_total"] is None and "check = 0" in metrics["unknown"]["wrong_total"]
     assert metrics["tcp_retransmit_pct"] is None and "/proc/net/snmp" in metrics["unknown"]["tcp_retransmit_pct"]
     assert metrics["busbw_vs_loopback"] == pytest.approx(0.2)
-    assert collectives.summarize([])["average_bus_bandwidth"]["bandwidth"] is None
+    assert collectives_table.summarize([])["average_bus_bandwidth"]["bandwidth"] is None
 
 
 def test_loopback_probe_moves_data_within_its_bound():
@@ -169,7 +170,7 @@ def test_every_op_is_exact_in_float32_and_bfloat16(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("# gonogo collectives") and "# Using devices" in lines
-    parsed = collectives.parse_table(lines)
+    parsed = collectives_table.parse_table(lines)
     rows = parsed["rows"]
     assert len(rows) == 6 * 2 * 4  # ops x dtypes x sizes
     assert {row["op"] for row in rows} == set(collectives.OP_NAMES)
@@ -202,7 +203,7 @@ def test_a_perturbed_result_is_counted_on_every_checked_row(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     # all_reduce: 2 sizes x in-place; all_gather: 2 sizes x 2 forms; one flipped element each
     assert "# Out of bounds values : 6 FAILED" in result.stdout
-    parsed = collectives.parse_table(result.stdout.splitlines())
+    parsed = collectives_table.parse_table(result.stdout.splitlines())
     wrongs = [f["nwrong"] for row in parsed["rows"] for f in (row["out_of_place"], row["in_place"]) if f]
     assert wrongs == [1] * 6
     assert json.loads(json_path.read_text())["wrong_total"] == 6
@@ -241,7 +242,7 @@ def test_the_stage_writes_table_json_metrics_events_and_report(tmp_path):
     assert metrics["busbw_GBps_avg"] > 0 and metrics["tcp_retransmit_pct"] >= 0
     stage_dir = context.stage_dir
     table = (stage_dir / "collectives.log").read_text().splitlines()
-    assert len(collectives.parse_table(table)["rows"]) == 4 and any(line.startswith("# Out of bounds") for line in progress)
+    assert len(collectives_table.parse_table(table)["rows"]) == 4 and any(line.startswith("# Out of bounds") for line in progress)
     saved = json.loads((stage_dir / "collectives.json").read_text())
     assert saved["config"]["nranks"] == 2 and saved["config"]["backend"] == "gloo"
     events = [json.loads(line) for line in run_dir.events_path.read_text().splitlines()]

@@ -6,7 +6,8 @@ import pynvml
 import pytest
 from tests.conftest import run_gonogo
 
-from gonogo.cluster import doctor, gpu_health
+import gonogo.stages.doctor.stage as doctor
+from gonogo.cluster import gpu_health
 from gonogo.rundir import RunDir
 from gonogo.stages.base import StageContext
 

@@ -60,7 +60,7 @@ def _rank0_losses(*runs: Path) -> list[float]:
     for run in runs:
         for line in (run / "events.jsonl").read_text().splitlines():
             record = json.loads(line)
-            if record["rank"] == 0 and "loss" in record:
+            if record.get("rank") == 0 and "loss" in record:
                 losses.append(record["loss"])
     return losses
 
@@ -219,7 +219,7 @@ def test_node_zero_hosts_the_rendezvous_store_and_the_flags_reach_torchrun():
     import argparse
 
     from gonogo.cluster.torchrun import torchrun_command
-    from gonogo.train.stage import add_arguments, rendezvous_options
+    from gonogo.stages.train.stage import add_arguments, rendezvous_options
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -7,7 +7,8 @@ import os
 import types
 from pathlib import Path
 
-from gonogo.cluster import doctor, topology
+import gonogo.stages.doctor.stage as doctor
+from gonogo.cluster import topology
 from gonogo.gates import parse_gate
 
 BUS = ["00000000:18:00.0", "00000000:2A:00.0", "00000000:9A:00.0", "00000000:AB:00.0"]

@@ -99,7 +99,7 @@ def test_a_model_without_its_tokenizer_is_refused_not_given_the_byte_tokenizer(t
     import shutil
 
     from gonogo.data.hf_tokenizer import load_tokenizer
-    from gonogo.export.hf import load_hf_dir
+    from gonogo.checkpoints.hf_import import load_hf_dir
 
     bare = tmp_path / "bare"
     shutil.copytree(tiny_hf_models["qwen2"], bare)

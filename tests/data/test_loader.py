@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from gonogo.data.loader import IGNORE_INDEX, PackedLoader, ValidationBatches
-from gonogo.data.sources import ListSource, SyntheticSource
+from gonogo.data.sources import ListSource
+from gonogo.data.synthetic import SyntheticSource
 from gonogo.data.tokenizer import ByteTokenizer
 from gonogo.errors import UserError
 

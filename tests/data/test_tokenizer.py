@@ -3,7 +3,7 @@ import random
 import pytest
 
 from gonogo.data.tokenizer import SPECIAL_TOKENS, ByteTokenizer
-from gonogo.model.config import ModelConfig
+from gonogo.model.shape import ModelConfig
 
 TEXTS = ["", "plain ascii", "Héllo wörld — ünïcode", "你好，世界", "emoji 🎉👩‍👩‍👧 flags 🇫🇷",
          "tabs\tand\nnewlines\r\n  spaces  ", "<|bos|> spelled out stays bytes", "\x00\x7f control"]

@@ -8,15 +8,15 @@ import json
 import pytest
 
 from gonogo.cli import main
-from gonogo.drills import runner
-from gonogo.drills.stage import DrillSettings, _metrics
-from gonogo.train.faults import Fault
+from gonogo.drills import fault_drills
+from gonogo.stages.drill.stage import DrillSettings, _metrics
+from gonogo.train.fault_injection import Fault
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_killed_rank_is_restarted_resumes_and_matches_the_twin_bitwise(tmp_path):
-    metrics = runner.run_drills(["kill"], tmp_path, steps=12, checkpoint_every=4, seed=3)
+    metrics = fault_drills.run_drills(["kill"], tmp_path, steps=12, checkpoint_every=4, seed=3)
     outcome = json.loads((tmp_path / "drills.json").read_text())["outcomes"]["kill"][0]
     assert outcome["injected"] and outcome["completed"], outcome
     assert outcome["recovered"] and outcome["detected"] and outcome["detect_seconds"] > 0
@@ -44,12 +44,12 @@ def test_corrupt_checkpoint_analysis_names_the_skipped_checkpoint(tmp_path):
     ])
     twin_dir.mkdir()
     run = {"run_dir": run_dir, "metrics": {"steps_completed": 12, "rollbacks": 0}, "error": None, "seconds": 30.0}
-    outcome = runner.analyse("corrupt-checkpoint", Fault("corrupt-checkpoint", 0, 8), run, {"run_dir": twin_dir}, 12)
+    outcome = fault_drills.analyse("corrupt-checkpoint", Fault("corrupt-checkpoint", 0, 8), run, {"run_dir": twin_dir}, 12)
     assert outcome["detected"] and outcome["recovered"]
     assert outcome["detect_seconds"] == pytest.approx(3.5)
     assert outcome["steps_lost"] == 4
     assert outcome["resumed_bitwise_equal"] is None  # no final checkpoints here to compare
-    summary = runner.summarize("corrupt-checkpoint", [outcome])
+    summary = fault_drills.summarize("corrupt-checkpoint", [outcome])
     assert summary["recovered_count"] == 1 and not summary["resumed_bitwise_equal"]
 
 
@@ -58,9 +58,9 @@ def test_a_straggler_run_that_names_another_rank_is_not_detected(tmp_path):
     _write_events(run_dir, [{"time": 1.0, "event": "fault_injected", "step": 1, "rank": 1}])
     run = {"run_dir": run_dir, "metrics": {"straggler_ranks": [0, 1], "steps_completed": 12}, "error": None,
            "seconds": 9.0}
-    outcome = runner.analyse("straggler", Fault("straggler", 1, 1), run, {"run_dir": tmp_path}, 12)
+    outcome = fault_drills.analyse("straggler", Fault("straggler", 1, 1), run, {"run_dir": tmp_path}, 12)
     assert outcome["straggler_detected"] is False
-    assert runner.summarize("straggler", [outcome])["straggler_detected"] is False
+    assert fault_drills.summarize("straggler", [outcome])["straggler_detected"] is False
 
 
 def test_drill_settings_and_declared_metrics():

@@ -11,9 +11,9 @@ def write_checkpoint(directory: Path, seed: int = 1, chat: bool = False) -> Path
     import torch
     from safetensors.torch import save_file
 
-    from gonogo.model.config import ModelConfig
+    from gonogo.model.shape import ModelConfig
     from gonogo.model.decoder import Decoder
-    from gonogo.train import manifest
+    from gonogo.checkpoints import manifest
 
     config = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=160)
     model = Decoder(config)

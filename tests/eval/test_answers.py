@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gonogo.data.synthetic import Problem, canonical_answer, extract_answer, verify
-from gonogo.eval.metrics import majority_answer
-from gonogo.eval.runner import normal_answer
+from gonogo.eval.evaluate import normal_answer
+from gonogo.eval.scoring import majority_answer
 
 
 @pytest.mark.parametrize("text, expected", [

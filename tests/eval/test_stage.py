@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from gonogo.cli import main
-from gonogo.eval.stage import NOT_METRICS, STAGE, EvalSettings, report_stage, run_stage
+from gonogo.stages.eval.stage import NOT_METRICS, STAGE, EvalSettings
+from gonogo.stages.eval.stage import report as report_stage
+from gonogo.stages.eval.stage import run as run_stage
 from gonogo.plan import STAGE_RUNNER_METRICS
 from gonogo.rundir import RunDir
 from gonogo.stages.base import StageContext
@@ -45,7 +47,7 @@ def test_stage_reads_the_newest_checkpoint_and_compares_to_another_stage(tmp_pat
 
 
 def test_the_report_says_plainly_whether_a_gain_holds():
-    from gonogo.eval.stage import _gain_verdict
+    from gonogo.stages.eval.stage import _gain_verdict
 
     summary = {"maj_gain@8": 0.1, "maj_gain@8_ci_low": 0.02, "maj_gain@8_ci_high": 0.18,
                "per_seed": [{"maj_gain@8": 0.1}, {"maj_gain@8": -0.01}, {"maj_gain@8": 0.2}]}
@@ -126,7 +128,7 @@ def _fake_generation(monkeypatch, good: set[str], seed: int):
     whose answer does not follow from their steps); any other checkpoint only writes wrong chains.
     Generation is the only fake: scoring, the verifier, the bootstrap and the gates are the real ones."""
     from gonogo.data import synthetic
-    from gonogo.eval import runner
+    from gonogo.eval import evaluate as evaluation
 
     def run_model(checkpoint, questions, options, *, greedy_only=False, prompt_format="auto"):
         solutions = {p.question: p.solution for p in synthetic.generate("heldout", seed, len(questions))}
@@ -149,12 +151,12 @@ def _fake_generation(monkeypatch, good: set[str], seed: int):
         return {"checkpoint": str(checkpoint), "prompt_format": "chat", "greedy": greedy, "sampled": sampled,
                 "seconds": 1.0, "tokens": 20 * len(questions)}
 
-    monkeypatch.setattr(runner, "run_model", run_model)
+    monkeypatch.setattr(evaluation, "run_model", run_model)
 
 
 @pytest.mark.parametrize("plan_name", ["quick", "laptop", "gpu-node"])
 def test_built_in_eval_gates_say_no_go_for_a_model_that_got_worse(plan_name, monkeypatch, tmp_path):
-    from gonogo.eval.stage import run_evaluation
+    from gonogo.stages.eval.stage import run_evaluation
     from gonogo.plan import load_plan, resolve_plan_path
 
     stage = next(s for s in load_plan(resolve_plan_path(plan_name)).stages if s.kind.name == "eval")

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from gonogo.errors import UserError
-from gonogo.export.hf import export_hf, load_hf_dir
-from gonogo.model.config import ModelConfig, MoEConfig
+from gonogo.checkpoints.hf_import import load_hf_dir
+from gonogo.export.hf import export_hf
+from gonogo.model.shape import ModelConfig, MoEConfig
 from gonogo.model.decoder import Decoder
 from tests.conftest import run_gonogo
 from tests.infer.conftest import write_checkpoint
@@ -152,7 +153,7 @@ def test_export_command_and_checkpoint_resolution(tmp_path):
 
 
 def test_export_of_a_quantized_checkpoint_carries_the_dequantized_weights(tmp_path):
-    from gonogo.infer.quantize import QuantizedModel
+    from gonogo.checkpoints.quantized import QuantizedModel
 
     config, _ = CASES["llama"]
     quantized = QuantizedModel.from_model(random_model(config), "fp8", meta={"step": 10})

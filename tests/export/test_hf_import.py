@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gonogo.errors import UserError
-from gonogo.export.hf import load_hf_dir
+from gonogo.checkpoints.hf_import import load_hf_dir
 from tests.hf_models import ARCHITECTURE_NAMES
 
 

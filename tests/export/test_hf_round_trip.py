@@ -6,7 +6,7 @@ an export answers the real `openai` client, streamed text equal to the plain tex
 CJK in the prompt. (Import alone against transformers: test_hf_import.py.)
 
 The finetunes run the trainer's worker in this process as the one-rank job it starts without
-torchrun (gonogo.train.parallel.init_distributed); the torchrun launch of the same finetune is
+torchrun (gonogo.parallel.init_distributed); the torchrun launch of the same finetune is
 tested in tests/train/test_finetune_hf.py and tests/test_byo_model_plan.py.
 """
 
@@ -37,7 +37,7 @@ def _finetune_in_process(source: Path, out: Path, chats: Path, *overrides: str) 
     """`gonogo finetune` minus torchrun: config, preflight, job file and worker as the command runs
     them; -> the committed checkpoint directory."""
     from gonogo.rundir import RunDir
-    from gonogo.train.finetune import finetune, load_finetune_config
+    from gonogo.stages.finetune.stage import finetune, load_finetune_config
     from gonogo.train.worker import main as worker_main
 
     config, path, _ = load_finetune_config("sft-tiny", source, [
@@ -72,7 +72,7 @@ def _export_reloads_with_equal_logits(step: Path, out: Path, architecture: str) 
     from transformers import AutoModelForCausalLM
 
     from gonogo.export.hf import export_hf
-    from gonogo.train.checkpoint import load_for_inference
+    from gonogo.infer.device import load_for_inference
 
     tuned, _, _ = load_for_inference(step)
     exported = export_hf(step, out)
@@ -85,7 +85,7 @@ def _export_reloads_with_equal_logits(step: Path, out: Path, architecture: str) 
 
 
 def _moved(step: Path, original: dict) -> set[str]:
-    from gonogo.train.checkpoint import load_for_inference
+    from gonogo.infer.device import load_for_inference
 
     tuned = load_for_inference(step)[0].state_dict()
     return {name for name, tensor in tuned.items() if not torch.equal(tensor, original[name])}
@@ -117,7 +117,7 @@ def _served_streams_equal_plain(directory: Path, workdir: Path) -> None:
 
 @pytest.mark.parametrize("name", ARCHITECTURE_NAMES)
 def test_finetune_full_and_lora_export_reload_and_serve(tiny_hf_models, chats, tmp_path, monkeypatch, name):
-    from gonogo.export.hf import load_hf_dir
+    from gonogo.checkpoints.hf_import import load_hf_dir
 
     monkeypatch.delenv("MASTER_ADDR", raising=False)  # a one-rank group of its own, not a torchrun job's
     source = tiny_hf_models[name]

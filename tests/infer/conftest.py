@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
-from gonogo.model.config import ModelConfig, MoEConfig
+from gonogo.infer.engines.process import ServerProcess
+from gonogo.infer.engines.start import GonogoServeOptions, start_gonogo_server
+from gonogo.model.shape import ModelConfig, MoEConfig
 
 API_KEY = "test-key-123"
 KEY_ENV = "GONOGO_TEST_API_KEY"
@@ -47,7 +44,7 @@ def write_checkpoint(directory: Path, model, step: int = 10) -> Path:
     """A committed checkpoint the way the checkpoint helper writes one (weights + meta + manifest)."""
     from safetensors.torch import save_file
 
-    from gonogo.train import manifest
+    from gonogo.checkpoints import manifest
 
     directory.mkdir(parents=True)
     weights = {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}
@@ -63,55 +60,21 @@ def checkpoint_dir(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "step-00000010", tiny_model())
 
 
-class ServerProcess:
-    def __init__(self, process: subprocess.Popen, url: str, log_path: Path):
-        self.process = process
-        self.url = url
-        self.log_path = log_path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        return self.process.returncode
-
-
-def start_server(checkpoint: Path, workdir: Path, *extra: str, api_key: str | None = API_KEY,
-                 timeout: float = 60.0) -> ServerProcess:
-    """`gonogo serve` on a free loopback port; returns once /health answers (bounded)."""
-    ready = workdir / "ready.json"
-    log_path = workdir / "server.log"
+def start_server(checkpoint: Path, workdir: Path, *, api_key: str | None = API_KEY, timeout: float = 60.0,
+                 dtype: str | None = None, verbose: bool = False, **options) -> ServerProcess:
+    """`gonogo serve` on a free loopback port through gonogo's own launcher; returns once /health
+    answers (bounded). ``options``: GonogoServeOptions fields (threads, max_batch, ...)."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    argv = [sys.executable, "-m", "gonogo", "serve", "--checkpoint", str(checkpoint), "--port", "0",
-            "--ready-file", str(ready), *extra]
     if api_key is not None:
         env[KEY_ENV] = api_key
-        argv += ["--api-key-env", KEY_ENV]
-    with log_path.open("w") as log_file:
-        process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=workdir)
-    deadline = time.monotonic() + timeout
-    server = None
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
-        if ready.exists():
-            url = json.loads(ready.read_text())["url"]
-            server = ServerProcess(process, url, log_path)
-            try:
-                if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                    return server
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.1)
-    (server or ServerProcess(process, "", log_path)).stop()
-    raise RuntimeError(f"server did not become healthy within {timeout} s:\n{log_path.read_text()}")
+    server = start_gonogo_server(str(checkpoint), workdir, dtype=dtype, api_key_env=KEY_ENV if api_key else None,
+                                 options=GonogoServeOptions(**options), env=env, verbose=verbose)
+    try:
+        server.wait_healthy(timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 @pytest.fixture(scope="module")

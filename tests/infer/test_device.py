@@ -80,7 +80,7 @@ def test_a_device_this_machine_lacks_is_a_user_error(requested, words):
 
 
 def test_load_for_inference_places_the_model_where_it_is_asked(tmp_path, fake_gpu):
-    from gonogo.train.checkpoint import load_for_inference
+    from gonogo.infer.device import load_for_inference
 
     directory = write_checkpoint(tmp_path / "ckpt", tiny_model())
 

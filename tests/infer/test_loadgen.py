@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gonogo.errors import UserError
-from gonogo.infer.loadgen import LoadSettings, arrival_gaps, parse_goodput, run_load
+from gonogo.stages.loadtest.stage import LoadSettings, arrival_gaps, parse_goodput, run_load
 from gonogo.rundir import RunDir
 from gonogo.stages import get_kind
 from gonogo.stages.base import StageContext

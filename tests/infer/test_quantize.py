@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gonogo.errors import UserError
-from gonogo.infer.quantize import (
+from gonogo.checkpoints.quantized import (
     E2M1_GRID, QuantizedModel, QuantizedTensor, e2m1_decode, e2m1_encode, is_quantized_weight,
     load_quantized, pack_nibbles, quantize_fp8, quantize_nvfp4, to_e4m3, unpack_nibbles)
 

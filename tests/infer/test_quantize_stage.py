@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from gonogo.infer.quantize import load_quantized
+from gonogo.checkpoints.quantized import load_quantized
 from tests.conftest import run_gonogo
 from tests.infer.conftest import tiny_model, write_checkpoint
 
@@ -94,7 +94,8 @@ def test_quantize_stage_in_a_plan_with_gates(tmp_path, write_plan):
 def test_fp8_on_a_gpu_with_fp8_gemms_measures_the_scaled_mm_path_and_its_speed_up(tmp_path, monkeypatch):
     """The Hopper path, run on this CPU (whose torch also has ``_scaled_mm``): the decision is faked,
     the FP8 GEMMs, the accuracy and the timing are real."""
-    from gonogo.infer import fp8_gemm, quantize_stage
+    import gonogo.stages.quantize.stage as quantize_stage
+    from gonogo.infer import fp8_gemm
 
     calls = []
     real_scaled_mm = torch._scaled_mm

@@ -151,7 +151,7 @@ def test_sigterm_ends_in_flight_streams_cleanly(checkpoint_dir, tmp_path):
     started = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
     thread.join(timeout=40)
-    code = server.stop(timeout=30)
+    code = server.stop(grace=30)
     assert not thread.is_alive()
     assert lines and lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("length", "abort")
@@ -159,7 +159,7 @@ def test_sigterm_ends_in_flight_streams_cleanly(checkpoint_dir, tmp_path):
 
 
 def test_a_full_queue_answers_429_and_the_server_recovers(checkpoint_dir, tmp_path):
-    server = start_server(checkpoint_dir, tmp_path, "--max-batch", "1", "--max-waiting", "1")
+    server = start_server(checkpoint_dir, tmp_path, max_batch=1, max_waiting=1)
     headers = {"Authorization": f"Bearer {API_KEY}"}
     body = {"model": "gonogo", "prompt": "Q: 5+5= A:", "max_tokens": 200, "ignore_eos": True}
 

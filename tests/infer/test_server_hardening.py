@@ -189,7 +189,7 @@ def test_a_client_disconnecting_mid_body_logs_no_traceback(server, client):
     deadline = time.monotonic() + 10
     while disconnects_seen(server) == before and time.monotonic() < deadline:  # the server noticed
         time.sleep(0.05)
-    assert "Traceback" not in server.log() and "Exception" not in server.log(), server.log()[-2000:]
+    assert "Traceback" not in server.log_text() and "Exception" not in server.log_text(), server.log_text()[-2000:]
     assert disconnects_seen(server) == before + 1
     assert_still_serving(server, client)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gonogo.model.config import ModelConfig
+from gonogo.model.shape import ModelConfig
 from gonogo.model.decoder import Decoder
 
 @pytest.fixture(autouse=True, scope="module")
@@ -210,3 +210,54 @@ def test_matches_hugging_face_llama_with_renamed_weights():
     x = tokens(2, 10)
     with torch.no_grad():
         torch.testing.assert_close(model(x), hf(x).logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_stacked_projections_give_the_same_logits_as_separate_ones(monkeypatch, qkv_bias):
+    """A prefill (no gradient recorded, >= 64 tokens) stacks q/k/v and w1/w3 into one GEMM each:
+    the logits agree with the separate layers' to fp32 rounding."""
+    import gonogo.model.feedforward as feedforward_module
+
+    model = Decoder(tiny(qkv_bias=qkv_bias))
+    batch = tokens(B=4, T=32, seed=0)
+    with torch.no_grad():
+        stacked = model(batch)
+        monkeypatch.setattr(feedforward_module, "STACK_MIN_TOKENS", 10**9)
+        separate = model(batch)
+    torch.testing.assert_close(stacked, separate, rtol=1e-5, atol=1e-5)
+
+
+def test_training_keeps_separate_projections():
+    """A forward that records gradients never stacks: training computes what the plan's gates were
+    calibrated on (the stacked GEMM's bf16 rounding moved a 300-step run onto another trajectory)."""
+    from gonogo.model import feedforward
+
+    x = torch.zeros(2, 64, 8)
+    assert not feedforward.stack_pays(x)
+    with torch.no_grad():
+        assert feedforward.stack_pays(x)
+    model = Decoder(tiny())
+    calls = []
+    model.layers[0].attention.wq.register_forward_hook(lambda *_: calls.append("wq"))
+    model.layers[0].feed_forward.w1.register_forward_hook(lambda *_: calls.append("w1"))
+    model(tokens(B=2, T=40)).sum().backward()
+    assert calls == ["wq", "w1"]
+
+
+def test_a_decode_step_keeps_separate_projections(monkeypatch):
+    """One token per row would copy every weight once more per token: no stacking there."""
+    from gonogo.model import feedforward
+
+    with torch.no_grad():
+        assert feedforward.stack_pays(torch.zeros(2, 64, 8))
+        assert not feedforward.stack_pays(torch.zeros(4, 1, 8))
+    model = Decoder(tiny())
+    calls = []
+    model.layers[0].attention.wq.register_forward_hook(lambda *_: calls.append("wq"))
+    with torch.no_grad():
+        model(tokens(B=1, T=1))
+    assert calls == ["wq"]
+    calls.clear()
+    with torch.no_grad():
+        model(tokens(B=2, T=40))
+    assert calls == []  # stacked: the wq module is not called, its weight is

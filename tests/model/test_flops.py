@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gonogo.config import CONFIGS_DIR, load_toml, validate
-from gonogo.model.config import ModelConfig, MoEConfig
+from gonogo.model.shape import ModelConfig, MoEConfig
 from gonogo.model.flops import flops_per_token, parameter_counts
+from gonogo.typed_config import CONFIGS_DIR, load_toml, validate
 
 
 def preset(name: str) -> ModelConfig:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gonogo.model.config import ModelConfig, MoEConfig
+from gonogo.model.shape import ModelConfig, MoEConfig
 from gonogo.model.decoder import Decoder
 from gonogo.model.moe import MoE
 

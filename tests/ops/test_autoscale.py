@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from gonogo.rollout.autoscale import (AutoscaleSettings, Autoscaler, Pool, Replica, hpa, keda_scaled_object,
+from gonogo.stages.autoscale.stage import (AutoscaleSettings, Autoscaler, Pool, Replica, hpa, keda_scaled_object,
                                       validate_manifest, write_manifests)
 from tests.conftest import run_gonogo
 
@@ -145,7 +145,7 @@ def test_drill_autoscale_scales_one_two_one_with_no_failed_request(tmp_path):
 
 
 def test_the_slo_breach_is_dated_by_request_start_not_completion():
-    from gonogo.rollout.autoscale import Record, slo_breach
+    from gonogo.stages.autoscale.stage import Record, slo_breach
 
     # fast requests, then from t=5 s on requests that wait 3 s in the queue (they end at 8 s +)
     records = [Record(started=100.0 + t, ended=100.0 + t + 0.05, ttft=0.05, ok=True) for t in range(5)]

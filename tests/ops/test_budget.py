@@ -1,12 +1,15 @@
 """Cost alarms through the real runner: the alarm event, the kill at 100%, the verdict; one price for capacity."""
 
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.conftest import run_gonogo
+from tests.conftest import REPO, run_gonogo
 
 PY = sys.executable
 WRITE = "import json, os; json.dump({'score': 1}, open(os.path.join(os.environ['GONOGO_STAGE_DIR'], 'metrics.out.json'), 'w'))"
@@ -57,6 +60,23 @@ def test_a_money_budget_too_small_stops_the_plan_at_the_kill(write_plan, tmp_pat
     assert {c["key"]: c["status"] for c in summary["checklist"]}["cost-alarms"] == "not ticked"
     html = (out / "report.html").read_text()
     assert "Cost alarms" in html and "budget kill during stage" in html
+
+
+def test_the_kill_stops_a_runner_started_with_sigint_ignored(write_plan, tmp_path):
+    """A shell starts a background job (``gonogo run ... &`` in a script, ``nohup``) with SIGINT
+    ignored; the kill is a SIGINT to the runner's main thread and must stop the stage all the same."""
+    plan = write_plan("[plan]\nname = 'costly'\nprice_per_device_hour = 3600\nbudget_money = 1.5\n"
+                      + stage("long", "import time; time.sleep(60)"))
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    started = time.monotonic()
+    result = subprocess.run([PY, "-m", "gonogo", "run", str(plan), "--out", str(out)], env=env,
+                            capture_output=True, text=True, timeout=60,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert time.monotonic() - started < 30, "the kill did not stop the 60 s stage"
+    assert result.returncode == 1, result.stdout + result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"][0]["reason"].startswith("budget kill during stage 'long'")
 
 
 def test_a_budget_with_room_is_go_and_measures_the_cost(write_plan, tmp_path):

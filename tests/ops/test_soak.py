@@ -3,7 +3,7 @@ gate; the analysis of a timeline (probe track, retention, unknowns) on its own."
 
 import json
 
-from gonogo.train.soak import SoakSettings, analyse
+from gonogo.stages.soak.stage import SoakSettings, analyse
 from tests.conftest import run_gonogo
 
 

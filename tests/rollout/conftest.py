@@ -24,9 +24,9 @@ def train_memorising_checkpoint(directory: Path, problems, steps: int = 300, see
     from safetensors.torch import save_file
 
     from gonogo.data.tokenizer import ByteTokenizer
-    from gonogo.model.config import ModelConfig
+    from gonogo.model.shape import ModelConfig
     from gonogo.model.decoder import Decoder
-    from gonogo.train import manifest
+    from gonogo.checkpoints import manifest
 
     torch.manual_seed(seed)
     threads = torch.get_num_threads()

@@ -83,9 +83,9 @@ def test_contradictory_or_unknown_thresholds_are_one_line_exit_2(flags, words, c
 
 
 def test_stage_settings_reject_unknown_metric_names():
-    from gonogo.config import validate
     from gonogo.errors import UserError
-    from gonogo.rollout.stage import CanarySettings
+    from gonogo.stages.canary.stage import CanarySettings
+    from gonogo.typed_config import validate
 
     with pytest.raises(UserError, match="unknown key 'analysis.thresholds.p42'"):
         validate(CanarySettings, {"stable": "a", "canary": "b", "analysis": {"thresholds": {"p42": 1}}}, "plan")

@@ -21,7 +21,7 @@ QUALITY_PROMPTS = 4  # the quality_checkpoint fixture memorised this many held-o
 
 @pytest.mark.timeout(240)
 def test_drill_promotes_the_good_canary_and_rolls_back_the_bad_ones(quality_checkpoint, tmp_path):
-    from gonogo.rollout.stage import report, run_canary_drill
+    from gonogo.stages.canary.stage import report, run_canary_drill
 
     result = run_canary_drill(tmp_path, quality_checkpoint, steps=(50, 100), interval_s=1.5, threshold=2,
                               quality_prompts=QUALITY_PROMPTS, injected_latency_s=1.5, error_rate=0.5)

@@ -31,7 +31,7 @@ def vllm_quality_checkpoint(tmp_path_factory):
     """The memorising model with 32-wide heads: vLLM's CPU attention has no kernel for 16. At this
     shape a lower learning rate memorises the problems reliably (measured: 4 of 4)."""
     from gonogo.data.synthetic import generate
-    from gonogo.model.config import ModelConfig
+    from gonogo.model.shape import ModelConfig
 
     from .conftest import train_memorising_checkpoint
 
@@ -44,7 +44,7 @@ def vllm_quality_checkpoint(tmp_path_factory):
 def sides(vllm_quality_checkpoint, tmp_path_factory):
     from gonogo.infer.engines.install import engine_status
     from gonogo.rollout.analysis import Analysis
-    from gonogo.rollout.stage import CanarySettings, Load, open_sides
+    from gonogo.stages.canary.stage import CanarySettings, Load, open_sides
 
     status = engine_status("vllm")
     if not status["ready"]:
@@ -103,7 +103,7 @@ def test_gonogo_loadtest_measures_vllm(sides, tmp_path):
 
 
 def test_a_gonogo_to_vllm_canary_promotes_with_no_client_errors(sides, tmp_path):
-    from gonogo.rollout.stage import run_rollout
+    from gonogo.stages.canary.stage import run_rollout
 
     metrics = run_rollout(sides.stable, sides.canary, sides.settings, tmp_path, name="migration")
     timeline = json.loads((tmp_path / "timeline.json").read_text())
@@ -116,7 +116,7 @@ def test_a_gonogo_to_vllm_canary_promotes_with_no_client_errors(sides, tmp_path)
 
 
 def test_a_crashed_vllm_canary_is_rolled_back(sides, tmp_path):
-    from gonogo.rollout.stage import run_rollout
+    from gonogo.stages.canary.stage import run_rollout
 
     # the engine dies (the whole process group, as an OOM kill would take it): the router keeps
     # clients on stable where it can and the analysis sees the canary fail

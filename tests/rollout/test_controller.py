@@ -6,10 +6,10 @@ import httpx
 import pytest
 
 from gonogo.rollout.analysis import Analysis
+from gonogo.rollout.canary_faults import FaultProxy
 from gonogo.rollout.controller import Side, Webhooks
-from gonogo.rollout.faults import FaultProxy
 from gonogo.rollout.router import ThreadedServer
-from gonogo.rollout.stage import CanarySettings, Load, run_rollout
+from gonogo.stages.canary.stage import CanarySettings, Load, run_rollout
 
 
 @pytest.fixture

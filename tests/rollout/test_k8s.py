@@ -47,7 +47,7 @@ def test_hostile_strings_reach_the_manifests_quoted_or_are_refused(tmp_path):
 
     from gonogo.errors import UserError
     from gonogo.rollout.k8s import write_k8s
-    from gonogo.rollout.stage import CanarySettings
+    from gonogo.stages.canary.stage import CanarySettings
 
     hostile = 'm"; touch PWNED; echo "$(touch PWNED)`touch PWNED`'
     settings = CanarySettings(stable="a", canary="b", model_name=hostile,
@@ -96,10 +96,10 @@ def test_emit_k8s_names_the_vllm_image_and_arguments_for_an_engine_migration(tmp
 
 
 def test_emit_k8s_for_a_command_engine_needs_an_image(tmp_path):
-    from gonogo.config import validate
     from gonogo.errors import UserError
     from gonogo.rollout.k8s import write_k8s
-    from gonogo.rollout.stage import CanarySettings
+    from gonogo.stages.canary.stage import CanarySettings
+    from gonogo.typed_config import validate
 
     settings = validate(CanarySettings, {"stable": "", "canary": "", "canary_engine": {
         "name": "command", "command": ["sglang", "--model-path", "{model}", "--port", "{port}"]}}, "test")

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from gonogo.train.faults import Fault
+from gonogo.train.fault_injection import Fault
 
 
 def _events(root):
@@ -18,12 +18,12 @@ def _events(root):
 
 @pytest.mark.timeout(300)
 def test_async_checkpoints_commit_only_when_written_and_resume_after_a_crash_mid_save(tmp_path):
-    from gonogo.drills.runner import TINY
+    from gonogo.drills.fault_drills import TINY
     from gonogo.procs import run_process
     from gonogo.rundir import RunDir
-    from gonogo.train import manifest
+    from gonogo.checkpoints import manifest
     from gonogo.train.config import load_train_config
-    from gonogo.train.stage import launch
+    from gonogo.stages.train.stage import launch
 
     config, path = load_train_config("tiny-dense", TINY + [
         "train.steps=2", "train.checkpoint_every=1", "train.checkpoint_async=true", "train.log_every=1",

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from gonogo.config import CONFIGS_DIR
 from gonogo.train.config import TrainSettings, gradient_accumulation, load_train_config, overrides_list
 from gonogo.train.loop import lr_factor
+from gonogo.typed_config import CONFIGS_DIR
 
 
 def test_presets_load_and_tiny_moe_splits_experts_over_two_ranks():

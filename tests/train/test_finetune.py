@@ -17,9 +17,9 @@ TINY_TRAIN = ["train.seq_len=64", "train.global_batch_size=4", "train.micro_batc
 def write_pretrained(directory: Path, seed: int = 1) -> Path:
     from safetensors.torch import save_file
 
-    from gonogo.model.config import ModelConfig
+    from gonogo.model.shape import ModelConfig
     from gonogo.model.decoder import Decoder
-    from gonogo.train import manifest
+    from gonogo.checkpoints import manifest
 
     config = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=128, max_seq_len=64)
     model = Decoder(config)
@@ -91,7 +91,7 @@ def test_initial_weights_are_the_checkpoint_s(tmp_path):
     from safetensors.torch import load_file
 
     from gonogo.model.decoder import Decoder
-    from gonogo.train.finetune import load_finetune_config
+    from gonogo.stages.finetune.stage import load_finetune_config
     from gonogo.train.loop import load_initial_weights
 
     pretrained = write_pretrained(tmp_path / "pretrained", seed=5)
@@ -108,7 +108,7 @@ def test_initial_weights_are_the_checkpoint_s(tmp_path):
 def test_the_default_checkpoint_is_the_newest_of_the_run_s_train_stages(tmp_path):
     from gonogo.errors import UserError
     from gonogo.rundir import RunDir
-    from gonogo.train.finetune import default_checkpoint
+    from gonogo.stages.finetune.stage import default_checkpoint
 
     run_dir = RunDir.create(tmp_path / "run", plan_name="laptop")
     with pytest.raises(UserError, match="no committed checkpoint of a `train` stage"):

@@ -15,8 +15,9 @@ def test_lora_finetune_an_hf_model_with_its_template_then_export_merged(tmp_path
     from transformers import AutoModelForCausalLM
 
     from gonogo.data.hf_tokenizer import HFTokenizer
-    from gonogo.export.hf import export_hf, load_hf_dir
-    from gonogo.train.checkpoint import load_for_inference
+    from gonogo.checkpoints.hf_import import load_hf_dir
+    from gonogo.export.hf import export_hf
+    from gonogo.infer.device import load_for_inference
 
     source = tiny_hf_models["qwen3"]
     chats = write_chats(tmp_path / "chats.jsonl", 40, [])
@@ -52,9 +53,10 @@ def test_lora_finetune_an_hf_model_with_its_template_then_export_merged(tmp_path
 
 
 def test_merged_adapters_compute_what_the_adapted_model_computes():
-    from gonogo.model.config import ModelConfig
+    from gonogo.model.shape import ModelConfig
     from gonogo.model.decoder import Decoder
-    from gonogo.train.lora import add_lora, is_lora_state, merge
+    from gonogo.checkpoints.adapters import is_lora_state, merge
+    from gonogo.train.lora import add_lora
 
     config = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, qkv_bias=True)
     adapted = add_lora(Decoder(config), rank=4, alpha=8.0, targets=["wq", "wv", "w2"])
@@ -80,7 +82,7 @@ def test_default_lora_targets_are_the_projections_the_model_has():
     import pytest
 
     from gonogo.errors import UserError
-    from gonogo.model.config import ModelConfig, MoEConfig
+    from gonogo.model.shape import ModelConfig, MoEConfig
     from gonogo.model.decoder import Decoder
     from gonogo.train.lora import add_lora
 

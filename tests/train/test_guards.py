@@ -8,7 +8,7 @@ import time
 import pytest
 
 from gonogo.train import guards
-from gonogo.train.faults import ENV, Fault, Injector, flip_bytes
+from gonogo.train.fault_injection import ENV, Fault, Injector, flip_bytes
 
 
 def _watchdog(tmp_path, exits, **options):
@@ -127,7 +127,7 @@ def test_nan_fault_fires_once_per_process(tmp_path):
 
 
 def test_flip_bytes_breaks_the_checkpoint_hash(tmp_path):
-    from gonogo.train import manifest
+    from gonogo.checkpoints import manifest
 
     checkpoint = tmp_path / "step-00000004"
     (checkpoint / "dcp").mkdir(parents=True)
@@ -146,8 +146,8 @@ def _tiny_run(tmp_path, name, *overrides, budget=None, env=None):
     from gonogo.procs import run_process
     from gonogo.rundir import RunDir
     from gonogo.train.config import load_train_config
-    from gonogo.train.stage import launch
-    from gonogo.drills.runner import TINY
+    from gonogo.stages.train.stage import launch
+    from gonogo.drills.fault_drills import TINY
 
     config, path = load_train_config("tiny-dense", TINY + ["train.parallel=none", "train.max_restarts=0",
                                                            "train.log_every=2", *overrides],

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from gonogo.train import memory
+import gonogo.stages.memory.stage as memory_stage
+from gonogo.train import memory, memory_probe
 
 TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=4", "model.ffn_dim=128",
         "model.max_seq_len=64", "train.seq_len=64", "train.global_batch_size=8", "train.micro_batch_size=2",
@@ -132,10 +133,10 @@ def test_probe_runs_the_real_model_under_torchrun(tmp_path):
     def run_command(argv, *, timeout, log_name, env=None, on_line=None):
         return run_process(argv, timeout=timeout, log_path=tmp_path / log_name, env=env, on_line=on_line)
 
-    result = memory.find_max_batch(config, path.name, 1, run_dir=tmp_path, stage_dir=tmp_path / "memory",
+    result = memory_probe.find_max_batch(config, path.name, 1, run_dir=tmp_path, stage_dir=tmp_path / "memory",
                                    timeout_s=150, run_command=run_command, max_micro_batch=4)
     assert [t["micro_batch_size"] for t in result["trials"]] == [1, 2, 4]
     assert all(t["fits"] and t["peak_GB"] > 0.1 for t in result["trials"])
     assert result["max_micro_batch_size"] == 4 and result["bounded_by"] == "max_micro_batch"
     assert result["recommended_micro_batch_size"] == 4 and result["limit_GB"] == 50.0
-    assert "the search stopped at its bound 4, more may fit" in memory.result_line(result)
+    assert "the search stopped at its bound 4, more may fit" in memory_stage.result_line(result)

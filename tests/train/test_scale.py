@@ -8,9 +8,9 @@ import time
 import pytest
 
 from gonogo.errors import StageFailed, UserError
-from gonogo.train import scale
+import gonogo.stages.scale.stage as scale
 from gonogo.train.config import load_train_config
-from gonogo.train.scale import RunSpec, ScaleSettings, machine_budget, parse_nproc, plan_runs, summarize, timings
+from gonogo.stages.scale.stage import RunSpec, ScaleSettings, machine_budget, parse_nproc, plan_runs, summarize, timings
 from tests.train.train_helpers import TINY
 
 
@@ -131,7 +131,7 @@ def test_input_mistakes_are_one_line_exit_2_before_anything_runs(tmp_path, args,
 
 
 def test_a_hung_collective_fails_the_stage_within_the_collective_timeout(tmp_path, monkeypatch):
-    # rank 1 stops at step 2 (gonogo.train.faults); rank 0 then waits in a collective until the
+    # rank 1 stops at step 2 (gonogo.train.fault_injection); rank 0 then waits in a collective until the
     # collective timeout ends it, and the run fails instead of hanging the plan
     monkeypatch.setenv("GONOGO_FAULT", json.dumps({"kind": "hang", "rank": 1, "step": 2}))
     config, _ = load_train_config("tiny-dense", TINY)

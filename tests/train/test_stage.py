@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gonogo.stages import get_kind
-from gonogo.train.stage import TrainStageSettings
+from gonogo.stages.train.stage import TrainStageSettings
 from tests.train.train_helpers import TINY
 
 REPO = Path(__file__).resolve().parents[2]

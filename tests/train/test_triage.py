@@ -8,25 +8,25 @@ import types
 
 import pytest
 
-from gonogo.drills import runner
+from gonogo.drills import fault_drills
 from gonogo.train import triage
-from gonogo.train.faults import Fault
+from gonogo.train.fault_injection import Fault
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_hang_drill_bundle_names_the_injected_rank_and_its_frame(tmp_path):
     # no restart: the bundle is written whether the run recovers (the drill) or fails (this test, faster)
-    drill = runner.Drill(tmp_path, steps=12, checkpoint_every=4, overrides=["train.max_restarts=0"])
+    drill = fault_drills.Drill(tmp_path, steps=12, checkpoint_every=4, overrides=["train.max_restarts=0"])
     fault = Fault(kind="hang", rank=1, step=6)
     run = drill.train("hang-1", env=fault.to_env())
     assert run["metrics"] is None and "exited with code" in run["error"]
-    outcome = runner.triage_outcome(run["run_dir"], fault)
+    outcome = fault_drills.triage_outcome(run["run_dir"], fault)
     assert outcome["triage_named"] is True, outcome
     folder = run["run_dir"] / "triage" / "train-attempt-0"
     report = (folder / "report.md").read_text().splitlines()
     assert report[0].startswith("# What hung (hang): rank 1 at step 6, outside any collective")
-    assert "faults.py" in report[0] and "in after_step" in report[0]
+    assert "fault_injection.py" in report[0] and "in after_step" in report[0]
     # every rank's stack at detection, and the peer's wait inside a collective
     for rank in (0, 1):
         assert "most recent call first" in (folder / f"rank-0000{rank}.stack.txt").read_text()
@@ -34,9 +34,9 @@ def test_hang_drill_bundle_names_the_injected_rank_and_its_frame(tmp_path):
     assert bundle["diagnosis"]["peers_waited_in"].startswith("rank 0: ")
     assert bundle["nvml"]["available"] is False and bundle["nvml"]["reason"].startswith("unknown: ")
     assert "train-attempt-0/`: What hung (hang): rank 1" in (tmp_path / "hang-1" / "triage" / "README.md").read_text()
-    from gonogo.train.stage import report_stage
+    from gonogo.stages.train.stage import report as stage_report
 
-    items = report_stage(tmp_path / "hang-1" / "stages" / "train", {})
+    items = stage_report(tmp_path / "hang-1" / "stages" / "train", {})
     assert items[0].title == "Triage: what hung" and items[0].table[0]["what hung"] == report[0][2:]
 
 
@@ -65,9 +65,9 @@ def test_diagnosis_from_stacks_when_counts_are_equal():
     # FSDP2's all-gather is not a wrapped name: rank 0's stack shows it waiting inside torch.distributed
     waiting = [{"file": "/g/gonogo/train/loop.py", "line": 305, "function": "train"},
                {"file": "/site/torch/distributed/distributed_c10d.py", "line": 4394, "function": "all_gather_single"}]
-    hung = [{"file": "/g/gonogo/train/faults.py", "line": 124, "function": "after_step"}]
+    hung = [{"file": "/g/gonogo/train/fault_injection.py", "line": 124, "function": "after_step"}]
     diagnosis = triage.diagnose({0: _record(0, 58, main=waiting), 1: _record(1, 58, main=hung)}, 2)
-    assert diagnosis["rank"] == 1 and diagnosis["frame"].endswith("faults.py:124 in after_step")
+    assert diagnosis["rank"] == 1 and diagnosis["frame"].endswith("fault_injection.py:124 in after_step")
     assert "all_gather_single" in diagnosis["peers_waited_in"]
 
 
@@ -124,14 +124,14 @@ def test_an_exception_is_recorded_and_a_user_error_is_not(tmp_path, monkeypatch)
 def test_drill_outcome_with_another_rank_or_no_bundle_is_not_named(tmp_path):
     folder = tmp_path / "triage" / "train-attempt-0"
     folder.mkdir(parents=True)
-    frame = {"file": "/g/gonogo/train/faults.py", "line": 124, "function": "after_step"}
+    frame = {"file": "/g/gonogo/train/fault_injection.py", "line": 124, "function": "after_step"}
     (folder / "triage.json").write_text(json.dumps({"what_hung": "x", "diagnosis": {
         "rank": 0, "step": 6, "frame_detail": frame}}))
-    assert runner.triage_outcome(tmp_path, Fault("hang", 0, 6))["triage_named"] is True
-    assert runner.triage_outcome(tmp_path, Fault("hang", 1, 6))["triage_named"] is False
-    assert runner.triage_outcome(tmp_path / "none", Fault("hang", 1, 6)) == {"triage_bundle": None,
+    assert fault_drills.triage_outcome(tmp_path, Fault("hang", 0, 6))["triage_named"] is True
+    assert fault_drills.triage_outcome(tmp_path, Fault("hang", 1, 6))["triage_named"] is False
+    assert fault_drills.triage_outcome(tmp_path / "none", Fault("hang", 1, 6)) == {"triage_bundle": None,
                                                                            "triage_named": False}
-    assert runner.summarize("hang", [{"triage_named": False}])["triage_named"] is False
+    assert fault_drills.summarize("hang", [{"triage_named": False}])["triage_named"] is False
 
 
 CRASH = """
@@ -205,7 +205,7 @@ def test_a_stage_stopped_by_its_own_timeout_leaves_a_bundle_and_the_report_opens
     assert bundle["reason"] == "stage timeout" and bundle["requested_by"] == "runner"
     assert sorted(bundle["heartbeats"]) == ["0", "1"]  # both ranks answered before the kill
     assert bundle["what_hung"].startswith("What hung (stage timeout): rank 1 at step 2"), bundle["what_hung"]
-    assert "faults.py" in bundle["what_hung"]
+    assert "fault_injection.py" in bundle["what_hung"]
     html = (out / "report.html").read_text()
     first = html.index("What hung (stage timeout): rank 1 at step 2")
     assert first < html.index('<div class="verdict">') < html.index("<h2>Stages</h2>")

@@ -22,7 +22,7 @@ def train(out: Path, preset: str, nproc: int, *overrides: str, flags: tuple[str,
 
 def rank0_lines(run: Path) -> list[dict]:
     lines = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
-    return [line for line in lines if line["rank"] == 0 and "loss" in line]
+    return [line for line in lines if line.get("rank") == 0 and "loss" in line]
 
 
 def losses(run: Path) -> list[float]:

@@ -1,5 +1,5 @@
 """Serving engines: gonogo's own server, vLLM from its own venv, or any OpenAI-compatible command.
 
-``launch.py`` turns an engine choice into a server child (``ServerProcess`` in ``process.py``,
+``start.py`` turns an engine choice into a server child (``ServerProcess`` in ``process.py``,
 the one owner of starting, health-checking and stopping servers); ``install.py`` sets vLLM up.
 """

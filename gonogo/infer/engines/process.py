@@ -32,6 +32,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps a server on this machine (a wider bind needs an API key)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 # Runs first in the child, then execs the server in the same process: PR_SET_PDEATHSIG survives
 # exec, so the server gets SIGTERM when gonogo dies without stopping it (Linux; elsewhere only
 # the atexit stop is there). A launcher instead of preexec_fn, which is unsafe with threads.
@@ -119,18 +131,25 @@ class ServerProcess:
         except (ValueError, KeyError):  # being written
             return None
 
-    def log_tail(self, characters: int = 1500) -> str:
+    def log_text(self) -> str:
+        """Everything the child has written so far ("" when there is no log yet)."""
         try:
-            return self.log_path.read_text(errors="replace")[-characters:]
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
 
-    def stop(self, grace: float = 10.0) -> None:
-        """Stop the whole process group (SIGTERM, then SIGKILL after ``grace``); idempotent."""
+    def log_tail(self, characters: int = 1500) -> str:
+        return self.log_text()[-characters:]
+
+    def stop(self, grace: float = 10.0) -> Optional[int]:
+        """Stop the whole process group (SIGTERM, then SIGKILL after ``grace``); idempotent.
+        The child's exit code (None: never started)."""
         from gonogo.procs import stop_group
 
-        if self.process is not None:
-            stop_group(self.process, grace=grace)
+        if self.process is None:
+            return None
+        stop_group(self.process, grace=grace)
+        return self.process.returncode
 
     def __enter__(self) -> "ServerProcess":
         return self

@@ -81,7 +81,7 @@ def test_command_engine_serves_an_export_through_the_serve_and_loadtest_stages(c
 
 
 def test_a_server_that_exits_during_start_up_fails_with_its_log(checkpoint_dir, tmp_path):
-    from gonogo.infer.engines.launch import EngineSettings, start_engine
+    from gonogo.infer.engines.start import EngineSettings, start_engine
 
     engine = EngineSettings(name="command", command=[sys.executable, "-c",
                                                      "import sys; print('no GPU on port {port}'); sys.exit(3)"])
@@ -92,7 +92,7 @@ def test_a_server_that_exits_during_start_up_fails_with_its_log(checkpoint_dir, 
 
 
 def test_a_server_that_never_answers_times_out_and_is_stopped(checkpoint_dir, tmp_path):
-    from gonogo.infer.engines.launch import EngineSettings, start_engine
+    from gonogo.infer.engines.start import EngineSettings, start_engine
 
     engine = EngineSettings(name="command", command=[sys.executable, "-c", "import time; time.sleep(120)  # {port}"])
     server = start_engine(engine, str(checkpoint_dir), tmp_path, name="silent")
@@ -104,9 +104,26 @@ def test_a_server_that_never_answers_times_out_and_is_stopped(checkpoint_dir, tm
     assert server.process.poll() is not None and _gone(server.pid)
 
 
+def test_the_serve_command_line_carries_every_option_given_and_only_those(checkpoint_dir):
+    import argparse
+
+    from gonogo.infer.engines.start import GonogoServeOptions, serve_arguments
+    from gonogo.infer.server import add_arguments
+
+    argv = serve_arguments(str(checkpoint_dir), port=0, model_name="m", dtype="float32", parent_pid=7,
+                           options=GonogoServeOptions(threads=1, max_batch=2))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(argv)  # every flag built is one `gonogo serve` knows
+    assert (args.checkpoint, args.port, args.model_name, args.dtype) == (str(checkpoint_dir), 0, "m", "float32")
+    assert (args.threads, args.max_batch, args.parent_pid) == (1, 2, 7)
+    assert (args.max_waiting, args.device, args.api_key_env, args.ready_file) == (64, "auto", None, None)  # defaults
+    assert "--max-waiting" not in argv and "--device" not in argv
+
+
 def test_engine_settings_say_what_is_missing(tmp_path):
-    from gonogo.config import validate
-    from gonogo.infer.engines.launch import EngineSettings, preflight
+    from gonogo.infer.engines.start import EngineSettings, preflight
+    from gonogo.typed_config import validate
 
     assert validate(EngineSettings, "vllm", "test").name == "vllm"
     with pytest.raises(UserError, match="needs command"):

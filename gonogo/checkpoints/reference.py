@@ -1,0 +1,256 @@
+"""A reference to a model on disk, resolved and verified once: ``resolve(path) -> CheckpointRef``.
+
+``path`` may be a checkpoint dir (``step-N``), a run dir (its newest checkpoint that verifies,
+under ``checkpoints/`` or a stage's ``checkpoints/<stage>/``), a checkpoints dir, a quantized
+checkpoint, or a Hugging Face directory (``config.json`` + safetensors). The reference carries the
+directory, its format (``gonogo``, ``quantized`` or ``hf``), its metadata (``meta.json``, or the
+HF ``config.json``) and its verified manifest, so a command resolves once and hands the
+reference on; loaders (``gonogo.checkpoints.loaders``) take it without hashing again.
+
+Verifying a checkpoint reads and hashes every byte it holds. ``verify`` remembers each success
+for the life of the process, keyed by the directory and the size, mtime and inode of every file
+its manifest lists, so a later resolve of the same, unchanged checkpoint (a command that resolves
+in its parent check and again in its loader) is a cache hit; a file rewritten since misses and is
+hashed again. ``STATS`` counts both (tests read it) and each real verification logs one line:
+``verified checkpoint DIR: N files, M bytes in S s (blake3)``.
+
+Importing this module, and resolving, never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from gonogo.checkpoints import manifest
+from gonogo.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TRAIN_STATE_NAME = "train_state.json"
+QUANTIZATION_NAME = "quantization.json"  # written by gonogo.checkpoints.quantized
+FORMATS = ("gonogo", "quantized", "hf")
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A resolved model directory. ``verified``: every file was hashed against a committed
+    manifest in this process (a Hugging Face directory has no manifest: False)."""
+
+    path: Path
+    format: str
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    manifest: Optional[dict[str, Any]] = field(default=None, compare=False, repr=False)
+    verified: bool = False
+
+    @property
+    def step(self) -> Optional[int]:
+        if self.format == "hf":
+            return (self.meta.get("gonogo") or {}).get("step")
+        return self.meta.get("step")
+
+    @property
+    def model_config(self) -> Optional[dict[str, Any]]:
+        """The saved ModelConfig fields (gonogo and quantized; None for an HF directory)."""
+        return self.meta.get("model") if self.format != "hf" else None
+
+    @property
+    def tokenizer(self) -> Optional[str]:
+        return self.meta.get("tokenizer") if self.format != "hf" else None
+
+    @property
+    def has_consolidated_weights(self) -> bool:
+        return (self.path / manifest.WEIGHTS_NAME).is_file()
+
+    def __fspath__(self) -> str:  # open(ref), Path(ref), subprocess args: the directory
+        return str(self.path)
+
+
+@dataclass
+class VerifyStats:
+    verifications: int = 0   # checkpoints hashed in full
+    cache_hits: int = 0      # verifications skipped: unchanged since this process verified them
+    bytes_hashed: int = 0
+
+    def reset(self) -> None:
+        self.verifications = self.cache_hits = self.bytes_hashed = 0
+
+
+STATS = VerifyStats()
+_VERIFIED: dict[Path, tuple[tuple, dict[str, Any]]] = {}
+
+
+def _signature(path: Path, listed: dict[str, Any]) -> Optional[tuple]:
+    """What must be unchanged for a remembered verification to hold (None: a file is gone)."""
+    parts = []
+    for relative in (manifest.COMMITTED_NAME, manifest.MANIFEST_NAME, *sorted(listed)):
+        try:
+            stat = (path / relative).stat()
+        except OSError:
+            return None
+        parts.append((relative, stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    return tuple(parts)
+
+
+def verify(path: Path) -> tuple[bool, str, Optional[dict[str, Any]]]:
+    """(ok, reason, manifest) for a checkpoint dir: ``manifest.verify_checkpoint`` plus the rule
+    that every file a load reads is listed (DCP's ``.metadata`` is a pickle: an unlisted file was
+    never hashed, so it is never unpickled). A success is remembered (see the module doc)."""
+    path = Path(path).resolve()
+    listed, reason = manifest.read_manifest(path) if path.is_dir() else (None, "not a directory")
+    if listed is None:
+        return False, reason, None
+    signature = _signature(path, listed["files"])
+    remembered = _VERIFIED.get(path)
+    if signature is not None and remembered is not None and remembered[0] == signature:
+        STATS.cache_hits += 1
+        log.debug("checkpoint %s: verified earlier in this process, unchanged", path)
+        return True, "ok", remembered[1]
+    started = time.perf_counter()
+    ok, reason = manifest.verify_checkpoint(path)
+    if ok:
+        unlisted = unlisted_file(path, listed)
+        if unlisted is not None:
+            ok, reason = False, f"{unlisted} is not listed in the manifest (an unverified file is never loaded)"
+    total = sum(int(entry["size"]) for entry in listed["files"].values())
+    STATS.verifications += 1
+    STATS.bytes_hashed += total
+    if not ok:
+        _VERIFIED.pop(path, None)
+        return False, reason, None
+    log.info("verified checkpoint %s: %d files, %d bytes in %.2f s (%s)", path, len(listed["files"]), total,
+             time.perf_counter() - started, listed["algorithm"])
+    if signature is not None:
+        _VERIFIED[path] = (signature, listed)
+    return True, "ok", listed
+
+
+def unlisted_file(path: Path, listed: dict[str, Any]) -> Optional[str]:
+    """The first file a load would read that the (verified) manifest does not list, or None."""
+    names = set(listed["files"])
+    readable = [file for folder in ("dcp", "ranks") if (path / folder).is_dir()
+                for file in sorted((path / folder).rglob("*")) if file.is_file()]
+    readable += [path / name for name in (TRAIN_STATE_NAME, manifest.WEIGHTS_NAME) if (path / name).is_file()]
+    for file in readable:
+        relative = file.relative_to(path).as_posix()
+        if relative not in names:
+            return relative
+    return None
+
+
+def newest_verified(root: Path) -> tuple[Optional[Path], list[tuple[Path, str]]]:
+    """The newest ``step-*`` under ``root`` that verifies, and the newer ones skipped, with why."""
+    skipped: list[tuple[Path, str]] = []
+    for _, path in reversed(manifest.step_dirs(Path(root))):
+        ok, reason, _ = verify(path)
+        if ok:
+            return path, skipped
+        skipped.append((path, reason))
+    return None, skipped
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _checkpoint_ref(path: Path, listed: dict[str, Any]) -> CheckpointRef:
+    kind = "quantized" if (path / QUANTIZATION_NAME).is_file() else "gonogo"
+    return CheckpointRef(path, kind, _read_json(path / manifest.META_NAME), listed, verified=True)
+
+
+def _hf_ref(path: Path) -> CheckpointRef:
+    try:
+        config = _read_json(path / "config.json")
+    except ValueError as error:
+        raise UserError(f"{path / 'config.json'}: not valid JSON ({error})") from None
+    return CheckpointRef(path, "hf", config if isinstance(config, dict) else {}, None, verified=False)
+
+
+def resolve(path: "str | Path | CheckpointRef") -> CheckpointRef:
+    """A checkpoint dir, a run dir (its newest verified checkpoint under checkpoints/), a
+    checkpoints dir, or a Hugging Face directory (config.json + model.safetensors) -> its reference.
+
+    UserError when it is none of these, or when the checkpoint does not verify. A reference
+    given back in is returned as it is (it was verified when it was made).
+    """
+    if isinstance(path, CheckpointRef):
+        return path
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such directory (give a checkpoint, run or Hugging Face export directory)")
+    if manifest.is_committed(path) or (path / manifest.META_NAME).is_file():
+        ok, reason, listed = verify(path)
+        if not ok or listed is None:
+            raise UserError(f"{path}: checkpoint cannot be used: {reason}")
+        return _checkpoint_ref(path, listed)
+    if manifest.is_hf_export(path):
+        return _hf_ref(path)
+    roots = manifest.checkpoint_roots(path)
+    if not roots and (path / "checkpoints").is_dir():
+        raise UserError(f"{path}: no committed checkpoint under {path / 'checkpoints'} (none saved yet)")
+    if not roots:
+        raise UserError(f"{path}: not a checkpoint, run or Hugging Face export directory "
+                        "(expected COMMITTED + meta.json, checkpoints/step-*/, or config.json + model.safetensors)")
+    found, skipped = [], []
+    for root in roots:
+        choice, root_skipped = newest_verified(root)
+        skipped += root_skipped
+        if choice is not None:
+            found.append(choice)
+    if not found:
+        why = "; ".join(f"{p.name}: {reason}" for p, reason in skipped) or "none saved yet"
+        raise UserError(f"{path}: no committed checkpoint that verifies under {path} ({why})")
+    for skipped_path, reason in skipped:
+        log.warning("skipping %s: %s", skipped_path, reason)
+    # the run's newest model: the last checkpoint committed by any of its training stages
+    choice = max(found, key=lambda p: (p / manifest.COMMITTED_NAME).stat().st_mtime)
+    ok, reason, listed = verify(choice)  # verified just above: a cache hit
+    if not ok or listed is None:
+        raise UserError(f"{choice}: checkpoint cannot be used: {reason}")
+    return _checkpoint_ref(choice, listed)
+
+
+def resolve_path(path: "str | Path | CheckpointRef") -> Path:
+    """``resolve(path).path``."""
+    return resolve(path).path
+
+
+def training_checkpoint(path: "str | Path | CheckpointRef") -> CheckpointRef:
+    """A checkpoint to resume training from (an HF export has no optimizer state)."""
+    ref = resolve(path)
+    if ref.format != "gonogo":
+        raise UserError(f"{path}: a {'Hugging Face export' if ref.format == 'hf' else 'quantized checkpoint'} "
+                        "has no optimizer or data state to resume training from; give a gonogo checkpoint or "
+                        "run directory")
+    return ref
+
+
+def check_resume_path(resume: str) -> None:
+    """UserError (one line) when ``resume`` is a path that is not a checkpoint that verifies.
+
+    Run in the parent before any worker starts, so a checkpoint from outside the run is checked
+    before DCP unpickles its metadata in every rank.
+    """
+    if resume in ("auto", "never"):
+        return
+    training_checkpoint(Path(resume))
+
+
+def check_readable(ref: "CheckpointRef | str | Path") -> None:
+    """UserError (one line) if a resolved model directory cannot be loaded: for a Hugging Face
+    directory its config.json and safetensors headers are read (cheap); a gonogo checkpoint was
+    already verified against its manifest by ``resolve``. Commands call it before they create
+    their run directory, so a damaged input leaves nothing behind."""
+    ref = resolve(ref)
+    if ref.format != "hf":
+        return
+    from gonogo.checkpoints.hf_import import check_hf_weights, hf_model_config
+    from gonogo.files import unreadable_input
+
+    with unreadable_input(ref.path):
+        hf_model_config(ref.path)
+        check_hf_weights(ref.path)

@@ -1,0 +1,1 @@
+"""Stage kind ``autoscale``: a replica pool behind a router with an autoscaler."""

@@ -1,0 +1,1 @@
+"""Stage kind ``capacity``: capacity planning at scale (the planner: gonogo.capacity)."""

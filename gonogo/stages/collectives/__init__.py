@@ -1,0 +1,1 @@
+"""Stage kind ``collectives``: an nccl-tests-style collectives benchmark."""

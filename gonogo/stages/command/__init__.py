@@ -1,0 +1,1 @@
+"""Stage kind ``command``: any program as a stage (see stage.py)."""

@@ -1,0 +1,1 @@
+"""Stage kind ``doctor``: inventory and health."""

@@ -1,0 +1,1 @@
+"""Stage kind ``eval``: reasoning evaluation (the scoring and sampling: gonogo.eval)."""

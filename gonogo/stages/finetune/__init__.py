@@ -1,0 +1,1 @@
+"""Stage kind ``finetune``: supervised finetuning on chats."""

@@ -1,0 +1,1 @@
+"""Stage kind ``loadtest``: a load test of an OpenAI-compatible server."""

@@ -1,0 +1,1 @@
+"""Stage kind ``scale``: the same training job at several process counts."""

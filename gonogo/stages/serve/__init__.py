@@ -1,0 +1,1 @@
+"""Stage kind ``serve``: an OpenAI-compatible server (the server: gonogo.infer)."""

@@ -1,0 +1,1 @@
+"""Stage kind ``soak``: training held for a wall-clock window."""

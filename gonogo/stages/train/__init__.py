@@ -1,0 +1,1 @@
+"""Stage kind ``train``: distributed pretraining (the training itself: gonogo.train)."""

@@ -1,0 +1,45 @@
+"""How the trainer parallelises a model: what it asks of ``fully_shard`` across torch releases."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed.fsdp as fsdp
+
+from gonogo.errors import UserError
+from gonogo.model.shape import ModelConfig
+from gonogo.model.decoder import Decoder
+from gonogo.parallel import parallelize
+from gonogo.parallel.fsdp import fsdp_ignored_kwargs
+
+
+def _torch_2_6_fully_shard(calls):
+    """fully_shard as torch 2.6 has it: no ``ignored_params`` keyword (it came in 2.7)."""
+    def fully_shard(module, *, mesh=None, reshard_after_forward=True, shard_placement_fn=None,
+                    mp_policy=None, offload_policy=None):
+        calls.append(module)
+        return module
+    return fully_shard
+
+
+def _setup(expert_parallel=1):
+    model = Decoder(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=64, max_seq_len=16))
+    config = SimpleNamespace(train=SimpleNamespace(precision="bf16", expert_parallel=expert_parallel, parallel="fsdp"))
+    world = SimpleNamespace(device=torch.device("cpu"), dp_mesh=None)
+    return model, config, world
+
+
+def test_fsdp_of_a_dense_model_works_with_torch_2_6(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fsdp, "fully_shard", _torch_2_6_fully_shard(calls))
+    model, config, world = _setup()
+    assert parallelize(model, config, world) is model
+    assert calls == [*model.layers, model]  # each block, then the root
+
+
+def test_expert_parallel_fsdp_on_torch_without_ignored_params_is_a_user_error():
+    with pytest.raises(UserError, match="torch >= 2.7"):
+        fsdp_ignored_kwargs(_torch_2_6_fully_shard([]), {torch.nn.Parameter(torch.zeros(1))})
+    assert fsdp_ignored_kwargs(fsdp.fully_shard, set()) == {}
