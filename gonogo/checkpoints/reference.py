@@ -195,23 +195,43 @@ def resolve(path: "str | Path | CheckpointRef") -> CheckpointRef:
     if not roots:
         raise UserError(f"{path}: not a checkpoint, run or Hugging Face export directory "
                         "(expected COMMITTED + meta.json, checkpoints/step-*/, or config.json + model.safetensors)")
-    found, skipped = [], []
-    for root in roots:
-        choice, root_skipped = newest_verified(root)
-        skipped += root_skipped
-        if choice is not None:
-            found.append(choice)
-    if not found:
+    # the run's newest model: the last checkpoint committed by any of its training stages
+    choice, skipped = newest_verified_across(roots)
+    if choice is None:
         why = "; ".join(f"{p.name}: {reason}" for p, reason in skipped) or "none saved yet"
         raise UserError(f"{path}: no committed checkpoint that verifies under {path} ({why})")
     for skipped_path, reason in skipped:
         log.warning("skipping %s: %s", skipped_path, reason)
-    # the run's newest model: the last checkpoint committed by any of its training stages
-    choice = max(found, key=lambda p: (p / manifest.COMMITTED_NAME).stat().st_mtime)
     ok, reason, listed = verify(choice)  # verified just above: a cache hit
     if not ok or listed is None:
         raise UserError(f"{choice}: checkpoint cannot be used: {reason}")
     return _checkpoint_ref(choice, listed)
+
+
+def newest_verified_across(roots: "list[Path]") -> tuple[Optional[Path], list[tuple[Path, str]]]:
+    """The last committed ``step-*`` under any of ``roots`` that verifies, and the newer ones
+    skipped, with why. Tried newest first (a torn one by its folder's time), so when the newest
+    is good it is the only one hashed: a run of several training stages is not verified stage by
+    stage to pick one."""
+    candidates = sorted((step_path for root in roots for _, step_path in manifest.step_dirs(root)),
+                        key=_written_at, reverse=True)
+    skipped: list[tuple[Path, str]] = []
+    for candidate in candidates:
+        ok, reason, _ = verify(candidate)
+        if ok:
+            return candidate, skipped
+        skipped.append((candidate, reason))
+    return None, skipped
+
+
+def _written_at(path: Path) -> float:
+    """When a checkpoint was committed (its COMMITTED file), else when its folder last changed."""
+    for candidate in (path / manifest.COMMITTED_NAME, path):
+        try:
+            return candidate.stat().st_mtime
+        except OSError:
+            continue
+    return 0.0
 
 
 def resolve_path(path: "str | Path | CheckpointRef") -> Path:

@@ -43,6 +43,34 @@ def test_a_run_dir_resolves_to_its_newest_checkpoint_with_format_and_metadata(tm
     assert Path(ref) == ref.path
 
 
+def test_a_run_of_several_training_stages_hashes_only_the_checkpoint_it_picks(tmp_path, caplog):
+    """`gonogo serve --checkpoint RUN_DIR` after a plan (pretrain, then finetune): the finetune's
+    checkpoint, committed last, is the run's model and the only one hashed; when it is damaged
+    the next newest (pretrain's) is picked, and the damaged one is named."""
+    from gonogo.model.decoder import Decoder
+
+    run = run_with_checkpoints(tmp_path / "run", steps=(10, 20))  # checkpoints/train: the pretraining
+    model = Decoder(CONFIG)
+    Checkpointer(run / "checkpoints" / "finetune").save(5, model, None, None, None, {}, CONFIG, {})
+    STATS.reset()
+    ref = resolve(run)
+    assert ref.path == run / "checkpoints" / "finetune" / "step-00000005"
+    assert STATS.verifications == 1
+
+    weights = ref.path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    STATS.reset()
+    with caplog.at_level("WARNING", logger="gonogo.checkpoints.reference"):
+        fallback = resolve(run)
+    assert fallback.path == run / "checkpoints" / "train" / "step-00000020"
+    assert STATS.verifications == 2  # the damaged finetune checkpoint, then pretrain's newest
+    assert any("skipping" in r.getMessage() and "step-00000005" in r.getMessage() for r in caplog.records)
+
+
 def test_resolving_does_not_import_torch(tmp_path):
     run = run_with_checkpoints(tmp_path / "run", steps=(5,))
     code = ("import sys\nfrom gonogo.checkpoints import resolve\nref = resolve(sys.argv[1])\n"

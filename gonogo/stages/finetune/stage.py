@@ -114,22 +114,16 @@ def read_user_file(config: TrainConfig, stage_dir: Path) -> tuple[int, int]:
 
 def default_checkpoint(run_dir: RunDir) -> Path:
     """The newest committed checkpoint of the run's ``train`` stages (from state.json)."""
-    from gonogo.checkpoints import manifest
-    from gonogo.checkpoints.reference import newest_verified
+    from gonogo.checkpoints.reference import newest_verified_across
 
     stages = run_dir.read_state().get("stages", {})
     names = [name for name, record in stages.items() if record.get("kind") == "train"]
-    found = []
-    for name in names:
-        root = run_dir.checkpoints_dir / name
-        if root.is_dir():
-            choice, _skipped = newest_verified(root)
-            if choice is not None:
-                found.append(choice)
-    if not found:
+    roots = [run_dir.checkpoints_dir / name for name in names if (run_dir.checkpoints_dir / name).is_dir()]
+    choice, _skipped = newest_verified_across(roots)
+    if choice is None:
         raise UserError(f"{run_dir.root}: no committed checkpoint of a `train` stage in this run; "
                         f"run a train stage first or set the finetune stage's `checkpoint`")
-    return max(found, key=lambda p: (p / manifest.COMMITTED_NAME).stat().st_mtime)
+    return choice
 
 
 def finetune(config: TrainConfig, config_path: Path, nproc: int, *, run_dir: RunDir, stage: str,
