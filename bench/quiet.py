@@ -7,8 +7,12 @@ and, from /proc/stat and the benchmark's own CPU time (its children included), t
 machine's CPU time that *other* processes used meanwhile. A target's verdict is "met" or
 "NOT met" only when the machine was quiet; otherwise it is "noisy: no verdict".
 
-Quiet means: the 1-minute load average before the measurement was at most ``LOAD_PER_CORE``
-per core, and other processes used at most ``OTHER_SHARE`` of the machine's CPU time during it.
+Quiet means: other processes used at most ``OTHER_SHARE`` of the machine's CPU time in the
+``SETTLE_SECONDS`` just before the measurement and during it. The 1-minute load average before
+is recorded beside it, and judged only where no share could be read: it is an average over the
+last minute that includes the benchmark's own previous run, so a benchmark that runs its
+configurations one after the other never saw it fall below the threshold between two of them
+(bench/pretrain.py, 2026-12-02: load 1.3-1.5 before every run while other processes used 0%).
 Where /proc/stat cannot be read (macOS) the other processes' share is unknown, and so is quiet.
 """
 
@@ -23,6 +27,7 @@ from typing import Optional
 
 LOAD_PER_CORE = 0.5
 OTHER_SHARE = 0.10
+SETTLE_SECONDS = 2.0  # the window just before a measurement in which others must be idle too
 NOISY = "noisy: no verdict"
 
 
@@ -55,33 +60,44 @@ class LoadWatch:
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: Optional[tuple[float, float, float]] = None
     other_share: Optional[float] = None  # share of the machine's CPU time used by other processes
+    other_share_before: Optional[float] = None  # the same, in the SETTLE_SECONDS before
     seconds: Optional[float] = None
+    settle_seconds: float = SETTLE_SECONDS
 
     def __enter__(self) -> "LoadWatch":
         self.load_before = os.getloadavg()
+        busy, own, started = _busy_seconds(), _own_cpu_seconds(), time.monotonic()
+        if self.settle_seconds > 0:
+            time.sleep(self.settle_seconds)
         self._busy, self._own, self._started = _busy_seconds(), _own_cpu_seconds(), time.monotonic()
+        self.other_share_before = self._others(busy, own, started)
         return self
+
+    def _others(self, busy: Optional[float], own: float, started: float) -> Optional[float]:
+        """The share of the machine's CPU time other processes used since (busy, own, started)."""
+        now_busy, now_own, seconds = _busy_seconds(), _own_cpu_seconds(), time.monotonic() - started
+        if busy is None or now_busy is None or seconds <= 0:
+            return None
+        return max(0.0, (now_busy - busy) - (now_own - own)) / (seconds * self.cores)
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.monotonic() - self._started
-        busy, own = _busy_seconds(), _own_cpu_seconds()
+        self.other_share = self._others(self._busy, self._own, self._started)
         self.load_after = os.getloadavg()
-        if busy is not None and self._busy is not None and self.seconds > 0:
-            others = max(0.0, (busy - self._busy) - (own - self._own))
-            self.other_share = others / (self.seconds * self.cores)
 
     @property
     def quiet(self) -> Optional[bool]:
         """True/False once the watch ended; None when the other processes' share is unknown."""
-        if self.load_before[0] > LOAD_PER_CORE * self.cores:
-            return False
         if self.other_share is None:
-            return None
-        return self.other_share <= OTHER_SHARE
+            return False if self.load_before[0] > LOAD_PER_CORE * self.cores else None
+        before = self.other_share_before
+        return self.other_share <= OTHER_SHARE and (before is None or before <= OTHER_SHARE)
 
     def describe(self) -> str:
         after = "?" if self.load_after is None else f"{self.load_after[0]:.1f}"
         share = "unknown" if self.other_share is None else f"{self.other_share:.0%}"
+        if self.other_share_before is not None:
+            share += f" ({self.other_share_before:.0%} in the {self.settle_seconds:g} s before)"
         state = {True: "quiet", False: "busy", None: "unknown"}[self.quiet]
         return (f"load average (1 min) before / after {self.load_before[0]:.1f} / {after} on {self.cores} cores, "
                 f"other processes used {share} of the CPU time: {state}")

@@ -7,39 +7,73 @@ import time
 from bench.quiet import NOISY, LoadWatch, verdict
 
 
-def _watch(load: float, share, cores: int = 2) -> LoadWatch:
+def _watch(load: float, share, cores: int = 2, before=None) -> LoadWatch:
     watch = LoadWatch(cores=cores)
     watch.load_before, watch.load_after, watch.other_share = (load, load, load), (load, load, load), share
+    watch.other_share_before = share if before is None else before
     return watch
 
 
 def test_verdict_only_from_a_quiet_machine():
-    quiet, busy_load, busy_others, unknown = _watch(0.2, 0.02), _watch(3.1, 0.02), _watch(0.2, 0.6), _watch(0.2, None)
+    quiet, busy_others, unknown = _watch(0.2, 0.02), _watch(0.2, 0.6), _watch(0.2, None)
+    busy_before = _watch(0.2, 0.02, before=0.5)  # another job ran until the measurement started
     assert verdict(True, quiet) == "met" and verdict(False, quiet) == "NOT met"
-    for noisy in (busy_load, busy_others, unknown):
+    for noisy in (busy_others, busy_before, unknown):
         assert verdict(True, noisy) == NOISY and verdict(False, noisy) == NOISY
     assert verdict(True, quiet, busy_others) == NOISY  # a ratio needs both sides quiet
     assert verdict(True) == NOISY
     assert "busy" in busy_others.describe() and "unknown" in unknown.describe()
 
 
+def test_a_load_average_left_by_our_own_previous_run_does_not_make_a_run_noisy():
+    """The 1-minute load average includes the benchmark's own previous configuration: measured
+    shares of others' CPU time (before and during) decide; the load average only where no share
+    can be read."""
+    assert verdict(True, _watch(1.5, 0.0)) == "met"
+    assert _watch(3.1, None).quiet is False and _watch(0.2, None).quiet is None
+
+
+class _Machine:
+    """A fake /proc/stat and clock: ``run(seconds, others, ours)`` spends CPU seconds."""
+
+    def __init__(self):
+        self.now, self.busy, self.own = 50.0, 100.0, 10.0
+
+    def run(self, seconds: float, others: float, ours: float = 0.0) -> None:
+        self.now += seconds
+        self.busy += others + ours
+        self.own += ours
+
+
+def _patch(monkeypatch, machine: _Machine, others_before: float) -> None:
+    import bench.quiet as quiet
+
+    monkeypatch.setattr(quiet, "_busy_seconds", lambda: machine.busy)
+    monkeypatch.setattr(quiet, "_own_cpu_seconds", lambda: machine.own)
+    monkeypatch.setattr(quiet.time, "monotonic", lambda: machine.now)
+    monkeypatch.setattr(quiet.time, "sleep", lambda seconds: machine.run(seconds, others_before * seconds))
+    monkeypatch.setattr(quiet.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+
+
 def test_other_share_is_machine_cpu_time_minus_our_own(monkeypatch):
     import bench.quiet as quiet
 
-    busy = iter([100.0, 103.0])  # the machine's non-idle CPU seconds at start and end
-    own = iter([10.0, 12.5])     # ours (children included): 2.5 of those 3 seconds
-    clock = iter([50.0, 52.0])   # 2 s on 2 cores = 4 CPU seconds available
-    monkeypatch.setattr(quiet, "_busy_seconds", lambda: next(busy))
-    monkeypatch.setattr(quiet, "_own_cpu_seconds", lambda: next(own))
-    monkeypatch.setattr(quiet.time, "monotonic", lambda: next(clock))
-    monkeypatch.setattr(quiet.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    machine = _Machine()
+    _patch(monkeypatch, machine, others_before=0.0)
     with LoadWatch(cores=2) as watch:
-        pass
+        machine.run(2.0, others=0.5, ours=2.5)  # 2 s on 2 cores = 4 CPU seconds; others took 0.5
+    assert watch.other_share_before == 0.0
     assert watch.other_share == 0.5 / 4 and watch.quiet is False  # 12.5% > 10%
+
+    # the measurement itself alone, but another job ran until it started: not quiet either
+    machine = _Machine()
+    _patch(monkeypatch, machine, others_before=0.5)  # half a core busy in the settling window
+    with LoadWatch(cores=2) as watch:
+        machine.run(2.0, others=0.0, ours=2.0)
+    assert watch.other_share == 0.0 and watch.other_share_before == 0.25 and watch.quiet is False
+
     # without /proc/stat the share is unknown, and so is quietness: no verdict
     monkeypatch.setattr(quiet, "_busy_seconds", lambda: None)
-    monkeypatch.setattr(quiet.time, "monotonic", iter([0.0, 1.0]).__next__)
-    monkeypatch.setattr(quiet, "_own_cpu_seconds", lambda: 0.0)
     with LoadWatch(cores=2) as unknown:
         pass
     assert unknown.other_share is None and unknown.quiet is None and verdict(True, unknown) == NOISY
