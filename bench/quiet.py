@@ -124,6 +124,8 @@ def machine() -> str:
             f"torch {torch.__version__}, Python {platform.python_version()}")
 
 
-RULE = (f"A target is called met or NOT met only from measurements on a quiet machine (1-minute load "
-        f"average before at most {LOAD_PER_CORE} per core, and other processes using at most "
-        f"{OTHER_SHARE:.0%} of the CPU time during the measurement); otherwise it says \"{NOISY}\".")
+RULE = (f"A target is called met or NOT met only from measurements on a quiet machine (other processes "
+        f"using at most {OTHER_SHARE:.0%} of the CPU time in the {SETTLE_SECONDS:g} s before the "
+        f"measurement and during it, read from /proc/stat; the 1-minute load average, which includes "
+        f"the benchmark's own previous run, is shown and judged only where /proc/stat cannot be read, "
+        f"at most {LOAD_PER_CORE} per core); otherwise it says \"{NOISY}\".")
