@@ -19,6 +19,7 @@ from gonogo.model.shape import ModelConfig, MoEConfig
 from gonogo.model.decoder import Decoder
 from gonogo.parallel.expert import (ExpertParallelExperts, ShardedExperts, apply_expert_parallel,
                                    gather_full_state_dict, load_full_state_dict, shard_experts)
+from gonogo.train.worker import leave_together
 
 SCENARIOS = {
     "softmax-shared": MoEConfig(n_experts=4, top_k=2, expert_ffn_dim=24, n_shared_experts=1, aux_loss_coef=0.01),
@@ -166,6 +167,7 @@ def main():
 
     (out / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
     dist.barrier()
+    leave_together(dist, dist.get_world_size())  # as gonogo.train.worker: no rank tears its pairs down early
     dist.destroy_process_group()
 
 
