@@ -118,6 +118,16 @@ def _gather_to_rank0(value: Any) -> list:
     return gathered or []
 
 
+def _state_dicts(model, optimizer) -> dict[str, Any]:
+    """What DCP saves and loads in place: the model's state dict, and the optimizer's with it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
 def _barrier() -> None:
     dist = _dist()
     if dist:
@@ -253,10 +263,6 @@ class Checkpointer:
         leaves it out, and inference reads the model from dcp/ instead).
         """
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict,
-            get_state_dict,
-        )
 
         self.wait()
         rank, world_size = _rank(), _world_size()
@@ -273,12 +279,7 @@ class Checkpointer:
         rank_entry = manifest.write_json_durable(_rank_file(temporary, rank), rank_state)
         own = {_rank_file(temporary, rank).relative_to(temporary).as_posix(): rank_entry}
 
-        state: dict[str, Any]
-        if optimizer is None:
-            state = {"model": get_model_state_dict(model)}
-        else:
-            model_state, optimizer_state = get_state_dict(model, optimizer)
-            state = {"model": model_state, "optimizer": optimizer_state}
+        state = _state_dicts(model, optimizer)
         meta_record = {"step": step, "model": _config_dict(model_config), "tokenizer": TOKENIZER_NAME,
                        "world_size": world_size, "train": {},
                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -450,21 +451,11 @@ class Checkpointer:
 
     def _restore(self, path: Path, model, optimizer, scheduler, model_config) -> Resumed:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict,
-            get_state_dict,
-            set_model_state_dict,
-            set_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
         meta = _read_json(path / manifest.META_NAME)
         _check_same_model(path, meta["model"], model_config)
-        state: dict[str, Any]
-        if optimizer is None:
-            state = {"model": get_model_state_dict(model)}
-        else:
-            model_state, optimizer_state = get_state_dict(model, optimizer)
-            state = {"model": model_state, "optimizer": optimizer_state}
+        state = _state_dicts(model, optimizer)
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=_dist() is None)
         if optimizer is None:

@@ -255,16 +255,12 @@ class Router:
         """Yield the backend's bytes as they come; record the outcome however the stream ends."""
         import httpx
 
-        pending = b""
+        first_text = FirstText()
         completed = False
         try:
             async for chunk in upstream.aiter_raw():
-                if streaming and record.ttft is None:
-                    pending += chunk
-                    lines = pending.split(b"\n")
-                    pending = lines[-1]
-                    if any(_has_text(line) for line in lines[:-1]):
-                        record.ttft = time.monotonic() - record.started
+                if streaming and record.ttft is None and first_text.seen_in(chunk):
+                    record.ttft = time.monotonic() - record.started
                 yield chunk
             completed = True
         except httpx.HTTPError as error:
@@ -290,6 +286,19 @@ class Router:
             if not completed and record.error_source is not None:
                 # end the client's response abruptly (not a clean end of stream) so it sees the failure
                 raise ConnectionError(f"{record.side} backend broke the response")
+
+
+class FirstText:
+    """Watches a relayed SSE stream, chunk by chunk (a line may span chunks), for the first line
+    that carries generated text: a proxy's TTFT, measured the way vLLM's benchmark does."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def seen_in(self, chunk: bytes) -> bool:
+        self._pending += chunk
+        *lines, self._pending = self._pending.split(b"\n")
+        return any(_has_text(line) for line in lines)
 
 
 def _has_text(line: bytes) -> bool:

@@ -228,17 +228,13 @@ class Pool:
     async def _relay(self, upstream, record: Record, replica: Replica):
         import httpx
 
-        from gonogo.rollout.router import _has_text
+        from gonogo.rollout.router import FirstText
 
-        pending, completed = b"", False
+        first_text, completed = FirstText(), False
         try:
             async for chunk in upstream.aiter_raw():
-                if record.ttft is None:
-                    pending += chunk
-                    lines = pending.split(b"\n")
-                    pending = lines[-1]
-                    if any(_has_text(line) for line in lines[:-1]):
-                        record.ttft = time.monotonic() - record.started
+                if record.ttft is None and first_text.seen_in(chunk):
+                    record.ttft = time.monotonic() - record.started
                 yield chunk
             completed = True
         except httpx.HTTPError as error:
