@@ -3,7 +3,8 @@
 A benchmark measured while other jobs hold the cores says more about the other jobs than about
 the code (bench/results/pretrain.md once saw one configuration move 6.7x between two rounds). So
 every measurement runs inside a ``LoadWatch``, which records the load average before and after
-and, from /proc/stat and the benchmark's own CPU time (its children included), the share of the
+and, from /proc/stat and the CPU time of the benchmark's whole process tree (finished children
+and live ones such as the servers it measures, read from /proc/<pid>/stat), the share of the
 machine's CPU time that *other* processes used meanwhile. A target's verdict is "met" or
 "NOT met" only when the machine was quiet; otherwise it is "noisy: no verdict".
 
@@ -45,11 +46,48 @@ def _busy_seconds() -> Optional[float]:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def _live_descendants_cpu_seconds(root: int) -> float:
+    """CPU seconds of ``root``'s live descendants (servers under test, torchrun workers still
+    running): each one's own time and that of the children it reaped. 0 without /proc."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return 0.0
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
+                text = stat.read()
+        except OSError:  # gone meanwhile
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ')'
+        fields = text.rpartition(")")[2].split()
+        if len(fields) < 15:
+            continue
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = sum(int(value) for value in fields[11:15]) / tick  # utime stime cutime cstime
+    children: dict[int, list[int]] = {}
+    for pid, parent in parents.items():
+        children.setdefault(parent, []).append(pid)
+    total, stack = 0.0, list(children.get(root, []))
+    while stack:
+        pid = stack.pop()
+        total += times.get(pid, 0.0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
 def _own_cpu_seconds() -> float:
-    """This process's CPU time plus that of its finished children (torchrun workers included)."""
+    """This process's CPU time and its whole process tree's: finished children (reaped, with what
+    they reaped) and live descendants, e.g. the servers a serving benchmark started."""
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return (own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+            + _live_descendants_cpu_seconds(os.getpid()))
 
 
 @dataclass
