@@ -154,12 +154,15 @@ def _fake_generation(monkeypatch, good: set[str], seed: int):
     monkeypatch.setattr(evaluation, "run_model", run_model)
 
 
-@pytest.mark.parametrize("plan_name", ["quick", "laptop", "gpu-node"])
+@pytest.mark.parametrize("plan_name", ["quick", "laptop", "gpu-node", "byo-model"])
 def test_built_in_eval_gates_say_no_go_for_a_model_that_got_worse(plan_name, monkeypatch, tmp_path):
     from gonogo.stages.eval.stage import run_evaluation
     from gonogo.plan import load_plan, resolve_plan_path
 
-    stage = next(s for s in load_plan(resolve_plan_path(plan_name)).stages if s.kind.name == "eval")
+    # byo-model's parameters only name paths; the fake generation below never opens them
+    parameters = {"model": str(tmp_path / "model"), "data": str(tmp_path / "chats.jsonl")}
+    plan = load_plan(resolve_plan_path(plan_name), parameters if plan_name == "byo-model" else None)
+    stage = next(s for s in plan.stages if s.kind.name == "eval")
     assert stage.gates and stage.settings.compare_to
     _fake_generation(monkeypatch, good={"finetuned"}, seed=stage.settings.seed)
 
