@@ -1,6 +1,5 @@
 """``gonogo collectives`` and the collectives stage: nccl-tests arithmetic and layout, real torchrun runs."""
 
-import argparse
 import json
 import statistics
 import time
@@ -11,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 import gonogo.stages.collectives.stage as collectives
+from gonogo.cli import main
 from gonogo.cluster import collectives_table
 from gonogo.cluster.collectives_worker import bandwidths, collective_counts, sizes
 from gonogo.errors import UserError
@@ -119,12 +119,6 @@ def test_stage_settings_validate_sizes_and_declare_metrics():
         validate(collectives.CollectivesSettings, {"nproc": 1}, "plan.toml")
 
 
-def parse_flags(*flags):
-    parser = argparse.ArgumentParser()
-    collectives.add_arguments(parser)
-    return parser.parse_args([str(flag) for flag in flags])
-
-
 @pytest.mark.parametrize("flags, words", [
     (("-b", "64K", "-e", "1K"), "bigger than"),
     (("--ops", "all_reduce,allreduce"), "'allreduce'"),
@@ -133,18 +127,27 @@ def parse_flags(*flags):
     (("--nproc", "0"), "at least 1"),
     (("-f", "x"), "-f"),
     (("--iters", "0"), "--iters"),
+    (("--nproc", "1"), "sendrecv is a ring between ranks"),
 ])
-def test_bad_flags_are_one_line_user_errors(flags, words):
-    with pytest.raises(UserError) as error:
-        collectives.command(parse_flags("--nproc", "2", *flags))
-    message = str(error.value)
-    assert words in message and "\n" not in message
+def test_bad_flags_are_one_line_user_errors(flags, words, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["collectives", "--nproc", "2", *map(str, flags)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], lines
+    assert list(tmp_path.iterdir()) == []  # before the run directory: nothing created
 
 
-def test_bad_flag_through_the_cli_exits_2_with_one_line():
-    result = run_gonogo("collectives", "--nproc", "2", "-b", "12Q", timeout=120)
+def test_bad_flag_through_the_cli_exits_2_with_one_line(tmp_path):
+    result = run_gonogo("collectives", "--nproc", "2", "-b", "12Q", cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "12Q" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_gates_say_what_the_exit_code_said():
+    assert collectives.default_gates(collectives.CollectivesSettings()) == ["wrong_total == 0"]
+    # nothing checked: no gate on a figure that cannot be measured (the command says so instead)
+    assert collectives.default_gates(collectives.CollectivesSettings(check=0)) == []
 
 
 # -- real torchrun, 2 gloo processes ---------------------------------------------------------------
@@ -166,8 +169,18 @@ def leftover_processes(marker: str) -> list[int]:
 def test_every_op_is_exact_in_float32_and_bfloat16(tmp_path):
     json_path = tmp_path / "rows.json"
     result = run_gonogo("collectives", "--nproc", 2, "-b", "1K", "-e", "64K", "-f", 4, "-d", "all",
-                        "-n", 2, "-w", 1, "--json", json_path, "-T", 180, timeout=240)
+                        "-n", 2, "-w", 1, "--json", json_path, "-T", 180, cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
+    # the stage ran through the runner into runs/collectives-<time>/, gated on wrong_total == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("collectives-")
+    assert {"plan.toml", "state.json", "events.jsonl", "summary.json", "report.html"} <= {p.name for p in run.iterdir()}
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["verdict"] == "GO" and [g["expression"] for g in summary["gates"]] == ["wrong_total == 0"]
+    stage_dir = run / "stages" / "collectives"
+    assert json.loads((stage_dir / "metrics.json").read_text())["wrong_total"] == 0
+    assert (stage_dir / "collectives.log").read_text() == result.stdout  # stdout: the table alone
+    assert "GO" in result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("# gonogo collectives") and "# Using devices" in lines
     parsed = collectives_table.parse_table(lines)
@@ -198,9 +211,10 @@ def test_every_op_is_exact_in_float32_and_bfloat16(tmp_path):
 def test_a_perturbed_result_is_counted_on_every_checked_row(tmp_path):
     json_path = tmp_path / "rows.json"
     result = run_gonogo("collectives", "--nproc", 2, "--ops", "all_reduce,all_gather", "-b", "1K", "-e", "4K",
-                        "-n", 1, "-w", 0, "-c", 2, "--json", json_path, "-T", 180, timeout=240,
-                        env={"GONOGO_INJECT_WRONG": "1"})
+                        "-n", 1, "-w", 0, "-c", 2, "--json", json_path, "-T", 180, "--out", tmp_path / "run",
+                        timeout=240, env={"GONOGO_INJECT_WRONG": "1"})
     assert result.returncode == 1, result.stdout + result.stderr
+    assert "NO-GO" in result.stderr
     # all_reduce: 2 sizes x in-place; all_gather: 2 sizes x 2 forms; one flipped element each
     assert "# Out of bounds values : 6 FAILED" in result.stdout
     parsed = collectives_table.parse_table(result.stdout.splitlines())
@@ -208,6 +222,19 @@ def test_a_perturbed_result_is_counted_on_every_checked_row(tmp_path):
     assert wrongs == [1] * 6
     assert json.loads(json_path.read_text())["wrong_total"] == 6
     assert "6 wrong elements" in result.stderr
+    (gate,) = json.loads((tmp_path / "run" / "summary.json").read_text())["gates"]
+    assert gate["expression"] == "wrong_total == 0" and gate["measured"] == 6 and not gate["passed"]
+
+
+def test_with_the_check_off_a_wrong_element_is_not_seen_and_the_command_says_so(tmp_path):
+    result = run_gonogo("collectives", "--nproc", 2, "--ops", "all_reduce", "-b", "1K", "-e", "1K", "-n", 1, "-w", 0,
+                        "-c", 0, "-T", 180, "--out", tmp_path / "run", timeout=240, env={"GONOGO_INJECT_WRONG": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "correctness not checked (--check 0)" in result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["verdict"] == "GO" and summary["gates"] == []
+    metrics = json.loads((tmp_path / "run" / "stages" / "collectives" / "metrics.json").read_text())
+    assert metrics["wrong_total"] is None and "check = 0" in metrics["unknown"]["wrong_total"]
 
 
 def test_a_hung_rank_ends_the_command_with_a_clear_error(tmp_path):
@@ -220,9 +247,13 @@ def test_a_hung_rank_ends_the_command_with_a_clear_error(tmp_path):
     elapsed = time.monotonic() - started
     assert result.returncode == 1, result.stdout + result.stderr
     assert elapsed < timeout, f"took {elapsed:.0f} s"
-    error_lines = result.stderr.strip().splitlines()
-    assert len(error_lines) == 1 and "rank(s) 1 did not arrive" in error_lines[0] and "hung or dead" in error_lines[0]
-    assert (tmp_path / "out" / "torchrun.log").is_file()
+    # the stage failed with one reason (NO-GO), the same line summary.json and stderr give
+    (reason,) = json.loads((tmp_path / "out" / "summary.json").read_text())["reasons"]
+    assert "rank(s) 1 did not arrive" in reason and "hung or dead" in reason
+    said = " ".join(result.stderr.split())  # the console wraps long lines (a long path even mid-word)
+    assert "NO-GO" in said and "rank(s) 1 did not arrive" in said and "(hung or dead)" in said
+    assert result.stdout.startswith("# gonogo collectives")  # the table up to the failure
+    assert (tmp_path / "out" / "stages" / "collectives" / "torchrun.log").is_file()
     assert leftover_processes(marker) == []
 
 

@@ -1,5 +1,7 @@
 import argparse
 import json
+import tomllib
+from pathlib import Path
 from types import SimpleNamespace
 
 import pynvml
@@ -7,6 +9,7 @@ import pytest
 from tests.conftest import run_gonogo
 
 import gonogo.stages.doctor.stage as doctor
+from gonogo.cli import main
 from gonogo.cluster import gpu_health
 from gonogo.rundir import RunDir
 from gonogo.stages.base import StageContext
@@ -273,19 +276,30 @@ def _nvml_raises_on_a_gpu_node(monkeypatch, **fake):
     monkeypatch.setattr(gpu_health, "probe_gpus", lambda nvml=None: real_probe(broken))
 
 
+def _doctor_cli(tmp_path, out: str, *flags: str) -> int:
+    """``gonogo doctor`` in this process (a fake NVML stays patched in), into ``tmp_path/out``."""
+    return main(["doctor", "--path", str(tmp_path / "probe"), "--size-MB", "1", "--out", str(tmp_path / out), *flags])
+
+
+def _verdict(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
 def test_doctor_with_an_nvml_that_raises_reports_unknown_and_exits_1(tmp_path, monkeypatch, capsys):
     _nvml_raises_on_a_gpu_node(monkeypatch)
-    parser = argparse.ArgumentParser()
-    doctor.add_arguments(parser)
-    assert doctor.command(parser.parse_args(["--json", "--path", str(tmp_path), "--size-MB", "1"])) == 1
+    assert _doctor_cli(tmp_path, "json", "--json") == 1
     document = json.loads(capsys.readouterr().out)
+    # unknown never passes: the default gate healthy == true fails as not measured
+    summary = _verdict(tmp_path / "json")
+    assert summary["verdict"] == "NO-GO" and [g["expression"] for g in summary["gates"]] == ["healthy == true"]
+    assert "not measured" in summary["gates"][0]["reason"]
     assert document["healthy"] is None and document["problems"] == []
     metrics = document["metrics"]
     for name in ("healthy", "gpu_count", "ecc_errors", "gpu_throttled", "nvlink_links_down"):
         assert metrics[name] is None, name
         assert "Driver Not Loaded" in metrics["unknown"][name] or "unknown" in metrics["unknown"][name], name
     assert "the PCI bus lists 8 NVIDIA GPU(s)" in metrics["unknown"]["healthy"]
-    assert doctor.command(parser.parse_args(["--path", str(tmp_path), "--size-MB", "1"])) == 1
+    assert _doctor_cli(tmp_path, "tables") == 1
     output = capsys.readouterr().out
     assert "unknown:" in output and "Driver Not Loaded" in output and "health unknown" in output
     assert "healthy: every check passed" not in output
@@ -376,22 +390,78 @@ def test_command_exits_1_and_names_the_problem_when_a_gpu_is_unhealthy(tmp_path,
     real_probe = gpu_health.probe_gpus
     sick = FakeNVML([healthy_gpu(throttle=0x8)])
     monkeypatch.setattr(gpu_health, "probe_gpus", lambda nvml=None: real_probe(sick))
-    parser = argparse.ArgumentParser()
-    doctor.add_arguments(parser)
 
-    assert doctor.command(parser.parse_args(["--path", str(tmp_path), "--size-MB", "1"])) == 1
-    output = capsys.readouterr().out
-    assert "hw_slowdown" in output and "GPU health" in output
+    assert _doctor_cli(tmp_path, "tables") == 1
+    captured = capsys.readouterr()
+    assert "hw_slowdown" in captured.out and "GPU health" in captured.out
+    assert "NO-GO" in captured.err and "NO-GO" not in captured.out  # the runner's verdict: stderr
+    summary = _verdict(tmp_path / "tables")
+    assert summary["verdict"] == "NO-GO" and summary["gates"][0]["passed"] is False
 
-    assert doctor.command(parser.parse_args(["--json", "--path", str(tmp_path), "--size-MB", "1"])) == 1
+    assert _doctor_cli(tmp_path, "json", "--json") == 1
     document = json.loads(capsys.readouterr().out)
     assert document["healthy"] is False and document["metrics"]["gpu_throttled"] is True
+    saved = json.loads((tmp_path / "json" / "stages" / "doctor" / "doctor.json").read_text())
+    assert saved == document  # stdout is the document the stage wrote
+
+
+def test_the_command_runs_the_stage_through_the_runner_into_a_run_directory(tmp_path, monkeypatch, capsys):
+    real_probe = gpu_health.probe_gpus
+    monkeypatch.setattr(gpu_health, "probe_gpus", lambda nvml=None: real_probe(FakeNVML([healthy_gpu()])))
+    monkeypatch.chdir(tmp_path)
+    assert main(["doctor", "--path", "probe", "--size-MB", "1"]) == 0
+    (run,) = (tmp_path / "runs").iterdir()  # the default run directory: runs/doctor-<time>/
+    assert run.name.startswith("doctor-")
+    assert {"plan.toml", "state.json", "events.jsonl", "summary.json", "report.html"} <= {p.name for p in run.iterdir()}
+    plan = tomllib.loads((run / "plan.toml").read_text())
+    assert plan["stage"][0]["kind"] == "doctor" and plan["stage"][0]["storage_path"] == "probe"
+    assert plan["stage"][0]["gates"] == ["healthy == true"]
+    assert json.loads((run / "stages" / "doctor" / "metrics.json").read_text())["healthy"] is True
+    assert json.loads((run / "state.json").read_text())["stages"]["doctor"]["status"] == "passed"
+    assert _verdict(run)["verdict"] == "GO"
+    captured = capsys.readouterr()
+    assert "healthy: every check passed" in captured.out and "GO" in captured.err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--nnodes", "2"], "--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
+    (["--nnodes", "2", "--rdzv-endpoint", "node0"], "expected HOST:PORT"),
+    (["--nnodes", "2", "--rdzv-endpoint", "node0:29400", "--node-rank", "2"], "must be below nnodes"),
+    (["--size-MB", "0"], "storage_size_MB"),
+])
+def test_bad_flags_are_one_line_exit_2_before_anything_is_created(flags, words, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["doctor", "--path", "probe", *flags]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_many_nodes_get_one_run_directory_each_by_default(tmp_path, monkeypatch):
+    """The nodes of one job start at once in one shared folder: never one run directory for two."""
+    from gonogo.stage_cli import add_arguments
+    from gonogo.typed_config import validate
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, "doctor")
+    outs = []
+    for rank in ("0", "1"):
+        args = parser.parse_args(["--nnodes", "2", "--rdzv-endpoint", "node0:29400", "--node-rank", rank])
+        settings = validate(doctor.DoctorSettings, doctor.STAGE.command.settings(args), "test")
+        doctor.STAGE.command.check(args, settings)
+        outs.append(args.out)
+    assert outs[0] != outs[1] and outs[0].parent == outs[1].parent == Path("runs")
+    assert outs[1].name.startswith("doctor-") and outs[1].name.endswith("-node1")
+    assert doctor.default_gates(settings) == ["nodes_all_answered == true", "nodes_all_healthy == true",
+                                              "versions_identical == true"]
 
 
 def test_cli_json_is_valid_and_has_the_metric_keys(tmp_path):
-    result = run_gonogo("doctor", "--json", "--path", tmp_path / "probe", "--size-MB", "4", timeout=120)
+    result = run_gonogo("doctor", "--json", "--path", tmp_path / "probe", "--size-MB", "4", "--out", tmp_path / "run",
+                        timeout=120)
     assert result.returncode == 0, result.stderr
-    document = json.loads(result.stdout)
+    document = json.loads(result.stdout)  # stdout is the JSON alone; the runner's lines are on stderr
+    assert "GO" in result.stderr and (tmp_path / "run" / "stages" / "doctor" / "metrics.json").is_file()
     assert REQUIRED_METRICS <= set(document["metrics"])
     assert document["healthy"] is True and document["problems"] == []
     assert {"host", "cpu", "memory", "torch", "nvml", "storage"} <= set(document)
@@ -399,14 +469,36 @@ def test_cli_json_is_valid_and_has_the_metric_keys(tmp_path):
 
 
 def test_cli_table_says_no_gpu_and_an_unwritable_path_is_one_line_exit_2(tmp_path):
-    result = run_gonogo("doctor", "--path", tmp_path, "--size-MB", "1", timeout=120)
+    result = run_gonogo("doctor", "--path", tmp_path / "probe", "--size-MB", "1", cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "storage write" in result.stdout
     if doctor.inventory()["gpu_count"] == 0:
         assert "no GPU" in result.stdout
+    assert len(list((tmp_path / "runs").iterdir())) == 1
 
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    result = run_gonogo("doctor", "--path", blocker / "sub", timeout=120)
+    result = run_gonogo("doctor", "--path", blocker / "sub", "--out", tmp_path / "refused", cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and str(blocker / "sub") in result.stderr
+    assert not (tmp_path / "refused").exists()  # refused before the run directory was made
+
+
+def test_two_nodes_with_one_rank_fail_the_stage(tmp_path, monkeypatch):
+    """N answered but one rank twice: no node metric shows it, so the stage fails with the reason."""
+    from gonogo.cluster import nodes
+    from gonogo.errors import StageFailed
+
+    def node(rank):
+        return {"node_rank": rank, "hostname": f"n{rank}", "time": 1.0, "healthy": True, "problems": [],
+                "unknowns": [], "gpu_count": 0, "cpu_count": 2, "memory_GB": 1.0,
+                "versions": {"driver": None, "cuda_driver": None, "cuda_build": None, "nccl": None, "torch": "2"}}
+
+    view = nodes.cluster_view([node(0), node(1), node(1)], 3, "h:1", 5)
+    assert view["metrics"]["nodes_all_answered"] is True and view["go"] is False
+    monkeypatch.setattr(nodes, "gather", lambda *args, **kwargs: view)
+    run_dir = RunDir.create(tmp_path / "run", "nodes")
+    settings = doctor.DoctorSettings(storage_size_MB=1, nnodes=3, rdzv_endpoint="h:1")
+    ctx = StageContext(name="doctor", kind="doctor", run_dir=run_dir, stage_dir=run_dir.stage_dir("doctor"))
+    with pytest.raises(StageFailed, match=r"node rank\(s\) \[1\] answered twice"):
+        doctor.STAGE.run(ctx, settings)

@@ -153,6 +153,8 @@ def test_the_generated_doctor_job_gathers_two_nodes_into_one_table(tmp_path):
     output = " ".join(completed.stdout.split())
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert output.count("gonogo doctor: 2 of 2 nodes") == 2 and output.count("GO: every node answered") == 2
+    # each node ran the doctor stage into its own run directory under the submit folder
+    assert sorted(run.name.rsplit("-", 1)[1] for run in (tmp_path / "runs").iterdir()) == ["node0", "node1"]
 
 
 # -- two hosts: network namespaces joined by a veth pair --------------------------------------------

@@ -24,7 +24,7 @@ def _doctor(tmp_path: Path, name: str, *flags: str) -> subprocess.Popen:
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH", "")] if p)
     argv = [sys.executable, "-m", "gonogo", "doctor", "--size-MB", "2", "--path", str(tmp_path / name), *flags]
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, cwd=tmp_path)
 
 
 def _finish(process: subprocess.Popen, timeout: float = 90) -> tuple[int, str, str]:
@@ -46,17 +46,29 @@ def test_two_agents_one_table_and_a_node_that_never_joins(tmp_path):
     results = [_finish(agent) for agent in agents]
     for code, out, err in results:
         assert code == 0, err[-2000:]
-        view = json.loads(out)["cluster"]
+        view = json.loads(out)["cluster"]  # stdout is the JSON alone
         assert [node["node_rank"] for node in view["nodes"]] == [0, 1] and view["go"] is True
         assert view["metrics"]["nodes_answered"] == 2 and view["metrics"]["versions_identical"] is True
         assert all(node["versions"]["torch"] for node in view["nodes"])
-    # one node alone: it waits its join timeout, then says who answered and who did not
+    # both agents started in one folder: each ran into its own run directory, GO on the node gates
+    runs = list((tmp_path / "runs").iterdir())
+    assert sorted(run.name.rsplit("-", 1)[1] for run in runs) == ["node0", "node1"]
+    for run in runs:
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["verdict"] == "GO" and len(summary["gates"]) == 3
+        assert json.loads((run / "stages" / "doctor" / "metrics.json").read_text())["nodes_all_answered"] is True
+    # one node alone: it waits its join timeout, then says who answered and who did not (the stage
+    # fails: the table of the one node and the reason on stdout, the runner's NO-GO on stderr)
     lone = f"127.0.0.1:{free_port()}"
     code, out, err = _finish(_doctor(tmp_path, "lone", "--nnodes", "2", "--rdzv-endpoint", lone, "--node-rank", "0",
-                                     "--join-timeout", "3"))
+                                     "--join-timeout", "3", "--out", str(tmp_path / "lone-run")))
     text = " ".join(out.split())
     assert code == 1
     assert f"NO-GO: 1 of 2 nodes answered at {lone} within 3 s (missing node rank(s) 1;" in text, text
+    assert f"1 of 2 nodes answered at {lone} within 3 s" in " ".join(err.split()) and "NO-GO" in err
+    summary = json.loads((tmp_path / "lone-run" / "summary.json").read_text())
+    assert summary["verdict"] == "NO-GO"
+    assert json.loads((tmp_path / "lone-run" / "stages" / "doctor" / "cluster.json").read_text())["go"] is False
 
 
 def _node(rank, torch="2.13.0", healthy=True):

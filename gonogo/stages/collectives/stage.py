@@ -2,10 +2,12 @@
 
 The work happens in ``gonogo.cluster.collectives_worker``, started on N processes by the real
 torchrun (NCCL on GPUs, gloo on CPUs). This module validates the settings, runs torchrun as a
-bounded child process group, streams rank 0's table, adds the fabric-health lines
-(``gonogo.cluster.fabric``) and turns the rows into the stage's metrics and report. It also owns
-the table's text layout through ``gonogo.cluster.collectives_table``, the same as nccl-tests'
-(src/util.cu), so that nccl-tests parsers read it.
+bounded child process group, streams rank 0's table (as the stage's progress, and into
+``collectives.log``), adds the fabric-health lines (``gonogo.cluster.fabric``) and turns the rows
+into the stage's metrics and report. It also owns the table's text layout through
+``gonogo.cluster.collectives_table``, the same as nccl-tests' (src/util.cu), so that nccl-tests
+parsers read it. ``gonogo collectives`` runs the stage through the plan runner (gate
+``wrong_total == 0`` while results are checked) and prints that table on stdout once it ran.
 
 Out-of-place and in-place forms (decided per op from what torch offers; docs/collectives.md):
   all_reduce, broadcast     in-place only (torch has no separate output tensor): out-of-place N/A
@@ -21,21 +23,18 @@ import argparse
 import json
 import logging
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
-from gonogo.cluster.collectives_table import (DTYPE_NAMES, OP_NAMES, PROGRAM, OpName, collective_timeout_s,
+from gonogo.cluster.collectives_table import (DTYPE_NAMES, OP_NAMES, OpName, collective_timeout_s,
                                               is_table_line, parse_size)
 from gonogo.errors import StageFailed, UserError
-from gonogo.files import check_output_dir, check_output_file
+from gonogo.files import check_output_file
 from gonogo.rundir import write_json_atomic
-from gonogo.stages.base import ReportItem, StageContext, StageKind, StageSettings, own_command
-from gonogo.typed_config import validate
+from gonogo.stages.base import ReportItem, StageCommand, StageContext, StageKind, StageSettings
 
 log = logging.getLogger(__name__)
 
@@ -286,20 +285,7 @@ def report(stage_dir: Path, metrics: dict[str, Any]) -> Optional[list[ReportItem
             ReportItem(title="Every row", table=table)]
 
 
-STAGE = StageKind(
-    name="collectives",
-    description="nccl-tests-style bandwidth and correctness of each collective (torchrun, NCCL or gloo)",
-    settings=CollectivesSettings,
-    metrics=lambda settings: {"busbw_GBps_avg", "wrong_total", "tcp_retransmit_pct", "loopback_GBps",
-                              "busbw_vs_loopback", *(f"{op}_busbw_GBps" for op in settings.ops)},
-    run=run,
-    report=report,
-    devices=lambda settings: settings.nproc,
-    command=own_command("gonogo.stages.collectives.stage"),
-)
-
-
-# -- the command ------------------------------------------------------------------------------
+# -- the command: the stage through the plan runner (gonogo.stage_cli) --------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = CollectivesSettings()
     parser.add_argument("--nproc", help="processes, one per GPU (default: every GPU, else 2)")
@@ -311,9 +297,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-w", "--warmup", default=str(defaults.warmup), help="untimed iterations first (default 5)")
     parser.add_argument("-c", "--check", default=str(defaults.check), help="checked iterations (default 1; 0 = none)")
     parser.add_argument("-d", "--datatype", default="float32", help="float32, bfloat16 or all")
-    parser.add_argument("-J", "--json", help="write every row and the summary to this JSON file")
+    parser.add_argument("-J", "--json", type=Path, help="write every row and the summary to this JSON file")
     parser.add_argument("-T", "--timeout", default=str(defaults.timeout_s), help="seconds before the run is stopped (default 300)")
-    parser.add_argument("--out", help="keep the table, JSON and torchrun log in this new directory")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run directory (default: a new folder under runs/); the table, JSON and torchrun "
+                             "log are in its stages/collectives/")
 
 
 def _number(flag: str, text: str, kind: type, minimum: float) -> Any:
@@ -326,7 +314,7 @@ def _number(flag: str, text: str, kind: type, minimum: float) -> Any:
     return value
 
 
-def settings_from_args(args: argparse.Namespace) -> CollectivesSettings:
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
     sizes = {}
     for flag, text in (("-b", args.minbytes), ("-e", args.maxbytes)):
         try:
@@ -347,39 +335,53 @@ def settings_from_args(args: argparse.Namespace) -> CollectivesSettings:
         nproc = max(2, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     else:
         nproc = _number("--nproc", args.nproc, int, 1)
-    return validate(CollectivesSettings, dict(
+    return dict(
         nproc=nproc, min_bytes=sizes["-b"], max_bytes=sizes["-e"],
         factor=_number("-f", args.stepfactor, int, 2), ops=ops, dtypes=dtypes,
         iters=_number("--iters", args.iters, int, 1), warmup=_number("--warmup", args.warmup, int, 0),
-        check=_number("--check", args.check, int, 0), timeout_s=_number("--timeout", args.timeout, float, 1)),
-        PROGRAM)
+        check=_number("--check", args.check, int, 0), timeout_s=_number("--timeout", args.timeout, float, 1))
 
 
-def command(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
-    json_path = Path(args.json) if args.json else None
-    if json_path:
-        check_output_file(json_path, "--json")
-    if args.out:
-        work_dir = Path(args.out)
-        if work_dir.exists() and (not work_dir.is_dir() or any(work_dir.iterdir())):
-            raise UserError(f"--out {work_dir}: already exists and is not empty; choose a new directory")
-        check_output_dir(work_dir)
-    else:
-        work_dir = Path(tempfile.mkdtemp(prefix="gonogo-collectives-"))
-    try:
-        results = run_collectives(settings, work_dir, on_line=lambda line: print(line, flush=True))
-    except StageFailed as error:
-        print(f"gonogo collectives: error: {error}", file=sys.stderr)
-        return 1
-    if json_path:
-        write_json_atomic(json_path, results)
-    if not args.out:
-        shutil.rmtree(work_dir, ignore_errors=True)
+def _check(args: argparse.Namespace, settings: CollectivesSettings) -> None:
+    if args.json:
+        check_output_file(args.json, "--json")
+
+
+def default_gates(settings: CollectivesSettings) -> list[str]:
+    """What the command's exit code says: no wrong element. With ``check = 0`` nothing is checked
+    (``wrong_total`` unknown): no gate, and the command says so instead of passing a check."""
+    return ["wrong_total == 0"] if settings.check > 0 else []
+
+
+def _summary(args: argparse.Namespace, stage_dir: Path, metrics: dict[str, Any]) -> None:
+    """The table (nccl-tests' layout, with the fabric lines) on stdout, as the stage wrote it: up
+    to the failure where a rank died or hung (then there are no results to write or count)."""
+    table = stage_dir / "collectives.log"
+    if table.is_file():
+        sys.stdout.write(table.read_text(encoding="utf-8"))
+        sys.stdout.flush()
+    path = stage_dir / "collectives.json"
+    if not path.is_file():
+        return
+    results = json.loads(path.read_text(encoding="utf-8"))
+    if args.json:
+        write_json_atomic(args.json, results)
     if results["wrong_total"] is None:
         print("gonogo collectives: correctness not checked (--check 0)", file=sys.stderr)
     elif results["wrong_total"]:
         print(f"gonogo collectives: {results['wrong_total']} wrong elements in "
               f"{results['out_of_bounds']['count']} rows", file=sys.stderr)
-        return 1
-    return 0
+
+
+STAGE = StageKind(
+    name="collectives",
+    description="nccl-tests-style bandwidth and correctness of each collective (torchrun, NCCL or gloo)",
+    settings=CollectivesSettings,
+    metrics=lambda settings: {"busbw_GBps_avg", "wrong_total", "tcp_retransmit_pct", "loopback_GBps",
+                              "busbw_vs_loopback", *(f"{op}_busbw_GBps" for op in settings.ops)},
+    run=run,
+    report=report,
+    devices=lambda settings: settings.nproc,
+    default_gates=default_gates,
+    command=StageCommand(add_arguments=add_arguments, settings=_settings, check=_check, summary=_summary),
+)

@@ -3,8 +3,9 @@
 The inventory (CPU, memory, CUDA devices, driver/CUDA/NCCL/torch/Python versions, host, OS)
 answers "what did we actually run on?"; the health checks (NVML: ECC, throttling, NVLink;
 a storage probe of the checkpoint directory) answer "should we run on it?". A machine without a
-GPU is a valid answer ("no GPU"), not an error. The command exits 1 when a health check fails so
-that scripts and schedulers can use it before a job.
+GPU is a valid answer ("no GPU"), not an error. ``gonogo doctor`` runs this stage through the plan
+runner with the gate ``healthy == true`` (exit 1 when a check fails or cannot be made), so that
+scripts and schedulers can use it before a job; its tables or ``--json`` document go to stdout.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from gonogo.cluster import gpu_health, topology
 from gonogo.cluster.storage import probe_storage
 from gonogo.errors import UserError
 from gonogo.rundir import write_json_atomic
-from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings, own_command
+from gonogo.stages.base import Metrics, ReportItem, StageCommand, StageContext, StageKind, StageSettings
 
 log = logging.getLogger(__name__)
 
@@ -396,6 +397,10 @@ def _gather_nodes(ctx: StageContext, settings: DoctorSettings, document: dict[st
     if not view["metrics"]["nodes_all_answered"]:
         # a node that never joined: no table of N nodes to gate on; the one line says who is missing
         raise StageFailed(f"{ctx.name}: {view['problems'][0]}")
+    ranks = [node["node_rank"] for node in view["nodes"]]
+    if len(set(ranks)) < len(ranks):
+        # two nodes gave one rank: N answered but a rank is missing, which no metric shows
+        raise StageFailed(f"{ctx.name}: " + next(p for p in view["problems"] if "answered twice" in p))
     cluster = dict(view["metrics"])
     unknown = {**metrics.pop("unknown", {}), **cluster.pop("unknown", {})}
     metrics.update(cluster)
@@ -445,26 +450,18 @@ def report(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
     return items
 
 
-STAGE = StageKind(
-    name="doctor",
-    description="inventory (CPU, memory, GPUs, versions), GPU health via NVML, storage write/read speed",
-    settings=DoctorSettings,
-    metrics=lambda settings: set(METRIC_NAMES) | (set(NODE_METRIC_NAMES) if settings.nnodes > 1 else set()),
-    run=run,
-    report=report,
-    command=own_command("gonogo.stages.doctor.stage"),
-)
-
-
-# -- the command ----------------------------------------------------------------------------------
+# -- the command: the stage through the plan runner (gonogo.stage_cli) ------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
-                        help="print the whole document as JSON (stable keys) instead of tables")
+                        help="print the whole document as JSON (stable keys) on stdout instead of tables")
     parser.add_argument("--path", type=Path, default=DEFAULT_CLI_STORAGE_PATH,
                         help="directory whose storage speed to probe, e.g. the checkpoint folder (default: ./runs)")
     parser.add_argument("--size-MB", dest="size_MB", type=int, default=256,
                         help="MB (1e6 bytes) to write and read back in the storage probe (default: 256)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run directory (default: a new folder under runs/); the document is in "
+                             "stages/doctor/doctor.json")
     group = parser.add_argument_group("many nodes (run the same command on every node)")
     group.add_argument("--nnodes", type=int, default=1, help="nodes whose inventories to gather into one table")
     group.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
@@ -474,39 +471,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="seconds to wait for every node to answer (default: 120)")
 
 
-def command(args: argparse.Namespace) -> int:
-    if args.nnodes > 1 and not args.rdzv_endpoint:
-        raise UserError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (where the nodes meet)")
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.nnodes > 1:
         from gonogo.cluster import nodes
 
+        if not args.rdzv_endpoint:
+            raise UserError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (where the nodes meet)")
         nodes.parse_endpoint(args.rdzv_endpoint)  # a typo is found before the storage probe runs
-    document = diagnose(args.path, args.size_MB)
-    if args.nnodes > 1:
-        return _many_nodes(args, document)
+    return {"storage_path": str(args.path), "storage_size_MB": args.size_MB, "nnodes": args.nnodes,
+            "rdzv_endpoint": args.rdzv_endpoint, "node_rank": args.node_rank, "join_timeout_s": args.join_timeout}
+
+
+def _check(args: argparse.Namespace, settings: DoctorSettings) -> None:
+    from gonogo.files import check_output_dir
+
+    check_output_dir(args.path, "--path")  # the probe creates it; a path that cannot be is one line now
+    if settings.nnodes > 1 and args.out is None:
+        # the nodes of one job start together in one shared folder: each gets its own run directory
+        from gonogo.rundir import utc_stamp
+
+        node = f"node{settings.node_rank}" if settings.node_rank is not None else f"{socket.gethostname()}-{os.getpid()}"
+        args.out = Path("runs") / f"doctor-{utc_stamp()}-{node}"
+
+
+def default_gates(settings: DoctorSettings) -> list[str]:
+    """What the command's exit code says: this machine healthy (unknown is not), or with many nodes
+    the cluster's GO: every node answered, all healthy, identical versions."""
+    if settings.nnodes > 1:
+        return ["nodes_all_answered == true", "nodes_all_healthy == true", "versions_identical == true"]
+    return ["healthy == true"]
+
+
+def _summary(args: argparse.Namespace, stage_dir: Path, metrics: Metrics) -> None:
+    """The tables, or ``--json`` the document, on stdout from what the stage wrote; with many nodes
+    the node table, also when the stage failed because a node never joined (its partial view)."""
+    path = stage_dir / "doctor.json"
+    if not path.is_file():
+        return
+    document = json.loads(path.read_text(encoding="utf-8"))
+    cluster = stage_dir / "cluster.json"
+    view = json.loads(cluster.read_text(encoding="utf-8")) if cluster.is_file() else None
     if args.json:
-        json.dump(document, sys.stdout, indent=2)
+        json.dump(document if view is None else {"node": document, "cluster": view}, sys.stdout, indent=2)
         sys.stdout.write("\n")
+        sys.stdout.flush()
+    elif view is not None:
+        _print_nodes(view)
     else:
         _print_tables(document)
-    return 0 if document["healthy"] is True else 1
 
 
-def _many_nodes(args: argparse.Namespace, document: dict[str, Any]) -> int:
+def _print_nodes(view: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from gonogo.cluster import nodes
 
-    view = nodes.gather(document, nnodes=args.nnodes, endpoint=args.rdzv_endpoint, node_rank=args.node_rank,
-                        join_timeout_s=args.join_timeout)
-    if args.json:
-        json.dump({"node": document, "cluster": view}, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return 0 if view["go"] else 1
     console = Console()
     rows = nodes.node_rows(view)
-    table = Table(title=f"gonogo doctor: {view['metrics']['nodes_answered']} of {args.nnodes} nodes")
+    table = Table(title=f"gonogo doctor: {view['metrics']['nodes_answered']} of {view['metrics']['nodes_expected']} nodes")
     for column in rows[0]:
         table.add_column(column)
     for row in rows:
@@ -518,7 +541,6 @@ def _many_nodes(args: argparse.Namespace, document: dict[str, Any]) -> int:
         console.print("GO: every node answered, all healthy, identical driver / CUDA / NCCL / torch versions")
     elif not view["problems"]:
         console.print("NO-GO: health unknown on some node (not counted as passed)")
-    return 0 if view["go"] else 1
 
 
 def _print_tables(document: dict[str, Any]) -> None:
@@ -559,3 +581,15 @@ def _print_tables(document: dict[str, Any]) -> None:
         console.print("[green]healthy[/green]: every check passed")
     elif document["healthy"] is None:
         console.print("[yellow]health unknown[/yellow]: checks above could not be made (not counted as passed)")
+
+
+STAGE = StageKind(
+    name="doctor",
+    description="inventory (CPU, memory, GPUs, versions), GPU health via NVML, storage write/read speed",
+    settings=DoctorSettings,
+    metrics=lambda settings: set(METRIC_NAMES) | (set(NODE_METRIC_NAMES) if settings.nnodes > 1 else set()),
+    run=run,
+    report=report,
+    default_gates=default_gates,
+    command=StageCommand(add_arguments=add_arguments, settings=_settings, check=_check, summary=_summary),
+)
