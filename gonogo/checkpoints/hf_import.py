@@ -303,11 +303,24 @@ def hf_model_config(path: str | Path):
 
 def check_hf_weights(path: str | Path) -> None:
     """UserError unless every safetensors file of a Hugging Face directory has a readable header whose
-    tensors lie inside the file (a truncated download): reads the headers only, so a parent process
-    can refuse a damaged model in one line before its workers start."""
-    for weights in _weight_files(Path(path)):
-        with _SafetensorsFile(weights):
-            pass
+    tensors lie inside the file (a truncated download) and have the shapes config.json gives them:
+    reads the headers only, so a parent process can refuse a damaged model in one line before its
+    workers start (or before a command creates its run directory)."""
+    import torch
+
+    from gonogo.model.decoder import Decoder
+
+    directory = Path(path)
+    architecture, config, own_export = _model_config_from_hf(_read_config(directory), str(directory / "config.json"))
+    with torch.device("meta"):  # the shapes, without memory
+        parameters = dict(Decoder(config).named_parameters())
+    names = _import_names(config, architecture, own_export)
+    for weights in _weight_files(directory):
+        with _SafetensorsFile(weights) as reader:
+            for key in reader.names():
+                target = names.get(key)
+                if target is not None and target.kind != "zero":
+                    _check_shape(reader, target, key, parameters, str(directory))
 
 
 def load_hf_dir(path: str | Path, *, device: Any = "cpu", dtype: Any = None):
@@ -370,15 +383,21 @@ def _place(reader: "_SafetensorsFile", target: _Target, key: str, parameters: di
             raise UserError(f"{source}: {key} is not zero; gonogo's export wrote it as a zero placeholder "
                             "and nothing in the model computes it")
         return
+    destination = _check_shape(reader, target, key, parameters, source)
+    if target.kind == "copy" and reader.read_into(key, destination):
+        return  # read straight into the parameter's memory: no copy of the tensor at all
+    tensor = reader.read(key)
+    destination.copy_(tensor / 2 if target.kind == "half" else tensor)
+
+
+def _check_shape(reader: "_SafetensorsFile", target: _Target, key: str, parameters: dict, source: str):
+    """The parameter (or expert's slice) ``key`` goes into; UserError when the shapes differ."""
     parameter = parameters[target.name]
     destination = parameter[target.expert] if target.expert is not None else parameter
     shape = reader.shape(key)
     if shape != tuple(destination.shape):
         raise UserError(f"{source}: {key} has shape {list(shape)}, the config says {list(destination.shape)}")
-    if target.kind == "copy" and reader.read_into(key, destination):
-        return  # read straight into the parameter's memory: no copy of the tensor at all
-    tensor = reader.read(key)
-    destination.copy_(tensor / 2 if target.kind == "half" else tensor)
+    return destination
 
 
 class _SafetensorsFile:

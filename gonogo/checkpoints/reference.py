@@ -1,11 +1,12 @@
 """A reference to a model on disk, resolved and verified once: ``resolve(path) -> CheckpointRef``.
 
 ``path`` may be a checkpoint dir (``step-N``), a run dir (its newest checkpoint that verifies,
-under ``checkpoints/`` or a stage's ``checkpoints/<stage>/``), a checkpoints dir, a quantized
-checkpoint, or a Hugging Face directory (``config.json`` + safetensors). The reference carries the
-directory, its format (``gonogo``, ``quantized`` or ``hf``), its metadata (``meta.json``, or the
-HF ``config.json``) and its verified manifest, so a command resolves once and hands the
-reference on; loaders (``gonogo.checkpoints.loaders``) take it without hashing again.
+under ``checkpoints/`` or a stage's ``checkpoints/<stage>/``; in a run without any, the newest
+model a stage recorded, such as ``gonogo quantize``'s quantized checkpoint), a checkpoints dir, a
+quantized checkpoint, or a Hugging Face directory (``config.json`` + safetensors). The reference
+carries the directory, its format (``gonogo``, ``quantized`` or ``hf``), its metadata
+(``meta.json``, or the HF ``config.json``) and its verified manifest, so a command resolves once
+and hands the reference on; loaders (``gonogo.checkpoints.loaders``) take it without hashing again.
 
 Verifying a checkpoint reads and hashes every byte it holds. ``verify`` remembers each success
 for the life of the process, keyed by the directory and the size, mtime and inode of every file
@@ -190,13 +191,15 @@ def resolve(path: "str | Path | CheckpointRef") -> CheckpointRef:
     if manifest.is_hf_export(path):
         return _hf_ref(path)
     roots = manifest.checkpoint_roots(path)
-    if not roots and (path / "checkpoints").is_dir():
+    recorded = [] if roots else recorded_models(path)
+    if not roots and not recorded and (path / "checkpoints").is_dir():
         raise UserError(f"{path}: no committed checkpoint under {path / 'checkpoints'} (none saved yet)")
-    if not roots:
+    if not roots and not recorded:
         raise UserError(f"{path}: not a checkpoint, run or Hugging Face export directory "
                         "(expected COMMITTED + meta.json, checkpoints/step-*/, or config.json + model.safetensors)")
-    # the run's newest model: the last checkpoint committed by any of its training stages
-    choice, skipped = newest_verified_across(roots)
+    # the run's newest model: the last checkpoint committed by any of its training stages, else
+    # by any stage that recorded one (a run of `gonogo quantize` has no training checkpoint)
+    choice, skipped = newest_verified_across(roots) if roots else newest_that_verifies(recorded)
     if choice is None:
         why = "; ".join(f"{p.name}: {reason}" for p, reason in skipped) or "none saved yet"
         raise UserError(f"{path}: no committed checkpoint that verifies under {path} ({why})")
@@ -213,15 +216,32 @@ def newest_verified_across(roots: "list[Path]") -> tuple[Optional[Path], list[tu
     skipped, with why. Tried newest first (a torn one by its folder's time), so when the newest
     is good it is the only one hashed: a run of several training stages is not verified stage by
     stage to pick one."""
-    candidates = sorted((step_path for root in roots for _, step_path in manifest.step_dirs(root)),
-                        key=_written_at, reverse=True)
+    return newest_that_verifies([step_path for root in roots for _, step_path in manifest.step_dirs(root)])
+
+
+def newest_that_verifies(candidates: "list[Path]") -> tuple[Optional[Path], list[tuple[Path, str]]]:
+    """The newest of ``candidates`` that verifies, and the newer ones skipped, with why."""
     skipped: list[tuple[Path, str]] = []
-    for candidate in candidates:
+    for candidate in sorted(candidates, key=_written_at, reverse=True):
         ok, reason, _ = verify(candidate)
         if ok:
             return candidate, skipped
         skipped.append((candidate, reason))
     return None, skipped
+
+
+def recorded_models(run: Path) -> list[Path]:
+    """The models the stages of run directory ``run`` recorded as theirs (``stages/<name>/`` and
+    its outputs file, written by ``StageContext.record_output``), those still on disk."""
+    from gonogo.files import read_json_file
+    from gonogo.stages.base import OUTPUTS_FILE
+
+    models = []
+    for outputs in sorted((run / "stages").glob(f"*/{OUTPUTS_FILE}")):
+        produced = read_json_file(outputs, "the run directory is damaged; give the model's own directory")
+        if isinstance(produced, dict) and produced.get("checkpoint") and Path(produced["checkpoint"]).is_dir():
+            models.append(Path(produced["checkpoint"]))
+    return models
 
 
 def _written_at(path: Path) -> float:

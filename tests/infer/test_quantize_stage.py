@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import json
+import tomllib
+from pathlib import Path
 
 import torch
 
+from gonogo.checkpoints import resolve
 from gonogo.checkpoints.quantized import load_quantized
+from gonogo.infer.device import load_for_inference
 from tests.conftest import run_gonogo
 from tests.infer.conftest import tiny_model, write_checkpoint
 
 
 def test_quantize_command_writes_a_loadable_checkpoint_and_real_byte_counts(tmp_path):
     checkpoint = write_checkpoint(tmp_path / "step-00000010", tiny_model())
-    out = tmp_path / "q"
-    result = run_gonogo("quantize", "--checkpoint", checkpoint, "--format", "nvfp4", "--out", out,
+    run = tmp_path / "q"
+    result = run_gonogo("quantize", "--checkpoint", checkpoint, "--format", "nvfp4", "--out", run,
                         "--eval-problems", "4", "--val-batches", "1", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "nvfp4" in result.stdout and "compression" in result.stdout
-    metrics = json.loads((out / "metrics.json").read_text())
+    assert "GO" in result.stderr  # the runner's verdict (no default gates: done and measured is GO)
+    # --out is the run directory of a one-stage plan; the checkpoint is the stage's model
+    plan = tomllib.loads((run / "plan.toml").read_text())
+    assert plan["stage"][0]["kind"] == "quantize" and plan["stage"][0]["format"] == "nvfp4"
+    assert plan["stage"][0]["checkpoint"] == str(checkpoint) and plan["stage"][0]["gates"] == []
+    assert json.loads((run / "state.json").read_text())["stages"]["quantize"]["status"] == "passed"
+    assert json.loads((run / "summary.json").read_text())["verdict"] == "GO"
+    assert "nvfp4 against bf16" in (run / "report.html").read_text()
+    stage_dir = run / "stages" / "quantize"
+    metrics = json.loads((stage_dir / "metrics.json").read_text())
+    out = stage_dir / "quantized"
+    assert f"quantized checkpoint: {out}" in " ".join(result.stdout.split())
+    assert json.loads((stage_dir / "outputs.json").read_text())["checkpoint"] == str(out.resolve())
 
     description = json.loads((out / "quantization.json").read_text())
     assert description["format"] == "nvfp4" and description["block_size"] == 16
@@ -47,18 +63,57 @@ def test_quantize_command_writes_a_loadable_checkpoint_and_real_byte_counts(tmp_
     assert meta["step"] == 10 and meta["quantization"]["format"] == "nvfp4"
     assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, config.vocab_size)
 
+    # the run directory stands for its quantized checkpoint wherever a command takes --checkpoint
+    ref = resolve(run)
+    assert ref.path == out.resolve() and ref.format == "quantized" and ref.verified
+    served, _, served_meta = load_for_inference(ref)
+    assert served_meta["quantization"]["format"] == "nvfp4"
+    assert served(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, config.vocab_size)
 
-def test_quantize_refuses_bad_input_in_one_line(tmp_path):
+
+def test_quantize_refuses_bad_input_in_one_line_before_the_run_directory(tmp_path):
     checkpoint = write_checkpoint(tmp_path / "step-00000010", tiny_model())
     result = run_gonogo("quantize", "--checkpoint", tmp_path / "nowhere", "--format", "fp8", cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and "no such directory" in result.stderr and "Traceback" not in result.stderr
-    out = tmp_path / "q"
-    first = run_gonogo("quantize", "--checkpoint", checkpoint, "--format", "fp8", "--out", out,
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()  # refused before the run directory
+    bad_flag = run_gonogo("quantize", "--checkpoint", checkpoint, "--format", "fp8", "--eval-problems", "0",
+                          "--out", tmp_path / "bad", cwd=tmp_path, timeout=120)
+    assert bad_flag.returncode == 2 and "eval_problems" in bad_flag.stderr and not (tmp_path / "bad").exists()
+    run = tmp_path / "q"
+    first = run_gonogo("quantize", "--checkpoint", checkpoint, "--format", "fp8", "--out", run,
                        "--eval-problems", "1", "--val-batches", "1", cwd=tmp_path, timeout=300)
     assert first.returncode == 0, first.stderr
-    again = run_gonogo("quantize", "--checkpoint", out, "--format", "nvfp4", "--out", tmp_path / "q2",
-                       cwd=tmp_path, timeout=120)
-    assert again.returncode == 2 and "already quantized" in again.stderr
+    for quantized in (run, run / "stages" / "quantize" / "quantized"):  # the run directory, or the checkpoint
+        again = run_gonogo("quantize", "--checkpoint", quantized, "--format", "nvfp4", "--out", tmp_path / "q2",
+                           cwd=tmp_path, timeout=120)
+        assert again.returncode == 2 and "already quantized" in again.stderr
+        assert not (tmp_path / "q2").exists()
+    taken = run_gonogo("quantize", "--checkpoint", checkpoint, "--format", "fp8", "--out", run, cwd=tmp_path,
+                       timeout=120)
+    assert taken.returncode == 2 and "already exists and is not empty" in taken.stderr
+
+
+def test_a_run_directory_names_its_training_checkpoint_before_a_recorded_quantized_one(tmp_path):
+    """A plan that trains and then quantizes still stands for its trained model (as before the
+    quantized checkpoints counted); a run that only quantized stands for the quantized one."""
+    from gonogo.checkpoints.quantized import QuantizedModel
+    from gonogo.rundir import RunDir
+    from gonogo.stages.base import StageContext
+
+    def quantize_into(run_dir: RunDir) -> Path:
+        context = StageContext(name="q", kind="quantize", run_dir=run_dir, stage_dir=run_dir.stage_dir("q"))
+        out = QuantizedModel.from_model(tiny_model(), "fp8", meta={"step": 10}).save(context.stage_dir / "quantized")
+        context.record_output(out)
+        return out
+
+    trained = RunDir.create(tmp_path / "trained", "p")
+    checkpoint = write_checkpoint(trained.checkpoints_dir / "pretrain" / "step-00000010", tiny_model())
+    quantize_into(trained)
+    assert resolve(trained.root).path == checkpoint
+    only_quantized = RunDir.create(tmp_path / "quantized", "p")
+    out = quantize_into(only_quantized)
+    assert resolve(only_quantized.root).path == out.resolve() and resolve(only_quantized.root).format == "quantized"
 
 
 def test_quantize_stage_in_a_plan_with_gates(tmp_path, write_plan):
@@ -139,3 +194,20 @@ def test_fp8_linear_pads_odd_shapes_and_survives_a_cast_of_the_model():
     reference = torch.nn.functional.linear(x.float(), weight)
     assert out.shape == (3, 5, 50) and out.dtype == torch.bfloat16
     assert ((out.float() - reference).norm() / reference.norm()) < 0.08  # E4M3: ~3 % per operand
+
+
+def test_a_quantization_that_fails_half_way_is_no_go_exit_1(tmp_path, monkeypatch, capsys):
+    from gonogo.checkpoints.quantized import QuantizedModel
+    from gonogo.cli import main
+
+    def full_disk(self, directory):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(QuantizedModel, "save", full_disk)
+    checkpoint = write_checkpoint(tmp_path / "step-00000010", tiny_model())
+    run = tmp_path / "run"
+    assert main(["quantize", "--checkpoint", str(checkpoint), "--format", "fp8", "--out", str(run)]) == 1
+    assert "NO-GO" in capsys.readouterr().err
+    record = json.loads((run / "state.json").read_text())["stages"]["quantize"]
+    assert record["status"] == "error" and "No space left on device" in record["reason"]
+    assert json.loads((run / "summary.json").read_text())["verdict"] == "NO-GO"

@@ -103,13 +103,19 @@ def test_a_money_budget_without_a_price_is_one_line_exit_2(write_plan, tmp_path)
     assert not (tmp_path / "run").exists()
 
 
-def test_capacity_takes_the_plans_price(write_plan):
+def test_capacity_takes_the_plans_price(write_plan, tmp_path):
     plan = write_plan("[plan]\nprice_per_device_hour = 7\n" + stage("a", WRITE))
     result = run_gonogo("capacity", "--model", "llama3-8b", "--gpu", "h100", "--gpus", "8", "--plan", plan,
-                        "--json", "-")
+                        "--json", "-", "--out", tmp_path / "run")
     assert result.returncode == 0, result.stderr
     estimate = json.loads(result.stdout)
     assert estimate["price_per_gpu_hour"] == 7 and estimate["cost_usd"] == estimate["gpu_hours"] * 7
+    assert 'price_per_gpu_hour = 7' in (tmp_path / "run" / "plan.toml").read_text()  # the price it ran with
+    unpriced = write_plan(stage("a", WRITE), name="unpriced.toml")
+    result = run_gonogo("capacity", "--model", "llama3-8b", "--gpu", "h100", "--gpus", "8", "--plan", unpriced,
+                        "--out", tmp_path / "unpriced-run")
+    assert result.returncode == 2 and "sets no price_per_device_hour" in result.stderr
+    assert not (tmp_path / "unpriced-run").exists()
 
 
 def test_a_capacity_stage_prices_with_its_plans_price(write_plan, tmp_path):

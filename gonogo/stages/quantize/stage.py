@@ -1,9 +1,11 @@
 """The ``quantize`` stage kind and ``gonogo quantize``: quantize a checkpoint, measure what it costs.
 
-    gonogo quantize --checkpoint DIR --format fp8|nvfp4 [--out DIR] [--eval-problems N]
+    gonogo quantize --checkpoint DIR --format fp8|nvfp4 [--out RUN_DIR] [--eval-problems N]
 
-Writes the quantized checkpoint (see gonogo.checkpoints.quantized) and compares it with the same model in
-bf16, the precision the weights would otherwise be served in:
+Writes the quantized checkpoint (see gonogo.checkpoints.quantized) into ``stages/<name>/quantized/``
+of the run directory, records it as the stage's model (``@<name>`` in a plan; the run directory
+itself as ``--checkpoint`` of a later command) and compares it with the same model in bf16, the
+precision the weights would otherwise be served in:
 
 - ``weight_bytes``: stored bytes of the quantized linear weights with their scales;
   ``weight_bytes_total``: every stored tensor (the bf16 embeddings, head and norms included);
@@ -38,7 +40,7 @@ from typing import Any, Callable, Literal, Optional
 from pydantic import Field
 
 from gonogo.errors import UserError
-from gonogo.stages.base import Metrics, ReportItem, StageContext, StageKind, StageSettings, own_command
+from gonogo.stages.base import Metrics, ReportItem, StageCommand, StageContext, StageKind, StageSettings
 
 log = logging.getLogger(__name__)
 
@@ -186,13 +188,20 @@ def _dtype_name(model) -> Literal["float32", "bfloat16"]:
     return "bfloat16" if model.norm.weight.dtype == torch.bfloat16 else "float32"
 
 
-def _load_source(checkpoint: str | Path):
+def _source(checkpoint: str | Path):
+    """The reference of the model to quantize: anything but a quantized checkpoint."""
     from gonogo.checkpoints import resolve
-    from gonogo.infer.device import load_for_inference
 
     ref = resolve(checkpoint)
     if ref.format == "quantized":
         raise UserError(f"{ref.path}: is already quantized; give the bf16/fp32 checkpoint it came from")
+    return ref
+
+
+def _load_source(checkpoint: str | Path):
+    from gonogo.infer.device import load_for_inference
+
+    ref = _source(checkpoint)
     return ref.path, *load_for_inference(ref)  # gonogo or Hugging Face; damaged files: one line
 
 
@@ -318,6 +327,53 @@ def _rows(metrics: Metrics) -> list[dict[str, Any]]:
     ]
 
 
+# -- gonogo quantize ---------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint, run or Hugging Face directory")
+    parser.add_argument("--format", choices=["fp8", "nvfp4"], required=True)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run directory; the quantized checkpoint goes to its stages/quantize/quantized/ "
+                             "(default: a new folder under runs/)")
+    parser.add_argument("--eval-problems", type=int, default=64, help="held-out problems for greedy accuracy")
+    parser.add_argument("--val-batches", type=int, default=4, help="held-out batches for the validation loss")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic corpus seed")
+    parser.add_argument("--device", default="auto", help="auto (the first GPU when there is one, else cpu), cpu, cuda or cuda:N")
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"checkpoint": str(args.checkpoint), "format": args.format, "eval_problems": args.eval_problems,
+            "val_batches": args.val_batches, "seed": args.seed, "device": args.device}
+
+
+def _check(args: argparse.Namespace, settings: QuantizeSettings) -> None:
+    """The output, then the model, before the run directory exists: a damaged model leaves nothing."""
+    from gonogo.checkpoints import check_readable
+    from gonogo.files import check_output_dir
+
+    if args.out is not None:
+        check_output_dir(args.out)  # before the checkpoint is read, not after the quantization
+    check_readable(_source(args.checkpoint))
+
+
+def _summary(args: argparse.Namespace, stage_dir: Path, metrics: Metrics) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = _rows(metrics)
+    table = Table(title=f"{metrics['format']} weights of {metrics['checkpoint']}")
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row.values())
+    console = Console()
+    console.print(table)
+    console.print(f"compute: {metrics['gemm']}" + (f" (speed-up ×{metrics['speedup']:.2f} over bf16)"
+                                                   if metrics.get("speedup") is not None else ""))
+    console.print(f"quantized checkpoint: {stage_dir / OUTPUT_DIR} "
+                  f"(all stored tensors: {metrics['weight_bytes_total']:,} bytes)", soft_wrap=True)  # a whole path
+
+
 STAGE = StageKind(
     name="quantize",
     description="FP8 / NVFP4 weight quantization (real FP8 GEMMs on Hopper, emulated elsewhere): bytes, "
@@ -326,51 +382,7 @@ STAGE = StageKind(
     metrics=lambda settings: set(METRICS),
     run=run,
     report=report,
-    command=own_command("gonogo.stages.quantize.stage"),
+    # no default gates: what a format may cost depends on the model; a plan sets its own
+    # (val_loss_delta, accuracy_delta), and a quantization that fails is NO-GO as a failed stage
+    command=StageCommand(add_arguments=add_arguments, settings=_settings, check=_check, summary=_summary),
 )
-
-
-# -- the command ------------------------------------------------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint, run or Hugging Face directory")
-    parser.add_argument("--format", choices=["fp8", "nvfp4"], required=True)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="the quantized checkpoint directory to create (default: runs/quantize-<format>-<time>)")
-    parser.add_argument("--eval-problems", type=int, default=64, help="held-out problems for greedy accuracy")
-    parser.add_argument("--val-batches", type=int, default=4, help="held-out batches for the validation loss")
-    parser.add_argument("--seed", type=int, default=0, help="synthetic corpus seed")
-    parser.add_argument("--device", default="auto", help="auto (the first GPU when there is one, else cpu), cpu, cuda or cuda:N")
-
-
-def command(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from gonogo.files import check_output_dir
-    from gonogo.rundir import utc_stamp, write_json_atomic
-    from gonogo.typed_config import validate
-
-    settings = validate(QuantizeSettings, {"format": args.format, "eval_problems": args.eval_problems,
-                                           "val_batches": args.val_batches, "seed": args.seed,
-                                           "device": args.device}, source="arguments")
-    out = args.out or Path("runs") / f"quantize-{args.format}-{utc_stamp()}"
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists and is not empty; choose another --out")
-    check_output_dir(out)  # before the quantization and the evaluation, not after them
-    console = Console(stderr=True)
-    with console.status("quantizing") as status:
-        metrics = quantize_and_evaluate(args.checkpoint, out, settings, lambda text: status.update(text))
-    # next to the checkpoint's files, outside its manifest: a result about it, not part of it
-    write_json_atomic(out / "metrics.json", metrics)
-    rows = _rows(metrics)
-    table = Table(title=f"{args.format} weights of {metrics['checkpoint']}")
-    for column in rows[0]:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row.values())
-    Console().print(table)
-    Console().print(f"compute: {metrics['gemm']}" + (f" (speed-up ×{metrics['speedup']:.2f} over bf16)"
-                                                     if metrics.get("speedup") is not None else ""))
-    Console().print(f"quantized checkpoint: {out} (all stored tensors: {metrics['weight_bytes_total']:,} bytes)")
-    return 0
