@@ -232,7 +232,8 @@ def loadtest(url: str, streams: int, requests: int, new_tokens: int, out: Path) 
 
     argv = [sys.executable, "-m", "gonogo", "loadtest", "--url", url, "--endpoint", "completions", "--model",
             "bench", "--max-concurrency", str(streams), "--num-requests", str(requests), "--warmup",
-            str(streams), "--max-tokens", str(new_tokens), "--ignore-eos", "--json", str(out)]
+            str(streams), "--max-tokens", str(new_tokens), "--ignore-eos", "--json", str(out),
+            "--out", str(out.with_suffix(""))]  # its run directory, next to the result
     done = subprocess.run(argv, capture_output=True, text=True, timeout=LOADTEST_TIMEOUT, cwd=ROOT, check=False)
     if done.returncode != 0 or not out.is_file():
         raise RuntimeError(f"gonogo loadtest against {url} failed ({done.returncode}): {done.stderr[-800:]}")

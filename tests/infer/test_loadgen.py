@@ -99,18 +99,71 @@ def test_serve_then_loadtest_stages(checkpoint_dir, tmp_path, monkeypatch):
 def test_loadtest_command_writes_the_json(server, tmp_path):
     from tests.conftest import run_gonogo
 
-    out = tmp_path / "result.json"
+    out, run = tmp_path / "result.json", tmp_path / "run"
     result = run_gonogo("loadtest", "--url", server.url, "--num-requests", "4", "--rate", "20", "--warmup", "1",
                         "--max-tokens", "8", "--api-key-env", KEY_ENV, "--goodput", "ttft:60000", "--json", out,
-                        env={KEY_ENV: API_KEY}, timeout=120)
+                        "--out", run, env={KEY_ENV: API_KEY}, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "TTFT (ms)" in result.stdout
+    assert "TTFT (ms)" in result.stdout and "GO" in result.stderr  # the table on stdout, the runner's view on stderr
     data = json.loads(out.read_text())
     assert data["completed"] == 4 and not [name for name in VLLM_FIELDS if name not in data]
+    # --json is a copy of the stage's result, key for key
+    assert out.read_bytes() == (run / "stages" / "loadtest" / "result.json").read_bytes()
+    assert API_KEY not in (run / "plan.toml").read_text()  # the variable's name is kept, never the key
 
 
-def test_loadtest_command_refuses_a_bad_flag_in_one_line():
+# -- `gonogo loadtest` through the plan runner, against the stand-in server ----------------------------
+
+def test_loadtest_command_is_the_stage_through_the_runner(tmp_path):
+    import tomllib
+
+    from tests.conftest import run_gonogo
+    from tests.stub_openai import stub_server
+
+    with stub_server("ok") as url:
+        result = run_gonogo("loadtest", "--url", url, "--num-requests", "5", "--warmup", "0", "--rate", "50",
+                            "--duration", "30", "--out", tmp_path / "go", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "go"
+    for name in ("plan.toml", "state.json", "summary.json", "report.html", "events.jsonl"):
+        assert (run / name).is_file(), name
+    stage = tomllib.loads((run / "plan.toml").read_text())["stage"][0]
+    assert stage["kind"] == "loadtest" and stage["url"] == url and stage["gates"] == ["success_rate == 1"]
+    assert stage["duration"] == 30 and stage["time_limit_s"] == 30 and "rate" in stage
+    metrics = json.loads((run / "stages" / "loadtest" / "metrics.json").read_text())
+    assert metrics["completed"] == 5 and metrics["success_rate"] == 1.0
+    state = json.loads((run / "state.json").read_text())
+    assert state["stages"]["loadtest"]["status"] == "passed"
+    assert json.loads((run / "summary.json").read_text())["verdict"] == "GO"
+    assert "TTFT (ms)" in result.stdout and "Latency" in (run / "report.html").read_text()
+
+
+def test_loadtest_command_with_failed_requests_is_no_go(tmp_path):
+    from tests.conftest import run_gonogo
+    from tests.stub_openai import stub_server
+
+    with stub_server("fail") as url:
+        result = run_gonogo("loadtest", "--url", url, "--num-requests", "3", "--warmup", "0",
+                            "--json", tmp_path / "result.json", "--out", tmp_path / "run", timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["verdict"] == "NO-GO"
+    assert summary["gates"][0]["expression"] == "success_rate == 1" and summary["gates"][0]["measured"] == 0
+    data = json.loads((tmp_path / "result.json").read_text())  # written all the same: what failed, and why
+    assert data["failed"] == 3 and data["failure_reasons"] == {"HTTP 500: engine failure (injected)": 3}
+    assert "3 × HTTP 500" in result.stdout
+
+
+def test_loadtest_command_refuses_a_bad_flag_in_one_line(tmp_path):
     from tests.conftest import run_gonogo
 
-    result = run_gonogo("loadtest", "--url", "http://127.0.0.1:9", "--goodput", "latency:5", timeout=60)
+    result = run_gonogo("loadtest", "--url", "http://127.0.0.1:9", "--goodput", "latency:5", "--out", tmp_path / "run",
+                        timeout=60)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--goodput" in result.stderr
+    for flags, words in ((["--rate", "0"], "rate must be > 0"), (["--api-key-env", "GONOGO_UNSET_VARIABLE"], "not set"),
+                         (["--dataset", "missing.jsonl"], "no such file"), (["--time-limit", "0"], "--time-limit"),
+                         (["--duration", "5"], "without end")):
+        result = run_gonogo("loadtest", "--url", "http://127.0.0.1:9", *flags, "--out", tmp_path / "run",
+                            cwd=tmp_path, timeout=60)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and words in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()  # nothing created

@@ -59,7 +59,8 @@ def test_killing_the_canary_mid_analysis_rolls_back(quality_checkpoint, tmp_path
     from gonogo.cli import main
 
     out = tmp_path / "out"
-    ready = out / "canary-server.ready.json"
+    stage_dir = out / "stages" / "canary"
+    ready = stage_dir / "canary-server.ready.json"
     killed = {}
 
     def kill_canary_once_serving() -> None:
@@ -78,12 +79,73 @@ def test_killing_the_canary_mid_analysis_rolls_back(quality_checkpoint, tmp_path
                  "--load-concurrency", "3"])
     killer.join(timeout=5)
     assert "at" in killed
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((stage_dir / "metrics.json").read_text())
     assert code == 1, capsys.readouterr()   # rolled back = NO-GO
     assert metrics["rolled_back"] and not metrics["promoted"], metrics
     assert metrics["client_errors_router"] == 0 and metrics["client_errors_stable"] == 0, metrics
     # decided within a few intervals of the kill, not after a hang
     assert time.monotonic() - killed["at"] < 30, metrics
-    timeline = json.loads((out / "timeline.json").read_text())
+    timeline = json.loads((stage_dir / "timeline.json").read_text())
     assert timeline["weights"][-1]["weight"] == 0
     assert "ROLLED BACK" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["verdict"] == "NO-GO" and "gate 'promoted == true'" in summary["reasons"][0]
+    assert (stage_dir / "canary-server.log").is_file() and (stage_dir / "stable-server.json").is_file()
+
+
+# -- `gonogo canary` through the plan runner, over stand-in servers attached by URL (fast) ---------------
+
+FAST = ["--steps", "50,100", "--interval", "1", "--threshold", "2", "--quality-prompts", "0", "--load-rate", "10"]
+
+
+@pytest.mark.timeout(120)
+def test_canary_command_is_the_stage_through_the_runner(tmp_path, capsys):
+    import tomllib
+
+    from gonogo.cli import main
+    from tests.stub_openai import stub_server
+
+    with stub_server("ok") as stable, stub_server("ok") as canary:
+        code = main(["canary", "--stable", stable, "--canary", canary, "--out", str(tmp_path / "go"), *FAST])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err          # promoted = GO
+    run = tmp_path / "go"
+    for name in ("plan.toml", "state.json", "summary.json", "report.html", "events.jsonl"):
+        assert (run / name).is_file(), name
+    stage = tomllib.loads((run / "plan.toml").read_text())["stage"][0]
+    assert stage["kind"] == "canary" and stage["gates"] == ["promoted == true"]
+    assert stage["stable"] == stable and stage["analysis"]["steps"] == [50, 100]
+    metrics = json.loads((run / "stages" / "canary" / "metrics.json").read_text())
+    assert metrics["promoted"] and metrics["client_errors"] == 0 and metrics["client_requests"] > 0, metrics
+    assert json.loads((run / "state.json").read_text())["stages"]["canary"]["status"] == "passed"
+    assert json.loads((run / "summary.json").read_text())["verdict"] == "GO"
+    timeline = json.loads((run / "stages" / "canary" / "timeline.json").read_text())
+    assert [w["weight"] for w in timeline["weights"]] == [50, 100]
+    assert "canary: PROMOTED" in captured.out and "GO" in captured.err  # the decision on stdout, the runner's view on stderr
+    assert "Canary weight over time" in (run / "report.html").read_text()
+
+
+@pytest.mark.timeout(120)
+def test_canary_command_rolls_back_a_failing_canary_as_no_go(tmp_path, capsys):
+    from gonogo.cli import main
+    from tests.stub_openai import stub_server
+
+    with stub_server("ok") as stable, stub_server("fail") as canary:
+        code = main(["canary", "--stable", stable, "--canary", canary, "--out", str(tmp_path / "run"), *FAST])
+    assert code == 1                         # rolled back = NO-GO
+    metrics = json.loads((tmp_path / "run" / "stages" / "canary" / "metrics.json").read_text())
+    assert metrics["rolled_back"] and metrics["client_errors_canary"] > 0 and metrics["client_errors_router"] == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["verdict"] == "NO-GO"
+    assert "canary: ROLLED BACK" in capsys.readouterr().out
+
+
+def test_canary_command_refuses_missing_sides_and_paths_before_creating_anything(tmp_path, capsys, monkeypatch):
+    from gonogo.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for argv, words in ((["--stable", "http://127.0.0.1:9"], "give both --stable and --canary"),
+                        (["--stable", "http://127.0.0.1:9", "--canary", "no-such-checkpoint"], "no-such-checkpoint")):
+        code = main(["canary", *argv, "--out", str(tmp_path / "run"), *FAST])
+        error = capsys.readouterr().err.strip()
+        assert code == 2 and len(error.splitlines()) == 1 and words in error, error
+    assert list(tmp_path.iterdir()) == []  # no run directory, no runs/

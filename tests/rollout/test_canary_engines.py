@@ -95,8 +95,9 @@ def test_gonogo_loadtest_measures_vllm(sides, tmp_path):
 
     out = tmp_path / "load.json"
     code = main(["loadtest", "--url", sides.canary.url, "--num-requests", "8", "--rate", "8", "--max-tokens", "8",
-                 "--json", str(out)])
+                 "--json", str(out), "--out", str(tmp_path / "run")])
     assert code == 0
+    assert (tmp_path / "run" / "stages" / "loadtest" / "metrics.json").is_file()
     result = json.loads(out.read_text())
     assert result["completed"] == 8 and result["failed"] == 0
     assert result["p95_ttft_ms"] > 0 and result["output_throughput"] > 0

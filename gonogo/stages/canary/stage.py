@@ -3,8 +3,10 @@
 A rollout: start (checkpoint → a server child on a free loopback port, on the side's engine:
 gonogo, vLLM or a command) or attach to (URL) the stable and canary servers, put the router in front of them, drive a steady load through it,
 and let the controller step the weight, analyse each interval and promote or roll back. Outputs
-(in the stage or --out directory): timeline.json (decision, every interval, weight changes,
-webhook calls) and, for the command, metrics.json.
+(in the stage directory): timeline.json (decision, every interval, weight changes, webhook calls)
+and the started servers' logs; the runner writes metrics.json. ``gonogo canary`` runs this stage
+alone through the plan runner (gonogo.stage_cli), gated by ``promoted == true``; ``--emit-k8s``
+writes manifests instead.
 
 Client-visible errors are the steady load's failed requests, attributed to stable, canary or
 router from the router's own records; a failure the router never saw (the router itself
@@ -13,6 +15,7 @@ refused or broke the connection) is the router's.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import functools
 import json
@@ -36,7 +39,7 @@ from gonogo.infer.engines.start import (
 )
 from gonogo.rollout.analysis import CHECKS, Analysis, check_consistent, parse_check
 from gonogo.rollout.controller import Controller, Side, Webhooks
-from gonogo.stages.base import ReportItem, StageKind, StageSettings, own_command
+from gonogo.stages.base import ReportItem, StageCommand, StageKind, StageSettings
 from gonogo.typed_config import Strict
 
 log = logging.getLogger(__name__)
@@ -326,23 +329,9 @@ def _preflight_engines(settings: CanarySettings) -> None:
             preflight(getattr(settings, f"{side}_engine"))
 
 
-STAGE = StageKind(
-    name="canary",
-    description="staged canary rollout through a weighted router, with metric and quality checks and rollback",
-    settings=CanarySettings,
-    metrics=lambda settings: set(METRICS),
-    run=run,
-    report=report,
-    # each server this stage starts holds a device; attached URLs are someone else's
-    devices=lambda settings: sum(not is_url(getattr(settings, side)) for side in ("stable", "canary")),
-    preflight=_preflight_engines,
-    command=own_command("gonogo.stages.canary.stage"),
-)
+# -- `gonogo canary`: the stage alone, through the plan runner ---------------------------------------
 
-
-# -- the command ------------------------------------------------------------------------------
-
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stable", help="checkpoint / run dir, or URL of a running OpenAI-compatible server")
     parser.add_argument("--canary", help="checkpoint / run dir, or URL of the new version's server")
     for side in ("stable", "canary"):
@@ -366,15 +355,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--load-concurrency", type=int, default=4)
     for hook in ("pre-rollout", "confirm-promotion", "rollback"):
         parser.add_argument(f"--webhook-{hook}", metavar="URL", help=f"POST here at {hook}")
-    parser.add_argument("--out", type=Path, help="output directory (default: runs/canary-<time>)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run directory (default: runs/canary-<time>); the rollout's timeline, metrics and "
+                             "server logs are in its stages/canary/")
     parser.add_argument("--emit-k8s", type=Path, metavar="DIR",
                         help="write the same rollout as Flagger Canary and Argo Rollouts manifests, then exit")
     parser.add_argument("--name", default="gonogo", help="Kubernetes deployment / service name for --emit-k8s")
 
 
-def settings_from_args(args) -> CanarySettings:
-    from gonogo.typed_config import validate
-
+def _settings_table(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings table the flags describe (``stable`` / ``canary`` empty when not given)."""
     try:
         steps = [int(step) for step in args.steps.split(",") if step.strip()]
     except ValueError:
@@ -383,53 +373,86 @@ def settings_from_args(args) -> CanarySettings:
                   "e2el_p99_ms": args.max_e2el_p99_ms, "latency_ratio": args.max_latency_ratio,
                   "accuracy": args.min_accuracy, "accuracy_drop": args.max_accuracy_drop}
     thresholds.update(parse_check(item) for item in args.check)
-    data = {"stable": args.stable or "", "canary": args.canary or "",
-            "analysis": {"steps": steps, "interval_s": args.interval, "threshold": args.threshold,
-                         "thresholds": thresholds, "quality_prompts": args.quality_prompts},
-            "webhooks": {"pre_rollout": args.webhook_pre_rollout, "confirm_promotion": args.webhook_confirm_promotion,
-                         "rollback": args.webhook_rollback},
-            "load": {"rate": args.load_rate, "concurrency": args.load_concurrency}}
+    data: dict[str, Any] = {
+        "stable": args.stable or "", "canary": args.canary or "",
+        "analysis": {"steps": steps, "interval_s": args.interval, "threshold": args.threshold,
+                     "thresholds": thresholds, "quality_prompts": args.quality_prompts},
+        "webhooks": {"pre_rollout": args.webhook_pre_rollout, "confirm_promotion": args.webhook_confirm_promotion,
+                     "rollback": args.webhook_rollback},
+        "load": {"rate": args.load_rate, "concurrency": args.load_concurrency}}
     for side in ("stable", "canary"):
-        engine = getattr(args, f"{side}_engine", "gonogo")
-        command = shlex.split(args.engine_command) if engine == "command" and getattr(args, "engine_command", None) else None
+        engine = getattr(args, f"{side}_engine")
+        command = shlex.split(args.engine_command) if engine == "command" and args.engine_command else None
         data[f"{side}_engine"] = {"name": engine, "command": command}
-    settings = validate(CanarySettings, data, source="gonogo canary")
+    return data
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.stable or not args.canary:
+        raise UserError("give both --stable and --canary (a checkpoint directory or a server URL)")
+    return _settings_table(args)
+
+
+def _check(args: argparse.Namespace, settings: CanarySettings) -> None:
+    """The analysis and both checkpoints, before the run directory exists and anything starts."""
+    from gonogo.checkpoints import resolve
+
     check_consistent(settings.analysis, "gonogo canary")
-    return settings
+    for name in ("stable", "canary"):
+        if not is_url(getattr(settings, name)):
+            resolve(getattr(settings, name))  # a wrong path: one line, nothing created
 
 
-def command(args) -> int:
+def _emit_k8s(args: argparse.Namespace) -> Optional[int]:
+    """``--emit-k8s DIR``: the same rollout as Kubernetes manifests, and nothing run."""
+    if not args.emit_k8s:
+        return None
+    from rich.console import Console
+
+    from gonogo.rollout.k8s import write_k8s
+    from gonogo.typed_config import validate
+
+    settings = validate(CanarySettings, _settings_table(args), source="gonogo canary")
+    check_consistent(settings.analysis, "gonogo canary")
+    console = Console()
+    for path in write_k8s(args.emit_k8s, settings, name=args.name):
+        console.print(f"wrote {path}")
+    return 0
+
+
+def _summary(args: argparse.Namespace, stage_dir: Path, metrics: dict[str, Any]) -> None:
+    """The decision and the rollout's metrics on stdout."""
+    if "promoted" not in metrics:  # the rollout never ran (a server that did not come up)
+        return
     from rich.console import Console
     from rich.table import Table
 
-    from gonogo.files import check_output_dir
-    from gonogo.rundir import utc_stamp, write_json_atomic
-
-    settings = settings_from_args(args)
     console = Console()
-    if args.emit_k8s:
-        from gonogo.rollout.k8s import write_k8s
-
-        for path in write_k8s(args.emit_k8s, settings, name=args.name):
-            console.print(f"wrote {path}")
-        return 0
-    if not args.stable or not args.canary:
-        raise UserError("give both --stable and --canary (a checkpoint directory or a server URL)")
-    out = args.out or Path("runs") / f"canary-{utc_stamp()}"
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists and is not empty; choose another --out")
-    check_output_dir(out)  # before the rollout, not after it
-    with console.status("starting the canary rollout") as status:
-        metrics = run_canary(settings, out, on_progress=lambda text: status.update(text))
-    write_json_atomic(out / "metrics.json", metrics)
     table = Table(title=f"canary: {'PROMOTED' if metrics['promoted'] else 'ROLLED BACK'}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
-        table.add_row(key, str(value))
+        if key in METRICS or key == "unknown":
+            table.add_row(key, str(value))
     console.print(table)
-    console.print(f"timeline: {out / 'timeline.json'}")
-    return 0 if metrics["promoted"] else 1
+    console.print(f"timeline: {stage_dir / 'timeline.json'}")
+
+
+STAGE = StageKind(
+    name="canary",
+    description="staged canary rollout through a weighted router, with metric and quality checks and rollback",
+    settings=CanarySettings,
+    metrics=lambda settings: set(METRICS),
+    run=run,
+    report=report,
+    # each server this stage starts holds a device; attached URLs are someone else's
+    devices=lambda settings: sum(not is_url(getattr(settings, side)) for side in ("stable", "canary")),
+    preflight=_preflight_engines,
+    # promoted: GO (exit 0); rolled back or halted: NO-GO (exit 1), as `gonogo canary` always exited
+    default_gates=lambda settings: ["promoted == true"],
+    command=StageCommand(add_arguments=add_arguments, settings=_settings, check=_check, summary=_summary,
+                         instead=_emit_k8s),
+)
 
 
 # -- the drill ---------------------------------------------------------------------------------

@@ -9,10 +9,15 @@ between later content chunks; TPOT = (E2EL − TTFT)/(output_tokens − 1); E2EL
 The result JSON uses the field names of vLLM's ``bench serve`` (``completed``,
 ``request_throughput``, ``mean_ttft_ms``, ``p99_itl_ms``, ``ttfts``, ``itls``, ``errors`` ...).
 Goodput counts requests that meet every SLO given (with no SLO given, every completed request).
+
+``gonogo loadtest`` runs this stage alone through the plan runner (gonogo.stage_cli): a run
+directory with the result in ``stages/loadtest/result.json``, ``--json F`` a copy of it, and the
+default gate ``success_rate == 1`` (NO-GO, exit 1, when any request failed).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
@@ -26,8 +31,9 @@ from typing import Any, Callable, Literal, Optional
 import numpy as np
 
 from gonogo.errors import StageFailed, UserError
-from gonogo.stages.base import ReportItem, StageKind, StageSettings, own_command
+from gonogo.stages.base import Metrics, ReportItem, StageCommand, StageKind, StageSettings
 
+RESULT_FILE = "result.json"   # the whole result, vLLM's field names (what --json copies)
 PERCENTILES = (90, 95, 99)
 SLO_NAMES = ("ttft", "tpot", "e2el")
 GATE_METRICS = {"ttft_p95_ms", "e2el_p99_ms", "tpot_p95_ms", "success_rate", "output_tokens_per_second",
@@ -398,78 +404,6 @@ def _api_key(variable: Optional[str]) -> Optional[str]:
     return key
 
 
-# -- the `gonogo loadtest` command ------------------------------------------------------------
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--url", required=True, help="base URL of an OpenAI-compatible server")
-    parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
-    parser.add_argument("--model", help="model id to request (default: the first the server lists)")
-    parser.add_argument("--rate", type=float, default=math.inf, help="requests per second (default: all at once)")
-    parser.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson arrivals")
-    parser.add_argument("--max-concurrency", type=int, help="at most this many requests in flight")
-    parser.add_argument("--num-requests", type=int, help="requests to send (default 100; unlimited with --duration)")
-    parser.add_argument("--duration", type=float, help="stop sending new requests after S seconds")
-    parser.add_argument("--warmup", type=int, default=2, help="requests sent first and not measured")
-    parser.add_argument("--dataset", default="synthetic", help="'synthetic' (built-in reasoning corpus) or FILE.jsonl")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--ignore-eos", action="store_true",
-                        help="ask for exactly --max-tokens tokens (vLLM's ignore_eos; for untrained models)")
-    parser.add_argument("--goodput", nargs="+", default=[], metavar="NAME:MS", help="SLOs: ttft:MS tpot:MS e2el:MS")
-    parser.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key")
-    parser.add_argument("--request-timeout", type=float, default=120.0, help="seconds one request may take")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, help="write the result (vLLM bench serve field names) here")
-
-
-def command(args) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
-
-    settings = LoadSettings(
-        url=args.url, endpoint=args.endpoint, model=args.model, rate=args.rate, burstiness=args.burstiness,
-        max_concurrency=args.max_concurrency, num_requests=args.num_requests, duration=args.duration,
-        warmup=args.warmup, dataset=args.dataset, max_tokens=args.max_tokens, temperature=args.temperature,
-        ignore_eos=args.ignore_eos, goodput=parse_goodput(args.goodput), api_key=_api_key(args.api_key_env),
-        request_timeout=args.request_timeout, seed=args.seed)
-    _check(settings)
-    if args.json:
-        from gonogo.files import check_output_file
-
-        check_output_file(args.json, "--json")  # before the load test, so its result is not lost at the end
-    console = Console()
-    with Progress(TextColumn("load test"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        task = progress.add_task("requests", total=None)
-
-        def on_progress(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=None if total >= 10**9 else total)
-
-        try:
-            result = run_load(settings, on_progress)
-        except StageFailed as error:
-            raise UserError(str(error)) from None
-    table = Table(title=f"load test of {settings.url} ({result['model_id']})")
-    for column in ("metric", "mean", "median", "p90", "p95", "p99"):
-        table.add_column(column, justify="right" if column != "metric" else "left")
-    for name in ("ttft", "tpot", "itl", "e2el"):
-        table.add_row(f"{name.upper()} (ms)", *(_ms(result[f'{stat}_{name}_ms'])
-                                                for stat in ("mean", "median", "p90", "p95", "p99")))
-    console.print(table)
-    console.print(f"completed {result['completed']}, failed {result['failed']} in {result['duration']:.1f} s; "
-                  f"{result['request_throughput']:.2f} req/s, goodput {result['request_goodput']:.2f} req/s, "
-                  f"{result['output_throughput']:.1f} output tok/s")
-    for reason, count in result["failure_reasons"].items():
-        console.print(f"  {count} × {reason}")
-    if args.json:
-        from gonogo.rundir import write_json_atomic
-
-        write_json_atomic(args.json, result)
-        console.print(f"result: {args.json}")
-    return 0 if result["failed"] == 0 else 1
-
-
 # -- the stage kind `loadtest` ------------------------------------------------------------------
 
 class LoadtestSettings(StageSettings):
@@ -494,17 +428,12 @@ class LoadtestSettings(StageSettings):
     seed: int = 0
 
 
-def run(ctx, settings: LoadtestSettings) -> dict[str, Any]:
-    url = settings.url
-    if url is None:
-        server_file = ctx.run_dir.stage_dir(settings.server_stage, create=False) / "server.json"
-        if not server_file.is_file():
-            raise StageFailed(f"no url given and no {server_file} (run the {settings.server_stage!r} serve stage "
-                              f"first, or set url)")
-        url = json.loads(server_file.read_text())["url"]
+def load_settings(settings: LoadtestSettings, url: str) -> LoadSettings:
+    """The load test a stage's settings describe, against ``url``: UserError for what cannot run
+    (checked by ``gonogo loadtest`` before its run directory exists, and by the stage)."""
     bad = [name for name in settings.goodput if name not in SLO_NAMES]
     if bad:
-        raise UserError(f"stage {ctx.name}: goodput keys {bad} unknown; use {', '.join(SLO_NAMES)}")
+        raise UserError(f"goodput keys {bad} unknown; use {', '.join(SLO_NAMES)}")
     num_requests = settings.num_requests
     if num_requests is None and settings.duration is None:
         num_requests = 100
@@ -517,10 +446,25 @@ def run(ctx, settings: LoadtestSettings) -> dict[str, Any]:
         ignore_eos=settings.ignore_eos, goodput=dict(settings.goodput), api_key=_api_key(settings.api_key_env),
         request_timeout=settings.request_timeout, seed=settings.seed)
     _check(load)
+    return load
+
+
+def run(ctx, settings: LoadtestSettings) -> dict[str, Any]:
+    url = settings.url
+    if url is None:
+        server_file = ctx.run_dir.stage_dir(settings.server_stage, create=False) / "server.json"
+        if not server_file.is_file():
+            raise StageFailed(f"no url given and no {server_file} (run the {settings.server_stage!r} serve stage "
+                              f"first, or set url)")
+        url = json.loads(server_file.read_text())["url"]
+    try:
+        load = load_settings(settings, url)
+    except UserError as error:
+        raise UserError(f"stage {ctx.name}: {error}") from None
     result = run_load(load, lambda done, total: ctx.progress(f"{done} requests done"))
     from gonogo.rundir import write_json_atomic
 
-    write_json_atomic(ctx.stage_dir / "result.json", result)
+    write_json_atomic(ctx.stage_dir / RESULT_FILE, result)
     metrics = {name: result[name] for name in GATE_METRICS if name in result}
     metrics.update({name: result[name] for name in ("completed", "failed", "request_throughput")})
     if result.get("unknown"):
@@ -530,7 +474,7 @@ def run(ctx, settings: LoadtestSettings) -> dict[str, Any]:
 
 
 def report(stage_dir: Path, metrics: dict[str, Any]) -> list[ReportItem]:
-    path = stage_dir / "result.json"
+    path = stage_dir / RESULT_FILE
     if not path.is_file():
         return []
     result = json.loads(path.read_text())
@@ -547,6 +491,95 @@ def report(stage_dir: Path, metrics: dict[str, Any]) -> list[ReportItem]:
     return [ReportItem(title="Latency", table=rows), ReportItem(title="Throughput", text=text)]
 
 
+# -- `gonogo loadtest`: the stage alone, through the plan runner -----------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", required=True, help="base URL of an OpenAI-compatible server")
+    parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
+    parser.add_argument("--model", help="model id to request (default: the first the server lists)")
+    parser.add_argument("--rate", type=float, default=math.inf, help="requests per second (default: all at once)")
+    parser.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson arrivals")
+    parser.add_argument("--max-concurrency", type=int, help="at most this many requests in flight")
+    parser.add_argument("--num-requests", type=int, help="requests to send (default 100; unlimited with --duration)")
+    parser.add_argument("--duration", type=float, help="stop sending new requests after S seconds")
+    parser.add_argument("--time-limit", type=float, metavar="S",
+                        help="no new requests after S seconds, whatever else is asked (default: --duration, else 900)")
+    parser.add_argument("--warmup", type=int, default=2, help="requests sent first and not measured")
+    parser.add_argument("--dataset", default="synthetic", help="'synthetic' (built-in reasoning corpus) or FILE.jsonl")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="ask for exactly --max-tokens tokens (vLLM's ignore_eos; for untrained models)")
+    parser.add_argument("--goodput", nargs="+", default=[], metavar="NAME:MS", help="SLOs: ttft:MS tpot:MS e2el:MS")
+    parser.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key")
+    parser.add_argument("--request-timeout", type=float, default=120.0, help="seconds one request may take")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the result (vLLM bench serve field names) here")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run directory (default: runs/loadtest-<time>); the result is its "
+                             f"stages/loadtest/{RESULT_FILE}")
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "url": args.url, "endpoint": args.endpoint, "burstiness": args.burstiness, "warmup": args.warmup,
+        "dataset": args.dataset, "max_tokens": args.max_tokens, "temperature": args.temperature,
+        "ignore_eos": args.ignore_eos, "goodput": parse_goodput(args.goodput),
+        "request_timeout": args.request_timeout, "seed": args.seed}
+    if args.rate != math.inf:  # all at once is the settings' None
+        data["rate"] = args.rate
+    for name in ("model", "max_concurrency", "num_requests", "duration", "api_key_env"):
+        if getattr(args, name) is not None:
+            data[name] = getattr(args, name)
+    time_limit = args.time_limit if args.time_limit is not None else args.duration
+    if time_limit is not None:
+        data["time_limit_s"] = time_limit
+    return data
+
+
+def _check_flags(args: argparse.Namespace, settings: LoadtestSettings) -> None:
+    """The flags, the API key, the prompts file and the --json file, before the run directory
+    exists and before any request."""
+    if settings.time_limit_s <= 0:
+        raise UserError("--time-limit must be > 0")
+    load_settings(settings, args.url)
+    if settings.dataset != "synthetic":
+        load_prompts(settings.dataset, 1, settings.seed)  # a missing or malformed file: one line, exit 2
+    if args.json:
+        from gonogo.files import check_output_file
+
+        check_output_file(args.json, "--json")  # before the load test, so its result is not lost at the end
+
+
+def _summary(args: argparse.Namespace, stage_dir: Path, metrics: Metrics) -> None:
+    """The latency table and throughput on stdout; the result JSON copied to --json."""
+    from rich.console import Console
+    from rich.table import Table
+
+    path = stage_dir / RESULT_FILE
+    if not path.is_file():  # the stage failed before it measured (no server, a failed warm-up)
+        return
+    result = json.loads(path.read_text(encoding="utf-8"))
+    console = Console()
+    table = Table(title=f"load test of {args.url} ({result['model_id']})")
+    for column in ("metric", "mean", "median", "p90", "p95", "p99"):
+        table.add_column(column, justify="right" if column != "metric" else "left")
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        table.add_row(f"{name.upper()} (ms)", *(_ms(result[f'{stat}_{name}_ms'])
+                                                for stat in ("mean", "median", "p90", "p95", "p99")))
+    console.print(table)
+    console.print(f"completed {result['completed']}, failed {result['failed']} in {result['duration']:.1f} s; "
+                  f"{result['request_throughput']:.2f} req/s, goodput {result['request_goodput']:.2f} req/s, "
+                  f"{result['output_throughput']:.1f} output tok/s")
+    for reason, count in result["failure_reasons"].items():
+        console.print(f"  {count} × {reason}")
+    if args.json:
+        from gonogo.rundir import write_json_atomic
+
+        write_json_atomic(args.json, result)
+    console.print(f"result: {args.json or path}")
+
+
 STAGE = StageKind(
     name="loadtest",
     description="load test an OpenAI-compatible server: TTFT/TPOT/ITL/E2EL percentiles, throughput, goodput",
@@ -555,5 +588,7 @@ STAGE = StageKind(
     run=run,
     report=report,
     devices=lambda settings: 0,
-    command=own_command("gonogo.stages.loadtest.stage"),
+    # every request succeeded (what the command's exit code always meant); no request sent is unknown
+    default_gates=lambda settings: ["success_rate == 1"],
+    command=StageCommand(add_arguments=add_arguments, settings=_settings, check=_check_flags, summary=_summary),
 )
