@@ -22,6 +22,9 @@ def utc_stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
+_MAX_SAME_SECOND = 1000  # bounded: a name is found, or the command stops
+
+
 class RunDir:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -34,11 +37,23 @@ class RunDir:
             from gonogo.names import check_path_component
 
             check_path_component(plan_name, "plan name")  # the run stays a folder of ``base``
-            root = base / f"{plan_name}-{utc_stamp()}"
-            suffix = 1
-            while root.exists():
-                suffix += 1
-                root = base / f"{plan_name}-{utc_stamp()}-{suffix}"
+            stamp = utc_stamp()
+            check_output_dir(base / f"{plan_name}-{stamp}")
+            base.mkdir(parents=True, exist_ok=True)
+            # claimed with one mkdir that fails if the name is taken: two commands started in the
+            # same second (several nodes' `gonogo doctor` on a shared folder) never share a run
+            for suffix in range(1, _MAX_SAME_SECOND + 1):
+                root = base / (f"{plan_name}-{stamp}" + (f"-{suffix}" if suffix > 1 else ""))
+                try:
+                    root.mkdir()
+                    break
+                except FileExistsError:
+                    continue
+            else:
+                raise UserError(f"{base}: {_MAX_SAME_SECOND} runs of plan {plan_name!r} in one second; "
+                                "give each its own --out")
+            (root / "stages").mkdir()
+            return cls(root)
         else:
             root = Path(out)
             if root.exists() and (not root.is_dir() or any(root.iterdir())):

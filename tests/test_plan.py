@@ -103,6 +103,22 @@ def test_run_dir_refuses_a_plan_name_with_a_separator(tmp_path):
     assert not (tmp_path / "escape").exists() and not (tmp_path / "runs").exists()
 
 
+def test_run_dirs_created_at_once_in_the_same_second_are_never_shared(tmp_path, monkeypatch):
+    """Nodes that start `gonogo doctor` together on one shared folder each get their own run
+    directory: the name is claimed with one mkdir, not checked and then made."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import gonogo.rundir as rundir
+
+    monkeypatch.setattr(rundir, "utc_stamp", lambda: "20261202T000000Z")  # all in one second
+    with ThreadPoolExecutor(8) as pool:
+        roots = list(pool.map(lambda _: rundir.RunDir.create(None, "doctor", base=tmp_path / "runs").root,
+                              range(16)))
+    assert len(set(roots)) == 16
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(r.name for r in roots)
+    assert all((root / "stages").is_dir() for root in roots)
+
+
 def test_the_gpu_smoke_plan_validates_and_declares_its_gpu():
     plan = load_plan(resolve_plan_path("gpu-smoke"))
     assert plan.name == "gpu-smoke" and plan.header.requires_gpus == 1

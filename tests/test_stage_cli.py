@@ -40,6 +40,16 @@ STAGE = StageKind(name="count", description="counts (a test kind)", settings=Cou
                   default_gates=lambda settings: ["count >= 1"])
 
 
+def test_every_stage_command_but_serve_runs_its_stage_through_the_plan_runner():
+    """`gonogo <kind>` builds the kind's settings and runs them with runner.run_stage_alone. Only
+    `gonogo serve` keeps a command of its own: it holds a server in the foreground until Ctrl-C,
+    which is not one gated stage (the plans' serve stage runs through the runner)."""
+    own = [kind for kind in stages.KINDS
+           if (command := stages.get_kind(kind).command) is not None
+           and getattr(command.instead, "__qualname__", "").startswith("own_command")]
+    assert own == ["serve"]
+
+
 @pytest.fixture
 def count_kind(monkeypatch):
     monkeypatch.setitem(stages.KINDS, "count", (__name__, "counts (a test kind)"))
