@@ -106,8 +106,11 @@ def _quality_command(settings, canary_url: str, stable_url: str) -> str:
 
 def _load_command(settings, url: str) -> str:
     load = settings.load
+    # each run of the webhook gets a new run directory from mktemp (the loadtester's working
+    # directory may be read-only, and `gonogo loadtest` never writes into an existing run)
     return shlex.join(["gonogo", "loadtest", "--url", url, "--rate", f"{load.rate:g}", "--max-concurrency",
-                       str(load.concurrency), "--duration", f"{settings.analysis.interval_s:g}"])
+                       str(load.concurrency), "--duration", f"{settings.analysis.interval_s:g}",
+                       "--out"]) + ' "$(mktemp -d)"'
 
 
 def check_inputs(settings, *, name: str, namespace: str) -> None:

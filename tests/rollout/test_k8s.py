@@ -42,6 +42,7 @@ def test_emit_k8s_maps_the_thresholds_one_to_one(tmp_path):
 def test_hostile_strings_reach_the_manifests_quoted_or_are_refused(tmp_path):
     import os
     import subprocess
+    from pathlib import Path
 
     import pytest
 
@@ -65,7 +66,12 @@ def test_hostile_strings_reach_the_manifests_quoted_or_are_refused(tmp_path):
         done = subprocess.run(["sh", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=30,
                               env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
         assert done.returncode == 0, done.stderr
-    assert hostile in argv_file.read_text().splitlines() and not list(tmp_path.rglob("PWNED"))
+    words = argv_file.read_text().splitlines()
+    assert hostile in words and not list(tmp_path.rglob("PWNED"))
+    # the load webhook's `gonogo loadtest` writes its run into a new temporary directory each time
+    out = Path(words[words.index("loadtest") + words[words.index("loadtest"):].index("--out") + 1])
+    assert out.is_dir() and not any(out.iterdir()) and out != tmp_path
+    out.rmdir()
 
     for bad in ({"name": "llm\nx"}, {"name": "a;b"}, {"namespace": "$(id)"}):
         with pytest.raises(UserError):
