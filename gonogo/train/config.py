@@ -82,6 +82,10 @@ class TrainSettings(Strict):
     # without them emulates bf16 matmuls about 50x slower than fp32 (measured on an AVX2 EPYC)
     precision: Literal["bf16", "fp32"] = "bf16"
     parallel: Literal["fsdp", "ddp", "none"] = "fsdp"
+    # FSDP2: free each block's gathered parameters after its forward (True: least memory, a second
+    # all-gather in the backward) or keep them until the backward (False: one all-gather per step,
+    # a whole bf16 copy of the model per rank; torchtitan's reshard_after_forward "never")
+    fsdp_reshard_after_forward: bool = True
     expert_parallel: int = 1                 # EP degree for MoE models (1 = every rank has every expert)
     deterministic: bool = False              # fixed seeds, deterministic kernels, fp32
     seed: int = 1234

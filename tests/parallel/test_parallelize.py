@@ -15,18 +15,21 @@ from gonogo.parallel import parallelize
 from gonogo.parallel.fsdp import fsdp_ignored_kwargs
 
 
-def _torch_2_6_fully_shard(calls):
+def _torch_2_6_fully_shard(calls, reshards=None):
     """fully_shard as torch 2.6 has it: no ``ignored_params`` keyword (it came in 2.7)."""
     def fully_shard(module, *, mesh=None, reshard_after_forward=True, shard_placement_fn=None,
                     mp_policy=None, offload_policy=None):
         calls.append(module)
+        if reshards is not None:
+            reshards.append(reshard_after_forward)
         return module
     return fully_shard
 
 
-def _setup(expert_parallel=1):
+def _setup(expert_parallel=1, reshard_after_forward=True):
     model = Decoder(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=64, max_seq_len=16))
-    config = SimpleNamespace(train=SimpleNamespace(precision="bf16", expert_parallel=expert_parallel, parallel="fsdp"))
+    config = SimpleNamespace(train=SimpleNamespace(precision="bf16", expert_parallel=expert_parallel, parallel="fsdp",
+                                                   fsdp_reshard_after_forward=reshard_after_forward))
     world = SimpleNamespace(device=torch.device("cpu"), dp_mesh=None)
     return model, config, world
 
@@ -37,6 +40,16 @@ def test_fsdp_of_a_dense_model_works_with_torch_2_6(monkeypatch):
     model, config, world = _setup()
     assert parallelize(model, config, world) is model
     assert calls == [*model.layers, model]  # each block, then the root
+
+
+@pytest.mark.parametrize("reshard", [True, False])
+def test_blocks_reshard_after_forward_as_the_config_says(monkeypatch, reshard):
+    calls, reshards = [], []
+    monkeypatch.setattr(fsdp, "fully_shard", _torch_2_6_fully_shard(calls, reshards))
+    model, config, world = _setup(reshard_after_forward=reshard)
+    parallelize(model, config, world)
+    # the blocks as configured; the root, which runs last, always keeps its weights for the backward
+    assert reshards == [reshard] * len(model.layers) + [False]
 
 
 def test_expert_parallel_fsdp_on_torch_without_ignored_params_is_a_user_error():
