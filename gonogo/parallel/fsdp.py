@@ -17,19 +17,21 @@ from gonogo.errors import UserError
 
 
 def apply_fsdp(model: nn.Module, mesh: Any, bf16: bool, ignored: set[nn.Parameter],
-               reshard_after_forward: bool = True) -> nn.Module:
+               reshard_after_forward: bool = True, unit: str = "block") -> nn.Module:
     """Shard ``model`` in place over ``mesh``; ``ignored`` are parameters FSDP must leave alone;
+    ``unit``: "block" (each block, then the root) or "model" (the root alone, one unit);
     ``reshard_after_forward``: free each block's gathered parameters after its forward."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     ignored_kwargs = fsdp_ignored_kwargs(fully_shard, ignored)
-    blocks: Any = model.layers
+    blocks: Any = model.layers if unit == "block" else []
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
                     **ignored_kwargs)
-    # the root holds the embedding (shared with the output head when tied) and the final norm;
-    # it is the last to run, so it keeps its parameters gathered after the forward
+    # the root holds the embedding (shared with the output head when tied) and the final norm (and,
+    # as the one unit, everything); it is the last to run, so it keeps its parameters gathered
+    # after the forward
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False, **ignored_kwargs)
     return model
 

@@ -35,7 +35,7 @@ def parallelize(model: nn.Module, config: Any, world: World) -> nn.Module:
         from gonogo.parallel.fsdp import apply_fsdp
 
         return apply_fsdp(model, world.dp_mesh, train.precision == "bf16", expert_parameters,
-                          reshard_after_forward=train.fsdp_reshard_after_forward)
+                          reshard_after_forward=train.fsdp_reshard_after_forward, unit=train.fsdp_unit)
     if train.parallel == "ddp":
         from gonogo.parallel.ddp import apply_ddp
 

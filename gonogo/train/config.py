@@ -82,9 +82,15 @@ class TrainSettings(Strict):
     # without them emulates bf16 matmuls about 50x slower than fp32 (measured on an AVX2 EPYC)
     precision: Literal["bf16", "fp32"] = "bf16"
     parallel: Literal["fsdp", "ddp", "none"] = "fsdp"
-    # FSDP2: free each block's gathered parameters after its forward (True: least memory, a second
-    # all-gather in the backward) or keep them until the backward (False: one all-gather per step,
-    # a whole bf16 copy of the model per rank; torchtitan's reshard_after_forward "never")
+    # FSDP2's units: "block" = each transformer block and the root (the communication of one block
+    # overlaps the compute of another; each rank holds one block's gathered weights at a time);
+    # "model" = the whole model as one unit (one all-gather and one reduce-scatter per micro-batch,
+    # no overlap, a whole bf16 copy of the model per rank): fewer, larger collectives and fewer
+    # hooks, faster for a small model on a few CPU processes (bench/results/pretrain.md)
+    fsdp_unit: Literal["block", "model"] = "block"
+    # "block" units: free each block's gathered parameters after its forward (True: least memory,
+    # a second all-gather in the backward) or keep them until the backward (False: one all-gather
+    # per step; torchtitan's reshard_after_forward "never")
     fsdp_reshard_after_forward: bool = True
     expert_parallel: int = 1                 # EP degree for MoE models (1 = every rank has every expert)
     deterministic: bool = False              # fixed seeds, deterministic kernels, fp32

@@ -26,10 +26,11 @@ def _torch_2_6_fully_shard(calls, reshards=None):
     return fully_shard
 
 
-def _setup(expert_parallel=1, reshard_after_forward=True):
+def _setup(expert_parallel=1, reshard_after_forward=True, unit="block"):
     model = Decoder(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=64, max_seq_len=16))
     config = SimpleNamespace(train=SimpleNamespace(precision="bf16", expert_parallel=expert_parallel, parallel="fsdp",
-                                                   fsdp_reshard_after_forward=reshard_after_forward))
+                                                   fsdp_reshard_after_forward=reshard_after_forward,
+                                                   fsdp_unit=unit))
     world = SimpleNamespace(device=torch.device("cpu"), dp_mesh=None)
     return model, config, world
 
@@ -50,6 +51,14 @@ def test_blocks_reshard_after_forward_as_the_config_says(monkeypatch, reshard):
     parallelize(model, config, world)
     # the blocks as configured; the root, which runs last, always keeps its weights for the backward
     assert reshards == [reshard] * len(model.layers) + [False]
+
+
+def test_one_unit_shards_only_the_root(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fsdp, "fully_shard", _torch_2_6_fully_shard(calls))
+    model, config, world = _setup(unit="model")
+    parallelize(model, config, world)
+    assert calls == [model]
 
 
 def test_expert_parallel_fsdp_on_torch_without_ignored_params_is_a_user_error():

@@ -50,15 +50,16 @@ def test_deterministic_fsdp_and_ddp_give_the_same_losses(tmp_path):
     assert train(tmp_path / "fsdp", "tiny-dense", 2, *DETERMINISTIC_20, flags=("--deterministic",)) == 0
     assert train(tmp_path / "ddp", "tiny-dense", 2, *DETERMINISTIC_20, "train.parallel=ddp",
                  flags=("--deterministic",)) == 0
-    # FSDP2 keeping the gathered weights from the forward to the backward changes when they are
-    # gathered, not what is computed
-    assert train(tmp_path / "kept", "tiny-dense", 2, *DETERMINISTIC_20, "train.fsdp_reshard_after_forward=false",
-                 flags=("--deterministic",)) == 0
-    fsdp, ddp, kept = losses(tmp_path / "fsdp"), losses(tmp_path / "ddp"), losses(tmp_path / "kept")
+    # FSDP2's units (the preset's one unit, or a unit per block) and keeping a block's gathered
+    # weights from the forward to the backward change when weights are gathered, not what is computed
+    for name, overrides in (("blocks", ["train.fsdp_unit=block"]),
+                            ("kept", ["train.fsdp_unit=block", "train.fsdp_reshard_after_forward=false"])):
+        assert train(tmp_path / name, "tiny-dense", 2, *DETERMINISTIC_20, *overrides, flags=("--deterministic",)) == 0
+    fsdp, ddp = losses(tmp_path / "fsdp"), losses(tmp_path / "ddp")
     assert len(fsdp) == len(ddp) == 20
     assert result(tmp_path / "fsdp")["precision"] == "fp32"
     assert fsdp == ddp  # bitwise: same sums, and the clip norm is taken in float64
-    assert kept == fsdp
+    assert losses(tmp_path / "blocks") == fsdp and losses(tmp_path / "kept") == fsdp
     assert fsdp[-1] < fsdp[0]
 
 
