@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -198,7 +199,7 @@ LOADTEST_TIMEOUT = 600.0
 
 
 def start_servers(export: Path, workdir: Path, names: list[str], dtype: str, vllm_dtype: str,
-                  threads: int) -> dict:
+                  threads: Optional[int]) -> dict:
     """Each engine on the export, started one after the other (so start-ups don't compete), healthy."""
     from gonogo.infer.engines.start import EngineSettings, GonogoServeOptions, start_engine
 
@@ -240,7 +241,7 @@ def loadtest(url: str, streams: int, requests: int, new_tokens: int, out: Path) 
     return json.loads(out.read_text())
 
 
-def engines_side_by_side(workdir: Path, *, quick: bool, dtype: str, vllm_dtype: str, threads: int,
+def engines_side_by_side(workdir: Path, *, quick: bool, dtype: str, vllm_dtype: str, threads: Optional[int],
                          new_tokens: int = NEW_TOKENS) -> dict:
     """{(engine, streams): {tok_s, ttft_p50_ms, tpot_p50_ms, failed}}: best of the interleaved rounds."""
     from conftest import write_checkpoint
@@ -284,13 +285,16 @@ def engines_side_by_side(workdir: Path, *, quick: bool, dtype: str, vllm_dtype: 
     return results
 
 
-def engines_report(results: dict, watch, *, quick: bool, dtype: str, vllm_dtype: str, threads: int) -> list[str]:
+def engines_report(results: dict, watch, *, quick: bool, dtype: str, vllm_dtype: str,
+                   threads: Optional[int]) -> list[str]:
     counts = QUICK_REQUESTS if quick else REQUESTS
     lines = [
         "## gonogo engine vs vLLM CPU on one export", "",
         f"Machine: {machine()}.", "",
         f"Machine during the measurement: {watch.describe()}.", "",
-        f"`gonogo serve --dtype {dtype} --threads {threads}` and vLLM CPU (`--dtype {vllm_dtype}`, as "
+        f"`gonogo serve --dtype {dtype}"
+        f"{f' --threads {threads}' if threads else '` (its default threads: every core but one)'}"
+        f"{'`' if threads else ''} and vLLM CPU (`--dtype {vllm_dtype}`, as "
         f"`gonogo engine install vllm` installed it) on the same `gonogo export` (4 layers, d=256, 4 heads, "
         f"SwiGLU 1024, random weights), both on 127.0.0.1, both driven by `gonogo loadtest` (streaming "
         f"/v1/completions, synthetic prompts, {NEW_TOKENS} new tokens, ignore_eos, greedy) with 1 and 8 requests "
@@ -419,8 +423,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="gonogo's weights (float32: the faster on a CPU without AMX/AVX512-bf16; measure)")
     parser.add_argument("--vllm-dtype", choices=["float32", "bfloat16"], help="vLLM's (default: --dtype)")
-    parser.add_argument("--server-threads", type=int, default=torch.get_num_threads(),
-                        help="torch threads of gonogo serve (vLLM uses its own default)")
+    parser.add_argument("--server-threads", type=int, default=None,
+                        help="torch threads of gonogo serve (default: its own, every core but one on a CPU, "
+                             "as vLLM's CPU backend reserves one)")
     parser.add_argument("--transformers", action="store_true",
                         help="also the in-process comparison with transformers' generate (slow)")
     parser.add_argument("--threads", default="1,2", help="with --transformers: torch thread counts, e.g. 1,2")

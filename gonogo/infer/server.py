@@ -587,7 +587,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     parser.add_argument("--max-waiting", type=int, default=64, help="queued requests beyond this get 429")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads for the engine (default: torch's; 1 leaves a core for HTTP)")
+                        help="torch intra-op threads for the engine (default on a CPU: every core but one, "
+                             "which is left to HTTP and the clients)")
     parser.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask")
     parser.add_argument("--engine", choices=["gonogo", "vllm", "command"], default="gonogo",
                         help="serve with gonogo's engine, vLLM (`gonogo engine install vllm`) or --engine-command")
@@ -595,6 +596,23 @@ def add_arguments(parser) -> None:
                         help="any OpenAI-compatible server's command line with {model} and {port}")
     parser.add_argument("--ready-file", help=argparse.SUPPRESS)   # {"url", "pid"} once listening
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # exit when it is gone
+
+
+def engine_threads_on_cpu() -> int:
+    """The engine's torch threads on a CPU when ``--threads`` is not given: every core this process
+    may run on but one, which is left to the HTTP loop and the clients (as vLLM's CPU backend
+    reserves one). With every core, each client or loop wake-up stalls a parallel region until its
+    preempted thread runs again: on 2 cores, 1 thread served 1 stream at 382-406 tokens/s and 2
+    threads at 225-268 (bench/results/serve.md)."""
+    import os
+
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS: no affinity API
+        cores = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cores - 1))
 
 
 def command(args) -> int:
@@ -636,14 +654,17 @@ def command(args) -> int:
     sock.listen(128)  # connections made while the model loads wait in the backlog
     port = sock.getsockname()[1]
 
+    import torch
+
     if args.threads is not None:
         if args.threads < 1:
             raise UserError("--threads must be at least 1")
-        import torch
-
         torch.set_num_threads(args.threads)
     engine = load_engine(args.checkpoint, EngineSettings(
-        max_batch=args.max_batch, dtype=args.dtype, device=args.device, max_waiting=args.max_waiting)).start()
+        max_batch=args.max_batch, dtype=args.dtype, device=args.device, max_waiting=args.max_waiting))
+    if args.threads is None and str(engine.device) == "cpu":
+        torch.set_num_threads(engine_threads_on_cpu())
+    engine.start()
     limits = ServerLimits(max_tokens=args.max_tokens_limit)
     app = create_app(engine, model_name=args.model_name, api_key=api_key, limits=limits)
     server = uvicorn.Server(uvicorn.Config(
@@ -677,7 +698,8 @@ def command(args) -> int:
 
     # how many times this process hashed a checkpoint in full: once (docs/checkpoint.md)
     print(json.dumps({"serving": url, "model": args.model_name, "auth": api_key is not None,
-                      "checkpoint_verifications": STATS.verifications}), flush=True)
+                      "checkpoint_verifications": STATS.verifications, "threads": torch.get_num_threads()}),
+          flush=True)
     try:
         server.run(sockets=[sock])
     finally:
