@@ -242,8 +242,9 @@ def loadtest(url: str, streams: int, requests: int, new_tokens: int, out: Path) 
 
 
 def engines_side_by_side(workdir: Path, *, quick: bool, dtype: str, vllm_dtype: str, threads: Optional[int],
-                         new_tokens: int = NEW_TOKENS) -> dict:
-    """{(engine, streams): {tok_s, ttft_p50_ms, tpot_p50_ms, failed}}: best of the interleaved rounds."""
+                         new_tokens: int = NEW_TOKENS) -> tuple[dict, LoadWatch]:
+    """{(engine, streams): {tok_s, ttft_p50_ms, tpot_p50_ms, failed}}: best of the interleaved rounds,
+    and the watch over the measurements."""
     from conftest import write_checkpoint
 
     from gonogo.export.hf import export_hf
@@ -261,7 +262,12 @@ def engines_side_by_side(workdir: Path, *, quick: bool, dtype: str, vllm_dtype: 
     rounds = 1 if quick else 2
     results: dict = {}
     servers = start_servers(export, workdir, names, dtype, vllm_dtype, threads)
+    # the watch covers the measurements, with the servers alive: their CPU time (and their worker
+    # processes') is read as this benchmark's own; a server stopped inside the watch would take
+    # its children's time with it (vLLM's engine processes are not reaped through us)
+    watch = LoadWatch()
     try:
+        watch.__enter__()
         for round_index in range(rounds):
             for streams in STREAMS:
                 # alternate who goes first, so neither always follows the other's load
@@ -273,16 +279,17 @@ def engines_side_by_side(workdir: Path, *, quick: bool, dtype: str, vllm_dtype: 
                            "tpot_p50_ms": result["median_tpot_ms"], "failed": result["failed"]}
                     print(f"round {round_index + 1} {name} {streams} stream(s): {row}", flush=True)
                     best = results.get((name, streams))
-                    if best is None:
+                    # the round with the most tokens/s, its figures together: taking each figure's
+                    # best from another round mixed a round where vLLM streamed (TTFT 15 ms) with
+                    # one where it sent a request's tokens in one burst (TPOT 0.02 ms)
+                    failed = row["failed"] + (best["failed"] if best else 0)
+                    if best is None or row["tok_s"] > best["tok_s"]:
                         results[(name, streams)] = row
-                    else:  # best of the rounds, each figure on its own
-                        best["tok_s"] = max(best["tok_s"], row["tok_s"])
-                        best["ttft_p50_ms"] = min(best["ttft_p50_ms"], row["ttft_p50_ms"])
-                        best["tpot_p50_ms"] = min(best["tpot_p50_ms"], row["tpot_p50_ms"])
-                        best["failed"] += row["failed"]
+                    results[(name, streams)]["failed"] = failed
+        watch.__exit__(None, None, None)
     finally:
         stop_servers(servers)
-    return results
+    return results, watch
 
 
 def engines_report(results: dict, watch, *, quick: bool, dtype: str, vllm_dtype: str,
@@ -310,15 +317,32 @@ def engines_report(results: dict, watch, *, quick: bool, dtype: str, vllm_dtype:
     if not any(name == "vllm" for name, _ in results):
         return lines + ["vLLM is not installed here (`gonogo engine install vllm`): no comparison, no verdict.", ""]
     lines += ["Ratios (above 1.00 = gonogo better): tokens/s ours/vLLM, TTFT and TPOT vLLM/ours. "
-              "Target: ours at least as fast as vLLM on each.", "",
+              "Target: ours at least as fast as vLLM on each. A TPOT is a decode speed only when the "
+              "tokens were streamed: a TPOT p50 whose pace, over every stream, is more than twice the "
+              "tokens/s the engine delivered in that run says the tokens came in bursts (measured "
+              "from the first chunk to the last of a request that arrived nearly at once), and is not "
+              "compared.", "",
               "| streams | tok/s ratio | TTFT ratio | TPOT ratio | verdict |", "|---|---|---|---|---|"]
     for streams in STREAMS:
         ours, theirs = results[("gonogo", streams)], results[("vllm", streams)]
         ratios = (ours["tok_s"] / theirs["tok_s"], theirs["ttft_p50_ms"] / ours["ttft_p50_ms"],
                   theirs["tpot_p50_ms"] / ours["tpot_p50_ms"])
-        ok = all(ratio >= 1.0 for ratio in ratios) and ours["failed"] == 0
-        lines.append(f"| {streams} | {ratios[0]:.2f} | {ratios[1]:.2f} | {ratios[2]:.2f} | {verdict(ok, watch)} |")
+        burst_rows = [(name, row) for name, row in (("gonogo", ours), ("vLLM", theirs)) if sent_in_bursts(row, streams)]
+        compared = ratios[:2] if burst_rows else ratios
+        ok = all(ratio >= 1.0 for ratio in compared) and ours["failed"] == 0
+        note = ""
+        if burst_rows:
+            paces = ", ".join(f"{name} {1000 / row['tpot_p50_ms'] * streams:,.0f} tok/s by TPOT against "
+                              f"{row['tok_s']:,.0f} delivered" for name, row in burst_rows)
+            note = f" (TPOT not compared, tokens sent in bursts: {paces})"
+        lines.append(f"| {streams} | {ratios[0]:.2f} | {ratios[1]:.2f} | {ratios[2]:.2f} | {verdict(ok, watch)}{note} |")
     return lines + [""]
+
+
+def sent_in_bursts(row: dict, streams: int) -> bool:
+    """Whether a run's TPOT p50 paces every stream at more than twice the tokens/s it delivered."""
+    tpot = row["tpot_p50_ms"]
+    return tpot is not None and tpot > 0 and 1000 / tpot * streams > 2 * row["tok_s"]
 
 
 def measure(threads: int, workdir: Path) -> dict:
@@ -436,8 +460,8 @@ def main() -> None:
     # the gonogo server child runs this checkout's code, not whichever gonogo is installed
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     options = {"quick": args.quick, "dtype": args.dtype, "vllm_dtype": vllm_dtype, "threads": args.server_threads}
-    with tempfile.TemporaryDirectory() as workdir, LoadWatch() as watch:
-        results = engines_side_by_side(Path(workdir), **options)
+    with tempfile.TemporaryDirectory() as workdir:
+        results, watch = engines_side_by_side(Path(workdir), **options)
     lines = ["# Serving speed (bench/serve.py)", ""] + engines_report(results, watch, **options)
     if args.transformers:
         lines += transformers_report(args.threads)
