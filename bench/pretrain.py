@@ -134,6 +134,8 @@ FULL_RUNS = [
                                                            "train.precision=fp32"]),
     ("1 proc, bf16, no wrapper", "tiny-dense", 1, SHAPE + ["train.micro_batch_size=8", "train.parallel=none"]),
     ("2 procs, bf16, DDP", "tiny-dense", 2, SHAPE + ["train.micro_batch_size=4", "train.parallel=ddp"]),
+    # the presets' FSDP2 is one unit for these small models; per-block units are the GPU default
+    ("2 procs, bf16, FSDP2 per block", "tiny-dense", 2, SHAPE + ["train.micro_batch_size=4", "train.fsdp_unit=block"]),
     ("2 procs, bf16, MoE 8x top-2, EP=2", "tiny-moe", 2,
      SHAPE + ["train.micro_batch_size=4", "model.moe.expert_ffn_dim=512", "train.expert_parallel=2"]),
 ]
@@ -235,6 +237,8 @@ def render(reference: dict, rows, peaks: dict[str, float], load_before, load_aft
                    ("2 processes / 1 process (bf16, FSDP2)", "2 procs, bf16, FSDP2", "1 proc, bf16, FSDP2"),
                    ("FSDP2 / no wrapper (1 process, fp32)", "1 proc, fp32, FSDP2", "1 proc, fp32, no wrapper"),
                    ("FSDP2 / DDP (2 processes, bf16)", "2 procs, bf16, FSDP2", "2 procs, bf16, DDP"),
+                   ("FSDP2 one unit / per block (2 processes, bf16)", "2 procs, bf16, FSDP2",
+                    "2 procs, bf16, FSDP2 per block"),
                    ("MoE / dense (2 processes, tokens/s)", "2 procs, bf16, MoE 8x top-2, EP=2", "2 procs, bf16, FSDP2")]
     lines += ["", "| comparison | ratio of tokens/s |", "|---|---|"]
     lines += [f"| {label} | {ratio(a, b)} |" for label, a, b in comparisons if a in results and b in results]
