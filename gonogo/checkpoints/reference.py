@@ -244,6 +244,28 @@ def recorded_models(run: Path) -> list[Path]:
     return models
 
 
+def served_model(run: Path) -> Optional[Path]:
+    """The model run directory ``run``'s serve stage served (the newest such stage's
+    ``server.json``), when it is a checkpoint or Hugging Face directory still on disk; else None.
+
+    ``gonogo serve --checkpoint RUN_DIR`` serves that: the plan's product (the laptop plan serves
+    its finetune), not whichever training stage committed last (there, the soak's short run).
+    Training and the other readers keep ``resolve``'s rule.
+    """
+    from gonogo.files import read_json_file
+
+    candidates = []
+    for server_file in Path(run).glob("stages/*/server.json"):
+        served = read_json_file(server_file, "the run directory is damaged; give the model's own directory")
+        checkpoint = Path(served["checkpoint"]) if isinstance(served, dict) and served.get("checkpoint") else None
+        if checkpoint is None or not checkpoint.is_dir():
+            continue
+        if manifest.is_committed(checkpoint) or (checkpoint / manifest.META_NAME).is_file() \
+                or manifest.is_hf_export(checkpoint):  # a model directory, not the run itself
+            candidates.append((server_file.stat().st_mtime, str(checkpoint)))
+    return Path(max(candidates)[1]) if candidates else None
+
+
 def _written_at(path: Path) -> float:
     """When a checkpoint was committed (its COMMITTED file), else when its folder last changed."""
     for candidate in (path / manifest.COMMITTED_NAME, path):

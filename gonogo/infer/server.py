@@ -629,6 +629,12 @@ def command(args) -> int:
     from gonogo.rundir import write_json_atomic
     from pathlib import Path
 
+    from gonogo.checkpoints.reference import served_model
+
+    served = served_model(Path(args.checkpoint)) if Path(args.checkpoint).is_dir() else None
+    if served is not None:  # a run directory: the model its serve stage served
+        log.info("%s: serving the model its serve stage served: %s", args.checkpoint, served)
+        args.checkpoint = str(served)
     if getattr(args, "engine", "gonogo") != "gonogo":  # another engine, as a child of this command
         from gonogo.infer.engines.start import serve_foreground
 

@@ -53,3 +53,35 @@ def test_a_cpu_server_leaves_a_core_to_http_unless_told_its_threads(tmp_path):
         seen[threads] = json.loads(next(line for line in log.splitlines() if line.startswith('{"serving"')))["threads"]
     assert seen[2] == 2
     assert 1 <= seen[None] <= max(1, cores - 1)
+
+
+def test_serve_with_a_run_dir_serves_what_its_serve_stage_served(tmp_path):
+    """A plan's run directory: `gonogo serve --checkpoint RUN` serves the model the run's serve
+    stage served (the laptop plan's finetune), not the training stage that committed last (its
+    soak), and still hashes one checkpoint; a run without a serve stage keeps the newest."""
+    from gonogo.checkpoints.reference import served_model
+    from gonogo.rundir import write_json_atomic
+
+    model = tiny_model()
+    run = tmp_path / "run"
+    finetuned = Checkpointer(run / "checkpoints" / "finetune").save(
+        5, model, torch.optim.AdamW(model.parameters()), None, None, {}, model.config)
+    Checkpointer(run / "checkpoints" / "soak").save(  # committed after the finetune
+        9, model, torch.optim.AdamW(model.parameters()), None, None, {}, model.config)
+    assert served_model(run) is None
+    (run / "stages" / "serve").mkdir(parents=True)
+    write_json_atomic(run / "stages" / "serve" / "server.json", {"url": "http://127.0.0.1:1", "checkpoint": str(finetuned)})
+    (run / "stages" / "other").mkdir()  # a serve stage that served "this run's newest" names the run itself
+    write_json_atomic(run / "stages" / "other" / "server.json", {"checkpoint": str(run)})
+    assert served_model(run) == finetuned
+    workdir = tmp_path / "serve"
+    workdir.mkdir()
+    server = start_server(run, workdir, api_key=None, verbose=True)
+    try:
+        log = server.log_text()
+    finally:
+        server.stop()
+    started = json.loads(next(line for line in log.splitlines() if line.startswith('{"serving"')))
+    assert started["checkpoint_verifications"] == 1
+    verified = [line for line in log.splitlines() if "verified checkpoint" in line]
+    assert len(verified) == 1 and "finetune/step-00000005" in verified[0], log
