@@ -265,29 +265,27 @@ def engines_side_by_side(workdir: Path, *, quick: bool, dtype: str, vllm_dtype: 
     # the watch covers the measurements, with the servers alive: their CPU time (and their worker
     # processes') is read as this benchmark's own; a server stopped inside the watch would take
     # its children's time with it (vLLM's engine processes are not reaped through us)
-    watch = LoadWatch()
     try:
-        watch.__enter__()
-        for round_index in range(rounds):
-            for streams in STREAMS:
-                # alternate who goes first, so neither always follows the other's load
-                order = names if round_index % 2 == 0 else names[::-1]
-                for name in order:
-                    out = workdir / f"{name}-{streams}-{round_index}.json"
-                    result = loadtest(servers[name].url, streams, counts[streams], new_tokens, out)
-                    row = {"tok_s": result["output_throughput"], "ttft_p50_ms": result["median_ttft_ms"],
-                           "tpot_p50_ms": result["median_tpot_ms"], "e2el_p50_ms": result["median_e2el_ms"],
-                           "failed": result["failed"]}
-                    print(f"round {round_index + 1} {name} {streams} stream(s): {row}", flush=True)
-                    best = results.get((name, streams))
-                    # the round with the most tokens/s, its figures together: taking each figure's
-                    # best from another round mixed a round where vLLM streamed (TTFT 15 ms) with
-                    # one where it sent a request's tokens in one burst (TPOT 0.02 ms)
-                    failed = row["failed"] + (best["failed"] if best else 0)
-                    if best is None or row["tok_s"] > best["tok_s"]:
-                        results[(name, streams)] = row
-                    results[(name, streams)]["failed"] = failed
-        watch.__exit__(None, None, None)
+        with LoadWatch() as watch:
+            for round_index in range(rounds):
+                for streams in STREAMS:
+                    # alternate who goes first, so neither always follows the other's load
+                    order = names if round_index % 2 == 0 else names[::-1]
+                    for name in order:
+                        out = workdir / f"{name}-{streams}-{round_index}.json"
+                        result = loadtest(servers[name].url, streams, counts[streams], new_tokens, out)
+                        row = {"tok_s": result["output_throughput"], "ttft_p50_ms": result["median_ttft_ms"],
+                               "tpot_p50_ms": result["median_tpot_ms"], "e2el_p50_ms": result["median_e2el_ms"],
+                               "failed": result["failed"]}
+                        print(f"round {round_index + 1} {name} {streams} stream(s): {row}", flush=True)
+                        best = results.get((name, streams))
+                        # the round with the most tokens/s, its figures together: taking each figure's
+                        # best from another round mixed a round where vLLM streamed (TTFT 15 ms) with
+                        # one where it sent a request's tokens in one burst (TPOT 0.02 ms)
+                        failed = row["failed"] + (best["failed"] if best else 0)
+                        if best is None or row["tok_s"] > best["tok_s"]:
+                            results[(name, streams)] = row
+                        results[(name, streams)]["failed"] = failed
     finally:
         stop_servers(servers)
     return results, watch

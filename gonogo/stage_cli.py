@@ -138,6 +138,10 @@ def command(args: argparse.Namespace) -> int:
         return code
     data = command.settings(args) if command.settings is not None else derived_settings(kind.settings, args)
     settings = validate(kind.settings, data, f"gonogo {kind.name}")
+    if getattr(args, "out", None) is not None:
+        from gonogo.files import check_output_dir
+
+        check_output_dir(args.out)  # before the kind's checks, some of which hash a whole model
     command.check(args, settings)
     run_dir = command.continue_run(args, settings)
     console = Console(stderr=True)

@@ -14,22 +14,27 @@ from gonogo.checkpoints.checkpointer import Checkpointer
 from .conftest import start_server, tiny_model
 
 
-def test_serve_with_a_run_dir_verifies_its_checkpoint_once(tmp_path):
-    model = tiny_model()
-    checkpointer = Checkpointer(tmp_path / "run" / "checkpoints" / "train")
-    for step in (5, 10):  # the run's newest is the one served (and the only one hashed)
-        checkpointer.save(step, model, torch.optim.AdamW(model.parameters()), None, None, {}, model.config)
-    workdir = tmp_path / "serve"
+def _served(checkpoint, workdir, **options) -> tuple[dict, list[str]]:
+    """Start `gonogo serve -v` on ``checkpoint`` and stop it: its start-up line (parsed) and the
+    log lines that say a checkpoint was verified."""
     workdir.mkdir()
-    server = start_server(tmp_path / "run", workdir, api_key=None, verbose=True)
+    server = start_server(checkpoint, workdir, api_key=None, verbose=True, **options)
     try:
         log = server.log_text()
     finally:
         server.stop()
     started = json.loads(next(line for line in log.splitlines() if line.startswith('{"serving"')))
+    return started, [line for line in log.splitlines() if "verified checkpoint" in line]
+
+
+def test_serve_with_a_run_dir_verifies_its_checkpoint_once(tmp_path):
+    model = tiny_model()
+    checkpointer = Checkpointer(tmp_path / "run" / "checkpoints" / "train")
+    for step in (5, 10):  # the run's newest is the one served (and the only one hashed)
+        checkpointer.save(step, model, torch.optim.AdamW(model.parameters()), None, None, {}, model.config)
+    started, verified = _served(tmp_path / "run", tmp_path / "serve")
     assert started["checkpoint_verifications"] == 1
-    verified = [line for line in log.splitlines() if "verified checkpoint" in line]
-    assert len(verified) == 1 and "step-00000010" in verified[0] and "(blake3)" in verified[0], log
+    assert len(verified) == 1 and "step-00000010" in verified[0] and "(blake3)" in verified[0], verified
 
 
 def test_a_cpu_server_leaves_a_core_to_http_unless_told_its_threads(tmp_path):
@@ -41,16 +46,8 @@ def test_a_cpu_server_leaves_a_core_to_http_unless_told_its_threads(tmp_path):
     model = tiny_model()
     Checkpointer(tmp_path / "run" / "checkpoints" / "train").save(
         1, model, torch.optim.AdamW(model.parameters()), None, None, {}, model.config)
-    seen = {}
-    for threads in (None, 2):
-        workdir = tmp_path / f"serve-{threads}"
-        workdir.mkdir()
-        server = start_server(tmp_path / "run", workdir, api_key=None, threads=threads)
-        try:
-            log = server.log_text()
-        finally:
-            server.stop()
-        seen[threads] = json.loads(next(line for line in log.splitlines() if line.startswith('{"serving"')))["threads"]
+    seen = {threads: _served(tmp_path / "run", tmp_path / f"serve-{threads}", threads=threads)[0]["threads"]
+            for threads in (None, 2)}
     assert seen[2] == 2
     assert 1 <= seen[None] <= max(1, cores - 1)
 
@@ -74,14 +71,6 @@ def test_serve_with_a_run_dir_serves_what_its_serve_stage_served(tmp_path):
     (run / "stages" / "other").mkdir()  # a serve stage that served "this run's newest" names the run itself
     write_json_atomic(run / "stages" / "other" / "server.json", {"checkpoint": str(run)})
     assert served_model(run) == finetuned
-    workdir = tmp_path / "serve"
-    workdir.mkdir()
-    server = start_server(run, workdir, api_key=None, verbose=True)
-    try:
-        log = server.log_text()
-    finally:
-        server.stop()
-    started = json.loads(next(line for line in log.splitlines() if line.startswith('{"serving"')))
+    started, verified = _served(run, tmp_path / "serve")
     assert started["checkpoint_verifications"] == 1
-    verified = [line for line in log.splitlines() if "verified checkpoint" in line]
-    assert len(verified) == 1 and "finetune/step-00000005" in verified[0], log
+    assert len(verified) == 1 and "finetune/step-00000005" in verified[0], verified

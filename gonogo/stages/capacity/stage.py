@@ -267,15 +267,13 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def _check(args: argparse.Namespace, settings: CapacityStageSettings) -> None:
     """Everything the estimate can refuse, and the outputs, before the run directory exists."""
-    from gonogo.files import check_output_dir, check_output_file
+    from gonogo.files import check_output_file
 
     if settings.gpu == THIS_MACHINE:
         raise UserError("--gpu this-machine works inside a plan (after doctor, collectives and train "
                         "stages); on the command line name a GPU kind: " + ", ".join(gpu_names()))
     if args.json and args.json != "-":
         check_output_file(args.json, "--json")
-    if args.out is not None:
-        check_output_dir(args.out)
     check_layout(settings)
 
 

@@ -303,7 +303,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def _check(args: argparse.Namespace, settings: EvalSettings) -> None:
     """Everything the user gave, before the run directory exists: a damaged model leaves nothing."""
-    from gonogo.files import check_output_dir, check_output_file
+    from gonogo.files import check_output_file
     from gonogo.checkpoints import check_readable
     from gonogo.checkpoints.reference import resolve_path
 
@@ -313,8 +313,6 @@ def _check(args: argparse.Namespace, settings: EvalSettings) -> None:
         raise UserError(f"--data {args.data}: no such file (give a JSONL file of {{\"prompt\", \"answer\"}} lines)")
     if args.json:
         check_output_file(args.json, "--json")  # before the evaluation, not after it
-    if args.out is not None:
-        check_output_dir(args.out)
     for model in (checkpoint, compare):
         if model is not None:
             check_readable(model)

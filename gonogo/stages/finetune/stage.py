@@ -24,7 +24,6 @@ from typing import Any, Optional, Union
 from pydantic import Field
 
 from gonogo.errors import UserError
-from gonogo.files import check_output_dir
 from gonogo.rundir import RunDir, write_json_atomic
 from gonogo.stages.base import Metrics, ReportItem, StageCommand, StageContext, StageKind, StageSettings
 from gonogo.stages.train import stage as train_stage
@@ -217,9 +216,7 @@ def _config(settings: FinetuneStageSettings) -> TrainConfig:
 
 
 def _check(args: argparse.Namespace, settings: FinetuneStageSettings) -> None:
-    if args.out is not None:  # before the pretrained model is read, not after
-        check_output_dir(args.out)
-    config = _config(settings)
+    config = _config(settings)  # --out was checked before (gonogo.stage_cli), the model is read here
     if config.data.source not in ("synthetic", "stdlib"):
         source = str(Path(config.data.source).expanduser().resolve())
         config = config.model_copy(update={"data": config.data.model_copy(update={"source": source})})

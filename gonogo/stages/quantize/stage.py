@@ -347,12 +347,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check(args: argparse.Namespace, settings: QuantizeSettings) -> None:
-    """The output, then the model, before the run directory exists: a damaged model leaves nothing."""
+    """The model, before the run directory exists (--out was checked before): a damaged model leaves nothing."""
     from gonogo.checkpoints import check_readable
-    from gonogo.files import check_output_dir
 
-    if args.out is not None:
-        check_output_dir(args.out)  # before the checkpoint is read, not after the quantization
     check_readable(_source(args.checkpoint))
 
 
