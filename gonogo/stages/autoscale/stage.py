@@ -353,7 +353,10 @@ class DrillSettings(Strict):
     high_max_s: float = Field(60.0, gt=0)          # bound on the peak (scale-up and recovery)
     down_max_s: float = Field(60.0, gt=0)          # bound on waiting for the scale-down after the ramp
     slo_ttft_p95_ms: float = Field(1000.0, gt=0)
-    max_tokens: int = Field(16, ge=1)
+    # 64 new tokens a request: at 16, a request's fixed cost (HTTP through the router, the client)
+    # set the peak near 40 requests/s, and the router and load generator in this process fell
+    # behind on a 2-core machine (a backlog that never drained in CI); at 64 the peak is ~20/s
+    max_tokens: int = Field(64, ge=1)
     checkpoint: Optional[str] = None               # the model the replicas serve (default: a tiny one)
 
 
