@@ -67,6 +67,10 @@ class Analysis(Strict):
     quality_prompts: int = Field(8, ge=0)    # held-out problems asked of the canary at each step
     quality_seed: int = 0
     quality_max_tokens: int = Field(64, ge=1)
+    # quality prompts in flight at once: an engine's batch (16 rows by default) keeps a production
+    # canary's probe to one batch; the drill asks all of its prompts at once (a latency it injects
+    # in front of the engine is then paid once per check, not once per 16 prompts)
+    quality_concurrency: int = Field(16, ge=1)
     # how the quality prompts are asked: "auto" = the chat API for a server gonogo started from a
     # finetuned (chat) checkpoint, plain completions otherwise; "chat" / "text" force one
     quality_format: Literal["auto", "chat", "text"] = "auto"
@@ -216,12 +220,9 @@ def quality_problems(analysis: Analysis):
     return generate("heldout", analysis.quality_seed, analysis.quality_prompts)
 
 
-QUALITY_CONCURRENCY = 16
-
-
 def measure_accuracy(router_url: str, side: str, model: str, problems, *, max_tokens: int,
                      timeout: float = 30.0, headers: Optional[dict[str, str]] = None,
-                     chat: bool = False) -> tuple[Optional[float], int]:
+                     chat: bool = False, concurrency: int = 16) -> tuple[Optional[float], int]:
     """Greedy exact-match accuracy of ``side`` (pinned through the router) -> (accuracy, errors).
 
     A chat (finetuned) model is asked the question through /v1/chat/completions, a pretrained one
@@ -256,11 +257,11 @@ def measure_accuracy(router_url: str, side: str, model: str, problems, *, max_to
         except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
             return None
 
-    # asked together, up to an engine's batch (16 rows by default) at a time: a slow canary costs one
-    # latency per 16 prompts, not one per prompt (at 4 at a time, the laptop plan's latency drill,
-    # whose 48 prompts each wait 1.5 s, took 44 s of the canary-degraded stage's 76 s)
+    # asked together, ``concurrency`` at a time: a slow canary costs one latency per that many
+    # prompts, not one per prompt (at 4 at a time, the laptop plan's latency drill, whose 48 prompts
+    # each wait 1.5 s, took 44 s of the canary-degraded stage's 76 s)
     with httpx.Client(timeout=timeout) as client, \
-            ThreadPoolExecutor(max_workers=min(QUALITY_CONCURRENCY, max(len(problems), 1))) as pool:
+            ThreadPoolExecutor(max_workers=min(concurrency, max(len(problems), 1))) as pool:
         answers = list(pool.map(lambda problem: ask(client, problem), problems))
     correct = sum(1 for answer in answers if answer)
     errors = sum(1 for answer in answers if answer is None)

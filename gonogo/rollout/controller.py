@@ -117,6 +117,7 @@ class Controller:
             return None, 0
         return measure_accuracy(self.router_url, name, side.model, problems,
                                 max_tokens=self.analysis.quality_max_tokens,
+                                concurrency=self.analysis.quality_concurrency,
                                 chat=side.chat if self.analysis.quality_format == "auto"
                                 else self.analysis.quality_format == "chat")
 

@@ -102,3 +102,55 @@ def test_the_canary_stage_kind_is_registered_with_its_metrics():
     settings = kind.settings(stable="runs/x", canary="http://127.0.0.1:8001")
     assert {"promoted", "rolled_back", "failed_checks", "client_errors", "time_to_decision_s"} <= kind.metrics(settings)
     assert kind.devices(settings) == 1   # only the stable server is started by the stage
+
+
+@pytest.mark.parametrize("concurrency", [4, 12])
+def test_the_quality_probe_keeps_at_most_its_concurrency_in_flight(concurrency):
+    """A real threaded HTTP server on 127.0.0.1 that holds each answer 0.5 s and counts how many
+    requests it held at once: the probe fills but never exceeds its concurrency."""
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from gonogo.data.synthetic import generate
+    from gonogo.rollout.analysis import measure_accuracy
+
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            with lock:
+                state["now"] += 1
+                state["most"] = max(state["most"], state["now"])
+            time.sleep(0.5)
+            with lock:
+                state["now"] -= 1
+            body = json.dumps({"choices": [{"index": 0, "text": "#### 0", "finish_reason": "stop"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        problems = generate("heldout", 0, 12)
+        accuracy, errors = measure_accuracy(f"http://127.0.0.1:{server.server_address[1]}", "canary", "m", problems,
+                                            max_tokens=8, concurrency=concurrency)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert errors == 0 and accuracy is not None
+    assert state["most"] == concurrency
+    assert Analysis(quality_concurrency=concurrency).quality_concurrency == concurrency

@@ -484,6 +484,9 @@ def run_canary_drill(out_dir: Path, checkpoint: str | Path, *, steps: tuple[int,
     # latency checks are relative to stable and absolute with room for a loaded machine
     analysis = Analysis(steps=list(steps), interval_s=interval_s, threshold=threshold,
                         quality_prompts=quality_prompts, quality_max_tokens=96, ratio_floor_ms=200.0,
+                        # every prompt at once: the latency drill's 1.5 s is paid once per check
+                        # (at 16 at a time, three times: its decision took 15 s of the stage's 43 s)
+                        quality_concurrency=max(1, quality_prompts),
                         # the drill's canaries are attached by URL: say how the model is asked
                         quality_format="chat" if _is_chat_checkpoint(str(checkpoint)) else "text",
                         # the good canary is the stable model itself, so its greedy answers (and
