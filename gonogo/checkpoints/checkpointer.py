@@ -329,9 +329,12 @@ class Checkpointer:
             # shared memory: the staged copy goes to the background process without another copy
             self._stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=_dist() is not None,
                                                         use_async_staging=False, use_non_blocking_copy=False))
+        from gonogo.checkpoints.dcp_filesystem import crc_free_storage_writer
+
         with _single_process_quiet():
-            response = dcp.async_save(state, checkpoint_id=str(directory), async_checkpointer_type=kind,
-                                      async_stager=self._stager, no_dist=_dist() is None)
+            response = dcp.async_save(state, storage_writer=crc_free_storage_writer(directory),
+                                      async_checkpointer_type=kind, async_stager=self._stager,
+                                      no_dist=_dist() is None)
         return getattr(response, "upload_completion", response)
 
     def _commit_when_written(self, pending: "_PendingSave", temporary, meta_record, train_state, known) -> None:

@@ -411,3 +411,36 @@ def test_a_sha256_manifest_of_an_older_checkpoint_still_verifies(tmp_path):
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
     assert verify_checkpoint(path) == (False, "dcp/__0_0.distcp: sha256 does not match the manifest (corrupted)")
+
+
+def _zip_record_crcs(path: Path) -> list[int]:
+    """The CRC-32 field of every zip central directory entry in ``path`` (a DCP shard is torch.save
+    records, each a small zip archive, one after another; torch writes the CRC there and in a data
+    descriptor, the local headers hold 0)."""
+    import struct
+
+    data, crcs, at = path.read_bytes(), [], 0
+    while (at := data.find(b"PK\x01\x02", at)) != -1:
+        crcs.append(struct.unpack_from("<I", data, at + 16)[0])
+        at += 4
+    return crcs
+
+
+def test_dcp_shards_are_written_without_zip_crc32_and_the_option_is_restored(tmp_path):
+    """The BLAKE3 of each file covers its bytes, so torch.save's CRC-32 (45% of a sync save) is not
+    computed for a checkpoint's shards; the process-wide option comes back as it was, and the
+    checkpoint loads exactly."""
+    job = make_job()
+    train(*job, steps=2)
+    assert torch.serialization.get_crc32_options() is True
+    path = save(Checkpointer(tmp_path), 2, job)
+    assert torch.serialization.get_crc32_options() is True
+    shards = sorted((path / "dcp").glob("*.distcp"))
+    crcs = [crc for shard in shards for crc in _zip_record_crcs(shard)]
+    assert shards and crcs and set(crcs) == {0}
+    # the same tensors saved by a plain torch.save carry CRCs: the check above can fail
+    torch.save(job[0].state_dict(), tmp_path / "plain.pt")
+    assert any(_zip_record_crcs(tmp_path / "plain.pt"))
+    restored = make_job(seed=1)
+    Checkpointer(tmp_path).load(path, *restored, model_config=CONFIG)
+    assert_same_snapshot(snapshot(restored[0], restored[1]), snapshot(job[0], job[1]))
