@@ -5,7 +5,7 @@ both meshes (gradients)."""
 from gonogo.parallel.expert import reduce_expert_gradients
 from gonogo.parallel.gradients import clip_grad_norm
 from gonogo.parallel.parallelize import autocast, parallelize, set_gradient_sync, unwrap
-from gonogo.parallel.world import World, build_meshes, init_distributed
+from gonogo.parallel.world import World, build_meshes, init_distributed, leave_together
 
-__all__ = ["World", "autocast", "build_meshes", "clip_grad_norm", "init_distributed", "parallelize",
+__all__ = ["World", "autocast", "build_meshes", "clip_grad_norm", "init_distributed", "leave_together", "parallelize",
            "reduce_expert_gradients", "set_gradient_sync", "unwrap"]

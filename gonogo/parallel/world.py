@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -64,3 +65,18 @@ def build_meshes(world: World, expert_parallel: int) -> None:
                                 mesh_dim_names=("edp", "ep"))
         world.ep_mesh = mesh["ep"]
         world.edp_group = mesh["edp"].get_group()
+
+
+def leave_together(dist, world_size: int, timeout_s: float = 60.0) -> None:
+    """Wait, through the rendezvous store rather than gloo, until every rank has left the last
+    barrier: a rank returns from a gloo barrier while its own last message to a peer may still be
+    in flight, and tearing the pairs down then aborted the peer. Once every rank is here, no gloo
+    traffic is pending in either direction. Bounded: a peer that never comes is left behind."""
+    if world_size <= 1:
+        return
+    store = dist.distributed_c10d._get_default_store()
+    key = f"gonogo-leave-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout_s
+    while store.add(key, 0) < world_size and time.monotonic() < deadline:
+        time.sleep(0.01)

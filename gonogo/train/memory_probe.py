@@ -92,7 +92,7 @@ def probe_main(argv=None) -> int:
     import torch.distributed as dist
 
     from gonogo.rundir import write_json_atomic
-    from gonogo.parallel import init_distributed
+    from gonogo.parallel import init_distributed, leave_together
     from gonogo.train.job import read_job
 
     job = read_job(args.job)
@@ -103,6 +103,7 @@ def probe_main(argv=None) -> int:
         if result is not None:
             write_json_atomic(job.stage_dir / RESULT_NAME, result)
         dist.barrier()
+        leave_together(dist, world.world_size)  # as the trainer's workers: no rank tears its pairs down early
     finally:
         dist.destroy_process_group()
     return 0

@@ -17,23 +17,6 @@ from gonogo.rundir import write_json_atomic
 from gonogo.train.job import read_job
 
 
-def leave_together(dist, world_size: int, timeout_s: float = 60.0) -> None:
-    """Wait, through the rendezvous store rather than gloo, until every rank has left the last
-    barrier: a rank returns from a gloo barrier while its own last message to a peer may still be
-    in flight, and tearing the pairs down then aborted the peer. Once every rank is here, no gloo
-    traffic is pending in either direction. Bounded: a peer that never comes is left behind."""
-    import time
-
-    if world_size <= 1:
-        return
-    store = dist.distributed_c10d._get_default_store()
-    key = f"gonogo-leave-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    store.add(key, 1)
-    deadline = time.monotonic() + timeout_s
-    while store.add(key, 0) < world_size and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gonogo.train.worker")
     parser.add_argument("job", type=Path, help="the resolved job JSON written by the parent")
@@ -45,7 +28,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from gonogo.train.loop import train
-    from gonogo.parallel import init_distributed
+    from gonogo.parallel import init_distributed, leave_together
 
     job = read_job(args.job)
     world = init_distributed(job.config.train.init_timeout_s)

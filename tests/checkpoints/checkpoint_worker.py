@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from gonogo.checkpoints.checkpointer import Checkpointer
 from gonogo.model.shape import ModelConfig
-from gonogo.train.worker import leave_together
+from gonogo.parallel import leave_together
 
 CONFIG = ModelConfig(d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=32)
 

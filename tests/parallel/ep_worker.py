@@ -19,7 +19,7 @@ from gonogo.model.shape import ModelConfig, MoEConfig
 from gonogo.model.decoder import Decoder
 from gonogo.parallel.expert import (ExpertParallelExperts, ShardedExperts, apply_expert_parallel,
                                    gather_full_state_dict, load_full_state_dict, shard_experts)
-from gonogo.train.worker import leave_together
+from gonogo.parallel import leave_together
 
 SCENARIOS = {
     "softmax-shared": MoEConfig(n_experts=4, top_k=2, expert_ffn_dim=24, n_shared_experts=1, aux_loss_coef=0.01),

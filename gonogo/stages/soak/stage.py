@@ -156,7 +156,7 @@ def worker(job_path: Path) -> int:
     from gonogo.checkpoints.checkpointer import Checkpointer
     from gonogo.train.config import TrainConfig, gradient_accumulation
     from gonogo.train.telemetry import make_utilization
-    from gonogo.parallel import build_meshes, clip_grad_norm, init_distributed
+    from gonogo.parallel import build_meshes, clip_grad_norm, init_distributed, leave_together
 
     job = json.loads(job_path.read_text(encoding="utf-8"))
     config = TrainConfig.model_validate(job["config"])
@@ -298,6 +298,7 @@ def worker(job_path: Path) -> int:
             event("soak_finished", steps=step, checkpoints=len(timeline["checkpoints"]),
                   checkpoints_kept=timeline["checkpoints_kept"])
         dist.barrier()
+        leave_together(dist, world.world_size)  # as the trainer's workers: no rank tears its pairs down early
     finally:
         dist.destroy_process_group()
     return 0
