@@ -363,6 +363,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results = benchmark.run()
         if benchmark.rank == 0:
             write_json_atomic(Path(args.results), results)
+        from gonogo.parallel import leave_together
+
+        # as the trainer's workers: every rank leaves the last collective before any tears its pairs down
+        benchmark.where = "leaving"
+        benchmark.dist.barrier(group=benchmark.control)
+        leave_together(benchmark.dist, benchmark.world)
         benchmark.dist.destroy_process_group()
         return 0
     except Exception as error:  # any failure ends this rank with one clear line for the parent
