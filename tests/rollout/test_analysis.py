@@ -106,8 +106,9 @@ def test_the_canary_stage_kind_is_registered_with_its_metrics():
 
 @pytest.mark.parametrize("concurrency", [4, 12])
 def test_the_quality_probe_keeps_at_most_its_concurrency_in_flight(concurrency):
-    """A real threaded HTTP server on 127.0.0.1 that holds each answer 0.5 s and counts how many
-    requests it held at once: the probe fills but never exceeds its concurrency."""
+    """A real threaded HTTP server on 127.0.0.1 that holds each request until ``concurrency`` of
+    them are in (a barrier, at most 10 s: a loaded machine may start the client's threads slowly)
+    and counts how many it held at once: the probe fills but never exceeds its concurrency."""
     import json
     import threading
     import time
@@ -117,6 +118,7 @@ def test_the_quality_probe_keeps_at_most_its_concurrency_in_flight(concurrency):
     from gonogo.rollout.analysis import measure_accuracy
 
     lock, state = threading.Lock(), {"now": 0, "most": 0}
+    together = threading.Barrier(concurrency, timeout=10)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -129,7 +131,11 @@ def test_the_quality_probe_keeps_at_most_its_concurrency_in_flight(concurrency):
             with lock:
                 state["now"] += 1
                 state["most"] = max(state["most"], state["now"])
-            time.sleep(0.5)
+            try:
+                together.wait()  # one wave of `concurrency` requests at a time (12 problems: whole waves)
+            except threading.BrokenBarrierError:  # fewer came within 10 s: `most` shows it
+                pass
+            time.sleep(0.05)
             with lock:
                 state["now"] -= 1
             body = json.dumps({"choices": [{"index": 0, "text": "#### 0", "finish_reason": "stop"}]}).encode()
