@@ -57,6 +57,9 @@ class Thresholds(Strict):
         return self.accuracy is not None or self.accuracy_drop is not None
 
 
+QUALITY_CONCURRENCY = 16  # quality prompts in flight at once by default: an engine's batch
+
+
 class Analysis(Strict):
     """How the rollout advances: steps (percent), interval per step, failed checks allowed."""
 
@@ -70,7 +73,7 @@ class Analysis(Strict):
     # quality prompts in flight at once: an engine's batch (16 rows by default) keeps a production
     # canary's probe to one batch; the drill asks all of its prompts at once (a latency it injects
     # in front of the engine is then paid once per check, not once per 16 prompts)
-    quality_concurrency: int = Field(16, ge=1)
+    quality_concurrency: int = Field(QUALITY_CONCURRENCY, ge=1)
     # how the quality prompts are asked: "auto" = the chat API for a server gonogo started from a
     # finetuned (chat) checkpoint, plain completions otherwise; "chat" / "text" force one
     quality_format: Literal["auto", "chat", "text"] = "auto"
@@ -222,7 +225,7 @@ def quality_problems(analysis: Analysis):
 
 def measure_accuracy(router_url: str, side: str, model: str, problems, *, max_tokens: int,
                      timeout: float = 30.0, headers: Optional[dict[str, str]] = None,
-                     chat: bool = False, concurrency: int = 16) -> tuple[Optional[float], int]:
+                     chat: bool = False, concurrency: int = QUALITY_CONCURRENCY) -> tuple[Optional[float], int]:
     """Greedy exact-match accuracy of ``side`` (pinned through the router) -> (accuracy, errors).
 
     A chat (finetuned) model is asked the question through /v1/chat/completions, a pretrained one
