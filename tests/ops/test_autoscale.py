@@ -25,7 +25,7 @@ def wait_for(condition, seconds=10.0):
 def test_scales_up_only_with_a_ready_replica_and_down_after_the_cooldown_and_the_drain():
     # one request running on two replicas (0.5 per replica) is below the down threshold
     settings = AutoscaleSettings(max_replicas=2, scale_up_threshold=1.0, scale_down_threshold=0.6, cooldown_s=0.6,
-                                 interval_s=0.05)
+                                 interval_s=0.05, window_s=0.2)
     pool = Pool(settings)
     pool.add(Replica("replica-1", "http://127.0.0.1:1"))
     starting = threading.Event()
@@ -63,6 +63,31 @@ def test_scales_up_only_with_a_ready_replica_and_down_after_the_cooldown_and_the
         autoscaler.stop()
     names = [e["event"] for e in autoscaler.events]
     assert names == ["scale_up_triggered", "replica_ready", "scale_down_triggered", "replica_removed"]
+
+
+def test_one_request_in_flight_now_and_then_is_not_a_scale_up_but_a_sustained_queue_is():
+    # 1 request at a time for 0.1 s of every 0.5 s: the gauge reads 1.0 (above 0.6) at some
+    # instants, its mean over the window is ~0.2 (CI: such a blip scaled the pool up right after a
+    # scale-down); a queue of 3 that stays is
+    settings = AutoscaleSettings(max_replicas=2, scale_up_threshold=0.6, scale_down_threshold=0.15, cooldown_s=5.0,
+                                 interval_s=0.02, window_s=1.0)
+    pool = Pool(settings)
+    pool.add(Replica("replica-1", "http://127.0.0.1:1"))
+    autoscaler = Autoscaler(pool, lambda name: Replica(name, "http://127.0.0.1:2"), lambda replica: None).start()
+    try:
+        for _ in range(6):
+            pool.replicas[0].in_flight = 1
+            time.sleep(0.1)
+            pool.replicas[0].in_flight = 0
+            time.sleep(0.4)
+        assert [e["event"] for e in autoscaler.events] == []
+        assert max(s["concurrency"] for s in autoscaler.samples) == 1.0      # the blips were read
+        assert max(s["signal"] for s in autoscaler.samples[len(autoscaler.samples) // 2:]) < 0.6
+        with pool._lock:
+            pool.waiting = 3
+        assert wait_for(lambda: len(pool.ready()) == 2, 5.0)
+    finally:
+        autoscaler.stop()
 
 
 def test_a_replica_that_cannot_start_is_an_event_not_a_scale_up():

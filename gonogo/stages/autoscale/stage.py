@@ -4,8 +4,9 @@ The pool forwards each request to the ready replica with the fewest requests in 
 replica takes at most ``max_concurrency`` at once and the rest wait at the router (the queue
 depth; Knative's container concurrency). Every ``interval_s`` the autoscaler reads one signal:
 
-- ``concurrency``: (running + queued) requests per ready replica (Knative's KPA, KEDA's average);
-- ``queue_depth``: requests waiting at the router;
+- ``concurrency``: (running + queued) requests per ready replica (Knative's KPA, KEDA's average),
+  the mean of the readings over the last ``window_s`` (Knative's stable window);
+- ``queue_depth``: requests waiting at the router, the mean over the last ``window_s``;
 - ``ttft_p95_ms``: the p95 time to first token of the requests that ended in the last ``window_s``.
 
 Above ``scale_up_threshold`` it starts one replica (``gonogo serve``, started like the canary
@@ -19,6 +20,7 @@ ScaledObject (Prometheus trigger on the servers' /metrics) and an HPA (autoscali
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -50,7 +52,7 @@ class AutoscaleSettings(Strict):
     scale_down_threshold: float = Field(0.5, ge=0)
     cooldown_s: float = Field(6.0, gt=0)           # scale-down stabilisation window
     interval_s: float = Field(0.5, gt=0)           # how often the signal is read
-    window_s: float = Field(3.0, gt=0)             # the TTFT p95 window
+    window_s: float = Field(3.0, gt=0)             # the signal's window: TTFT p95, mean concurrency / queue
     max_concurrency: int = Field(2, ge=1)          # requests per replica at once; more wait (queue depth)
     readiness_timeout_s: float = Field(180.0, gt=0)
     drain_timeout_s: float = Field(30.0, gt=0)
@@ -289,11 +291,22 @@ class Autoscaler:
         below_since: Optional[float] = None
         last_scale = -math.inf
         settings = self.settings
+        recent: collections.deque[tuple[float, float]] = collections.deque()
         while not self._stop.wait(settings.interval_s):
             now = time.monotonic()
             signals = self.pool.signals(now)
             value = signals[settings.metric]
-            self.samples.append({"t": round(now - self.t0, 3), **signals})
+            if settings.metric != "ttft_p95_ms" and value is not None:
+                # a gauge read once is one instant: one request in flight at 1 request/s reads 1.0 and
+                # scaled a pool up (CI). The decision uses the mean of the readings over window_s, as
+                # Knative averages concurrency over its stable window; the TTFT p95 is windowed already
+                recent.append((now, value))
+                while recent and recent[0][0] < now - settings.window_s:
+                    recent.popleft()
+                value = sum(v for _, v in recent) / len(recent)
+            self.samples.append({"t": round(now - self.t0, 3), **signals, "signal": value})
+            if settings.metric != "ttft_p95_ms" and now - self.t0 < settings.window_s:
+                continue                            # no decision on a part of a window
             replicas = signals["replicas"]
             try:
                 if value is not None and value > settings.scale_up_threshold and replicas < settings.max_replicas:
@@ -537,10 +550,10 @@ def run_drill(settings: DrillSettings, directory: Path, *, on_event: Callable[..
         time.sleep(1.0)
         marks["end"] = time.monotonic() - t0
     finally:
+        if autoscaler is not None:      # the drill is over: no scaling while the last requests end
+            autoscaler.stop()
         if load is not None:
             load.stop()
-        if autoscaler is not None:
-            autoscaler.stop()
         if server is not None:
             server.stop()
         for replica in started:
