@@ -278,6 +278,13 @@ class Router:
             if completed:
                 if record.ttft is None:
                     record.ttft = time.monotonic() - record.started
+                    if streaming and record.status < 400:
+                        # a stream that ended without text: the client (vLLM's benchmark, gonogo
+                        # loadtest) counts the request as failed. It is the answering side's (a
+                        # degraded model that stops at once), not the router's: the canary drill
+                        # had blamed such requests on the router
+                        record.error_source = record.side
+                        record.error = "the stream carried no text"
                 record.ok = record.status < 500
                 if not record.ok:
                     record.error_source = record.side

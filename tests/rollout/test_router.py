@@ -82,3 +82,32 @@ def test_a_dead_backend_is_a_502_blamed_on_it_not_on_the_router(backends):
         assert httpx.get(f"{server.url}/router/health").status_code == 200   # the router lives on
     finally:
         server.stop()
+
+
+def test_a_stream_without_text_is_blamed_on_the_side_that_sent_it(backends):
+    # a model that stops at once streams [DONE] and no text: clients count the request as failed,
+    # and the failure is that side's, not the router's
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    from gonogo.rollout.router import ThreadedServer
+
+    async def chat(_request):
+        async def chunks():
+            yield b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+            yield b"data: [DONE]\n\n"
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    silent = ThreadedServer(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])).start()
+    router, server = start_router(backends[0], silent.url)
+    try:
+        assert _stream(server.url, {ROUTE_HEADER: "canary"})[0] == "canary"
+        assert _stream(server.url, {ROUTE_HEADER: "stable"})[0] == "stable"
+        silent_record, talking_record = router.all_records()
+        assert silent_record.error_source == "canary" and "no text" in silent_record.error
+        assert silent_record.ok          # a 200: Flagger's success rate counts 5xx only
+        assert talking_record.error_source is None
+    finally:
+        server.stop()
+        silent.stop()

@@ -38,7 +38,7 @@ from gonogo.infer.engines.start import (
     preflight,
     start_engine,
 )
-from gonogo.rollout.analysis import CHECKS, Analysis, check_consistent, parse_check
+from gonogo.rollout.analysis import CHECKS, QUALITY_CONCURRENCY, Analysis, check_consistent, parse_check
 from gonogo.rollout.controller import Controller, Side, Webhooks
 from gonogo.stages.base import ReportItem, StageCommand, StageKind, StageSettings
 from gonogo.typed_config import Strict
@@ -485,9 +485,11 @@ def run_canary_drill(out_dir: Path, checkpoint: str | Path, *, steps: tuple[int,
     # latency checks are relative to stable and absolute with room for a loaded machine
     analysis = Analysis(steps=list(steps), interval_s=interval_s, threshold=threshold,
                         quality_prompts=quality_prompts, quality_max_tokens=96, ratio_floor_ms=200.0,
-                        # every prompt at once: the latency drill's 1.5 s is paid once per check
-                        # (at 16 at a time, three times: its decision took 15 s of the stage's 43 s)
-                        quality_concurrency=max(1, quality_prompts),
+                        # half an engine's batch (16 rows) at a time: the drill's traffic still
+                        # finds a free row. All 48 at once queued the traffic behind 32 probe
+                        # prompts (a good canary's p99 4.8x stable's on a slow AVX2 EPYC: rolled
+                        # back) and, two drills side by side, overflowed the stable server (429)
+                        quality_concurrency=max(1, min(quality_prompts, QUALITY_CONCURRENCY // 2)),
                         # the drill's canaries are attached by URL: say how the model is asked
                         quality_format="chat" if _is_chat_checkpoint(str(checkpoint)) else "text",
                         # the good canary is the stable model itself, so its greedy answers (and
