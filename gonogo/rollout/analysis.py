@@ -71,8 +71,8 @@ class Analysis(Strict):
     quality_seed: int = 0
     quality_max_tokens: int = Field(64, ge=1)
     # quality prompts in flight at once: an engine's batch (16 rows by default) keeps a production
-    # canary's probe to one batch; the drill asks all of its prompts at once (a latency it injects
-    # in front of the engine is then paid once per check, not once per 16 prompts)
+    # canary's probe to one batch; the canary drill asks half of that, so its own traffic still
+    # finds a free row
     quality_concurrency: int = Field(QUALITY_CONCURRENCY, ge=1)
     # how the quality prompts are asked: "auto" = the chat API for a server gonogo started from a
     # finetuned (chat) checkpoint, plain completions otherwise; "chat" / "text" force one
