@@ -174,6 +174,9 @@ class Engine:
         self.restarts = 0
         self.last_error: Optional[str] = None          # the latest engine-level failure, restarted or not
         self._admitting: list[Request] = []            # taken off the queue, not yet in _running
+        # called by the engine thread after every iteration of its loop (a step, or an idle wait
+        # of at most 0.5 s): gonogo/infer/engine_process.py sends a step's events in one message
+        self.on_iteration: Optional[Callable[[], None]] = None
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -257,14 +260,7 @@ class Engine:
     # -- submitting ------------------------------------------------------------------------
     def check(self, prompt_tokens: int, params: SamplingParams) -> Optional[str]:
         """Why a request cannot be served (a user's mistake), or None."""
-        if prompt_tokens < 1:
-            return "the prompt is empty"
-        if prompt_tokens + params.max_tokens > self.max_len:
-            return (f"prompt ({prompt_tokens} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                    f"model's context of {self.max_len} tokens; shorten the prompt or lower max_tokens")
-        if params.n > self.settings.max_batch:
-            return f"n={params.n} exceeds the engine's batch of {self.settings.max_batch}"
-        return params.problem()
+        return check_request(self.max_len, self.settings.max_batch, prompt_tokens, params)
 
     def submit(self, request: Request) -> Request:
         problem = self.check(len(request.prompt_ids), request.params)
@@ -333,15 +329,18 @@ class Engine:
             with self._wake:
                 if self._stopping:
                     return
-                if not self._running and not self._waiting:
+                idle = not self._running and not self._waiting
+                if idle:
                     self._wake.wait(timeout=0.5)
-                    continue
-            if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
-                self._abort_all()
-            self._drop_cancelled()
-            self._admit()
-            if self._running:
-                self._decode_step()
+            if not idle:
+                if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
+                    self._abort_all()
+                self._drop_cancelled()
+                self._admit()
+                if self._running:
+                    self._decode_step()
+            if self.on_iteration is not None:
+                self.on_iteration()
 
     def _admit(self) -> None:
         """Every waiting request that fits into the batch, prefilled together."""
@@ -566,6 +565,18 @@ class Engine:
                 request.finished_choices += 1
                 request.emit(Event(index, "", [], "abort", done=request.finished_choices == request.params.n,
                                    prompt_tokens=len(request.prompt_ids)))
+
+
+def check_request(max_len: int, max_batch: int, prompt_tokens: int, params: SamplingParams) -> Optional[str]:
+    """Why a request cannot be served by an engine of this context and batch (a user's mistake), or None."""
+    if prompt_tokens < 1:
+        return "the prompt is empty"
+    if prompt_tokens + params.max_tokens > max_len:
+        return (f"prompt ({prompt_tokens} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"model's context of {max_len} tokens; shorten the prompt or lower max_tokens")
+    if params.n > max_batch:
+        return f"n={params.n} exceeds the engine's batch of {max_batch}"
+    return params.problem()
 
 
 def load_engine(checkpoint: str | Path, settings: EngineSettings | None = None) -> Engine:

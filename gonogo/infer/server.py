@@ -590,6 +590,9 @@ def add_arguments(parser) -> None:
                         help="torch intra-op threads for the engine (default on a CPU: every core but one, "
                              "which is left to HTTP and the clients)")
     parser.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask")
+    parser.add_argument("--engine-process", action="store_true",
+                        help="run the engine in a process of its own, sharing no GIL with HTTP (faster with "
+                             "many streams on a CPU; docs/serving.md)")
     parser.add_argument("--engine", choices=["gonogo", "vllm", "command"], default="gonogo",
                         help="serve with gonogo's engine, vLLM (`gonogo engine install vllm`) or --engine-command")
     parser.add_argument("--engine-command", metavar="TEMPLATE",
@@ -662,14 +665,25 @@ def command(args) -> int:
 
     import torch
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError("--threads must be at least 1")
-        torch.set_num_threads(args.threads)
-    engine = load_engine(args.checkpoint, EngineSettings(
-        max_batch=args.max_batch, dtype=args.dtype, device=args.device, max_waiting=args.max_waiting))
-    if args.threads is None and str(engine.device) == "cpu":
-        torch.set_num_threads(engine_threads_on_cpu())
+    from gonogo.checkpoints import STATS
+
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be at least 1")
+    settings = EngineSettings(max_batch=args.max_batch, dtype=args.dtype, device=args.device,
+                              max_waiting=args.max_waiting)
+    engine: Any
+    if getattr(args, "engine_process", False):
+        from gonogo.infer.engine_process import EngineProcess
+
+        engine = EngineProcess(args.checkpoint, settings, args.threads)
+        verifications, threads = engine.checkpoint_verifications, engine.threads
+    else:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        engine = load_engine(args.checkpoint, settings)
+        if args.threads is None and str(engine.device) == "cpu":
+            torch.set_num_threads(engine_threads_on_cpu())
+        verifications, threads = STATS.verifications, torch.get_num_threads()
     engine.start()
     limits = ServerLimits(max_tokens=args.max_tokens_limit)
     app = create_app(engine, model_name=args.model_name, api_key=api_key, limits=limits)
@@ -700,11 +714,10 @@ def command(args) -> int:
     url = f"http://{shown_host}:{port}"
     if args.ready_file:
         write_json_atomic(Path(args.ready_file), {"url": url, "pid": os.getpid(), "model": args.model_name})
-    from gonogo.checkpoints import STATS
-
     # how many times this process hashed a checkpoint in full: once (docs/checkpoint.md)
     print(json.dumps({"serving": url, "model": args.model_name, "auth": api_key is not None,
-                      "checkpoint_verifications": STATS.verifications, "threads": torch.get_num_threads()}),
+                      "checkpoint_verifications": verifications, "threads": threads,
+                      "engine_process": bool(getattr(args, "engine_process", False))}),
           flush=True)
     try:
         server.run(sockets=[sock])

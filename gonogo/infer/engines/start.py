@@ -133,6 +133,7 @@ class GonogoServeOptions:
     threads: Optional[int] = None
     max_batch: Optional[int] = None
     max_waiting: Optional[int] = None
+    engine_process: bool = False   # --engine-process: the engine in a process of its own
 
 
 def serve_arguments(model: str, *, host: str = "127.0.0.1", port: int = 0, model_name: str = "gonogo",
@@ -151,6 +152,8 @@ def serve_arguments(model: str, *, host: str = "127.0.0.1", port: int = 0, model
                         ("--dtype", dtype), ("--api-key-env", api_key_env)):
         if value is not None:
             argv += [flag, str(value)]
+    if options.engine_process:
+        argv.append("--engine-process")
     return argv
 
 
