@@ -194,7 +194,10 @@ STREAMS = (1, 8)
 # requests measured per (engine, streams) and round: full run, --quick
 REQUESTS = {1: 4, 8: 16}
 QUICK_REQUESTS = {1: 2, 8: 8}
-STARTUP_TIMEOUT = {"gonogo": 180.0, "vllm": 900.0}
+STARTUP_TIMEOUT = {"gonogo": 180.0, "gonogo-process": 180.0, "vllm": 900.0}
+# the gonogo modes measured: the engine thread in the server process (the default), and with
+# --engine-process the engine in a process of its own (gonogo/infer/engine_process.py)
+GONOGO_MODES = {"gonogo": "`gonogo serve`", "gonogo-process": "`gonogo serve --engine-process`"}
 LOADTEST_TIMEOUT = 600.0
 
 
@@ -206,10 +209,12 @@ def start_servers(export: Path, workdir: Path, names: list[str], dtype: str, vll
     servers: dict = {}
     try:
         for name in names:
-            settings = EngineSettings(name=name, max_model_len=512 if name == "vllm" else None)
+            engine = "vllm" if name == "vllm" else "gonogo"
+            settings = EngineSettings(name=engine, max_model_len=512 if name == "vllm" else None)
             server = start_engine(settings, str(export), workdir / name, name="server", model_name="bench",
                                   dtype=vllm_dtype if name == "vllm" else dtype,
-                                  gonogo_options=GonogoServeOptions(threads=threads))
+                                  gonogo_options=GonogoServeOptions(threads=threads,
+                                                                    engine_process=name == "gonogo-process"))
             servers[name] = server
             server.wait_healthy(STARTUP_TIMEOUT[name])
             print(f"{name} serving at {server.url} (started in {server.startup_seconds:.0f} s)", flush=True)
@@ -242,7 +247,7 @@ def loadtest(url: str, streams: int, requests: int, new_tokens: int, out: Path) 
 
 
 def engines_side_by_side(workdir: Path, *, quick: bool, dtype: str, vllm_dtype: str, threads: Optional[int],
-                         new_tokens: int = NEW_TOKENS) -> tuple[dict, LoadWatch]:
+                         new_tokens: int = NEW_TOKENS, engine_process: bool = True) -> tuple[dict, LoadWatch]:
     """{(engine, streams): {tok_s, ttft_p50_ms, tpot_p50_ms, failed}}: best of the interleaved rounds,
     and the watch over the measurements."""
     from conftest import write_checkpoint
@@ -253,7 +258,7 @@ def engines_side_by_side(workdir: Path, *, quick: bool, dtype: str, vllm_dtype: 
     checkpoint = workdir / "step-00000001"
     write_checkpoint(checkpoint, bench_model())
     export = export_hf(checkpoint, workdir / "export")
-    names = ["gonogo"]
+    names = ["gonogo", "gonogo-process"] if engine_process else ["gonogo"]
     if engine_status("vllm")["ready"]:
         names.append("vllm")
     else:
@@ -307,8 +312,11 @@ def engines_report(results: dict, watch, *, quick: bool, dtype: str, vllm_dtype:
         f"in flight; {counts[1]} / {counts[8]} requests measured per round after a warm-up, "
         f"{'1 round' if quick else '2 interleaved rounds, best of them'}"
         f"{' (--quick)' if quick else ''}.", "",
-        RULE, "",
-        "| streams | engine | output tok/s | TTFT p50 ms | TPOT p50 ms | failed |", "|---|---|---|---|---|---|"]
+        RULE, ""]
+    if ("gonogo-process", STREAMS[0]) in results:
+        lines += ["Engine `gonogo-process`: the same server with `--engine-process` (the engine in a process of "
+                  "its own, sharing no GIL with the HTTP loop), started and measured beside the others.", ""]
+    lines += ["| streams | engine | output tok/s | TTFT p50 ms | TPOT p50 ms | failed |", "|---|---|---|---|---|---|"]
     for (name, streams), row in sorted(results.items(), key=lambda item: (item[0][1], item[0][0])):
         lines.append(f"| {streams} | {name} | {row['tok_s']:.0f} | {row['ttft_p50_ms']:.1f} | "
                      f"{row['tpot_p50_ms']:.2f} | {row['failed']} |")
@@ -321,21 +329,30 @@ def engines_report(results: dict, watch, *, quick: bool, dtype: str, vllm_dtype:
               f"{BURST_SHARE:.0%} of a request's E2EL p50 by its TPOT p50, they arrived in bursts (the "
               "time went before the first chunk), and the TPOTs are not compared.", "",
               "| streams | tok/s ratio | TTFT ratio | TPOT ratio | verdict |", "|---|---|---|---|---|"]
-    for streams in STREAMS:
-        ours, theirs = results[("gonogo", streams)], results[("vllm", streams)]
-        ratios = (ours["tok_s"] / theirs["tok_s"], theirs["ttft_p50_ms"] / ours["ttft_p50_ms"],
-                  theirs["tpot_p50_ms"] / ours["tpot_p50_ms"])
-        burst_rows = [(name, row) for name, row in (("gonogo", ours), ("vLLM", theirs)) if sent_in_bursts(row)]
-        compared = ratios[:2] if burst_rows else ratios
-        ok = all(ratio >= 1.0 for ratio in compared) and ours["failed"] == 0
-        note = ""
-        if burst_rows:
-            paces = ", ".join(f"{name}'s {NEW_TOKENS - 1} tokens after the first took "
-                              f"{(NEW_TOKENS - 1) * row['tpot_p50_ms']:.0f} ms of an E2EL of "
-                              f"{row['e2el_p50_ms']:.0f} ms" for name, row in burst_rows)
-            note = f" (TPOT not compared, tokens sent in bursts: {paces})"
-        lines.append(f"| {streams} | {ratios[0]:.2f} | {ratios[1]:.2f} | {ratios[2]:.2f} | {verdict(ok, watch)}{note} |")
+    modes = [mode for mode in GONOGO_MODES if (mode, STREAMS[0]) in results]
+    if len(modes) > 1:
+        lines[-2] = lines[-2].replace("| streams | tok/s ratio", "| streams | gonogo | tok/s ratio")
+        lines[-1] = "|---|---|---|---|---|---|"
+    for mode in modes:
+        for streams in STREAMS:
+            cells = _ratio_cells(results[(mode, streams)], results[("vllm", streams)], watch)
+            lines.append(f"| {streams} | {GONOGO_MODES[mode]} | {cells} |" if len(modes) > 1 else f"| {streams} | {cells} |")
     return lines + [""]
+
+
+def _ratio_cells(ours: dict, theirs: dict, watch) -> str:
+    ratios = (ours["tok_s"] / theirs["tok_s"], theirs["ttft_p50_ms"] / ours["ttft_p50_ms"],
+              theirs["tpot_p50_ms"] / ours["tpot_p50_ms"])
+    burst_rows = [(name, row) for name, row in (("gonogo", ours), ("vLLM", theirs)) if sent_in_bursts(row)]
+    compared = ratios[:2] if burst_rows else ratios
+    ok = all(ratio >= 1.0 for ratio in compared) and ours["failed"] == 0
+    note = ""
+    if burst_rows:
+        paces = ", ".join(f"{name}'s {NEW_TOKENS - 1} tokens after the first took "
+                          f"{(NEW_TOKENS - 1) * row['tpot_p50_ms']:.0f} ms of an E2EL of "
+                          f"{row['e2el_p50_ms']:.0f} ms" for name, row in burst_rows)
+        note = f" (TPOT not compared, tokens sent in bursts: {paces})"
+    return f"{ratios[0]:.2f} | {ratios[1]:.2f} | {ratios[2]:.2f} | {verdict(ok, watch)}{note}"
 
 
 BURST_SHARE = 0.10
@@ -453,6 +470,8 @@ def main() -> None:
     parser.add_argument("--server-threads", type=int, default=None,
                         help="torch threads of gonogo serve (default: its own, every core but one on a CPU, "
                              "as vLLM's CPU backend reserves one)")
+    parser.add_argument("--without-engine-process", action="store_true",
+                        help="measure `gonogo serve` alone, not also `gonogo serve --engine-process`")
     parser.add_argument("--transformers", action="store_true",
                         help="also the in-process comparison with transformers' generate (slow)")
     parser.add_argument("--threads", default="1,2", help="with --transformers: torch thread counts, e.g. 1,2")
@@ -464,7 +483,8 @@ def main() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     options = {"quick": args.quick, "dtype": args.dtype, "vllm_dtype": vllm_dtype, "threads": args.server_threads}
     with tempfile.TemporaryDirectory() as workdir:
-        results, watch = engines_side_by_side(Path(workdir), **options)
+        results, watch = engines_side_by_side(Path(workdir), engine_process=not args.without_engine_process,
+                                              **options)
     lines = ["# Serving speed (bench/serve.py)", ""] + engines_report(results, watch, **options)
     if args.transformers:
         lines += transformers_report(args.threads)
