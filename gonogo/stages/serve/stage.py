@@ -27,6 +27,7 @@ class ServeSettings(StageSettings):
     device: str = "auto"                  # auto: the first GPU when there is one, else the CPU
     max_batch: int = 16
     max_waiting: int = 64
+    engine_process: bool = False          # gonogo's engine in a process of its own (`serve --engine-process`)
     api_key_env: Optional[str] = None
     startup_timeout_s: Optional[float] = None  # default: 180 s for gonogo, 900 s for vLLM / a command
     keep_alive: bool = True               # False: stop the server at the end of this stage
@@ -49,7 +50,8 @@ def run(ctx, settings: ServeSettings) -> dict:
     server = start_engine(settings.engine, checkpoint, ctx.stage_dir, name="server", model_name=settings.model_name,
                           dtype=settings.dtype, api_key_env=settings.api_key_env,
                           gonogo_options=GonogoServeOptions(device=settings.device, max_batch=settings.max_batch,
-                                                            max_waiting=settings.max_waiting))
+                                                            max_waiting=settings.max_waiting,
+                                                            engine_process=settings.engine_process))
     try:
         url = server.wait_healthy(settings.startup_timeout_s or default_startup_timeout(settings.engine))
         startup_seconds = server.startup_seconds
