@@ -218,8 +218,7 @@ def _child_main(checkpoint: str, settings: EngineSettings, threads: Optional[int
     import torch
 
     from gonogo.checkpoints import STATS
-    from gonogo.infer.engine import load_engine
-    from gonogo.infer.server import engine_threads_on_cpu
+    from gonogo.infer.engine import engine_threads_on_cpu, load_engine
 
     try:
         if threads is not None:

@@ -601,23 +601,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # exit when it is gone
 
 
-def engine_threads_on_cpu() -> int:
-    """The engine's torch threads on a CPU when ``--threads`` is not given: every core this process
-    may run on but one, which is left to the HTTP loop and the clients (as vLLM's CPU backend
-    reserves one). With every core, each client or loop wake-up stalls a parallel region until its
-    preempted thread runs again: on 2 cores, 1 thread served 1 stream at 310-406 tokens/s and 2
-    threads at 225-268 (bench/results/serve.md)."""
-    import os
-
-    import torch
-
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS: no affinity API
-        cores = os.cpu_count() or 1
-    return max(1, min(torch.get_num_threads(), cores - 1))
-
-
 def command(args) -> int:
     import json
     import os
@@ -627,7 +610,7 @@ def command(args) -> int:
     import uvicorn
 
     from gonogo.errors import UserError
-    from gonogo.infer.engine import EngineSettings, load_engine
+    from gonogo.infer.engine import EngineSettings, engine_threads_on_cpu, load_engine
     from gonogo.infer.engines.process import is_loopback
     from gonogo.rundir import write_json_atomic
     from pathlib import Path
