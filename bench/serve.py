@@ -194,10 +194,10 @@ STREAMS = (1, 8)
 # requests measured per (engine, streams) and round: full run, --quick
 REQUESTS = {1: 4, 8: 16}
 QUICK_REQUESTS = {1: 2, 8: 8}
-STARTUP_TIMEOUT = {"gonogo": 180.0, "gonogo-process": 180.0, "vllm": 900.0}
-# the gonogo modes measured: the engine thread in the server process (the default), and with
-# --engine-process the engine in a process of its own (gonogo/infer/engine_process.py)
-GONOGO_MODES = {"gonogo": "`gonogo serve`", "gonogo-process": "`gonogo serve --engine-process`"}
+STARTUP_TIMEOUT = {"gonogo": 180.0, "gonogo-thread": 180.0, "vllm": 900.0}
+# the gonogo modes measured: the engine in a process of its own (the default,
+# gonogo/infer/engine_process.py), and with --no-engine-process a thread of the server process
+GONOGO_MODES = {"gonogo": "`gonogo serve`", "gonogo-thread": "`gonogo serve --no-engine-process`"}
 LOADTEST_TIMEOUT = 600.0
 
 
@@ -214,7 +214,7 @@ def start_servers(export: Path, workdir: Path, names: list[str], dtype: str, vll
             server = start_engine(settings, str(export), workdir / name, name="server", model_name="bench",
                                   dtype=vllm_dtype if name == "vllm" else dtype,
                                   gonogo_options=GonogoServeOptions(threads=threads,
-                                                                    engine_process=name == "gonogo-process"))
+                                                                    engine_process=name != "gonogo-thread"))
             servers[name] = server
             server.wait_healthy(STARTUP_TIMEOUT[name])
             print(f"{name} serving at {server.url} (started in {server.startup_seconds:.0f} s)", flush=True)
@@ -247,7 +247,7 @@ def loadtest(url: str, streams: int, requests: int, new_tokens: int, out: Path) 
 
 
 def engines_side_by_side(workdir: Path, *, quick: bool, dtype: str, vllm_dtype: str, threads: Optional[int],
-                         new_tokens: int = NEW_TOKENS, engine_process: bool = True) -> tuple[dict, LoadWatch]:
+                         new_tokens: int = NEW_TOKENS, both_modes: bool = True) -> tuple[dict, LoadWatch]:
     """{(engine, streams): {tok_s, ttft_p50_ms, tpot_p50_ms, failed}}: best of the interleaved rounds,
     and the watch over the measurements."""
     from conftest import write_checkpoint
@@ -258,7 +258,7 @@ def engines_side_by_side(workdir: Path, *, quick: bool, dtype: str, vllm_dtype: 
     checkpoint = workdir / "step-00000001"
     write_checkpoint(checkpoint, bench_model())
     export = export_hf(checkpoint, workdir / "export")
-    names = ["gonogo", "gonogo-process"] if engine_process else ["gonogo"]
+    names = ["gonogo", "gonogo-thread"] if both_modes else ["gonogo"]
     if engine_status("vllm")["ready"]:
         names.append("vllm")
     else:
@@ -313,9 +313,10 @@ def engines_report(results: dict, watch, *, quick: bool, dtype: str, vllm_dtype:
         f"{'1 round' if quick else '2 interleaved rounds, best of them'}"
         f"{' (--quick)' if quick else ''}.", "",
         RULE, ""]
-    if ("gonogo-process", STREAMS[0]) in results:
-        lines += ["Engine `gonogo-process`: the same server with `--engine-process` (the engine in a process of "
-                  "its own, sharing no GIL with the HTTP loop), started and measured beside the others.", ""]
+    if ("gonogo-thread", STREAMS[0]) in results:
+        lines += ["Engine `gonogo-thread`: the same server with `--no-engine-process` (the engine a thread of the "
+                  "server's process, sharing its GIL with the HTTP loop), started and measured beside the others; "
+                  "`gonogo` is the default, the engine in a process of its own.", ""]
     lines += ["| streams | engine | output tok/s | TTFT p50 ms | TPOT p50 ms | failed |", "|---|---|---|---|---|---|"]
     for (name, streams), row in sorted(results.items(), key=lambda item: (item[0][1], item[0][0])):
         lines.append(f"| {streams} | {name} | {row['tok_s']:.0f} | {row['ttft_p50_ms']:.1f} | "
@@ -470,8 +471,8 @@ def main() -> None:
     parser.add_argument("--server-threads", type=int, default=None,
                         help="torch threads of gonogo serve (default: its own, every core but one on a CPU, "
                              "as vLLM's CPU backend reserves one)")
-    parser.add_argument("--without-engine-process", action="store_true",
-                        help="measure `gonogo serve` alone, not also `gonogo serve --engine-process`")
+    parser.add_argument("--one-mode", action="store_true",
+                        help="measure `gonogo serve` alone, not also `gonogo serve --no-engine-process`")
     parser.add_argument("--transformers", action="store_true",
                         help="also the in-process comparison with transformers' generate (slow)")
     parser.add_argument("--threads", default="1,2", help="with --transformers: torch thread counts, e.g. 1,2")
@@ -483,7 +484,7 @@ def main() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     options = {"quick": args.quick, "dtype": args.dtype, "vllm_dtype": vllm_dtype, "threads": args.server_threads}
     with tempfile.TemporaryDirectory() as workdir:
-        results, watch = engines_side_by_side(Path(workdir), engine_process=not args.without_engine_process,
+        results, watch = engines_side_by_side(Path(workdir), both_modes=not args.one_mode,
                                               **options)
     lines = ["# Serving speed (bench/serve.py)", ""] + engines_report(results, watch, **options)
     if args.transformers:

@@ -590,9 +590,10 @@ def add_arguments(parser) -> None:
                         help="torch intra-op threads for the engine (default on a CPU: every core but one, "
                              "which is left to HTTP and the clients)")
     parser.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask")
-    parser.add_argument("--engine-process", action="store_true",
-                        help="run the engine in a process of its own, sharing no GIL with HTTP (faster with "
-                             "many streams on a CPU; docs/serving.md)")
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the engine in a process of its own, sharing no GIL with HTTP (the default: "
+                             "faster with many streams on a CPU); --no-engine-process keeps it in the server's "
+                             "process (one process, less memory; docs/serving.md)")
     parser.add_argument("--engine", choices=["gonogo", "vllm", "command"], default="gonogo",
                         help="serve with gonogo's engine, vLLM (`gonogo engine install vllm`) or --engine-command")
     parser.add_argument("--engine-command", metavar="TEMPLATE",
@@ -655,11 +656,13 @@ def command(args) -> int:
     settings = EngineSettings(max_batch=args.max_batch, dtype=args.dtype, device=args.device,
                               max_waiting=args.max_waiting)
     engine: Any
-    if getattr(args, "engine_process", False):
+    in_process = not getattr(args, "engine_process", True)
+    if not in_process:
         from gonogo.infer.engine_process import EngineProcess
 
         engine = EngineProcess(args.checkpoint, settings, args.threads)
-        verifications, threads = engine.checkpoint_verifications, engine.threads
+        # the child's hashes of the checkpoint and any this process made: the total stays 1
+        verifications, threads = STATS.verifications + engine.checkpoint_verifications, engine.threads
     else:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
@@ -700,7 +703,7 @@ def command(args) -> int:
     # how many times this process hashed a checkpoint in full: once (docs/checkpoint.md)
     print(json.dumps({"serving": url, "model": args.model_name, "auth": api_key is not None,
                       "checkpoint_verifications": verifications, "threads": threads,
-                      "engine_process": bool(getattr(args, "engine_process", False))}),
+                      "engine_process": not in_process}),
           flush=True)
     try:
         server.run(sockets=[sock])

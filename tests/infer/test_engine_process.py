@@ -1,6 +1,7 @@
-"""`gonogo serve --engine-process`: the same API with the engine in a child process (no GIL shared
-with HTTP), requests refused and cancelled across the process boundary, and a dead child answered
-for, not hung on."""
+"""`gonogo serve`'s engine in a child process (the default, no GIL shared with HTTP): requests
+refused and cancelled across the process boundary, a dead child answered for, not hung on; and the
+same API tests as test_server.py run against `--no-engine-process`, the engine in the server's own
+process."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from gonogo.infer.engine_process import EngineProcess
 from gonogo.infer.sampling import SamplingParams
 
 from .conftest import API_KEY, REPO_ROOT, start_server
-# the API tests of test_server.py, run here against this module's server (the fixtures below)
+# the API tests of test_server.py, run here against this module's server: the in-process engine
 from .test_server import (  # noqa: F401
     client,
     test_completions_streamed_and_not,
@@ -39,9 +40,13 @@ HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
 @pytest.fixture(scope="module")
 def server(checkpoint_dir, tmp_path_factory):
-    process = start_server(checkpoint_dir, tmp_path_factory.mktemp("server"), engine_process=True)
+    process = start_server(checkpoint_dir, tmp_path_factory.mktemp("server"), engine_process=False)
     yield process
     process.stop()
+
+
+def _ready_line(server) -> dict:
+    return next(json.loads(line) for line in server.log_text().splitlines() if line.startswith('{"serving"'))
 
 
 def _engine_child(server_pid: int) -> int:
@@ -54,10 +59,24 @@ def _engine_child(server_pid: int) -> int:
     raise AssertionError(f"no engine process among {children}")
 
 
-def test_the_engine_runs_in_a_child_process(server):
-    ready = next(json.loads(line) for line in server.log_text().splitlines() if line.startswith('{"serving"'))
-    assert ready["engine_process"] is True
-    assert _engine_child(server.process.pid) != server.process.pid
+def test_the_engine_runs_in_a_child_process_by_default(checkpoint_dir, tmp_path):
+    default = start_server(checkpoint_dir, tmp_path)
+    try:
+        ready = _ready_line(default)
+        assert ready["engine_process"] is True
+        assert _engine_child(default.process.pid) != default.process.pid
+        # the checkpoint is hashed once in all, by the child that loads it (docs/checkpoint.md)
+        assert ready["checkpoint_verifications"] == 1
+    finally:
+        default.stop()
+
+
+def test_no_engine_process_keeps_the_engine_in_the_server(server):
+    ready = _ready_line(server)
+    assert ready["engine_process"] is False and ready["checkpoint_verifications"] == 1
+    pid = server.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert not any(b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes() for child in children), children
 
 
 def test_a_cancelled_request_stops_in_the_child(checkpoint_dir):

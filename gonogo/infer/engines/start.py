@@ -133,7 +133,7 @@ class GonogoServeOptions:
     threads: Optional[int] = None
     max_batch: Optional[int] = None
     max_waiting: Optional[int] = None
-    engine_process: bool = False   # --engine-process: the engine in a process of its own
+    engine_process: Optional[bool] = None   # False: --no-engine-process, the engine in the server's process
 
 
 def serve_arguments(model: str, *, host: str = "127.0.0.1", port: int = 0, model_name: str = "gonogo",
@@ -152,8 +152,8 @@ def serve_arguments(model: str, *, host: str = "127.0.0.1", port: int = 0, model
                         ("--dtype", dtype), ("--api-key-env", api_key_env)):
         if value is not None:
             argv += [flag, str(value)]
-    if options.engine_process:
-        argv.append("--engine-process")
+    if options.engine_process is not None:
+        argv.append("--engine-process" if options.engine_process else "--no-engine-process")
     return argv
 
 

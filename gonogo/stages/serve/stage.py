@@ -27,7 +27,7 @@ class ServeSettings(StageSettings):
     device: str = "auto"                  # auto: the first GPU when there is one, else the CPU
     max_batch: int = 16
     max_waiting: int = 64
-    engine_process: bool = False          # gonogo's engine in a process of its own (`serve --engine-process`)
+    engine_process: bool = True           # gonogo's engine in a process of its own; false: `serve --no-engine-process`
     api_key_env: Optional[str] = None
     startup_timeout_s: Optional[float] = None  # default: 180 s for gonogo, 900 s for vLLM / a command
     keep_alive: bool = True               # False: stop the server at the end of this stage
