@@ -38,8 +38,9 @@ class EngineProcess:
     def __init__(self, checkpoint: str, settings: EngineSettings, threads: Optional[int] = None):
         context = multiprocessing.get_context("spawn")  # no forked torch state, no inherited threads
         self._conn, child_conn = context.Pipe()
-        self._process = context.Process(target=_child_main, args=(checkpoint, settings, threads, child_conn),
-                                        name="gonogo-engine", daemon=True)
+        # the child logs at this process's level (`gonogo -v serve` shows its INFO lines too)
+        self._process = context.Process(target=_child_main, name="gonogo-engine", daemon=True,
+                                        args=(checkpoint, settings, threads, child_conn, logging.getLogger().level))
         self._process.start()
         child_conn.close()
         self.settings = settings
@@ -212,10 +213,18 @@ class EngineProcess:
 
 # -- the child ---------------------------------------------------------------------------------
 
-def _child_main(checkpoint: str, settings: EngineSettings, threads: Optional[int], conn) -> None:
+def _child_main(checkpoint: str, settings: EngineSettings, threads: Optional[int], conn, log_level: int) -> None:
     import dataclasses
+    import os
 
     import torch
+
+    # a process group of its own: a SIGTERM or Ctrl-C to the server's group reaches the parent,
+    # which drains the engine and then stops it here, as in one process; were this child stopped
+    # with the group, the requests in flight would fail instead of finishing. It still ends when
+    # the parent is gone (the pipe closes) and on a SIGTERM of its own (multiprocessing's exit).
+    os.setpgid(0, 0)
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
 
     from gonogo.checkpoints import STATS
     from gonogo.infer.engine import engine_threads_on_cpu, load_engine
@@ -294,5 +303,8 @@ def _child_main(checkpoint: str, settings: EngineSettings, threads: Optional[int
                 break
     finally:
         engine.stop()
-        flush()
-        conn.close()
+        try:
+            flush()   # the aborted requests' last events
+            conn.close()
+        except OSError:  # the parent is gone: nobody to tell
+            pass
