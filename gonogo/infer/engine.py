@@ -175,7 +175,9 @@ class Engine:
         self.last_error: Optional[str] = None          # the latest engine-level failure, restarted or not
         self._admitting: list[Request] = []            # taken off the queue, not yet in _running
         # called by the engine thread after every iteration of its loop (a step, or an idle wait
-        # of at most 0.5 s): gonogo/infer/engine_process.py sends a step's events in one message
+        # of at most 0.5 s), and between admitting new requests and the step after: gonogo/infer/
+        # engine_process.py sends the events gathered so far in one message, so a newcomer's first
+        # token does not wait for the next decode step of the whole batch
         self.on_iteration: Optional[Callable[[], None]] = None
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -336,14 +338,15 @@ class Engine:
                 if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
                     self._abort_all()
                 self._drop_cancelled()
-                self._admit()
+                if self._admit() and self.on_iteration is not None:
+                    self.on_iteration()
                 if self._running:
                     self._decode_step()
             if self.on_iteration is not None:
                 self.on_iteration()
 
-    def _admit(self) -> None:
-        """Every waiting request that fits into the batch, prefilled together."""
+    def _admit(self) -> bool:
+        """Every waiting request that fits into the batch, prefilled together; whether there was one."""
         batch: list[Request] = []
         rows = len(self._running)
         with self._wake:
@@ -357,13 +360,13 @@ class Engine:
                     rows += request.params.n
             self._admitting = list(batch)
         if not batch:
-            return
+            return False
         try:
             if len(batch) > 1:
                 running = len(self._running)
                 try:
                     self._prefill(batch)
-                    return
+                    return True
                 except Exception:  # whose? each request alone tells (the failed forward committed nothing)
                     log.warning("a batched prefill of %d requests failed; prefilling them one by one",
                                 len(batch), exc_info=True)
@@ -376,6 +379,7 @@ class Engine:
                     self._fail_request(request, error)
         finally:
             self._admitting = []
+        return True
 
     def _prefill(self, requests: list[Request]) -> None:
         """Run the prompts in one forward (right-padded), share each prompt's cache with its other

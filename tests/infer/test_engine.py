@@ -286,3 +286,27 @@ def test_an_engine_thread_that_ends_unexpectedly_is_started_again_and_health_say
             engine.submit(Request(prompts(1)[0], params, lambda event: None))
     finally:
         engine.stop()
+
+
+def test_a_newcomers_first_token_is_handed_on_before_the_next_decode_step():
+    """``on_iteration`` runs between admitting and the next step: the engine process sends a new
+    request's first token then, not after one more decode step of the whole batch (its TTFT)."""
+    engine = Engine(tiny_model(), ByteTokenizer(), EngineSettings(max_batch=2))
+    events: list = []
+    seen: list[tuple[int, int]] = []   # (decode steps so far, events so far) at each call
+    engine.on_iteration = lambda: seen.append((engine.steps, len(events)))
+    engine.start()
+    try:
+        done = threading.Event()
+
+        def emit(event) -> None:
+            events.append(event)
+            if event.done:
+                done.set()
+
+        engine.submit(Request([65, 66, 67], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), emit))
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    first_with_a_token = next((steps, count) for steps, count in seen if count > 0)
+    assert first_with_a_token == (0, 1), seen
