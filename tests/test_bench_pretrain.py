@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-from bench.quiet import LoadWatch
+from .bench_support import load_bench, quiet_watch
 
 
 @pytest.fixture(scope="module")
 def pretrain_bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "pretrain.py"
-    spec = importlib.util.spec_from_file_location("bench_pretrain", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _quiet() -> LoadWatch:
-    watch = LoadWatch(cores=2)
-    watch.load_before = watch.load_after = (0.1, 0.1, 0.1)
-    watch.other_share = watch.other_share_before = 0.0
-    return watch
+    return load_bench("pretrain")
 
 
 def _run(tokens_per_second: float, mfu: float) -> dict:
-    return {"tokens_per_second": tokens_per_second, "mfu": mfu, "utilization_pct": 99.0, "watch": _quiet()}
+    return {"tokens_per_second": tokens_per_second, "mfu": mfu, "utilization_pct": 99.0, "watch": quiet_watch()}
 
 
 def _report(pretrain_bench, rows: dict, peaks: dict) -> str:

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-from bench.quiet import LoadWatch
+from .bench_support import load_bench, quiet_watch
 
 
 @pytest.fixture(scope="module")
 def serve_bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "serve.py"
-    spec = importlib.util.spec_from_file_location("bench_serve", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _quiet() -> LoadWatch:
-    watch = LoadWatch(cores=2)
-    watch.load_before = watch.load_after = (0.1, 0.1, 0.1)
-    watch.other_share = watch.other_share_before = 0.0
-    return watch
+    return load_bench("serve")
 
 
 def _row(tok_s, ttft, tpot, failed=0):
@@ -33,7 +19,7 @@ def _row(tok_s, ttft, tpot, failed=0):
 
 
 def _verdicts(serve_bench, results) -> list[str]:
-    lines = serve_bench.engines_report(results, _quiet(), quick=True, dtype="bfloat16", vllm_dtype="bfloat16",
+    lines = serve_bench.engines_report(results, quiet_watch(), quick=True, dtype="bfloat16", vllm_dtype="bfloat16",
                                        threads=None)
     return [line.split("|")[5].strip() for line in lines if line.startswith("| 1 |") or line.startswith("| 8 |")
             if line.count("|") == 6]
