@@ -115,3 +115,18 @@ def load_for_inference(checkpoint: "CheckpointRef | str | Path", *, device: Any 
     ref = resolve(checkpoint)
     model, config, meta = LOADERS[ref.format](ref)
     return place(model, target, dtype, what=f"the model of {ref.path}"), config, meta
+
+
+def engine_threads_on_cpu() -> int:
+    """The engine's torch threads on a CPU when ``--threads`` is not given: every core this process
+    may run on but one, which is left to the HTTP loop and the clients (as vLLM's CPU backend
+    reserves one). With every core, each client or loop wake-up stalls a parallel region until its
+    preempted thread runs again: on 2 cores, 1 thread served 1 stream at 310-406 tokens/s and 2
+    threads at 225-268 (bench/results/serve.md)."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS: no affinity API
+        cores = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cores - 1))

@@ -227,7 +227,8 @@ def _child_main(checkpoint: str, settings: EngineSettings, threads: Optional[int
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
 
     from gonogo.checkpoints import STATS
-    from gonogo.infer.engine import engine_threads_on_cpu, load_engine
+    from gonogo.infer.device import engine_threads_on_cpu
+    from gonogo.infer.engine import load_engine
 
     try:
         if threads is not None:

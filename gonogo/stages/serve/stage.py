@@ -161,5 +161,5 @@ STAGE = StageKind(
     run=run,
     devices=lambda settings: 1,
     preflight=lambda settings: preflight(settings.engine),
-    command=own_command("gonogo.infer.server"),
+    command=own_command("gonogo.infer.serve_command"),
 )

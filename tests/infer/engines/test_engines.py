@@ -108,7 +108,7 @@ def test_the_serve_command_line_carries_every_option_given_and_only_those(checkp
     import argparse
 
     from gonogo.infer.engines.start import GonogoServeOptions, serve_arguments
-    from gonogo.infer.server import add_arguments
+    from gonogo.infer.serve_command import add_arguments
 
     argv = serve_arguments(str(checkpoint_dir), port=0, model_name="m", dtype="float32", parent_pid=7,
                            options=GonogoServeOptions(threads=1, max_batch=2))
