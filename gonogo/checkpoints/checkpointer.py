@@ -456,11 +456,14 @@ class Checkpointer:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
+        from gonogo.checkpoints.dcp_filesystem import DirectReader
+
         meta = _read_json(path / manifest.META_NAME)
         _check_same_model(path, meta["model"], model_config)
         state = _state_dicts(model, optimizer)
         with _single_process_quiet():
-            dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=_dist() is None)
+            dcp.load(state, checkpoint_id=str(path / "dcp"), storage_reader=DirectReader(path / "dcp"),
+                     no_dist=_dist() is None)
         if optimizer is None:
             set_model_state_dict(model, state["model"])
         else:

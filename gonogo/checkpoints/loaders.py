@@ -32,6 +32,8 @@ def read_dcp_model_weights(directory: Path) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from gonogo.checkpoints.dcp_filesystem import DirectReader
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
         metadata = dcp.FileSystemReader(str(directory)).read_metadata()
@@ -39,7 +41,7 @@ def read_dcp_model_weights(directory: Path) -> dict:
                    for key, item in metadata.state_dict_metadata.items()
                    if key.startswith("model.") and isinstance(item, TensorStorageMetadata)}
         state = {"model": weights}
-        dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+        dcp.load(state, checkpoint_id=str(directory), storage_reader=DirectReader(directory), no_dist=True)
     return state["model"]
 
 
