@@ -1,6 +1,7 @@
 """Checkpoint speed: save and verified load vs the disk's raw fsync'd write and raw read; async blocking.
 
     python bench/checkpoint.py            # prints the table and writes bench/results/checkpoint.md
+    python bench/checkpoint.py --out F    # ... and writes F instead
 
 1. Raw write: one file of the checkpoint's size written in 8 MiB chunks of random bytes, fsync'd.
    Raw read: that file read back in 8 MiB chunks after its pages were dropped from the page cache
@@ -287,6 +288,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "checkpoint.md",
+                        help="where the table is written (default: bench/results/checkpoint.md)")
     args = parser.parse_args()
     if args.worker:
         distributed_main(args.worker, args.repeats)
@@ -296,9 +299,8 @@ def main() -> None:
     with LoadWatch() as distributed_watch:
         distributed = run_under_torchrun(args.repeats)
     text = report(single, distributed, single_watch, distributed_watch)
-    results = ROOT / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "checkpoint.md").write_text(text, encoding="utf-8")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text, encoding="utf-8")
     print(text)
 
 
