@@ -126,13 +126,12 @@ class DirectReader(FileSystemReader):
 def _record_layout(handle: Any, offset: int, length: int) -> Optional[tuple[tuple[int, ...], torch.dtype, int]]:
     """(shape, dtype, offset of the data within the record) of a ``torch.save``d contiguous tensor
     record at ``offset`` of ``handle``'s file, or None where it is anything else."""
-    handle.seek(offset)
-    archive = torch._C.PyTorchFileReader(cast(IO[bytes], _create_file_view(handle, offset, length)))
+    view = cast(IO[bytes], _create_file_view(handle, offset, length))  # positioned at the record's start
+    archive = torch._C.PyTorchFileReader(view)
     order = next((name for name in archive.get_all_records() if name.endswith("byteorder")), None)
     if order is None or archive.get_record(order) != b"little":  # torch.load would swap the bytes
         return None
-    handle.seek(offset)
-    view = cast(IO[bytes], _create_file_view(handle, offset, length))
+    view.seek(0)
     meta = torch.load(view, map_location="meta", weights_only=True)
     if not isinstance(meta, torch.Tensor) or not meta.is_contiguous():
         return None
