@@ -57,11 +57,12 @@ from typing import Any, Optional
 
 from gonogo.checkpoints import adapters, manifest
 from gonogo.checkpoints.loaders import read_dcp_model_weights
+from gonogo.checkpoints.manifest import CorruptShard
 from gonogo.checkpoints.reference import (
+    QUANTIZATION_NAME,
     TRAIN_STATE_NAME,
-    newest_verified,
+    check_before_restore,
     training_checkpoint,
-    verify,
 )
 from gonogo.checkpoints.writers import hashing_storage_writer, write_safetensors
 from gonogo.errors import UserError
@@ -213,6 +214,15 @@ def _check_same_model(directory: Path, saved: dict, model_config: Any) -> None:
     if differences:
         raise UserError(f"{directory}: checkpoint is of a different model ({'; '.join(differences)}); "
                         "use the same [model] settings, or start fresh with --resume never")
+
+
+def _training_checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoint dir a load of ``path`` reads: a committed gonogo checkpoint dir as it is (the
+    load checks it, in one pass with its read), anything else (a run dir ...) resolved and verified."""
+    path = Path(path)
+    if manifest.is_committed(path) and not (path / QUANTIZATION_NAME).exists():
+        return path
+    return training_checkpoint(path).path
 
 
 def _full_model_state(model) -> dict:
@@ -423,7 +433,7 @@ class Checkpointer:
         UserError when ``path`` is not a checkpoint, does not verify, or is of another model;
         nothing on disk is changed by a failed load.
         """
-        resumed = self._load_checked(training_checkpoint(Path(path)).path, model, optimizer, scheduler, model_config)
+        resumed = self._load_checked(_training_checkpoint_dir(path), model, optimizer, scheduler, model_config)
         return resumed.step, resumed.loader_state, resumed.extra
 
     def load_latest(self, resume: str | Path, model, optimizer=None, scheduler=None, *,
@@ -434,36 +444,66 @@ class Checkpointer:
         if str(resume) == "never":
             return Resumed(None, 0, None, {})
         if str(resume) != "auto":
-            return self._load_checked(training_checkpoint(Path(resume)).path, model, optimizer, scheduler,
-                                      model_config)
-        choice, skipped = _from_rank0(newest_verified(self.root) if _rank() == 0 else None)
-        for path, reason in skipped:
+            return self._load_checked(_training_checkpoint_dir(resume), model, optimizer, scheduler, model_config)
+        candidates = _from_rank0([path for _, path in reversed(manifest.step_dirs(self.root))]
+                                 if _rank() == 0 else None)
+        skipped: list[tuple[Path, str]] = []
+        overwritten: Optional[Path] = None
+        for path in candidates:  # newest first
+            ok, reason, shards = _from_rank0(check_before_restore(path) if _rank() == 0 else None)
+            if ok:
+                try:
+                    resumed = self._restore(path, model, optimizer, scheduler, model_config, shards)
+                except CorruptShard as error:
+                    ok, reason, overwritten = False, str(error), path
+            if ok:
+                resumed.skipped = skipped
+                return resumed
             log.warning("resume: skipping %s: %s", path, reason)
-        if choice is None:
-            return Resumed(None, 0, None, {}, skipped=skipped)
-        resumed = self._restore(choice, model, optimizer, scheduler, model_config)
-        resumed.skipped = skipped
-        return resumed
+            skipped.append((path, reason))
+        if overwritten is not None:
+            # an older checkpoint would have overwritten every tensor; a fresh start cannot use them
+            raise UserError(f"no checkpoint under {self.root} can be loaded ({'; '.join(f'{p.name}: {r}' for p, r in skipped)}); "
+                            f"{overwritten.name} was found corrupt while it was being read into the model and "
+                            f"optimizer, so their tensors are no longer the fresh ones: start again with "
+                            f"--resume never, or move the bad checkpoints away")
+        return Resumed(None, 0, None, {}, skipped=skipped)
 
     def _load_checked(self, path: Path, model, optimizer, scheduler, model_config) -> Resumed:
-        ok, reason = _from_rank0(verify(path)[:2] if _rank() == 0 else None)
-        if not ok:
-            raise UserError(f"{path}: checkpoint cannot be loaded: {reason} "
-                            "(use --resume auto to take the newest good one)")
-        return self._restore(path, model, optimizer, scheduler, model_config)
+        ok, reason, shards = _from_rank0(check_before_restore(path) if _rank() == 0 else None)
+        if ok:
+            try:
+                return self._restore(path, model, optimizer, scheduler, model_config, shards)
+            except CorruptShard as error:
+                reason = (f"{error} (found while reading it into the model and optimizer, whose tensors "
+                          f"must not be used now)")
+        raise UserError(f"{path}: checkpoint cannot be loaded: {reason} "
+                        "(use --resume auto to take the newest good one)")
 
-    def _restore(self, path: Path, model, optimizer, scheduler, model_config) -> Resumed:
+    def _restore(self, path: Path, model, optimizer, scheduler, model_config,
+                 shards: Optional[dict[str, Any]]) -> Resumed:
+        """Load ``path``, checked by ``check_before_restore`` (``shards``: the shard files' digests,
+        checked while they are read; None: the whole checkpoint was verified already).
+        ``CorruptShard`` when a shard's digest does not match (the tensors are then partly overwritten)."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-        from gonogo.checkpoints.dcp_filesystem import DirectReader
+        from gonogo.checkpoints.dcp_filesystem import DirectReader, VerifyingReader
 
         meta = _read_json(path / manifest.META_NAME)
         _check_same_model(path, meta["model"], model_config)
         state = _state_dicts(model, optimizer)
-        with _single_process_quiet():
-            dcp.load(state, checkpoint_id=str(path / "dcp"), storage_reader=DirectReader(path / "dcp"),
-                     no_dist=_dist() is None)
+        reader = (DirectReader(path / "dcp") if shards is None
+                  else VerifyingReader(path / "dcp", shards["files"], shards["algorithm"]))
+        try:
+            with _single_process_quiet():
+                dcp.load(state, checkpoint_id=str(path / "dcp"), storage_reader=reader, no_dist=_dist() is None)
+        except CheckpointException as error:
+            corrupt = [failure[0] for failure in error.failures.values() if isinstance(failure[0], CorruptShard)]
+            if corrupt:
+                raise corrupt[0] from None
+            raise
         if optimizer is None:
             set_model_state_dict(model, state["model"])
         else:

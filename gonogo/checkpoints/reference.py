@@ -130,6 +130,39 @@ def verify(path: Path) -> tuple[bool, str, Optional[dict[str, Any]]]:
     return True, "ok", listed
 
 
+def is_shard_file(relative: str) -> bool:
+    """A DCP shard file of a checkpoint (``dcp/__<rank>_<n>.distcp``): tensor data, the bulk of its bytes."""
+    return relative.startswith("dcp/") and relative.endswith(".distcp")
+
+
+def check_before_restore(path: Path) -> tuple[bool, str, Optional[dict[str, Any]]]:
+    """(ok, reason, shard digests) for a training restore that hashes the shard files as it reads
+    them (``VerifyingReader``): the checks of ``verify``, with every other file the restore reads
+    hashed here, before anything is parsed (DCP's ``.metadata`` is a pickle), the shard files
+    checked for size only and their manifest entries returned ({name under dcp/: entry},
+    "algorithm"), and model.safetensors, which the restore does not read, for size only. The
+    digests are None where a remembered verification of the whole checkpoint still holds."""
+    path = Path(path).resolve()
+    listed, reason = manifest.read_manifest(path) if path.is_dir() else (None, "not a directory")
+    if listed is None:
+        return False, reason, None
+    signature = _signature(path, listed["files"])
+    remembered = _VERIFIED.get(path)
+    if signature is not None and remembered is not None and remembered[0] == signature:
+        STATS.cache_hits += 1
+        return True, "ok", None
+    ok, reason = manifest.verify_checkpoint(
+        path, hashed_by_reader=lambda relative: is_shard_file(relative) or relative == manifest.WEIGHTS_NAME)
+    if ok:
+        unlisted = unlisted_file(path, listed)
+        if unlisted is not None:
+            ok, reason = False, f"{unlisted} is not listed in the manifest (an unverified file is never loaded)"
+    if not ok:
+        return False, reason, None
+    shards = {relative[len("dcp/"):]: entry for relative, entry in listed["files"].items() if is_shard_file(relative)}
+    return True, "ok", {"algorithm": listed["algorithm"], "files": shards}
+
+
 def unlisted_file(path: Path, listed: dict[str, Any]) -> Optional[str]:
     """The first file a load would read that the (verified) manifest does not list, or None."""
     names = set(listed["files"])

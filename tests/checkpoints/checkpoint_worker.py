@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 from gonogo.checkpoints.checkpointer import Checkpointer
+from gonogo.errors import UserError
 from gonogo.model.shape import ModelConfig
 from gonogo.parallel import leave_together
 
@@ -134,9 +135,22 @@ def load_mode(args) -> None:
             torch.save(expected, args.then_expected)
 
 
+def corrupt_mode(args) -> None:
+    """Every rank loads a checkpoint with one rank's shard corrupted: all of them must say so (a
+    rank that found nothing wrong hears it from the other), none waits forever."""
+    model, optimizer, scheduler = build(plain=args.plain)
+    try:
+        Checkpointer(Path(args.root)).load(args.root, model, optimizer, scheduler, model_config=CONFIG)
+    except UserError as error:
+        said = str(error)
+    else:
+        said = "loaded"
+    Path(args.report).with_suffix(f".rank{dist.get_rank()}").write_text(said)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["save", "load"])
+    parser.add_argument("mode", choices=["save", "load", "corrupt"])
     parser.add_argument("--root", required=True)
     parser.add_argument("--expected", required=True)
     parser.add_argument("--steps", type=int, default=3)
@@ -150,7 +164,7 @@ def main() -> None:
     args = parser.parse_args()
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     try:
-        save_mode(args) if args.mode == "save" else load_mode(args)
+        {"save": save_mode, "load": load_mode, "corrupt": corrupt_mode}[args.mode](args)
         # leave together, as the trainer's workers do (gonogo.train.worker): a rank that tears its
         # gloo pairs down while its peer still uses them aborts the peer in C++ ("terminate called
         # without an active exception", 2 in ~9 runs of the reshard test under load)

@@ -1,6 +1,7 @@
 """Checkpoints across real torchrun/gloo processes: FSDP2 resharding 2 -> 1 -> 2, async save."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,21 @@ def test_fsdp_checkpoint_loads_at_one_rank_and_back_at_two(saved_at_two_ranks, t
     # 1 -> 2 into FSDP2
     torchrun(2, "load", "--root", tmp_path / "one", "--steps", STEPS + 1, "--saved-world-size", 1,
              "--expected", tmp_path / "expected-one.pt")
+
+
+@pytest.mark.slow
+def test_a_shard_corrupt_on_one_rank_fails_the_load_on_every_rank(saved_at_two_ranks, tmp_path):
+    checkpoint = tmp_path / "step"
+    shutil.copytree(saved_at_two_ranks / "sync" / f"step-{STEPS:08d}", checkpoint)
+    shard = checkpoint / "dcp" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    report = tmp_path / "said"
+    # rank 1 reads its own shard and finds it corrupt; rank 0 finds it too if it reads an item of
+    # that file, else hears it from rank 1; no rank hangs (torchrun() would time out)
+    torchrun(2, "corrupt", "--root", checkpoint, "--expected", tmp_path / "unused", "--report", report)
+    for rank in (0, 1):
+        said = report.with_suffix(f".rank{rank}").read_text()
+        assert "dcp/__1_0.distcp: blake3 does not match the manifest" in said, (rank, said)
+        assert "tensors must not be used" in said, (rank, said)

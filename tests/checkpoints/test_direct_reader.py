@@ -1,6 +1,7 @@
 """DirectReader: DCP's reader that reads whole tensors straight into their targets, and hands every
 other item (bytes, resharded slices, strided records, other dtypes) to DCP's own code."""
 
+import os
 import warnings
 
 import pytest
@@ -97,3 +98,42 @@ def test_a_checkpoint_loads_the_same_with_dcps_reader_and_ours(tmp_path):
     for key, value in state.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_the_forward_walk_finds_each_records_data_where_torch_load_says(tmp_path):
+    state = saved(tmp_path)
+    shard = next(tmp_path.glob("*.distcp"))
+    reader = DirectReader(tmp_path)
+    reader.read_metadata()
+    reader.set_up_storage_reader(reader.read_metadata(), is_coordinator=True)
+    walked = 0
+    with open(shard, "rb") as handle:
+        for stored in reader.storage_data.values():
+            if stored.relative_path != shard.name:
+                continue
+            record = dcp_filesystem._walk_to_data(os.pread(handle.fileno(), 4096, stored.offset))
+            layout = dcp_filesystem._record_layout(handle, stored.offset, stored.length)
+            if layout is None:  # bytes, or a strided record
+                continue
+            assert record is not None and record[1] == b"little"
+            assert record[2] == layout[2]  # no storage offset: the data entry's start is the data's
+            walked += 1
+    assert walked == sum(isinstance(v, torch.Tensor) and v.is_contiguous() for v in state.values())
+
+
+def test_records_of_the_same_shape_and_dtype_are_read_with_one_torch_load(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    state = {f"w{i}": torch.randn(32, 16) for i in range(6)} | {"b": torch.randn(16)}
+    dcp.save(state, checkpoint_id=str(tmp_path), no_dist=True)
+    parsed = []
+    original = dcp_filesystem._record_layout
+
+    def counting(handle, offset, length):
+        parsed.append(offset)
+        return original(handle, offset, length)
+
+    monkeypatch.setattr(dcp_filesystem, "_record_layout", counting)
+    loaded = {key: torch.zeros_like(value) for key, value in state.items()}
+    dcp.load(loaded, storage_reader=DirectReader(tmp_path), no_dist=True)
+    assert all(torch.equal(loaded[key], state[key]) for key in state)
+    assert len(parsed) == 2  # one 32 x 16 record and the 16: the other five from the first one's pickle
