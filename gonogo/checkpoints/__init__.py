@@ -1,6 +1,6 @@
 """Checkpoints: what a model on disk is, how it is verified once, loaded, and saved by training.
 
-- ``manifest``: the on-disk contract (names, durable writes, BLAKE3 manifest, verification).
+- ``manifest``: the on-disk contract (names, durable writes, XXH3-128 manifest, verification).
 - ``reference``: ``resolve(path) -> CheckpointRef`` (format, metadata, verified manifest), hashed
   once per process (``STATS`` counts verifications).
 - ``loaders``: one loader per format (gonogo, quantized, Hugging Face) in ``LOADERS``;

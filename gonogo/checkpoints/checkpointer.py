@@ -10,7 +10,7 @@ On disk, under the checkpoints root (``<run>/checkpoints``)::
                             the training loop asks for it on its last save; inference reads it,
                             or the model part of dcp/ when a checkpoint has none
       meta.json             {"step", "model", "tokenizer", "world_size", "train", "created"}
-      manifest.json         every file's relative path, size and BLAKE3 digest (hashed while
+      manifest.json         every file's relative path, size and XXH3-128 digest (hashed while
                             the files were written: a save reads nothing back)
       COMMITTED             written last; holds the sha256 of manifest.json
 

@@ -2,7 +2,7 @@
 
 DCP writes every tensor with ``torch.save``, whose zip records carry a CRC-32 of their bytes; it
 took 45% of a sync save here (bench/checkpoint.py: 0.22 -> 0.12 s for 151 MB on a Xeon). A gonogo
-checkpoint's manifest holds the BLAKE3 of every file, checked before any load, so the CRC adds
+checkpoint's manifest holds the digest of every file, checked by every load, so the CRC adds
 nothing. ``torch.load`` reads records without one (it does not check it).
 
 ``CrcFreeFileSystem`` is a module-level class so that DCP's process-based async save can pickle it
@@ -315,8 +315,8 @@ class VerifyingReader(DirectReader):
 
 
 class _Hasher:
-    """Hash updates on a thread of their own, in the order they are put (blake3 and hashlib let go
-    of the GIL while hashing a large buffer, so the reads go on meanwhile)."""
+    """Hash updates on a thread of their own, in the order they are put (xxhash, blake3 and hashlib
+    let go of the GIL while hashing a large buffer, so the reads go on meanwhile)."""
 
     def __init__(self, digest: Any):
         self.digest = digest

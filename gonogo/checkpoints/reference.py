@@ -13,7 +13,7 @@ for the life of the process, keyed by the directory and the size, mtime and inod
 its manifest lists, so a later resolve of the same, unchanged checkpoint (a command that resolves
 in its parent check and again in its loader) is a cache hit; a file rewritten since misses and is
 hashed again. ``STATS`` counts both (tests read it) and each real verification logs one line:
-``verified checkpoint DIR: N files, M bytes in S s (blake3)``.
+``verified checkpoint DIR: N files, M bytes in S s (xxh3-128)``.
 
 Importing this module, and resolving, never imports torch.
 """

@@ -128,7 +128,7 @@ def hashing_storage_writer(directory: Path):
                 return
             stream = _HashingStream(Path(path))
             try:
-                with without_zip_crc32():  # the BLAKE3 covers every byte
+                with without_zip_crc32():  # the manifest's digest covers every byte
                     yield stream
             finally:
                 stream.close()

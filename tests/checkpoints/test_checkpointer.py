@@ -118,10 +118,10 @@ def test_flipped_byte_is_detected_and_previous_checkpoint_loaded(tmp_path):
     before = directory_listing(tmp_path)
 
     ok, reason = verify_checkpoint(corrupt)
-    assert not ok and "dcp/__0_0.distcp" in reason and "blake3" in reason
+    assert not ok and "dcp/__0_0.distcp" in reason and "xxh3-128" in reason
     resumed = Checkpointer(tmp_path).load_latest("auto", *make_job(), model_config=CONFIG)
     assert resumed.step == 10 and [p for p, _ in resumed.skipped] == [corrupt]
-    with pytest.raises(UserError, match="blake3"):
+    with pytest.raises(UserError, match="xxh3-128"):
         Checkpointer(tmp_path).load(corrupt, *make_job(), model_config=CONFIG)
     assert directory_listing(tmp_path) == before  # a failed resume deletes and rewrites nothing
 
@@ -233,7 +233,7 @@ def test_async_save_writes_the_state_of_its_step_while_training_goes_on(tmp_path
     async_files = json.loads((path / "manifest.json").read_text())["files"]
     assert sync_files.keys() == async_files.keys()
     for name in ("model.safetensors", "train_state.json", "dcp/__0_0.distcp"):
-        assert sync_files[name]["blake3"] == async_files[name]["blake3"], name
+        assert sync_files[name]["xxh3-128"] == async_files[name]["xxh3-128"], name
     restored = make_job(seed=3)
     Checkpointer(tmp_path / "async").load(path, *restored, model_config=CONFIG)
     assert_same_snapshot(snapshot(restored[0], restored[1]), expected)
@@ -377,18 +377,18 @@ def test_a_save_without_consolidated_weights_still_loads_for_inference(tmp_path)
 
 
 def test_a_sync_save_hashes_while_writing_and_reads_nothing_back(tmp_path, monkeypatch):
-    def no_read_back(path, algorithm="blake3"):
+    def no_read_back(path, algorithm=manifest.ALGORITHM):
         raise AssertionError(f"{path} was read back to be hashed")
 
     monkeypatch.setattr(manifest, "hash_file", no_read_back)
     path = save(Checkpointer(tmp_path), 3, make_job())
     monkeypatch.undo()
     listing = json.loads((path / "manifest.json").read_text())
-    assert listing["algorithm"] == "blake3" and listing["format"] == 2
+    assert listing["algorithm"] == "xxh3-128" and listing["format"] == 2
     assert {"model.safetensors", "dcp/.metadata", "dcp/__0_0.distcp", "meta.json", "train_state.json",
             "ranks/rank-00000.json"} <= set(listing["files"])
     for name, entry in listing["files"].items():  # what was hashed in flight is what is on disk
-        assert entry["blake3"] == manifest.hash_file(path / name), name
+        assert entry["xxh3-128"] == manifest.hash_file(path / name), name
     from safetensors.torch import load_file
 
     weights = load_file(str(path / "model.safetensors"))
@@ -413,6 +413,43 @@ def test_a_sha256_manifest_of_an_older_checkpoint_still_verifies(tmp_path):
     assert verify_checkpoint(path) == (False, "dcp/__0_0.distcp: sha256 does not match the manifest (corrupted)")
 
 
+def test_the_manifest_digest_is_xxh3_128_as_xxhsum_H2_prints_it(tmp_path):
+    """The reference values are `xxhsum -H2`'s (xxHash 0.8): a user can check a file by hand."""
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "word").write_bytes(b"gonogo")
+    assert manifest.hash_file(tmp_path / "empty") == "99aa06d3014798d86001c324468d497f"
+    assert manifest.hash_file(tmp_path / "word") == "724a858f65809cd225d81c9b3943c6c4"
+    writer = manifest.HashingWriter(tmp_path / "written")
+    writer.write(b"gono")
+    writer.write(b"go")
+    assert writer.close() == {"size": 6, "xxh3-128": "724a858f65809cd225d81c9b3943c6c4"}
+
+
+def test_a_blake3_manifest_of_an_older_checkpoint_still_verifies_and_loads(tmp_path):
+    import hashlib
+
+    job = make_job()
+    path = save(Checkpointer(tmp_path), 10, job)
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    old = {"format": 2, "algorithm": "blake3",
+           "files": {name: {"size": entry["size"], "blake3": manifest.hash_file(path / name, "blake3")}
+                     for name, entry in files.items()}}
+    old_bytes = json.dumps(old).encode()
+    (path / "manifest.json").write_bytes(old_bytes)
+    (path / "COMMITTED").write_text(json.dumps({"format": 2, "manifest_sha256": hashlib.sha256(old_bytes).hexdigest()}))
+    assert verify_checkpoint(path) == (True, "ok")
+    fresh = make_job(seed=1)
+    assert Checkpointer(tmp_path).load(path, *fresh, model_config=CONFIG)[0] == 10  # shards hashed while read
+    assert_same_snapshot(snapshot(*fresh[:2]), snapshot(*job[:2]))
+    shard = path / "dcp" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert verify_checkpoint(path) == (False, "dcp/__0_0.distcp: blake3 does not match the manifest (corrupted)")
+    with pytest.raises(UserError, match="blake3 does not match"):
+        Checkpointer(tmp_path).load(path, *make_job(seed=1), model_config=CONFIG)
+
+
 def _zip_record_crcs(path: Path) -> list[int]:
     """The CRC-32 field of every zip central directory entry in ``path`` (a DCP shard is torch.save
     records, each a small zip archive, one after another; torch writes the CRC there and in a data
@@ -427,7 +464,7 @@ def _zip_record_crcs(path: Path) -> list[int]:
 
 
 def test_dcp_shards_are_written_without_zip_crc32_and_the_option_is_restored(tmp_path):
-    """The BLAKE3 of each file covers its bytes, so torch.save's CRC-32 (45% of a sync save) is not
+    """The manifest digest of each file covers its bytes, so torch.save's CRC-32 (45% of a sync save) is not
     computed for a checkpoint's shards; the process-wide option comes back as it was, and the
     checkpoint loads exactly."""
     job = make_job()

@@ -43,7 +43,7 @@ def test_async_save_writes_the_same_checkpoint_without_blocking_the_loop(saved_a
     assert {"dcp/__0_0.distcp", "dcp/__1_0.distcp", "ranks/rank-00000.json", "ranks/rank-00001.json"} <= set(sync_files)
     # same bytes, but for DCP's metadata (it records ids of the write) and meta.json's creation time
     for name in set(sync_files) - {"dcp/.metadata", "meta.json"}:
-        assert sync_files[name]["blake3"] == async_files[name]["blake3"], name
+        assert sync_files[name]["xxh3-128"] == async_files[name]["xxh3-128"], name
     report = json.loads((saved_at_two_ranks / "report.json").read_text())
     # save() returned while the write still ran: the commit came later, after 2 more training steps
     assert report["committed_after_s"] > report["blocked_s"]
@@ -76,5 +76,5 @@ def test_a_shard_corrupt_on_one_rank_fails_the_load_on_every_rank(saved_at_two_r
     torchrun(2, "corrupt", "--root", checkpoint, "--expected", tmp_path / "unused", "--report", report)
     for rank in (0, 1):
         said = report.with_suffix(f".rank{rank}").read_text()
-        assert "dcp/__1_0.distcp: blake3 does not match the manifest" in said, (rank, said)
+        assert "dcp/__1_0.distcp: xxh3-128 does not match the manifest" in said, (rank, said)
         assert "tensors must not be used" in said, (rank, said)

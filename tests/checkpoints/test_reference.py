@@ -38,7 +38,7 @@ def test_a_run_dir_resolves_to_its_newest_checkpoint_with_format_and_metadata(tm
     assert isinstance(ref, CheckpointRef) and ref.verified and ref.format == "gonogo"
     assert ref.path == run / "checkpoints" / "train" / "step-00000020"
     assert ref.step == 20 and ref.tokenizer == "byte-v1" and ref.model_config == CONFIG.model_dump(mode="json")
-    assert ref.manifest["algorithm"] == "blake3" and "meta.json" in ref.manifest["files"]
+    assert ref.manifest["algorithm"] == "xxh3-128" and "meta.json" in ref.manifest["files"]
     assert resolve(ref) is ref  # a reference handed on is not resolved again
     assert Path(ref) == ref.path
 
@@ -91,7 +91,7 @@ def test_a_checkpoint_is_hashed_once_per_process_and_again_when_a_file_changes(t
         load_for_inference(run)  # what `serve`, `eval` and `export` do after their own checks
     assert STATS.verifications == 1 and STATS.cache_hits >= 3
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("verified checkpoint")]
-    assert len(lines) == 1 and "blake3" in lines[0] and f"{len(first.manifest['files'])} files" in lines[0]
+    assert len(lines) == 1 and "xxh3-128" in lines[0] and f"{len(first.manifest['files'])} files" in lines[0]
 
     # a file rewritten since (same size): not trusted from memory; hashed again, and refused
     weights = first.path / "model.safetensors"
@@ -103,7 +103,7 @@ def test_a_checkpoint_is_hashed_once_per_process_and_again_when_a_file_changes(t
     resolved = resolve(run)
     assert STATS.verifications == 3  # step 20 again (now refused), then step 10
     assert resolved.path.name == "step-00000010"
-    with pytest.raises(UserError, match="model.safetensors: blake3 does not match"):
+    with pytest.raises(UserError, match="model.safetensors: xxh3-128 does not match"):
         resolve(first.path)
 
 

@@ -111,7 +111,7 @@ def test_a_checkpoint_verified_earlier_in_this_process_is_read_without_hashing(t
 def test_a_corrupt_tensor_found_after_it_was_read_fails_the_load(tmp_path, reads):
     path = save(tmp_path, 1, make_job())
     flip_tensor_byte(path)
-    with pytest.raises(UserError, match=r"__0_0.distcp: blake3 does not match the manifest .*must not be used"):
+    with pytest.raises(UserError, match=r"__0_0.distcp: xxh3-128 does not match the manifest .*must not be used"):
         Checkpointer(tmp_path).load(path, *make_job(seed=1), model_config=CONFIG)
     assert reads["into_tensors"] > 0  # the flipped byte went into a tensor before the digest was known
 
@@ -127,7 +127,7 @@ def test_resume_auto_goes_back_to_an_older_checkpoint_that_overwrites_every_tens
     fresh = make_job(seed=1)
     resumed = Checkpointer(tmp_path).load_latest("auto", *fresh, model_config=CONFIG)
     assert resumed.step == 10 and [path for path, _ in resumed.skipped] == [newest]
-    assert "blake3 does not match" in resumed.skipped[0][1]
+    assert "xxh3-128 does not match" in resumed.skipped[0][1]
     assert_same(state(*fresh), expected)
 
 
@@ -147,5 +147,5 @@ def test_a_restore_does_not_read_the_consolidated_weights_and_inference_refuses_
     fresh = make_job(seed=1)
     assert Checkpointer(tmp_path).load(path, *fresh, model_config=CONFIG)[0] == 1
     assert_same(state(*fresh), state(*job))
-    with pytest.raises(UserError, match="model.safetensors: blake3 does not match"):
+    with pytest.raises(UserError, match="model.safetensors: xxh3-128 does not match"):
         reference.resolve(path)

@@ -34,7 +34,7 @@ def test_serve_with_a_run_dir_verifies_its_checkpoint_once(tmp_path):
         checkpointer.save(step, model, torch.optim.AdamW(model.parameters()), None, None, {}, model.config)
     started, verified = _served(tmp_path / "run", tmp_path / "serve")
     assert started["checkpoint_verifications"] == 1
-    assert len(verified) == 1 and "step-00000010" in verified[0] and "(blake3)" in verified[0], verified
+    assert len(verified) == 1 and "step-00000010" in verified[0] and "(xxh3-128)" in verified[0], verified
 
 
 def test_a_cpu_server_leaves_a_core_to_http_unless_told_its_threads(tmp_path):
