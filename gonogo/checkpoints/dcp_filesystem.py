@@ -184,6 +184,7 @@ class VerifyingReader(DirectReader):
         super().__init__(path)
         self.digests, self.algorithm = digests, algorithm
         self.checked: set[str] = set()  # files this rank hashed (tests read it)
+
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         per_file: dict[str, list[ReadItem]] = {}
         for item in plan.items:

@@ -149,3 +149,28 @@ def test_a_restore_does_not_read_the_consolidated_weights_and_inference_refuses_
     assert_same(state(*fresh), state(*job))
     with pytest.raises(UserError, match="model.safetensors: xxh3-128 does not match"):
         reference.resolve(path)
+
+
+def _exchange_worker(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        failure = {0: None, 1: manifest.CorruptShard("dcp/__1_0.distcp: xxh3-128 does not match the manifest")}[rank]
+        checked, problem = dcp_filesystem._exchange({f"__{rank}_0.distcp"}, failure)
+        kind = type(problem).__name__ if problem is not None else None
+        with open(f"{out}.{rank}", "w") as handle:
+            handle.write(f"{sorted(checked)}|{kind}|{problem}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_that_found_nothing_hears_of_another_ranks_corrupt_shard(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_exchange_worker, args=(str(tmp_path / "store"), str(tmp_path / "said")), nprocs=2, join=True)
+    for rank in (0, 1):
+        checked, kind, problem = (tmp_path / f"said.{rank}").read_text().split("|")
+        assert checked == "['__0_0.distcp', '__1_0.distcp']" and kind == "CorruptShard", rank
+        assert "__1_0.distcp: xxh3-128 does not match" in problem
+        assert ("(read by rank 1)" in problem) == (rank == 0)
