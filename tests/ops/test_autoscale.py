@@ -188,3 +188,33 @@ def test_the_slo_breach_is_dated_by_request_start_not_completion():
     records += [Record(started=105.0 + t / 10, ended=108.0 + t / 10, ttft=3.0, ok=True) for t in range(5)]
     assert slo_breach(records, 100.0, slo_s=1.0, window_s=3.0) == 5.0
     assert slo_breach(records[:5], 100.0, slo_s=1.0, window_s=3.0) is None    # never broken: unknown
+
+
+class PeriodicPool(Pool):
+    """One request in flight for the first 0.1 s of every second from ``t0``: 0.1 requests on
+    average, 0.05 per replica of two, whenever it is read."""
+
+    def signals(self, now=None):
+        now = time.monotonic() if now is None else now
+        signals = super().signals(now)
+        running = 1 if (now - self.t0) % 1.0 < 0.1 else 0
+        return {**signals, "running": running, "concurrency": running / max(1, signals["replicas"])}
+
+
+def test_traffic_at_a_fixed_period_does_not_stay_in_phase_with_the_readings():
+    # read every 0.5 s from the start of a period, a strictly periodic load shows its request at every
+    # other reading (a mean of 0.25 per replica, above the 0.15 to scale down) until the readings drift;
+    # jittered readings see it 10% of the time, as it is, and the pool scales down after the cool-down
+    settings = AutoscaleSettings(max_replicas=2, scale_up_threshold=0.6, scale_down_threshold=0.15, cooldown_s=2.0,
+                                 interval_s=0.5, window_s=3.0)
+    pool = PeriodicPool(settings)
+    pool.add(Replica("replica-1", "http://127.0.0.1:1"))
+    pool.add(Replica("replica-2", "http://127.0.0.1:2"))
+    autoscaler = Autoscaler(pool, lambda name: Replica(name, "http://127.0.0.1:3"), lambda replica: None)
+    pool.t0 = autoscaler.t0
+    autoscaler.start()
+    try:
+        assert wait_for(lambda: any(e["event"] == "scale_down_triggered" for e in autoscaler.events), 20.0), \
+            [(s["t"], s["running"], s["signal"]) for s in autoscaler.samples]
+    finally:
+        autoscaler.stop()

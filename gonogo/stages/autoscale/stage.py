@@ -2,7 +2,8 @@
 
 The pool forwards each request to the ready replica with the fewest requests in flight; a
 replica takes at most ``max_concurrency`` at once and the rest wait at the router (the queue
-depth; Knative's container concurrency). Every ``interval_s`` the autoscaler reads one signal:
+depth; Knative's container concurrency). Every ``interval_s`` (jittered, so that periodic traffic
+cannot stay in phase with the readings) the autoscaler reads one signal:
 
 - ``concurrency``: (running + queued) requests per ready replica (Knative's KPA, KEDA's average),
   the mean of the readings over the last ``window_s`` (Knative's stable window);
