@@ -174,3 +174,24 @@ def test_a_rank_that_found_nothing_hears_of_another_ranks_corrupt_shard(tmp_path
         assert checked == "['__0_0.distcp', '__1_0.distcp']" and kind == "CorruptShard", rank
         assert "__1_0.distcp: xxh3-128 does not match" in problem
         assert ("(read by rank 1)" in problem) == (rank == 0)
+
+
+def test_a_file_read_only_for_its_bytes_items_is_hashed_whole_before_dcp_unpickles_them(tmp_path, reads):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    state = {"weight": torch.randn(64, 64), "lr": 0.25, "names": ["a", "b"]}
+    dcp.save(state, checkpoint_id=str(tmp_path), no_dist=True)
+    shard = next(tmp_path.glob("*.distcp"))
+    digests = {shard.name: {"size": shard.stat().st_size, "xxh3-128": manifest.hash_file(shard)}}
+    reads["whole_files"].clear()
+    loaded = {"lr": None, "names": None}  # no tensor from this file: nothing to read it in one pass for
+    dcp.load(loaded, storage_reader=dcp_filesystem.VerifyingReader(tmp_path, digests, "xxh3-128"), no_dist=True)
+    assert loaded == {"lr": 0.25, "names": ["a", "b"]}
+    assert reads["whole_files"] == [str(shard)] and reads["into_tensors"] == 0
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointException, match="xxh3-128 does not match"):  # before DCP unpickled anything
+        dcp.load({"lr": None, "names": None},
+                 storage_reader=dcp_filesystem.VerifyingReader(tmp_path, digests, "xxh3-128"), no_dist=True)
