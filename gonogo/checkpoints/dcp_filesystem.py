@@ -136,25 +136,45 @@ class DirectReader(FileSystemReader):
         """Read ``item`` into its target tensor; False (nothing changed) where it is not a plain whole
         tensor record, for DCP's reader to do."""
         stored = self.storage_data[item.storage_index]
-        if item.type != LoadItemType.TENSOR or stored.transform_descriptors:
-            return False
-        target = planner.resolve_tensor(item).detach()
-        if target.device.type != "cpu" or not target.is_contiguous():
-            return False
-        # a record's zip directory is at its end, after the data: read first, that jump would look
-        # random to the kernel's readahead, so it is told the whole record is wanted
+        # a record's zip directory is at its end, after the data: where it has to be read (a pickle
+        # not seen before), that jump would look random to the kernel's readahead, so it is told
+        # the whole record is wanted
         if hasattr(os, "posix_fadvise"):  # not on macOS
             os.posix_fadvise(handle.fileno(), stored.offset, stored.length, os.POSIX_FADV_WILLNEED)
-        layout = self._layout(handle, handle.fileno(), stored.offset, stored.length)
-        if layout is None:
+        found = self._whole_tensor(handle, handle.fileno(), item, planner)
+        if found is None:
             return False
-        shape, dtype, data_offset = layout
-        whole = all(start == 0 for start in item.storage_offsets) and tuple(item.lengths) == shape
-        if not whole or tuple(target.shape) != shape or target.dtype != dtype:
-            return False
+        target, data_offset = found
         _read_exactly(handle.fileno(), target, stored.offset + data_offset)
         planner.commit_tensor(item, target)
         return True
+
+    def _whole_tensor(self, handle: Any, fd: int, item: ReadItem, planner: LoadPlanner, *,
+                      unverified: bool = False) -> Optional[tuple[torch.Tensor, int]]:
+        """(target, offset of the data in its record) where ``item`` is a whole tensor record stored as
+        it is and its target a contiguous CPU tensor of its dtype and shape; None where DCP's reader
+        is to read it. ``unverified``: the record's digest is not known yet, so one that does not
+        parse is left to that digest to report (None), not an error here."""
+        stored = self.storage_data[item.storage_index]
+        if item.type != LoadItemType.TENSOR or stored.transform_descriptors:
+            return None
+        target = planner.resolve_tensor(item).detach()
+        if target.device.type != "cpu" or not target.is_contiguous():
+            return None
+        try:
+            layout = self._layout(handle, fd, stored.offset, stored.length)
+        except Exception:
+            if not unverified:
+                raise
+            return None
+        if layout is None:
+            return None
+        shape, dtype, data_offset = layout
+        whole = all(start == 0 for start in item.storage_offsets) and tuple(item.lengths) == shape
+        if (not whole or tuple(target.shape) != shape or target.dtype != dtype
+                or data_offset + target.numel() * target.element_size() > stored.length):
+            return None
+        return target, data_offset
 
 
 _CHUNK = 8 << 20  # bytes per read, and per hash update, of a shard file
@@ -284,25 +304,11 @@ class VerifyingReader(DirectReader):
         None (nothing read) where it is not a plain whole tensor for one target."""
         if len(items) != 1:
             return None
-        item = items[0]
-        stored = self.storage_data[item.storage_index]
-        if item.type != LoadItemType.TENSOR or stored.transform_descriptors:
+        found = self._whole_tensor(handle, fd, items[0], planner, unverified=True)
+        if found is None:
             return None
-        target = planner.resolve_tensor(item).detach()
-        if target.device.type != "cpu" or not target.is_contiguous():
-            return None
-        try:
-            layout = self._layout(handle, fd, offset, length)
-        except Exception:  # not yet verified: a corrupt record is the digest's to report, after the whole file
-            return None
-        if layout is None:
-            return None
-        shape, dtype, data_offset = layout
-        whole = all(start == 0 for start in item.storage_offsets) and tuple(item.lengths) == shape
+        target, data_offset = found
         data_bytes = target.numel() * target.element_size()
-        if (not whole or tuple(target.shape) != shape or target.dtype != dtype
-                or data_offset + data_bytes > length):
-            return None
         _hash_range(fd, offset, offset + data_offset, hasher)
         view = memoryview(cast(Buffer, target.reshape(-1).view(torch.uint8).numpy()))
         start = 0
@@ -312,7 +318,7 @@ class VerifyingReader(DirectReader):
             hasher.put(chunk)
             start += len(chunk)
         _hash_range(fd, offset + data_offset + data_bytes, offset + length, hasher)
-        return item, target
+        return items[0], target
 
 
 class _Hasher:

@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from gonogo.checkpoints import manifest
 from gonogo.errors import UserError
@@ -97,26 +97,42 @@ def _signature(path: Path, listed: dict[str, Any]) -> Optional[tuple]:
     return tuple(parts)
 
 
+def _look_up(path: Path) -> tuple[Optional[dict[str, Any]], str, Optional[tuple], bool]:
+    """(committed manifest or None, why not, the files' signature, whether a verification of the
+    whole checkpoint in this process still holds)."""
+    listed, reason = manifest.read_manifest(path) if path.is_dir() else (None, "not a directory")
+    if listed is None:
+        return None, reason, None, False
+    signature = _signature(path, listed["files"])
+    remembered = _VERIFIED.get(path)
+    return listed, reason, signature, signature is not None and remembered is not None and remembered[0] == signature
+
+
+def _check_files(path: Path, listed: dict[str, Any],
+                 hashed_by_reader: Optional[Callable[[str], bool]] = None) -> tuple[bool, str]:
+    """``manifest.verify_checkpoint`` and the rule that every file a load reads is listed."""
+    ok, reason = manifest.verify_checkpoint(path, hashed_by_reader=hashed_by_reader)
+    if ok:
+        unlisted = unlisted_file(path, listed)
+        if unlisted is not None:
+            ok, reason = False, f"{unlisted} is not listed in the manifest (an unverified file is never loaded)"
+    return ok, reason
+
+
 def verify(path: Path) -> tuple[bool, str, Optional[dict[str, Any]]]:
     """(ok, reason, manifest) for a checkpoint dir: ``manifest.verify_checkpoint`` plus the rule
     that every file a load reads is listed (DCP's ``.metadata`` is a pickle: an unlisted file was
     never hashed, so it is never unpickled). A success is remembered (see the module doc)."""
     path = Path(path).resolve()
-    listed, reason = manifest.read_manifest(path) if path.is_dir() else (None, "not a directory")
+    listed, reason, signature, remembered = _look_up(path)
     if listed is None:
         return False, reason, None
-    signature = _signature(path, listed["files"])
-    remembered = _VERIFIED.get(path)
-    if signature is not None and remembered is not None and remembered[0] == signature:
+    if remembered:
         STATS.cache_hits += 1
         log.debug("checkpoint %s: verified earlier in this process, unchanged", path)
-        return True, "ok", remembered[1]
+        return True, "ok", _VERIFIED[path][1]
     started = time.perf_counter()
-    ok, reason = manifest.verify_checkpoint(path)
-    if ok:
-        unlisted = unlisted_file(path, listed)
-        if unlisted is not None:
-            ok, reason = False, f"{unlisted} is not listed in the manifest (an unverified file is never loaded)"
+    ok, reason = _check_files(path, listed)
     total = sum(int(entry["size"]) for entry in listed["files"].values())
     STATS.verifications += 1
     STATS.bytes_hashed += total
@@ -143,20 +159,14 @@ def check_before_restore(path: Path) -> tuple[bool, str, Optional[dict[str, Any]
     "algorithm"), and model.safetensors, which the restore does not read, for size only. The
     digests are None where a remembered verification of the whole checkpoint still holds."""
     path = Path(path).resolve()
-    listed, reason = manifest.read_manifest(path) if path.is_dir() else (None, "not a directory")
+    listed, reason, _, remembered = _look_up(path)
     if listed is None:
         return False, reason, None
-    signature = _signature(path, listed["files"])
-    remembered = _VERIFIED.get(path)
-    if signature is not None and remembered is not None and remembered[0] == signature:
+    if remembered:
         STATS.cache_hits += 1
         return True, "ok", None
-    ok, reason = manifest.verify_checkpoint(
-        path, hashed_by_reader=lambda relative: is_shard_file(relative) or relative == manifest.WEIGHTS_NAME)
-    if ok:
-        unlisted = unlisted_file(path, listed)
-        if unlisted is not None:
-            ok, reason = False, f"{unlisted} is not listed in the manifest (an unverified file is never loaded)"
+    ok, reason = _check_files(path, listed,
+                              lambda relative: is_shard_file(relative) or relative == manifest.WEIGHTS_NAME)
     if not ok:
         return False, reason, None
     shards = {relative[len("dcp/"):]: entry for relative, entry in listed["files"].items() if is_shard_file(relative)}
