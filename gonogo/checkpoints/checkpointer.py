@@ -450,15 +450,11 @@ class Checkpointer:
         skipped: list[tuple[Path, str]] = []
         overwritten: Optional[Path] = None
         for path in candidates:  # newest first
-            ok, reason, shards = _from_rank0(check_before_restore(path) if _rank() == 0 else None)
-            if ok:
-                try:
-                    resumed = self._restore(path, model, optimizer, scheduler, model_config, shards)
-                except CorruptShard as error:
-                    ok, reason, overwritten = False, str(error), path
-            if ok:
+            resumed, reason, touched = self._attempt(path, model, optimizer, scheduler, model_config)
+            if resumed is not None:
                 resumed.skipped = skipped
                 return resumed
+            overwritten = path if touched else overwritten
             log.warning("resume: skipping %s: %s", path, reason)
             skipped.append((path, reason))
         if overwritten is not None:
@@ -470,15 +466,26 @@ class Checkpointer:
         return Resumed(None, 0, None, {}, skipped=skipped)
 
     def _load_checked(self, path: Path, model, optimizer, scheduler, model_config) -> Resumed:
-        ok, reason, shards = _from_rank0(check_before_restore(path) if _rank() == 0 else None)
-        if ok:
-            try:
-                return self._restore(path, model, optimizer, scheduler, model_config, shards)
-            except CorruptShard as error:
-                reason = (f"{error} (found while reading it into the model and optimizer, whose tensors "
-                          f"must not be used now)")
+        resumed, reason, touched = self._attempt(path, model, optimizer, scheduler, model_config)
+        if resumed is not None:
+            return resumed
+        if touched:
+            reason += " (found while reading it into the model and optimizer, whose tensors must not be used now)"
         raise UserError(f"{path}: checkpoint cannot be loaded: {reason} "
                         "(use --resume auto to take the newest good one)")
+
+    def _attempt(self, path: Path, model, optimizer, scheduler, model_config
+                 ) -> tuple[Optional[Resumed], str, bool]:
+        """(what was restored or None, why not, whether the model's and optimizer's tensors were
+        written before a shard turned out corrupt): ``check_before_restore`` on rank 0, then the
+        restore that checks the shards while it reads them."""
+        ok, reason, shards = _from_rank0(check_before_restore(path) if _rank() == 0 else None)
+        if not ok:
+            return None, reason, False
+        try:
+            return self._restore(path, model, optimizer, scheduler, model_config, shards), "ok", False
+        except CorruptShard as error:
+            return None, str(error), True
 
     def _restore(self, path: Path, model, optimizer, scheduler, model_config,
                  shards: Optional[dict[str, Any]]) -> Resumed:

@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.utils import _create_file_view
 from torch.futures import Future
 from typing_extensions import Buffer
 
-from gonogo.checkpoints.manifest import CorruptShard, hash_file, new_hash
+from gonogo.checkpoints.manifest import CorruptShard, hash_file, mismatch, new_hash
 
 
 @contextlib.contextmanager
@@ -245,16 +245,19 @@ class VerifyingReader(DirectReader):
         return entry
 
     def _check_whole(self, relative_path: str) -> None:
-        entry = self._expected(relative_path)
-        if hash_file(Path(self.fs.concat_path(self.path, relative_path)), self.algorithm) != entry[self.algorithm]:
-            raise CorruptShard(f"dcp/{relative_path}: {self.algorithm} does not match the manifest (corrupted)")
+        self._compare(relative_path, hash_file(Path(self.fs.concat_path(self.path, relative_path)), self.algorithm))
+
+    def _compare(self, relative_path: str, digest: str) -> None:
+        """``CorruptShard`` unless ``digest`` is the manifest's; else the file counts as checked."""
+        if digest != self._expected(relative_path)[self.algorithm]:
+            raise CorruptShard(mismatch(f"dcp/{relative_path}", self.algorithm))
         self.checked.add(relative_path)
 
     def _read_and_check(self, relative_path: str, items: list[ReadItem], planner: LoadPlanner) -> list[ReadItem]:
         """Read the whole file once, in order: the items' whole tensors into their targets, every
         other byte into memory to be hashed; raise ``CorruptShard`` unless the digest matches. The
         items left for DCP's reader."""
-        entry = self._expected(relative_path)
+        self._expected(relative_path)  # no digest to compare with: nothing is read into the tensors
         wanted: dict[tuple[int, int], list[ReadItem]] = {}
         records: set[tuple[int, int]] = set()
         for stored in self.storage_data.values():
@@ -291,9 +294,7 @@ class VerifyingReader(DirectReader):
                 _hash_range(fd, position, size, hasher)
         finally:
             digest = hasher.finish()
-        if digest != entry[self.algorithm]:
-            raise CorruptShard(f"dcp/{relative_path}: {self.algorithm} does not match the manifest (corrupted)")
-        self.checked.add(relative_path)
+        self._compare(relative_path, digest)
         for item, target in done:
             planner.commit_tensor(item, target)
         return rest

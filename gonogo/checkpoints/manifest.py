@@ -97,6 +97,11 @@ class CorruptShard(Exception):
     into hold some of its bytes: the caller must not use them."""
 
 
+def mismatch(relative: str, algorithm: str) -> str:
+    """What a load or a verification says of a file whose digest is not the manifest's."""
+    return f"{relative}: {algorithm} does not match the manifest (corrupted)"
+
+
 class HashingWriter:
     """A file opened for writing that hashes every byte as it is written and is fsync'd on close.
 
@@ -298,7 +303,7 @@ def verify_checkpoint(path: Path, *, hashes: bool = True,
         names = sorted(name for name in files if hashed_by_reader is None or not hashed_by_reader(name))
         for relative, digest in zip(names, _hash_all([path / name for name in names], algorithm)):
             if digest != files[relative].get(algorithm):
-                return False, f"{relative}: {algorithm} does not match the manifest (corrupted)"
+                return False, mismatch(relative, algorithm)
     return True, "ok"
 
 
