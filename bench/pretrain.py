@@ -12,15 +12,17 @@ on the built-in synthetic corpus. Measured in one run, one after the other on th
    the learning rate set by hand every iteration; clip at 1.0; ``zero_grad(set_to_none=True)``;
    the next batch fetched right after the forward; no process group; ``--compile=False`` as in
    nanoGPT's CPU recipe), over the same decoder, so both sides do the same FLOPs per token;
-2. ``gonogo train`` on 1 and on 2 processes, fp32 and bf16 (FSDP2, the default wrapper);
-3. d=512 (small-dense) in bf16 for MFU against the measured bf16 GEMM peak of this machine;
+2. ``gonogo train`` on 1 and on 2 processes, fp32 and bf16 (FSDP2, the default wrapper), eager (the
+   presets' default) and with ``train.compile=true`` (torch.compile of every block; its first step
+   compiles, the median of the steady windows leaves that out);
+3. d=512 (small-dense) in bf16, eager and compiled, for MFU against the measured bf16 GEMM peak;
    the full run adds DDP, no wrapper and a mixture-of-experts shape.
 
 Throughput is the median of the trainer's steady log windows (the first is dropped), best of
 the quiet rounds among ``--rounds`` interleaved rounds; MFU uses FLOPs per token =
 6·N_active + 12·L·H·d_head·T (gonogo.model.flops) against the measured GEMM peak of the run's
 precision (gonogo.train.peak: best of ``a @ b`` and ``F.linear`` on one core, times the cores).
-Targets (issue 21): gonogo on 1 process >= 2x the reference's fp32 tokens/s; 2 processes within
+Targets (issue 21): gonogo on 1 process (its fastest setting here) >= 2x the reference's fp32 tokens/s; 2 processes within
 15% of 1 process (same precision); bf16 MFU >= 25% at d=256 and >= 40% at d=512. Every run is
 watched (bench/quiet.py): a target is called met or NOT met only from rounds measured while the
 machine was quiet, otherwise the file says "noisy: no verdict". The CPU's AMX/AVX-512/AVX2 flags
@@ -126,12 +128,19 @@ def _reference_rate(steps: int, warmup: int) -> tuple[float, list[float]]:
 
 
 BF16 = "train.precision=bf16"  # explicit: the presets' auto is fp32 on a CPU without bf16 instructions
+COMPILED = "train.compile=true"  # torch.compile of every transformer block (off in the presets)
 FULL_RUNS = [
     ("1 proc, fp32, FSDP2", "tiny-dense", 1, SHAPE + ["train.micro_batch_size=8", "train.precision=fp32"]),
     ("1 proc, bf16, FSDP2", "tiny-dense", 1, SHAPE + ["train.micro_batch_size=8", BF16]),
     ("2 procs, fp32, FSDP2", "tiny-dense", 2, SHAPE + ["train.micro_batch_size=4", "train.precision=fp32"]),
     ("2 procs, bf16, FSDP2", "tiny-dense", 2, SHAPE + ["train.micro_batch_size=4", BF16]),
     ("small-dense d=512, 1 proc, bf16", "small-dense", 1, ["train.checkpoint=false", "train.val_every=0", BF16]),
+    ("1 proc, fp32, FSDP2, compiled", "tiny-dense", 1,
+     SHAPE + ["train.micro_batch_size=8", "train.precision=fp32", COMPILED]),
+    ("1 proc, bf16, FSDP2, compiled", "tiny-dense", 1, SHAPE + ["train.micro_batch_size=8", BF16, COMPILED]),
+    ("2 procs, bf16, FSDP2, compiled", "tiny-dense", 2, SHAPE + ["train.micro_batch_size=4", BF16, COMPILED]),
+    ("small-dense d=512, 1 proc, bf16, compiled", "small-dense", 1,
+     ["train.checkpoint=false", "train.val_every=0", BF16, COMPILED]),
     ("small-dense d=512, 2 procs, bf16", "small-dense", 2, ["train.checkpoint=false", "train.val_every=0",
                                                              "train.micro_batch_size=8", BF16]),
     ("1 proc, fp32, no wrapper", "tiny-dense", 1, SHAPE + ["train.micro_batch_size=8", "train.parallel=none",
@@ -144,7 +153,7 @@ FULL_RUNS = [
     ("2 procs, bf16, MoE 8x top-2, EP=2", "tiny-moe", 2,
      SHAPE + ["train.micro_batch_size=4", "model.moe.expert_ffn_dim=512", "train.expert_parallel=2", BF16]),
 ]
-QUICK = 5  # --quick: the first five runs (every target's), d=512 at global batch 8
+QUICK = 9  # --quick: the first nine runs (every target's), d=512 at global batch 8
 
 
 def main() -> int:
@@ -250,6 +259,14 @@ def render(reference: dict, rows, peaks: dict[str, float], load_before, load_aft
                    ("bf16 / fp32 (2 processes, FSDP2)", "2 procs, bf16, FSDP2", "2 procs, fp32, FSDP2"),
                    ("2 processes / 1 process (fp32, FSDP2)", "2 procs, fp32, FSDP2", "1 proc, fp32, FSDP2"),
                    ("2 processes / 1 process (bf16, FSDP2)", "2 procs, bf16, FSDP2", "1 proc, bf16, FSDP2"),
+                   ("compiled / eager (1 process, bf16, FSDP2)", "1 proc, bf16, FSDP2, compiled",
+                    "1 proc, bf16, FSDP2"),
+                   ("compiled / eager (2 processes, bf16, FSDP2)", "2 procs, bf16, FSDP2, compiled",
+                    "2 procs, bf16, FSDP2"),
+                   ("compiled / eager (1 process, fp32, FSDP2)", "1 proc, fp32, FSDP2, compiled",
+                    "1 proc, fp32, FSDP2"),
+                   ("2 processes / 1 process (bf16, FSDP2, compiled)", "2 procs, bf16, FSDP2, compiled",
+                    "1 proc, bf16, FSDP2, compiled"),
                    ("FSDP2 / no wrapper (1 process, fp32)", "1 proc, fp32, FSDP2", "1 proc, fp32, no wrapper"),
                    ("FSDP2 / DDP (2 processes, bf16)", "2 procs, bf16, FSDP2", "2 procs, bf16, DDP"),
                    ("FSDP2 one unit / per block (2 processes, bf16)", "2 procs, bf16, FSDP2",
@@ -258,21 +275,22 @@ def render(reference: dict, rows, peaks: dict[str, float], load_before, load_aft
     lines += ["", "| comparison | ratio of tokens/s |", "|---|---|"]
     lines += [f"| {label} | {ratio(a, b)} |" for label, a, b in comparisons if a in results and b in results]
 
-    # 1 process: the faster precision on this machine is the one its user runs
-    one_name = max((name for name in ("1 proc, fp32, FSDP2", "1 proc, bf16, FSDP2") if name in results),
+    # 1 process: the fastest of gonogo's settings on this machine (precision, compiled or not) is
+    # the one its user runs
+    one_name = max((name for name in results if name.startswith("1 proc, ") and ", FSDP2" in name),
                    key=lambda n: results[n]["tokens_per_second"])
     one = results[one_name]["tokens_per_second"] / reference["tokens_per_second"]
     one_verdict = verdict(one >= 2, results[one_name]["watch"], reference["watch"])
     scaling = []
-    for precision in ("fp32", "bf16"):
-        if f"2 procs, {precision}, FSDP2" not in results:
+    for setting in ("fp32, FSDP2", "bf16, FSDP2", "bf16, FSDP2, compiled"):
+        if f"2 procs, {setting}" not in results or f"1 proc, {setting}" not in results:
             continue
-        a, b = results[f"2 procs, {precision}, FSDP2"], results[f"1 proc, {precision}, FSDP2"]
+        a, b = results[f"2 procs, {setting}"], results[f"1 proc, {setting}"]
         times = a["tokens_per_second"] / b["tokens_per_second"]
-        scaling.append(f"{precision} {verdict(times >= 0.85, a['watch'], b['watch'])} ({times:.2f}x)")
+        scaling.append(f"{setting} {verdict(times >= 0.85, a['watch'], b['watch'])} ({times:.2f}x)")
     lines += ["", "Targets:", "",
               f"- gonogo on 1 process >= 2x the reference's fp32 tokens/s: {one_verdict} ({one:.2f}x, {one_name}, "
-              f"the faster precision here)",
+              f"the fastest setting here)",
               f"- 2 processes within 15% of 1 process (>= 0.85x): {'; '.join(scaling)}"]
     if "bf16" not in peaks:
         why = ("no verdict on this CPU: no AMX or AVX-512 bf16, so bf16 GEMMs run a fallback about 50x slower "
@@ -280,7 +298,8 @@ def render(reference: dict, rows, peaks: dict[str, float], load_before, load_aft
         lines += [f"- bf16 MFU >= 25% at d=256: {why}", f"- bf16 MFU >= 40% at d=512: {why}"]
     else:
         small = max((results[name] for name in results if name.startswith("small-dense")), key=lambda r: r["mfu"])
-        tiny = max((results["1 proc, bf16, FSDP2"], results["2 procs, bf16, FSDP2"]), key=lambda r: r["mfu"])
+        tiny = max((results[name] for name in results
+                    if name.startswith(("1 proc, bf16", "2 procs, bf16")) and "MoE" not in name), key=lambda r: r["mfu"])
         lines += [
             f"- bf16 MFU >= 25% at d=256: {verdict(tiny['mfu'] >= 0.25, tiny['watch'])} ({100 * tiny['mfu']:.1f}%)",
             f"- bf16 MFU >= 40% at d=512: {verdict(small['mfu'] >= 0.40, small['watch'])} ({100 * small['mfu']:.1f}%)"]

@@ -30,6 +30,8 @@ def parallelize(model: nn.Module, config: Any, world: World) -> nn.Module:
         apply_expert_parallel(model, world.ep_mesh.get_group())
         expert_parameters = set(shard_experts(model, world))
     model.to(world.device)
+    if train.compile:
+        compile_blocks(model)
 
     if train.parallel == "fsdp":
         from gonogo.parallel.fsdp import apply_fsdp
@@ -42,6 +44,17 @@ def parallelize(model: nn.Module, config: Any, world: World) -> nn.Module:
         return apply_ddp(model, world)
     assert world.world_size == 1, "checked by check_world"
     return model
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile every transformer block in place, before FSDP2 wraps them (torchtitan's
+    order): ``Module.compile`` keeps the parameters' names, so checkpoints and exports are the
+    same as an eager run's."""
+    from gonogo.model.decoder import TransformerBlock
+
+    for module in model.modules():
+        if isinstance(module, TransformerBlock):
+            module.compile()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -92,6 +92,12 @@ class TrainSettings(Strict):
     # a second all-gather in the backward) or keep them until the backward (False: one all-gather
     # per step; torchtitan's reshard_after_forward "never")
     fsdp_reshard_after_forward: bool = True
+    # torch.compile (inductor) each transformer block: its elementwise work (RMSNorm, RoPE, SwiGLU,
+    # residuals) fused into a few kernels. It pays on long runs: the first step of each process
+    # compiles (15-35 s on 2 CPU cores; a cache under /tmp shortens later ones), and the bf16
+    # rounding differs from eager's, so a compiled run follows its own trajectory. Off by default;
+    # bench/results/pretrain.md measures both. Dense models only (MoE routing has data-dependent shapes).
+    compile: bool = False
     expert_parallel: int = 1                 # EP degree for MoE models (1 = every rank has every expert)
     deterministic: bool = False              # fixed seeds, deterministic kernels, fp32
     seed: int = 1234
@@ -172,6 +178,9 @@ class TrainConfig(Strict):
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
                              f"{self.model.max_seq_len}; lower train.seq_len or raise model.max_seq_len")
+        if self.train.compile and self.model.moe is not None:
+            raise ValueError("train.compile=true supports dense models only (an MoE layer's routing has "
+                             "data-dependent shapes that would recompile); set train.compile=false")
         if self.data.tokenizer is not None:
             size = self.data.make_tokenizer().vocab_size
             if size > self.model.vocab_size:

@@ -374,6 +374,7 @@ class Telemetry:
             "device": world.device.type,
             "precision": settings.precision,
             "parallel": settings.parallel,
+            "compiled": settings.compile,
             "expert_parallel": settings.expert_parallel,
             "flops_per_token": self.flops,
             "peak_flops": self.peak["flops"] if self.peak else None,

@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from gonogo.errors import UserError
 from gonogo.train.config import TrainSettings, gradient_accumulation, load_train_config, overrides_list
 from gonogo.train.loop import lr_factor
 from gonogo.typed_config import CONFIGS_DIR
@@ -25,6 +26,14 @@ def test_deterministic_means_fp32_and_overrides_apply():
     config, _ = load_train_config("tiny-dense", ["train.steps=7", "train.precision=\"bf16\""], deterministic=True)
     assert config.train.steps == 7
     assert config.train.deterministic and config.train.precision == "fp32"
+
+
+def test_compile_is_off_by_default_and_for_dense_models_only():
+    dense, _ = load_train_config("tiny-dense")
+    assert dense.train.compile is False  # the presets train eager: the plan's gates were calibrated on it
+    assert load_train_config("tiny-dense", ["train.compile=true"])[0].train.compile is True
+    with pytest.raises(UserError, match="train.compile=true supports dense models only"):
+        load_train_config("tiny-moe", ["train.compile=true"])
 
 
 def test_plan_overrides_table_becomes_key_value_strings():

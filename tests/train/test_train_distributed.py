@@ -99,3 +99,20 @@ def test_resume_from_a_checkpoint_continues_with_the_same_losses(tmp_path):
     assert result(tmp_path / "resumed")["resumed_from_step"] == 3
     assert losses(tmp_path / "resumed") == losses(tmp_path / "whole")[3:]
     assert not (tmp_path / "resumed" / "mlperf.log").exists()  # time-to-train is for whole runs only
+
+
+def test_a_compiled_run_computes_what_an_eager_one_does_and_resumes_eager(tmp_path):
+    steps = ("train.steps=6", "train.log_every=1", "train.val_every=0", "train.checkpoint=true",
+             "train.checkpoint_every=3", "train.precision=fp32", "train.warmup_steps=2")
+    assert train(tmp_path / "compiled", "tiny-dense", 2, *steps, "train.compile=true") == 0
+    assert train(tmp_path / "eager", "tiny-dense", 2, *steps) == 0
+    compiled, eager = losses(tmp_path / "compiled"), losses(tmp_path / "eager")
+    assert len(compiled) == len(eager) == 6
+    assert result(tmp_path / "compiled")["compiled"] is True and result(tmp_path / "eager")["compiled"] is False
+    # inductor fuses the elementwise work and may sum in another order: fp32 rounding apart, no more
+    assert compiled == pytest.approx(eager, rel=1e-4, abs=0)
+    # its checkpoint has the eager model's names: an eager run resumes from it
+    checkpoint = tmp_path / "compiled" / "checkpoints" / "train" / "step-00000003"
+    assert train(tmp_path / "resumed", "tiny-dense", 2, *steps, flags=("--resume", str(checkpoint))) == 0
+    assert result(tmp_path / "resumed")["resumed_from_step"] == 3
+    assert losses(tmp_path / "resumed") == pytest.approx(compiled[3:], rel=1e-4, abs=0)

@@ -266,7 +266,7 @@ def report(stage_dir: Path, metrics: Metrics) -> Optional[list[ReportItem]]:
         axes.legend(fontsize="small")
         items.append(ReportItem(title="Expert load (last log window)", png=to_png(figure)))
     summary = {key: metrics.get(key) for key in ("steps", "world_size", "precision", "parallel",
-                                                 "expert_parallel", "parameters", "peak_flops", "peak_source",
+                                                 "compiled", "expert_parallel", "parameters", "peak_flops", "peak_source",
                                                  "time_to_target_s")}
     items.append(ReportItem(title="Run", table=[{"item": k, "value": v} for k, v in summary.items()]))
     items += _resilience_items(metrics)
