@@ -77,6 +77,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated_half * sin
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """Causal SDPA over whole sequences; in fp32 when training in bf16/fp16 on a CPU.
+
+    ATen's CPU flash-attention backward in bf16 runs its small per-block GEMMs with bf16
+    accumulators (grad_q/k/v summed in bf16 over the query blocks); in fp32 it is both exact to
+    fp32 and faster: on a 2-core Xeon with AMX, a bf16 training step at d=256, T=256 went from
+    ~10.0k to ~11.4k tokens/s (bench/results/pretrain.md). The casts are B·T·d elements each, noise
+    beside the T² work. A forward without gradients (validation, eval) keeps the input dtype: there
+    the bf16 forward kernel is the faster one. CUDA keeps its own (fp32-accumulating) kernels.
+    """
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled():
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=grouped)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
+
+
 def _causal_mask(T_new: int, T_all: int, device: torch.device) -> Optional[torch.Tensor]:
     """Causal mask for T_new queries that are the last T_new of T_all keys (None = attend all)."""
     if T_new == 1:
@@ -138,7 +154,7 @@ class Attention(nn.Module):
 
         grouped = self.n_kv_heads != self.n_heads
         if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
+            out = causal_attention(q, k, v, grouped)
         else:
             k_all, v_all, mask = cache.update(self.layer_index, k, v)
             T_all = k_all.shape[2]

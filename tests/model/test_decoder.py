@@ -261,3 +261,35 @@ def test_a_decode_step_keeps_separate_projections(monkeypatch):
     with torch.no_grad():
         model(tokens(B=2, T=40))
     assert calls == []  # stacked: the wq module is not called, its weight is
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_bf16_training_attention_on_a_cpu_runs_in_fp32_and_a_forward_without_gradients_does_not(grouped):
+    import torch.nn.functional as F
+
+    from gonogo.model.decoder import causal_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 32, 16, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 2 if grouped else 4, 32, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    out = causal_attention(q, k, v, grouped)
+    assert out.dtype == torch.bfloat16
+    in_fp32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=grouped)
+    assert torch.equal(out, in_fp32.to(torch.bfloat16))
+    # the fp32 kernel's gradients (cast to bf16 by autograd) are closer to the exact ones than bf16 flash's
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    F.scaled_dot_product_attention(*exact, is_causal=True, enable_gqa=grouped).backward(grad.double())
+    ours = [t.grad.double() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped).backward(grad)
+    bf16_flash = [t.grad.double() for t in (q, k, v)]
+
+    def error(grads):
+        return sum(((g - e.grad).norm() / e.grad.norm()).item() for g, e in zip(grads, exact))
+    assert error(ours) < error(bf16_flash)
+    with torch.no_grad():  # validation and eval: the bf16 forward kernel, the faster one there
+        assert torch.equal(causal_attention(q, k, v, grouped),
+                           F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped))
