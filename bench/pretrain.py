@@ -179,6 +179,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="gonogo-bench-pretrain-"))
     # a private peak cache, measured once here, so every run's MFU uses the same fresh peak
     os.environ["XDG_CACHE_HOME"] = str(work / "cache")
+    # and a private inductor cache: every compiled run compiles cold (its first window, left out of
+    # the rate), and no entry left half-written by an interrupted earlier compile is loaded (seen
+    # here: "main.so: file too short" after a killed run)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor")
     from gonogo.train.peak import measured_peak
 
     peaks = {precision: measured_peak("cpu", precision)["flops"]
