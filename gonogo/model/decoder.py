@@ -83,9 +83,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouped:
     ATen's CPU flash-attention backward in bf16 runs its small per-block GEMMs with bf16
     accumulators (grad_q/k/v summed in bf16 over the query blocks); in fp32 it is both exact to
     fp32 and faster: on a 2-core Xeon with AMX, a bf16 training step at d=256, T=256 went from
-    ~10.0k to ~11.4k tokens/s (bench/results/pretrain.md). The casts are B·T·d elements each, noise
-    beside the T² work. A forward without gradients (validation, eval) keeps the input dtype: there
-    the bf16 forward kernel is the faster one. CUDA keeps its own (fp32-accumulating) kernels.
+    ~10.0k to ~11.4k tokens/s (two interleaved pairs of `gonogo train`, 3 December 2026). The casts
+    are B·T·d elements each, noise beside the T² work. A forward without gradients (validation,
+    eval) keeps the input dtype: there the bf16 forward kernel is the faster one. CUDA keeps its
+    own (fp32-accumulating) kernels.
     """
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled():
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=grouped)
