@@ -109,6 +109,11 @@ def format_validation_error(error: ValidationError, source: str, model: type[Bas
         message = f"{source}: unknown key {key!r}{hint}"
     elif kind == "missing":
         message = f"{source}: missing required key {key!r}"
+    elif isinstance(bad, dict):
+        # a check across a table's keys (a model validator): the message names the keys; the
+        # whole table as the "value" would only bury it
+        reason = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        message = f"{source}: {reason}" if key == "(top level)" else f"{source}: in {key!r}: {reason}"
     else:
         reason = first.get("msg", "invalid value")
         message = f"{source}: key {key!r} has bad value {bad!r}: {reason}"
