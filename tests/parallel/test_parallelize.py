@@ -67,8 +67,10 @@ def test_expert_parallel_fsdp_on_torch_without_ignored_params_is_a_user_error():
     assert fsdp_ignored_kwargs(fsdp.fully_shard, set()) == {}
 
 
-def test_compile_blocks_compiles_each_block_in_place_with_the_same_names_and_values():
+def test_compile_blocks_compiles_each_block_in_place_with_the_same_names_and_values(tmp_path, monkeypatch):
     import copy
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing half-written from elsewhere
 
     from torch._dynamo.utils import counters
 
