@@ -22,9 +22,9 @@ Throughput is the median of the trainer's steady log windows (the first is dropp
 the quiet rounds among ``--rounds`` interleaved rounds; MFU uses FLOPs per token =
 6·N_active + 12·L·H·d_head·T (gonogo.model.flops) against the measured GEMM peak of the run's
 precision (gonogo.train.peak: best of ``a @ b`` and ``F.linear`` on one core, times the cores).
-Targets (issue 21): gonogo on 1 process (its fastest setting here) >= 2x the reference's fp32 tokens/s; 2 processes within
-15% of 1 process (same precision); bf16 MFU >= 25% at d=256 and >= 40% at d=512. Every run is
-watched (bench/quiet.py): a target is called met or NOT met only from rounds measured while the
+Targets (issue 21): gonogo on 1 process (its fastest setting here) >= 2x the reference's fp32
+tokens/s; 2 processes within 15% of 1 process (same setting); bf16 MFU >= 25% at d=256 and >= 40%
+at d=512. Every run is watched (bench/quiet.py): a target is called met or NOT met only from rounds measured while the
 machine was quiet, otherwise the file says "noisy: no verdict". The CPU's AMX/AVX-512/AVX2 flags
 are recorded. On a CPU without AMX or AVX-512 bf16 (gonogo.train.config.native_bf16), bf16 GEMMs
 run a fallback about 50x slower than fp32 (a bf16 step of this shape takes minutes): the bf16 runs

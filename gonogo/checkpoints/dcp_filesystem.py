@@ -257,7 +257,7 @@ class VerifyingReader(DirectReader):
         """Read the whole file once, in order: the items' whole tensors into their targets, every
         other byte into memory to be hashed; raise ``CorruptShard`` unless the digest matches. The
         items left for DCP's reader."""
-        self._expected(relative_path)  # no digest to compare with: nothing is read into the tensors
+        self._expected(relative_path)  # a file without a digest fails here, before any byte reaches a tensor
         wanted: dict[tuple[int, int], list[ReadItem]] = {}
         records: set[tuple[int, int]] = set()
         for stored in self.storage_data.values():
