@@ -194,10 +194,11 @@ STREAMS = (1, 8)
 # requests measured per (engine, streams) and round: full run, --quick
 REQUESTS = {1: 4, 8: 16}
 QUICK_REQUESTS = {1: 2, 8: 8}
-STARTUP_TIMEOUT = {"gonogo": 180.0, "gonogo-thread": 180.0, "vllm": 900.0}
+STARTUP_TIMEOUT = {"gonogo": 180.0, "gonogo-compiled": 300.0, "gonogo-thread": 180.0, "vllm": 900.0}
 # the gonogo modes measured: the engine in a process of its own (the default,
 # gonogo/infer/engine_process.py), and with --no-engine-process a thread of the server process
-GONOGO_MODES = {"gonogo": "`gonogo serve`", "gonogo-thread": "`gonogo serve --no-engine-process`"}
+GONOGO_MODES = {"gonogo": "`gonogo serve`", "gonogo-compiled": "`gonogo serve --compile`",
+                "gonogo-thread": "`gonogo serve --no-engine-process`"}
 LOADTEST_TIMEOUT = 600.0
 
 
@@ -214,7 +215,8 @@ def start_servers(export: Path, workdir: Path, names: list[str], dtype: str, vll
             server = start_engine(settings, str(export), workdir / name, name="server", model_name="bench",
                                   dtype=vllm_dtype if name == "vllm" else dtype,
                                   gonogo_options=GonogoServeOptions(threads=threads,
-                                                                    engine_process=name != "gonogo-thread"))
+                                                                    engine_process=name != "gonogo-thread",
+                                                                    compile=name == "gonogo-compiled"))
             servers[name] = server
             server.wait_healthy(STARTUP_TIMEOUT[name])
             print(f"{name} serving at {server.url} (started in {server.startup_seconds:.0f} s)", flush=True)
@@ -258,7 +260,7 @@ def engines_side_by_side(workdir: Path, *, quick: bool, dtype: str, vllm_dtype: 
     checkpoint = workdir / "step-00000001"
     write_checkpoint(checkpoint, bench_model())
     export = export_hf(checkpoint, workdir / "export")
-    names = ["gonogo", "gonogo-thread"] if both_modes else ["gonogo"]
+    names = ["gonogo", "gonogo-compiled"] + (["gonogo-thread"] if both_modes else [])
     if engine_status("vllm")["ready"]:
         names.append("vllm")
     else:
@@ -313,6 +315,10 @@ def engines_report(results: dict, watch, *, quick: bool, dtype: str, vllm_dtype:
         f"{'1 round' if quick else '2 interleaved rounds, best of them'}"
         f"{' (--quick)' if quick else ''}.", "",
         RULE, ""]
+    if ("gonogo-compiled", STREAMS[0]) in results:
+        lines += ["Engine `gonogo-compiled`: the same server with `--compile` (its decode step compiled by "
+                  "torch.compile when it starts, with a private inductor cache: a cold compile), measured beside "
+                  "the others.", ""]
     if ("gonogo-thread", STREAMS[0]) in results:
         lines += ["Engine `gonogo-thread`: the same server with `--no-engine-process` (the engine a thread of the "
                   "server's process, sharing its GIL with the HTTP loop), started and measured beside the others; "
@@ -472,7 +478,7 @@ def main() -> None:
                         help="torch threads of gonogo serve (default: its own, every core but one on a CPU, "
                              "as vLLM's CPU backend reserves one)")
     parser.add_argument("--one-mode", action="store_true",
-                        help="measure `gonogo serve` alone, not also `gonogo serve --no-engine-process`")
+                        help="measure `gonogo serve` and `gonogo serve --compile`, not also `--no-engine-process`")
     parser.add_argument("--transformers", action="store_true",
                         help="also the in-process comparison with transformers' generate (slow)")
     parser.add_argument("--threads", default="1,2", help="with --transformers: torch thread counts, e.g. 1,2")
@@ -484,6 +490,8 @@ def main() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     options = {"quick": args.quick, "dtype": args.dtype, "vllm_dtype": vllm_dtype, "threads": args.server_threads}
     with tempfile.TemporaryDirectory() as workdir:
+        # `serve --compile` compiles cold: no entry half-written by an interrupted compile elsewhere
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(workdir) / "inductor")
         results, watch = engines_side_by_side(Path(workdir), both_modes=not args.one_mode,
                                               **options)
     lines = ["# Serving speed (bench/serve.py)", ""] + engines_report(results, watch, **options)

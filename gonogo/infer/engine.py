@@ -75,6 +75,9 @@ class EngineSettings:
     device: Optional[str] = None         # None/"auto": the first GPU when there is one, else the CPU
     max_waiting: int = 64                # queued requests beyond this are refused (429)
     fused: bool = True                   # the fused inference forward (gonogo/infer/fast_decode.py)
+    # torch.compile the decode step (FastDecoder.decode_step), compiled when the engine starts:
+    # fewer, fused kernels per token; dense models on the fused path only (docs/serving.md)
+    compile: bool = False
     # times the engine thread is restarted after a failure it could not pin on one request;
     # bounded so that a broken model ends in a truthful 503 instead of a restart loop
     max_restarts: int = 3
@@ -150,6 +153,10 @@ class Engine:
         self.model = place(model, device, self.dtype, extra_bytes=cache_bytes,
                            what=f"the model with a KV cache of {settings.max_batch} x {self.max_len} tokens")
         self.forward = maybe_fast(self.model, settings.fused)
+        self._compiled_step: Optional[Callable[..., torch.Tensor]] = None
+        if settings.compile:
+            self._compiled_step = compiled_decode_step(self.forward, fused=settings.fused)
+        self.compile_seconds: Optional[float] = None   # how long warm_up took to compile, once it has
         self.cache = KVCache(
             n_layers=config.n_layers, max_batch=settings.max_batch, n_kv_heads=config.n_kv_heads,
             max_len=self.max_len, head_dim=config.head_dim, dtype=self.dtype, device=device)
@@ -181,8 +188,43 @@ class Engine:
         self.on_iteration: Optional[Callable[[], None]] = None
 
     # -- lifecycle --------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Compile the decode step now (``EngineSettings.compile``; otherwise nothing to do), with
+        this process's torch threads, which inductor's kernels keep: call it after choosing them.
+        ``start`` calls it too; compiling here keeps it out of the first request's latency.
+
+        Two graphs: one batch row (torch specialises a size of 1) and any other batch; the
+        attended length is symbolic. They are compiled on free cache rows at position 0, which
+        the next prefill overwrites (every row's length stays 0).
+        """
+        if self._compiled_step is None or self.compile_seconds is not None:
+            return
+        assert not self._running, "warm_up() while sequences are running"
+        from gonogo.errors import UserError
+
+        started = time.monotonic()
+        try:
+            with torch.inference_mode():
+                for batch in (1, min(2, self.cache.max_batch)):
+                    tokens = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
+                    positions = torch.zeros(batch, dtype=torch.long, device=self.device)
+                    self._compiled_step(tokens, positions, self.cache.keys, self.cache.values,
+                                        self._attended_length(1))
+        except Exception as error:  # no C++ compiler, an inductor bug: say so, and how to serve anyway
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
+            raise UserError(f"--compile: torch.compile could not compile the decode step "
+                            f"({type(error).__name__}: {first_line}); serve without --compile") from error
+        self.compile_seconds = time.monotonic() - started
+        log.info("compiled the decode step in %.1f s", self.compile_seconds)
+
+    def _attended_length(self, longest: int) -> int:
+        """Keys a compiled decode step attends to: ``longest`` rounded up to a multiple of 64 (at
+        most the cache's length), so that the mask's length changes every 64 steps, not every step."""
+        return min(self.cache.max_len, -(-longest // 64) * 64)
+
     def start(self) -> "Engine":
         assert self._thread is None
+        self.warm_up()
         self._thread = threading.Thread(target=self._supervise, name="gonogo-engine", daemon=True)
         self._thread.start()
         return self
@@ -438,10 +480,17 @@ class Engine:
         B = len(self._running)
         tokens = torch.tensor([[sequence.next_token] for sequence in self._running], dtype=torch.long,
                               device=self.device)
-        positions = self.cache.lengths[:B, None].to(self.device)
-        self.cache.begin(0, B, 1)
-        logits = self._forward_last(tokens, positions)
-        self.cache.commit()
+        if self._compiled_step is not None:
+            lengths = self.cache.lengths[:B]
+            attended = self._attended_length(int(lengths.max()) + 1)
+            logits = self._compiled_step(tokens, lengths.to(self.device), self.cache.keys, self.cache.values,
+                                         attended)
+            self.cache.lengths[:B] += 1
+        else:
+            positions = self.cache.lengths[:B, None].to(self.device)
+            self.cache.begin(0, B, 1)
+            logits = self._forward_last(tokens, positions)
+            self.cache.commit()
         self.steps += 1
         last = logits[:, :self.sampled_vocab].float().cpu()
         running = list(self._running)
@@ -581,6 +630,22 @@ def check_request(max_len: int, max_batch: int, prompt_tokens: int, params: Samp
     if params.n > max_batch:
         return f"n={params.n} exceeds the engine's batch of {max_batch}"
     return params.problem()
+
+
+def compiled_decode_step(forward: Any, *, fused: bool) -> Callable[..., torch.Tensor]:
+    """``torch.compile`` of the fused forward's decode step, or a UserError naming what to change."""
+    from gonogo.errors import UserError
+
+    if not isinstance(forward, FastDecoder):
+        why = ("the fused forward is off" if not fused else
+               "this model does not run on the fused forward (attention biases, QK-norm or FP8 layers)")
+        raise UserError(f"--compile compiles the fused decode step, and {why}; serve without --compile")
+    if any(layer["moe"] is not None for layer in forward.layers):
+        raise UserError("--compile supports dense models only (an MoE layer routes tokens with "
+                        "data-dependent shapes); serve this model without --compile")
+    # dynamic: one graph for every batch size and attended length (the 1-row batch aside);
+    # cpp_wrapper: the graph's calls made from C++, not Python (measured: bench/results/serve.md)
+    return torch.compile(forward.decode_step, dynamic=True, options={"cpp_wrapper": True})
 
 
 def load_engine(checkpoint: str | Path, settings: EngineSettings | None = None) -> Engine:

@@ -238,6 +238,7 @@ def _child_main(checkpoint: str, settings: EngineSettings, threads: Optional[int
         engine = load_engine(checkpoint, child_settings)
         if threads is None and str(engine.device) == "cpu":
             torch.set_num_threads(engine_threads_on_cpu())
+        engine.warm_up()   # --compile: with the threads it will run with, before the parent listens
     except BaseException as error:  # noqa: BLE001 - the parent raises it (a UserError stays one)
         conn.send(("error", error))
         return

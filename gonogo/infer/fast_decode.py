@@ -47,6 +47,7 @@ class FastDecoder:
         config = model.config
         self.eps = config.norm_eps
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.grouped = bool(config.n_heads != config.n_kv_heads)   # a plain bool: no symbolic size under compile
         self.embedding = model.tok_embeddings.weight
         self.final_norm = model.norm.weight
         self.output = _t(model.tok_embeddings.weight if config.tie_embeddings else model.output.weight)
@@ -112,6 +113,41 @@ class FastDecoder:
         elif last_only:
             h = h[:, -1:]
         return torch.matmul(self._norm(h, self.final_norm), self.output)
+
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
+                    values: list[torch.Tensor], end: int) -> torch.Tensor:
+        """One decode step of rows 0 .. B-1 as a pure function of tensors: logits [B, vocab].
+
+        Row b's token ``tokens[b, 0]`` is at position ``positions[b]``; its key and value are written
+        into ``keys[layer][b, :, positions[b]]`` (the KV cache's buffers, in place) and it attends to
+        the keys ``0 .. positions[b]`` of ``keys[layer][:B, :, :end]`` (``end`` above every position;
+        the engine rounds it up so that a compiled graph serves many steps). The same math as
+        ``__call__`` with the cache's exact mask; no Python state, no ``.tolist()``: this is the
+        function ``EngineSettings.compile`` hands to ``torch.compile`` (dense models only).
+        """
+        B = tokens.shape[0]
+        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        h = F.embedding(tokens, self.embedding)                       # [B, 1, d]
+        cos = self.rope_cos[positions].to(h.dtype)[:, None, None]     # [B, 1, 1, head_dim]
+        sin = self.rope_sin[positions].to(h.dtype)[:, None, None]
+        rows = torch.arange(B, device=tokens.device)
+        key_positions = torch.arange(end, device=tokens.device)
+        mask = (key_positions[None, :] <= positions[:, None])[:, None, None]   # [B, 1, 1, end]
+        for index, layer in enumerate(self.layers):
+            x = self._norm(h, layer["attention_norm"])
+            qkv = torch.matmul(x, layer["wqkv"]).view(B, 1, H + 2 * KV, hd).transpose(1, 2)
+            qk = _rope(qkv[:, :H + KV], cos, sin)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]
+            keys[index][rows, :, positions] = k[:, :, 0]
+            values[index][rows, :, positions] = v[:, :, 0]
+            out = F.scaled_dot_product_attention(q, keys[index][:B, :, :end], values[index][:B, :, :end],
+                                                 attn_mask=mask, enable_gqa=self.grouped)
+            h = h + torch.matmul(out.transpose(1, 2).reshape(B, 1, H * hd), layer["wo"])
+            x = self._norm(h, layer["ffn_norm"])
+            gate, up = torch.matmul(x, layer["w13"]).chunk(2, dim=-1)
+            h = h + torch.matmul(F.silu(gate) * up, layer["w2"])
+        return torch.matmul(self._norm(h, self.final_norm), self.output)[:, 0]
 
 
 def _t(weight: torch.Tensor) -> torch.Tensor:

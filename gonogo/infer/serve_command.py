@@ -35,6 +35,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads for the engine (default on a CPU: every core but one, "
                              "which is left to HTTP and the clients)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step before serving (dense models; a C++ compiler on the "
+                             "CPU; 15-40 s at start): fewer kernels per token, faster decoding (docs/serving.md)")
     parser.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask")
     parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                         help="run the engine in a process of its own, sharing no GIL with HTTP (the default: "
@@ -101,7 +104,7 @@ def command(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be at least 1")
     settings = EngineSettings(max_batch=args.max_batch, dtype=args.dtype, device=args.device,
-                              max_waiting=args.max_waiting)
+                              max_waiting=args.max_waiting, compile=getattr(args, "compile", False))
     engine: Any
     engine_process = getattr(args, "engine_process", True)
     if engine_process:
@@ -116,6 +119,7 @@ def command(args) -> int:
         engine = load_engine(args.checkpoint, settings)
         if args.threads is None and str(engine.device) == "cpu":
             torch.set_num_threads(engine_threads_on_cpu())
+        engine.warm_up()   # --compile: compiled with the threads it will run with, before listening
         verifications, threads = STATS.verifications, torch.get_num_threads()
     engine.start()
     limits = ServerLimits(max_tokens=args.max_tokens_limit)
@@ -150,7 +154,7 @@ def command(args) -> int:
     # how many times this process hashed a checkpoint in full: once (docs/checkpoint.md)
     print(json.dumps({"serving": url, "model": args.model_name, "auth": api_key is not None,
                       "checkpoint_verifications": verifications, "threads": threads,
-                      "engine_process": engine_process}),
+                      "engine_process": engine_process, "compiled": settings.compile}),
           flush=True)
     try:
         server.run(sockets=[sock])

@@ -17,11 +17,17 @@ from .conftest import tiny_model
 GREEDY = dict(temperature=0.0)
 
 
-@pytest.fixture(scope="module")
-def engine():
-    engine = Engine(tiny_model(), ByteTokenizer(), EngineSettings(max_batch=8)).start()
-    yield engine
-    engine.stop()
+@pytest.fixture(scope="module", params=[False, True], ids=["eager", "compiled"])
+def engine(request, tmp_path_factory):
+    """The engine as it serves by default, and with its decode step compiled (``serve --compile``):
+    every test of exactness below holds for both."""
+    with pytest.MonkeyPatch.context() as patch:
+        # its own inductor cache: nothing half-written by an interrupted compile elsewhere is loaded
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+        engine = Engine(tiny_model(), ByteTokenizer(), EngineSettings(max_batch=8, compile=request.param)).start()
+        assert (engine.compile_seconds is not None) == request.param   # compiled at start, not on a request
+        yield engine
+        engine.stop()
 
 
 def reference_greedy(model, prompt, count, stop_ids):
@@ -310,3 +316,22 @@ def test_a_newcomers_first_token_is_handed_on_before_the_next_decode_step():
         engine.stop()
     first_with_a_token = next((steps, count) for steps, count in seen if count > 0)
     assert first_with_a_token == (0, 1), seen
+
+
+def test_compile_refuses_what_it_cannot_compile_and_says_why_a_compile_failed(monkeypatch):
+    from gonogo.errors import UserError
+
+    with pytest.raises(UserError, match="--compile supports dense models only"):
+        Engine(tiny_model(moe=True), ByteTokenizer(), EngineSettings(compile=True))
+    with pytest.raises(UserError, match="the fused forward is off.*without --compile"):
+        Engine(tiny_model(), ByteTokenizer(), EngineSettings(compile=True, fused=False))
+
+    def no_compiler(function, **options):  # a machine without a C++ compiler fails at the first call
+        def call(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return call
+
+    monkeypatch.setattr(engine_module.torch, "compile", no_compiler)
+    engine = Engine(tiny_model(), ByteTokenizer(), EngineSettings(compile=True))
+    with pytest.raises(UserError, match="could not compile the decode step .*InvalidCxxCompiler.*without --compile"):
+        engine.warm_up()

@@ -146,3 +146,34 @@ def test_a_checkpoint_that_cannot_load_is_a_clear_error(tmp_path):
                             timeout=120)
     assert result.returncode == 2, result.stderr[-1500:]
     assert "missing" in result.stderr
+
+
+def test_serve_compile_compiles_before_listening_and_answers_as_the_eager_server(checkpoint_dir, tmp_path,
+                                                                                  monkeypatch, server):
+    """`gonogo serve --compile`: the engine child compiles its decode step with the threads it runs
+    with, before the server answers; a greedy completion is the eager server's, token for token."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing half-written from elsewhere
+    compiled = start_server(checkpoint_dir, tmp_path / "compiled", threads=1, compile=True, timeout=180.0)
+    try:
+        ready = _ready_line(compiled)
+        assert ready["compiled"] is True and ready["engine_process"] is True and ready["threads"] == 1
+        assert _ready_line(server)["compiled"] is False
+        body = {"model": "gonogo", "prompt": "Q: 12+30= A:", "max_tokens": 40, "temperature": 0}
+        answers = [httpx.post(f"{s.url}/v1/completions", json=body, headers=HEADERS, timeout=60).json()
+                   for s in (compiled, server)]
+        assert answers[0]["choices"][0]["text"] == answers[1]["choices"][0]["text"]
+        assert answers[0]["usage"]["completion_tokens"] == 40
+    finally:
+        compiled.stop()
+
+
+def test_serve_compile_on_a_model_it_cannot_compile_is_a_clear_error(tmp_path):
+    from .conftest import tiny_model, write_checkpoint
+
+    moe = write_checkpoint(tmp_path / "moe" / "step-00000010", tiny_model(moe=True))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run([sys.executable, "-m", "gonogo", "serve", "--compile", "--port", "0",
+                             "--checkpoint", str(moe)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-1500:]
+    assert "--compile supports dense models only" in result.stderr and "without --compile" in result.stderr
+    assert "Traceback" not in result.stderr

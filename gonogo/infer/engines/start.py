@@ -134,6 +134,7 @@ class GonogoServeOptions:
     max_batch: Optional[int] = None
     max_waiting: Optional[int] = None
     engine_process: Optional[bool] = None   # False: --no-engine-process, the engine in the server's process
+    compile: bool = False                   # --compile: torch.compile the decode step at start
 
 
 def serve_arguments(model: str, *, host: str = "127.0.0.1", port: int = 0, model_name: str = "gonogo",
@@ -154,6 +155,8 @@ def serve_arguments(model: str, *, host: str = "127.0.0.1", port: int = 0, model
             argv += [flag, str(value)]
     if options.engine_process is not None:
         argv.append("--engine-process" if options.engine_process else "--no-engine-process")
+    if options.compile:
+        argv.append("--compile")
     return argv
 
 

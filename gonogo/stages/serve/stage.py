@@ -28,6 +28,7 @@ class ServeSettings(StageSettings):
     max_batch: int = 16
     max_waiting: int = 64
     engine_process: bool = True           # gonogo's engine in a process of its own; false: `serve --no-engine-process`
+    compile: bool = False                 # gonogo's engine: torch.compile the decode step (`serve --compile`)
     api_key_env: Optional[str] = None
     startup_timeout_s: Optional[float] = None  # default: 180 s for gonogo, 900 s for vLLM / a command
     keep_alive: bool = True               # False: stop the server at the end of this stage
@@ -51,7 +52,8 @@ def run(ctx, settings: ServeSettings) -> dict:
                           dtype=settings.dtype, api_key_env=settings.api_key_env,
                           gonogo_options=GonogoServeOptions(device=settings.device, max_batch=settings.max_batch,
                                                             max_waiting=settings.max_waiting,
-                                                            engine_process=settings.engine_process))
+                                                            engine_process=settings.engine_process,
+                                                            compile=settings.compile))
     try:
         url = server.wait_healthy(settings.startup_timeout_s or default_startup_timeout(settings.engine))
         startup_seconds = server.startup_seconds

@@ -111,12 +111,12 @@ def test_the_serve_command_line_carries_every_option_given_and_only_those(checkp
     from gonogo.infer.serve_command import add_arguments
 
     argv = serve_arguments(str(checkpoint_dir), port=0, model_name="m", dtype="float32", parent_pid=7,
-                           options=GonogoServeOptions(threads=1, max_batch=2))
+                           options=GonogoServeOptions(threads=1, max_batch=2, compile=True))
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(argv)  # every flag built is one `gonogo serve` knows
     assert (args.checkpoint, args.port, args.model_name, args.dtype) == (str(checkpoint_dir), 0, "m", "float32")
-    assert (args.threads, args.max_batch, args.parent_pid) == (1, 2, 7)
+    assert (args.threads, args.max_batch, args.parent_pid, args.compile) == (1, 2, 7, True)
     assert (args.max_waiting, args.device, args.api_key_env, args.ready_file) == (64, "auto", None, None)  # defaults
     assert "--max-waiting" not in argv and "--device" not in argv
 
