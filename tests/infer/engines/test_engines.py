@@ -205,3 +205,27 @@ def test_gonogo_serve_with_another_engine_runs_it_until_stopped(checkpoint_dir, 
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_the_serve_stage_starts_gonogo_serve_with_compile_when_the_plan_says_so(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from gonogo.infer.engines import start
+    from gonogo.stages.serve.stage import ServeSettings, run
+
+    started = []
+
+    class Stop(Exception):
+        pass
+
+    def start_engine(engine, checkpoint, directory, **kwargs):  # the argv the stage would start, then stop
+        started.append(start.serve_arguments(checkpoint, options=kwargs["gonogo_options"]))
+        raise Stop
+
+    monkeypatch.setattr(start, "start_engine", start_engine)
+    ctx = SimpleNamespace(resolve_model=lambda checkpoint: checkpoint, run_dir=SimpleNamespace(root=tmp_path),
+                          stage_dir=tmp_path)
+    for compile_ in (True, False):
+        with pytest.raises(Stop):
+            run(ctx, ServeSettings(checkpoint="ckpt", compile=compile_))
+    assert ["--compile" in argv for argv in started] == [True, False]
