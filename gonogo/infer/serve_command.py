@@ -37,7 +37,7 @@ def add_arguments(parser) -> None:
                              "which is left to HTTP and the clients)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step before serving (dense models; a C++ compiler on the "
-                             "CPU; 15-40 s at start): fewer kernels per token, faster decoding (docs/serving.md)")
+                             "CPU; tens of seconds at start): fewer kernels per token, faster decoding (docs/serving.md)")
     parser.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask")
     parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                         help="run the engine in a process of its own, sharing no GIL with HTTP (the default: "
