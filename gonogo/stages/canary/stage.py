@@ -565,8 +565,8 @@ def run_canary_drill(out_dir: Path, checkpoint: str | Path, *, steps: tuple[int,
                 outcomes.update(chain(chains[0]))
             elif chains:
                 with ThreadPoolExecutor(max_workers=len(chains), thread_name_prefix="canary-drill") as pool:
-                    for result in pool.map(chain, chains):
-                        outcomes.update(result)
+                    for chain_outcomes in pool.map(chain, chains):
+                        outcomes.update(chain_outcomes)
         outcomes = {d: outcomes[d] for d in DRILLS if d in outcomes}
     finally:
         for server in processes.values():
