@@ -551,7 +551,9 @@ def run_canary_drill(out_dir: Path, checkpoint: str | Path, *, steps: tuple[int,
         # servers only get busier, which no check of a bad canary needs. The good one last, alone:
         # its latency is compared with an unloaded stable and its promotion retires stable. One
         # after the other, the bad three took 22 of the stage's 41 s; the latency one alone takes
-        # about as long as the other two together (its probe waits in the slow proxy).
+        # about as long as the other two together (its probe waits in the slow proxy). The latency
+        # and errors probes may meet on the good server: 16 and 8 prompts at a time plus the drills'
+        # traffic stay under its 16 rows + 64 waiting (all 48 at once each overflowed it: HTTP 429).
         from concurrent.futures import ThreadPoolExecutor
 
         def chain(names: list[str]) -> dict[str, dict[str, Any]]:
