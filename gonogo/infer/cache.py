@@ -83,6 +83,12 @@ class KVCache:
         self._rows = None
         self._mask = self._row_index = self._positions = None
 
+    def advance(self, batch: int) -> None:
+        """Rows 0 .. batch-1 grew by one token that a forward wrote into the buffers itself, without
+        begin/commit (the compiled decode step: gonogo/infer/fast_decode.py ``decode_step``)."""
+        assert self._rows is None, "advance() inside a begin() ... commit()"
+        self.lengths[:batch] += 1
+
     def abandon(self) -> None:
         """Forget a begin() whose forward raised (nothing was committed)."""
         self._rows = None

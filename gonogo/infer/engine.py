@@ -42,7 +42,7 @@ import torch
 
 from gonogo.infer.cache import KVCache
 from gonogo.infer.device import choose_device, inference_dtype, place
-from gonogo.infer.fast_decode import FastDecoder, maybe_fast
+from gonogo.infer.fast_decode import FastDecoder, attended_length, compile_decode_step, maybe_fast
 from gonogo.infer.sampling import SamplingParams, TextTracker, make_generator, sample_next
 from gonogo.model.decoder import Decoder
 
@@ -155,7 +155,7 @@ class Engine:
         self.forward = maybe_fast(self.model, settings.fused)
         self._compiled_step: Optional[Callable[..., torch.Tensor]] = None
         if settings.compile:
-            self._compiled_step = compiled_decode_step(self.forward, fused=settings.fused)
+            self._compiled_step = compile_decode_step(self.forward, fused=settings.fused)
         self.compile_seconds: Optional[float] = None   # how long warm_up took to compile, once it has
         self.cache = KVCache(
             n_layers=config.n_layers, max_batch=settings.max_batch, n_kv_heads=config.n_kv_heads,
@@ -209,18 +209,13 @@ class Engine:
                     tokens = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
                     positions = torch.zeros(batch, dtype=torch.long, device=self.device)
                     self._compiled_step(tokens, positions, self.cache.keys, self.cache.values,
-                                        self._attended_length(1))
+                                        attended_length(1, self.cache.max_len))
         except Exception as error:  # no C++ compiler, an inductor bug: say so, and how to serve anyway
             first_line = (str(error).strip().splitlines() or [""])[0][:300]
             raise UserError(f"--compile: torch.compile could not compile the decode step "
                             f"({type(error).__name__}: {first_line}); serve without --compile") from error
         self.compile_seconds = time.monotonic() - started
         log.info("compiled the decode step in %.1f s", self.compile_seconds)
-
-    def _attended_length(self, longest: int) -> int:
-        """Keys a compiled decode step attends to: ``longest`` rounded up to a multiple of 64 (at
-        most the cache's length), so that the mask's length changes every 64 steps, not every step."""
-        return min(self.cache.max_len, -(-longest // 64) * 64)
 
     def start(self) -> "Engine":
         assert self._thread is None
@@ -482,10 +477,10 @@ class Engine:
                               device=self.device)
         if self._compiled_step is not None:
             lengths = self.cache.lengths[:B]
-            attended = self._attended_length(int(lengths.max()) + 1)
+            attended = attended_length(int(lengths.max()) + 1, self.cache.max_len)
             logits = self._compiled_step(tokens, lengths.to(self.device), self.cache.keys, self.cache.values,
                                          attended)
-            self.cache.lengths[:B] += 1
+            self.cache.advance(B)
         else:
             positions = self.cache.lengths[:B, None].to(self.device)
             self.cache.begin(0, B, 1)
@@ -630,22 +625,6 @@ def check_request(max_len: int, max_batch: int, prompt_tokens: int, params: Samp
     if params.n > max_batch:
         return f"n={params.n} exceeds the engine's batch of {max_batch}"
     return params.problem()
-
-
-def compiled_decode_step(forward: Any, *, fused: bool) -> Callable[..., torch.Tensor]:
-    """``torch.compile`` of the fused forward's decode step, or a UserError naming what to change."""
-    from gonogo.errors import UserError
-
-    if not isinstance(forward, FastDecoder):
-        why = ("the fused forward is off" if not fused else
-               "this model does not run on the fused forward (attention biases, QK-norm or FP8 layers)")
-        raise UserError(f"--compile compiles the fused decode step, and {why}; serve without --compile")
-    if any(layer["moe"] is not None for layer in forward.layers):
-        raise UserError("--compile supports dense models only (an MoE layer routes tokens with "
-                        "data-dependent shapes); serve this model without --compile")
-    # dynamic: one graph for every batch size and attended length (the 1-row batch aside);
-    # cpp_wrapper: the graph's calls made from C++, not Python (measured: bench/results/serve.md)
-    return torch.compile(forward.decode_step, dynamic=True, options={"cpp_wrapper": True})
 
 
 def load_engine(checkpoint: str | Path, settings: EngineSettings | None = None) -> Engine:

@@ -19,7 +19,7 @@ the reference implementation and is what training and export use.
 
 from __future__ import annotations
 
-from typing import Any, Optional, TypedDict
+from typing import Any, Callable, Optional, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -80,40 +80,49 @@ class FastDecoder:
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
         return weight * normed
 
+    def _block(self, h: torch.Tensor, index: int, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor,
+               attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """One transformer block; ``attend(index, q, k, v)`` stores this step's keys and values
+        where the caller keeps them and returns the attention output [B, H, T, head_dim]."""
+        B, T, _ = h.shape
+        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        x = self._norm(h, layer["attention_norm"])
+        qkv = torch.matmul(x, layer["wqkv"]).view(B, T, H + 2 * KV, hd).transpose(1, 2)
+        qk = _rope(qkv[:, :H + KV], cos, sin)
+        out = attend(index, qk[:, :H], qk[:, H:], qkv[:, H + KV:])
+        h = h + torch.matmul(out.transpose(1, 2).reshape(B, T, H * hd), layer["wo"])
+        x = self._norm(h, layer["ffn_norm"])
+        moe = layer["moe"]
+        if moe is not None:
+            return h + moe(x)
+        gate, up = torch.matmul(x, layer["w13"]).chunk(2, dim=-1)
+        return h + torch.matmul(F.silu(gate) * up, layer["w2"])
+
     def __call__(self, tokens: torch.Tensor, *, positions: torch.Tensor, cache: Any,
                  last_only: bool = True, last_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits [B, T or 1, vocab]; with ``last_only`` only the last position's, with
         ``last_index`` [B] only position ``last_index[b]`` of each row b ([B, 1, vocab])."""
         B, T = tokens.shape
-        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        grouped = self.grouped
         h = F.embedding(tokens, self.embedding)
         cos = self.rope_cos[positions].to(h.dtype)[:, None]  # [B, 1, T, head_dim]
         sin = self.rope_sin[positions].to(h.dtype)[:, None]
-        grouped = H != KV
-        for index, layer in enumerate(self.layers):
-            x = self._norm(h, layer["attention_norm"])
-            qkv = torch.matmul(x, layer["wqkv"]).view(B, T, H + 2 * KV, hd).transpose(1, 2)
-            qk = _rope(qkv[:, :H + KV], cos, sin)
-            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             k_all, v_all, mask = cache.update(index, k, v)
             if mask is None and T > 1:
                 assert k_all.shape[2] == T, "a prefill into a non-empty row needs the cache's mask"
-                out = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True, enable_gqa=grouped)
-            else:  # a decode step of equal rows (mask None, T == 1) attends to every cached key
-                out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=grouped)
-            h = h + torch.matmul(out.transpose(1, 2).reshape(B, T, H * hd), layer["wo"])
-            x = self._norm(h, layer["ffn_norm"])
-            if layer["moe"] is not None:
-                h = h + layer["moe"](x)
-            else:
-                gate, up = torch.matmul(x, layer["w13"]).chunk(2, dim=-1)
-                h = h + torch.matmul(F.silu(gate) * up, layer["w2"])
+                return F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True, enable_gqa=grouped)
+            # a decode step of equal rows (mask None, T == 1) attends to every cached key
+            return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=grouped)
+
+        for index, layer in enumerate(self.layers):
+            h = self._block(h, index, layer, cos, sin, attend)
         if last_index is not None:
             h = h[torch.arange(B, device=h.device), last_index][:, None]
         elif last_only:
             h = h[:, -1:]
         return torch.matmul(self._norm(h, self.final_norm), self.output)
-
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
                     values: list[torch.Tensor], end: int) -> torch.Tensor:
@@ -127,26 +136,21 @@ class FastDecoder:
         function ``EngineSettings.compile`` hands to ``torch.compile`` (dense models only).
         """
         B = tokens.shape[0]
-        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
         h = F.embedding(tokens, self.embedding)                       # [B, 1, d]
         cos = self.rope_cos[positions].to(h.dtype)[:, None, None]     # [B, 1, 1, head_dim]
         sin = self.rope_sin[positions].to(h.dtype)[:, None, None]
         rows = torch.arange(B, device=tokens.device)
         key_positions = torch.arange(end, device=tokens.device)
         mask = (key_positions[None, :] <= positions[:, None])[:, None, None]   # [B, 1, 1, end]
-        for index, layer in enumerate(self.layers):
-            x = self._norm(h, layer["attention_norm"])
-            qkv = torch.matmul(x, layer["wqkv"]).view(B, 1, H + 2 * KV, hd).transpose(1, 2)
-            qk = _rope(qkv[:, :H + KV], cos, sin)
-            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys[index][rows, :, positions] = k[:, :, 0]
             values[index][rows, :, positions] = v[:, :, 0]
-            out = F.scaled_dot_product_attention(q, keys[index][:B, :, :end], values[index][:B, :, :end],
-                                                 attn_mask=mask, enable_gqa=self.grouped)
-            h = h + torch.matmul(out.transpose(1, 2).reshape(B, 1, H * hd), layer["wo"])
-            x = self._norm(h, layer["ffn_norm"])
-            gate, up = torch.matmul(x, layer["w13"]).chunk(2, dim=-1)
-            h = h + torch.matmul(F.silu(gate) * up, layer["w2"])
+            return F.scaled_dot_product_attention(q, keys[index][:B, :, :end], values[index][:B, :, :end],
+                                                  attn_mask=mask, enable_gqa=self.grouped)
+
+        for index, layer in enumerate(self.layers):
+            h = self._block(h, index, layer, cos, sin, attend)
         return torch.matmul(self._norm(h, self.final_norm), self.output)[:, 0]
 
 
@@ -173,3 +177,25 @@ def maybe_fast(model: Decoder, enabled: bool) -> Any:
         return FastDecoder(model)
     return model
 
+
+
+def attended_length(longest: int, max_len: int) -> int:
+    """Keys a compiled decode step attends to: ``longest`` rounded up to a multiple of 64 (at most
+    the cache's ``max_len``), so that the mask's length changes every 64 steps, not every step."""
+    return min(max_len, -(-longest // 64) * 64)
+
+
+def compile_decode_step(forward: Any, *, fused: bool) -> Callable[..., torch.Tensor]:
+    """``torch.compile`` of the fused forward's decode step, or a UserError naming what to change."""
+    from gonogo.errors import UserError
+
+    if not isinstance(forward, FastDecoder):
+        why = ("the fused forward is off" if not fused else
+               "this model does not run on the fused forward (attention biases, QK-norm or FP8 layers)")
+        raise UserError(f"--compile compiles the fused decode step, and {why}; serve without --compile")
+    if any(layer["moe"] is not None for layer in forward.layers):
+        raise UserError("--compile supports dense models only (an MoE layer routes tokens with "
+                        "data-dependent shapes); serve this model without --compile")
+    # dynamic: one graph for every batch size and attended length (the 1-row batch aside);
+    # cpp_wrapper: the graph's calls made from C++, not Python (measured: bench/results/serve.md)
+    return torch.compile(forward.decode_step, dynamic=True, options={"cpp_wrapper": True})
